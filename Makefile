@@ -1,0 +1,36 @@
+# Two entry points: `make demo` and `make test`. Both build .venv once and reuse it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.reverie-installed
+TORCH := torch==2.13.0
+PYTEST_ARGS ?=
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Reinstall only when the package metadata changes; torch first so nothing pulls a CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/reverie-sim view --config hardware_configs/sim_arm_reach.yaml --policy scripted \
+		--episodes 2 --out $(DEMO_OUT)/arm_reach.mp4
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) bench/sim_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,280 @@
+"""The one place where Reverie configuration is typed, validated, loaded and written.
+
+A config is a YAML file in `hardware_configs/`, one per robot or simulated task. Each top-level
+block below is a section of that file. Every field has a type, a range and a unit in its
+description; unknown keys are errors. Later issues add blocks (dreamer, replay, link, motors,
+safety) here, so that robot, learner and sim all read one validated object.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from learner.config_errors import ConfigError, FieldError, describe_errors
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "write_resolved"]
+
+RESOLVED_NAME = "config.yaml"
+
+Vec3 = Annotated[list[float], Field(min_length=3, max_length=3)]
+Range = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+class Block(BaseModel):
+    """Base of every config block: strict types, unknown keys rejected, immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _check_range(key: str, lo_hi: list[float], lower: float = -math.inf) -> None:
+    lo, hi = lo_hi
+    if not lo <= hi:
+        raise FieldError(key, "[low, high] with low <= high", lo_hi)
+    if lo < lower:
+        raise FieldError(key, f"values >= {lower}", lo_hi)
+
+
+def _check_box(key_low: str, low: list[float], high: list[float]) -> None:
+    if any(a > b for a, b in zip(low, high)):
+        raise FieldError(key_low, f"every element <= the matching high bound {high}", low)
+
+
+class ControlConfig(Block):
+    hz: float = Field(10.0, gt=0, le=1000, description="policy (control) rate, Hz")
+    episode_steps: int = Field(100, ge=1, description="policy steps before is_last is set")
+
+
+class CameraConfig(Block):
+    enabled: bool = Field(True, description="include the `image` entry in observations")
+    width: int = Field(64, ge=8, le=1024, description="image width, pixels")
+    height: int = Field(64, ge=8, le=1024, description="image height, pixels")
+    renderer: Literal["tiny", "egl", "auto"] = Field(
+        "tiny", description="tiny: CPU software renderer (deterministic); egl: OpenGL; auto: egl if it loads"
+    )
+    eye: Vec3 = Field([1.0, 0.0, 0.8], description="camera position, m (relative to the followed base if follow_base)")
+    target: Vec3 = Field([0.3, 0.0, 0.2], description="point looked at, m")
+    up: Vec3 = [0.0, 0.0, 1.0]
+    fov_deg: float = Field(60.0, gt=1, lt=170, description="vertical field of view, degrees")
+    near: float = Field(0.05, gt=0, description="near clip plane, m")
+    far: float = Field(5.0, gt=0, description="far clip plane, m")
+    follow_base: bool = Field(False, description="move eye and target with the robot base (x, y)")
+
+    @model_validator(mode="after")
+    def _planes(self) -> CameraConfig:
+        if self.far <= self.near:
+            raise FieldError("far", f"a distance > near ({self.near})", self.far)
+        return self
+
+
+class SimConfig(Block):
+    physics_hz: float = Field(240.0, gt=0, le=20000, description="physics substep rate, Hz")
+    render_proxy: bool = Field(
+        True, description="render links with their (light) collision meshes instead of the detailed visual meshes"
+    )
+
+
+class RandomizationConfig(Block):
+    """Domain randomisation, applied at every reset. The defaults change nothing."""
+
+    colors: bool = Field(False, description="random colours for floor, objects and robot links")
+    lighting: bool = Field(False, description="random light direction and ambient/diffuse/specular coefficients")
+    camera_jitter: float = Field(0.0, ge=0, le=0.5, description="std of eye/target position noise, m")
+    friction: Range = Field([1.0, 1.0], description="lateral friction multiplier, uniform [low, high]")
+    mass_scale: Range = Field([1.0, 1.0], description="link mass multiplier, uniform [low, high]")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> RandomizationConfig:
+        _check_range("friction", self.friction, lower=0.0)
+        _check_range("mass_scale", self.mass_scale, lower=1e-3)
+        return self
+
+
+class ArmReachConfig(Block):
+    action_mode: Literal["joint", "cartesian"] = Field("cartesian", description="what the action in [-1, 1] moves")
+    joint_delta: float = Field(0.1, gt=0, le=1.0, description="joint step at |action| = 1, rad")
+    cartesian_delta: float = Field(0.04, gt=0, le=0.2, description="end-effector step at |action| = 1, m")
+    success_distance: float = Field(0.03, gt=0, description="end effector within this of the target counts as success, m")
+    terminate_on_success: bool = Field(False, description="end the episode (terminal) on success")
+    target_low: Vec3 = Field([0.25, -0.2, 0.1], description="lower corner of the target sampling box, m")
+    target_high: Vec3 = Field([0.5, 0.2, 0.35], description="upper corner of the target sampling box, m")
+    workspace_low: Vec3 = Field([0.15, -0.35, 0.05], description="the end-effector goal is clamped to this box, m")
+    workspace_high: Vec3 = Field([0.6, 0.35, 0.5], description="upper corner of the workspace box, m")
+
+    @model_validator(mode="after")
+    def _boxes(self) -> ArmReachConfig:
+        _check_box("target_low", self.target_low, self.target_high)
+        _check_box("workspace_low", self.workspace_low, self.workspace_high)
+        return self
+
+
+class ArmPickConfig(Block):
+    action_mode: Literal["discrete", "cartesian"] = Field(
+        "discrete", description="discrete: DayDreamer's six actions; cartesian: [dx, dy, dz, gripper] in [-1, 1]"
+    )
+    move_step: float = Field(0.04, gt=0, le=0.2, description="x/y step of a discrete action, m")
+    cartesian_delta: float = Field(0.03, gt=0, le=0.2, description="end-effector step at |action| = 1, m")
+    num_objects: int = Field(1, ge=1, le=4, description="objects placed in the source bin")
+    workspace_low: Vec3 = Field([0.25, -0.3, 0.02], description="end-effector box, lower corner, m")
+    workspace_high: Vec3 = Field([0.6, 0.3, 0.3], description="end-effector box, upper corner, m")
+    grasp_reward: float = 1.0
+    drop_penalty: float = -1.0
+    place_reward: float = 10.0
+
+    @model_validator(mode="after")
+    def _boxes(self) -> ArmPickConfig:
+        _check_box("workspace_low", self.workspace_low, self.workspace_high)
+        return self
+
+
+class QuadrupedWalkConfig(Block):
+    kp: Vec3 = Field([60.0, 60.0, 60.0], description="PD stiffness for hip, upper, lower joints, N·m/rad")
+    kd: Vec3 = Field([1.5, 1.5, 1.5], description="PD damping for hip, upper, lower joints, N·m·s/rad")
+    max_torque: Vec3 = Field([20.0, 33.5, 33.5], description="torque limit for hip, upper, lower joints, N·m")
+    action_scale: Vec3 = Field([0.8, 1.2, 1.2], description="joint offset from the standing pose at |action| = 1, rad")
+    filter_cutoff_hz: float | None = Field(
+        1.5, gt=0, description="2nd-order Butterworth low-pass on targets at the policy rate; null disables it"
+    )
+    reset_mode: Literal["reset", "reset_free"] = Field(
+        "reset_free", description="reset: teleport to the initial pose each episode; reset_free: never teleport"
+    )
+    initial_pose: Literal["stand", "back", "random"] = Field(
+        "back", description="pose of the first episode (and of every episode in reset mode)"
+    )
+    target_velocity: float = Field(0.3, gt=0, le=3.0, description="forward speed that earns full reward, m/s")
+    stage_threshold: float = Field(0.7, gt=0, le=1.0, description="a reward stage counts once its term exceeds this")
+
+    @model_validator(mode="after")
+    def _positive(self) -> QuadrupedWalkConfig:
+        for key in ("kp", "kd", "max_torque", "action_scale"):
+            values = getattr(self, key)
+            if any(v < 0 for v in values):
+                raise FieldError(key, "three values >= 0", values)
+        return self
+
+
+TaskName = Literal["arm_reach", "arm_pick", "quadruped_walk"]
+TASK_BLOCKS: tuple[str, ...] = ("arm_reach", "arm_pick", "quadruped_walk")
+
+
+class Config(Block):
+    """A whole robot/task configuration."""
+
+    name: str = Field(description="name of this robot or task; used in run directories")
+    backend: Literal["sim"] = Field("sim", description="which robot backend drives the task")
+    task: TaskName = Field(description="which task runs on the backend")
+    seed: int = Field(0, ge=0, description="seed of the first episode")
+    control: ControlConfig = ControlConfig()
+    camera: CameraConfig = CameraConfig()
+    sim: SimConfig = SimConfig()
+    randomization: RandomizationConfig = RandomizationConfig()
+    arm_reach: ArmReachConfig = ArmReachConfig()
+    arm_pick: ArmPickConfig = ArmPickConfig()
+    quadruped_walk: QuadrupedWalkConfig = QuadrupedWalkConfig()
+
+    @model_validator(mode="after")
+    def _substeps(self) -> Config:
+        ratio = self.sim.physics_hz / self.control.hz
+        if ratio < 1 or abs(ratio - round(ratio)) > 1e-6:
+            raise FieldError(
+                "sim.physics_hz",
+                f"a whole multiple (>= 1x) of control.hz = {self.control.hz}",
+                self.sim.physics_hz,
+            )
+        return self
+
+    @property
+    def substeps(self) -> int:
+        """Physics substeps per policy step."""
+        return round(self.sim.physics_hz / self.control.hz)
+
+    def task_block(self) -> Block:
+        return getattr(self, self.task)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data with only the selected task's block, as it is written next to outputs."""
+        unused = set(TASK_BLOCKS) - {self.task}
+        return self.model_dump(mode="json", exclude=unused)
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["control.hz=10", ...]` -> `{"control.hz": 10}`; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    if isinstance(items, str):
+        items = [items]
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError([f"{item!r}: expected KEY.PATH=VALUE, for example control.hz=10"], "--set")
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{key}: value {text!r} is not valid YAML ({exc})"], "--set") from None
+    return out
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
+    for key, value in overrides.items():
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                path = ".".join(parts[: i + 1])
+                raise ConfigError([f"{key}: {path} is a value ({child!r}), not a block"], f"--set {key}")
+            node = child
+        node[parts[-1]] = value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([f"file not found (looked for {path.resolve()})"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"], str(path)) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"<top level>: expected a mapping of blocks, found {type(raw).__name__}"], str(path))
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Config:
+    """Validate plain data (already merged with overrides) into a Config."""
+    texts = {k: f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+             for k, v in (overrides or {}).items()}
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, Config, texts), source) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load and validate a YAML config, applying `--set`-style dotted overrides first."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    parsed = parse_overrides(overrides)
+    _apply_overrides(raw, parsed)
+    return config_from_dict(raw, str(path), parsed)
+
+
+def write_resolved(cfg: Config, outdir: str | os.PathLike[str]) -> Path:
+    """Write the resolved config into `outdir` atomically; every run calls this next to its outputs."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    target = outdir / RESOLVED_NAME
+    fd, tmp = tempfile.mkstemp(dir=outdir, prefix=".config.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, target)
+    return target

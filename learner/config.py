@@ -268,13 +268,14 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
     return config_from_dict(raw, str(path), parsed)
 
 
-def write_resolved(cfg: Config, outdir: str | os.PathLike[str]) -> Path:
+def write_resolved(cfg: Config, outdir: str | os.PathLike[str], name: str = RESOLVED_NAME) -> Path:
     """Write the resolved config into `outdir` atomically; every run calls this next to its outputs."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    target = outdir / RESOLVED_NAME
+    target = outdir / name
     fd, tmp = tempfile.mkstemp(dir=outdir, prefix=".config.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a config is meant to be read by others
     os.replace(tmp, target)
     return target

@@ -65,7 +65,6 @@ class Arm:
         self.indices = [j.index for j in self.joints]
         self.lower = np.array([j.lower for j in self.joints])
         self.upper = np.array([j.upper for j in self.joints])
-        self.forces = [j.max_force for j in self.joints]
         self.gains = [position_gain] * len(self.joints)
         self.targets = np.zeros(len(self.joints))
 
@@ -97,15 +96,19 @@ class Arm:
     def command(self, q: np.ndarray) -> None:
         """Set joint position targets, clipped to the joint limits."""
         self.targets = self.clip(np.asarray(q, dtype=np.float64))
-        p.setJointMotorControlArray(
-            self.body,
-            self.indices,
-            p.POSITION_CONTROL,
-            targetPositions=self.targets.tolist(),
-            forces=self.forces,
-            positionGains=self.gains,
-            physicsClientId=self.client,
-        )
+        # Per joint, because only this call takes the URDF velocity limit; without it a far
+        # target makes the motor overshoot a joint limit.
+        for joint, target, gain in zip(self.joints, self.targets, self.gains):
+            p.setJointMotorControl2(
+                self.body,
+                joint.index,
+                p.POSITION_CONTROL,
+                targetPosition=float(target),
+                force=joint.max_force,
+                maxVelocity=joint.max_velocity,
+                positionGain=gain,
+                physicsClientId=self.client,
+            )
 
     def teleport(self, q: np.ndarray) -> None:
         """Set joint angles directly (episode resets only) and hold them."""

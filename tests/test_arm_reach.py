@@ -1,0 +1,132 @@
+"""ArmReach: rewards and success are right (the scripted IK policy solves it), limits hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from robot.interface import RobotError
+from sim.arm_reach import ArmReach
+from sim.tasks import default_config, make_policy
+
+
+def _success_rate(mode: str, episodes: int = 20) -> float:
+    cfg = default_config("arm_reach", [f"arm_reach.action_mode={mode}", "camera.enabled=false"])
+    wins = 0
+    with ArmReach(cfg) as robot:
+        policy = make_policy("scripted", robot)
+        for seed in range(episodes):
+            obs = robot.reset(seed=seed)
+            while not obs["is_last"]:
+                robot.send(policy(obs))
+                obs = robot.observe()
+            wins += bool(robot.info["success"])
+    return wins / episodes
+
+
+@pytest.mark.parametrize("mode", ["cartesian", "joint"])
+def test_scripted_policy_succeeds(mode: str) -> None:
+    assert _success_rate(mode) >= 0.9
+
+
+def test_random_policy_rarely_succeeds() -> None:
+    """Success must mean something: random actions should not reach a 3 cm ball by chance."""
+    cfg = default_config("arm_reach", ["camera.enabled=false"])
+    with ArmReach(cfg) as robot:
+        policy = make_policy("random", robot, seed=1)
+        wins = 0
+        for seed in range(10):
+            obs = robot.reset(seed=seed)
+            while not obs["is_last"]:
+                robot.send(policy(obs))
+                obs = robot.observe()
+            wins += bool(robot.info["success"])
+    assert wins <= 2
+
+
+def test_reward_is_negative_distance_to_marker() -> None:
+    cfg = default_config("arm_reach", ["camera.enabled=false"])
+    with ArmReach(cfg) as robot:
+        obs = robot.reset(seed=3)
+        robot.send(np.array([1.0, 0.0, -1.0], np.float32))
+        obs = robot.observe()
+        expected = -np.linalg.norm(obs["tool_pos"].astype(np.float64) - robot.target)
+        assert float(obs["reward"]) == pytest.approx(expected, abs=1e-5)
+        assert robot.info["success"] == (robot.info["distance"] < 0.03)
+
+
+def test_success_threshold_is_three_centimetres() -> None:
+    cfg = default_config("arm_reach", ["camera.enabled=false"])
+    with ArmReach(cfg) as robot:
+        robot.reset(seed=0)
+        for offset, expected in ((0.029, True), (0.031, False)):
+            robot.target = robot.arm.ee_position() + np.array([0.0, 0.0, offset])
+            _, _, info = robot.evaluate()
+            assert info["success"] is expected
+
+
+def test_terminate_on_success_sets_terminal() -> None:
+    cfg = default_config("arm_reach", ["camera.enabled=false", "arm_reach.terminate_on_success=true"])
+    with ArmReach(cfg) as robot:
+        policy = make_policy("scripted", robot)
+        obs = robot.reset(seed=0)
+        while not obs["is_last"]:
+            robot.send(policy(obs))
+            obs = robot.observe()
+        assert obs["is_terminal"] and robot.info["success"]
+        assert robot.steps < cfg.control.episode_steps
+
+
+@pytest.mark.parametrize("mode", ["cartesian", "joint"])
+def test_random_actions_stay_within_joint_limits(mode: str) -> None:
+    """Targets are clipped to the URDF limits; 0.01 rad allows for the motor's transient overshoot."""
+    cfg = default_config("arm_reach", [f"arm_reach.action_mode={mode}", "camera.enabled=false",
+                                       "arm_reach.joint_delta=1.0"])
+    with ArmReach(cfg) as robot:
+        policy = make_policy("random", robot, seed=7)
+        lo, hi = robot.arm.lower, robot.arm.upper
+        for seed in range(3):
+            obs = robot.reset(seed=seed)
+            while not obs["is_last"]:
+                robot.send(policy(obs))
+                obs = robot.observe()
+                q = obs["joint_pos"].astype(np.float64)
+                assert np.all(q >= lo - 0.01) and np.all(q <= hi + 0.01), q
+
+
+def test_out_of_range_actions_are_clipped_not_amplified() -> None:
+    cfg = default_config("arm_reach", ["camera.enabled=false"])
+    with ArmReach(cfg) as a, ArmReach(cfg) as b:
+        a.reset(seed=0)
+        b.reset(seed=0)
+        a.send(np.array([5.0, -5.0, 5.0]))
+        b.send(np.array([1.0, -1.0, 1.0]))
+        np.testing.assert_array_equal(a.observe()["joint_pos"], b.observe()["joint_pos"])
+
+
+def test_protocol_errors_are_clear() -> None:
+    cfg = default_config("arm_reach", ["camera.enabled=false", "control.episode_steps=1"])
+    with ArmReach(cfg) as robot:
+        with pytest.raises(RobotError, match="before reset"):
+            robot.send(np.zeros(3))
+        robot.reset(seed=0)
+        with pytest.raises(RobotError, match="shape"):
+            robot.send(np.zeros(6))
+        with pytest.raises(RobotError, match="non-finite"):
+            robot.send(np.array([np.nan, 0, 0]))
+        robot.send(np.zeros(3))
+        assert robot.observe()["is_last"]
+        with pytest.raises(RobotError, match="episode has ended"):
+            robot.send(np.zeros(3))
+
+
+def test_marker_is_visible_in_the_image() -> None:
+    """The target must be seen, not only known: moving the marker changes the image."""
+    cfg = default_config("arm_reach")
+    with ArmReach(cfg) as robot:
+        first = robot.reset(seed=0)["image"]
+        robot.reset(seed=1)
+        second = robot.observe()["image"]
+        red = lambda img: (img[..., 0] > 150) & (img[..., 1] < 80) & (img[..., 2] < 80)  # noqa: E731
+        assert red(first).sum() > 0 and red(second).sum() > 0
+        assert not np.array_equal(red(first), red(second))

@@ -56,7 +56,11 @@ def raw_rates(task: str, overrides: list[str], n_physics: int = 5000, n_render: 
         for _ in range(n_render):
             robot.camera.render(robot.camera_base_xy())
         render = _rate(n_render, time.perf_counter() - start)
-        return {"substeps_per_s": physics, "renders_64x64_per_s": render, "substeps_per_policy_step": robot.cfg.substeps}
+        return {
+            "substeps_per_s": physics,
+            "renders_64x64_per_s": render,
+            "substeps_per_policy_step": robot.cfg.substeps,
+        }
 
 
 def main() -> None:

@@ -100,7 +100,7 @@ class ArmReachConfig(Block):
     action_mode: Literal["joint", "cartesian"] = Field("cartesian", description="what the action in [-1, 1] moves")
     joint_delta: float = Field(0.1, gt=0, le=1.0, description="joint step at |action| = 1, rad")
     cartesian_delta: float = Field(0.04, gt=0, le=0.2, description="end-effector step at |action| = 1, m")
-    success_distance: float = Field(0.03, gt=0, description="end effector within this of the target counts as success, m")
+    success_distance: float = Field(0.03, gt=0, description="tool within this of the target counts as success, m")
     terminate_on_success: bool = Field(False, description="end the episode (terminal) on success")
     target_low: Vec3 = Field([0.25, -0.2, 0.1], description="lower corner of the target sampling box, m")
     target_high: Vec3 = Field([0.5, 0.2, 0.35], description="upper corner of the target sampling box, m")

@@ -57,7 +57,7 @@ class ArmReach(SimRobot):
             "joint_pos": ArraySpec((n,), np.float32, self.arm.lower.astype(np.float32),
                                    self.arm.upper.astype(np.float32), "rad", names),
             "joint_vel": ArraySpec((n,), np.float32, unit="rad/s", names=names),
-            "tool_pos": ArraySpec((3,), np.float32, unit="m", names=("x", "y", "z"), description="tool point, base frame"),
+            "tool_pos": ArraySpec((3,), np.float32, unit="m", names=("x", "y", "z"), description="tool point"),
         }
 
     def reset_task(self) -> None:

@@ -1,0 +1,81 @@
+"""Writes the configuration reference (docs/configuration.md) from the schema itself, so the
+documentation cannot drift from what the loader accepts.
+
+    python -m learner.config_doc > docs/configuration.md
+"""
+
+from __future__ import annotations
+
+import json
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from learner.config import Config
+
+HEADER = """# Configuration reference
+
+Generated from `learner/config.py` by `python -m learner.config_doc > docs/configuration.md`;
+a test fails when this file and the schema disagree.
+
+A config file has the top-level keys below; each block is a mapping. Unknown keys are errors.
+Override any key on the command line with `--set block.key=value` (the value is read as YAML).
+Only the block named by `task` is used (and written to the resolved config).
+"""
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in args)
+    if origin in (Union, UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _constraints(info: FieldInfo) -> str:
+    parts = []
+    for meta in info.metadata:
+        for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("min_length", "len >=")):
+            value = getattr(meta, attr, None)
+            if value is not None:
+                parts.append(f"{sym} {value}")
+    return ", ".join(parts)
+
+
+def _default(info: FieldInfo) -> str:
+    if info.is_required():
+        return "required"
+    value = info.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "(block)"
+    return f"`{json.dumps(value)}`"
+
+
+def block_table(model: type[BaseModel]) -> list[str]:
+    rows = ["| key | type | default | range | meaning |", "| --- | --- | --- | --- | --- |"]
+    for name, info in model.model_fields.items():
+        rows.append(
+            f"| `{name}` | {_type_name(info.annotation)} | {_default(info)} | {_constraints(info)} "
+            f"| {info.description or ''} |"
+        )
+    return rows
+
+
+def render() -> str:
+    lines = [HEADER, "## Top level", "", *block_table(Config), ""]
+    for name, info in Config.model_fields.items():
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            doc = (sub.__doc__ or "").strip().splitlines()
+            intro = doc[0] if doc and not doc[0].startswith("Base of") else ""
+            lines += [f"## `{name}`", "", *( [intro, ""] if intro else [] ), *block_table(sub), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render(), end="")

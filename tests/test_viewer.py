@@ -1,0 +1,90 @@
+"""`reverie-sim view` writes videos that a reader opens with the expected frame count."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import pytest
+import yaml
+from PIL import Image
+
+from sim.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _frames(path: Path) -> list:
+    reader = imageio.get_reader(path)
+    try:
+        return [frame for frame in reader]
+    finally:
+        reader.close()
+
+
+def _gif_duration_ms(path: Path) -> float:
+    with Image.open(path) as im:
+        total = 0.0
+        for i in range(im.n_frames):
+            im.seek(i)
+            total += im.info["duration"]
+    return total
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_view_writes_readable_video(tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / f"reach{suffix}"
+    code = main(["view", "--config", str(ROOT / "hardware_configs/sim_arm_reach.yaml"), "--policy", "scripted",
+                 "--steps", "30", "--size", "128", "--out", str(out), "--set", "control.episode_steps=20"])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    summary = json.loads(stdout.splitlines()[0])
+    assert summary["frames"] == 30 and summary["episodes"] == 1
+    assert str(out.resolve()) in stdout
+    frames = _frames(out)
+    if suffix == ".gif":
+        # GIF writers merge identical consecutive frames into one longer frame; the playing time
+        # is what must match: 30 frames at control.hz = 10 -> 3 s.
+        assert _gif_duration_ms(out) == pytest.approx(3000, abs=10)
+    else:
+        assert len(frames) == 30
+    # scene view (128) beside the policy's 64x64 image scaled x2
+    assert frames[0].shape[:2] == (128, 256)
+    resolved = yaml.safe_load((tmp_path / f"reach{suffix}.config.yaml").read_text())
+    assert resolved["control"]["episode_steps"] == 20
+
+
+def test_console_script_on_the_quadruped(tmp_path: Path) -> None:
+    """The command from the README, through the installed console script, with no display."""
+    out = tmp_path / "run.mp4"
+    script = Path(sys.executable).with_name("reverie-sim")
+    result = subprocess.run(
+        [str(script), "view", "--config", "hardware_configs/sim_quadruped_walk.yaml", "--policy", "random",
+         "--steps", "40", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"video written to {out}" in result.stdout
+    assert len(_frames(out)) == 40
+
+
+def test_bad_arguments_give_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = str(ROOT / "hardware_configs/sim_arm_reach.yaml")
+    assert main(["view", "--config", cfg, "--out", str(tmp_path / "x.avi")]) == 2
+    assert "expected a name ending in .mp4 or .gif" in capsys.readouterr().err
+    assert main(["view", "--config", cfg, "--set", "control.hz=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "control.hz: expected a value greater than 0" in err and "sim_arm_reach.yaml" in err
+    assert main(["view", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "file not found" in capsys.readouterr().err
+
+
+def test_specs_lists_every_observation(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["specs", "--config", str(ROOT / "hardware_configs/sim_arm_reach.yaml")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    names = [row["name"] for row in data["observation"]]
+    assert names[:1] == ["image"] and {"joint_pos", "joint_vel", "reward", "is_first"} <= set(names)
+    assert data["action"]["shape"] == [3]

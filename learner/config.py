@@ -121,15 +121,31 @@ class ArmPickConfig(Block):
     move_step: float = Field(0.04, gt=0, le=0.2, description="x/y step of a discrete action, m")
     cartesian_delta: float = Field(0.03, gt=0, le=0.2, description="end-effector step at |action| = 1, m")
     num_objects: int = Field(1, ge=1, le=4, description="objects placed in the source bin")
-    workspace_low: Vec3 = Field([0.25, -0.3, 0.02], description="end-effector box, lower corner, m")
-    workspace_high: Vec3 = Field([0.6, 0.3, 0.3], description="end-effector box, upper corner, m")
-    grasp_reward: float = 1.0
-    drop_penalty: float = -1.0
-    place_reward: float = 10.0
+    object_size: float = Field(0.035, ge=0.02, le=0.05, description="edge of the cube objects, m")
+    object_spread: float = Field(
+        0.06, ge=0.0, le=0.07, description="objects start uniformly within +-this of the source bin's centre (x, y), m"
+    )
+    carry_height: float = Field(0.12, gt=0, le=0.5, description="tool height of the discrete 'up' state, m")
+    grasp_height: float = Field(0.025, gt=0, le=0.5, description="tool height of the discrete 'down' state, m")
+    lift_height: float = Field(
+        0.03, gt=0, le=0.2, description="a held object counts as grasped once raised this far above its resting height, m"
+    )
+    workspace_low: Vec3 = Field([0.36, -0.3, 0.025], description="end-effector box, lower corner, m")
+    workspace_high: Vec3 = Field([0.64, 0.3, 0.3], description="end-effector box, upper corner, m")
+    grasp_reward: float = Field(1.0, description="reward when an object becomes grasped (held and lifted)")
+    drop_penalty: float = Field(-1.0, description="reward when a released object comes to rest outside the target bin")
+    place_reward: float = Field(10.0, description="reward the first time an object comes to rest in the target bin")
 
     @model_validator(mode="after")
     def _boxes(self) -> ArmPickConfig:
         _check_box("workspace_low", self.workspace_low, self.workspace_high)
+        low, high = self.workspace_low[2], self.workspace_high[2]
+        for key in ("grasp_height", "carry_height"):
+            value = getattr(self, key)
+            if not low <= value <= high:
+                raise FieldError(key, f"a height inside the workspace's z range [{low}, {high}]", value)
+        if self.grasp_height >= self.carry_height:
+            raise FieldError("grasp_height", f"a height below carry_height ({self.carry_height})", self.grasp_height)
         return self
 
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import os
 import pkgutil
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +40,7 @@ class Camera:
 
     def __post_init__(self) -> None:
         if self.cfg.renderer in ("egl", "auto"):
-            if load_egl(self.client):
+            if load_egl(self.client, require_hardware=self.cfg.renderer == "auto"):
                 self.renderer = p.ER_BULLET_HARDWARE_OPENGL
             elif self.cfg.renderer == "egl":
                 raise RuntimeError("camera.renderer is 'egl' but pybullet's EGL plugin did not load; use 'tiny'")
@@ -74,16 +80,69 @@ class Camera:
         return np.asarray(rgba, dtype=np.uint8).reshape(height, width, 4)[:, :, :3].copy()
 
 
-def load_egl(client: int) -> bool:
-    """Load pybullet's EGL renderer plugin into `client`; False where it cannot load."""
+@contextlib.contextmanager
+def _captured_stdout() -> Iterator[list[str]]:
+    """Capture what C code writes to file descriptor 1 (pybullet's plugins print there)."""
+    out: list[str] = []
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 1)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode(errors="replace"))
+
+
+SOFTWARE_GL = ("llvmpipe", "softpipe", "swrast")
+
+
+def _load_plugin(client: int) -> tuple[int, str]:
+    """Load the EGL plugin into `client`; (plugin id or -1, the GL renderer it reported)."""
     loader = pkgutil.get_loader("eglRenderer")
     if loader is None:
-        return False
+        return -1, ""
+    with _captured_stdout() as printed:
+        try:
+            plugin = p.loadPlugin(loader.get_filename(), "_eglRendererPlugin", physicsClientId=client)
+        except p.error:
+            plugin = -1
+    text = printed[0] if printed else ""
+    gl = next((line.split("=", 1)[1].strip() for line in text.splitlines() if line.startswith("GL_RENDERER")), "")
+    return plugin, gl
+
+
+@functools.cache
+def egl_is_hardware() -> bool:
+    """Probe once per process, in a throwaway client, whether EGL has a GPU behind it."""
+    probe = p.connect(p.DIRECT)
     try:
-        plugin = p.loadPlugin(loader.get_filename(), "_eglRendererPlugin", physicsClientId=client)
-    except p.error:
-        return False
+        plugin, gl = _load_plugin(probe)
+    finally:
+        with _captured_stdout():
+            p.disconnect(probe)
     if plugin < 0:
         log.info("EGL renderer unavailable; using the CPU renderer")
         return False
+    if any(name in gl for name in SOFTWARE_GL):
+        log.info("EGL renders with software OpenGL (%s); the CPU renderer is faster", gl)
+        return False
+    return True
+
+
+def load_egl(client: int, require_hardware: bool = False) -> bool:
+    """Load pybullet's EGL renderer plugin into `client`; False where it cannot load.
+
+    With `require_hardware`, a software OpenGL (Mesa llvmpipe) is refused: on a CPU it renders
+    several times slower than pybullet's own renderer.
+    """
+    if require_hardware and not egl_is_hardware():
+        return False
+    plugin, gl = _load_plugin(client)
+    if plugin < 0:
+        return False
+    log.info("EGL renderer loaded (%s)", gl or "unknown GL")
     return True

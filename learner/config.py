@@ -128,7 +128,7 @@ class ArmPickConfig(Block):
     carry_height: float = Field(0.12, gt=0, le=0.5, description="tool height of the discrete 'up' state, m")
     grasp_height: float = Field(0.025, gt=0, le=0.5, description="tool height of the discrete 'down' state, m")
     lift_height: float = Field(
-        0.03, gt=0, le=0.2, description="a held object counts as grasped once raised this far above its resting height, m"
+        0.03, gt=0, le=0.2, description="a held object is grasped once raised this far above its resting height, m"
     )
     workspace_low: Vec3 = Field([0.36, -0.3, 0.025], description="end-effector box, lower corner, m")
     workspace_high: Vec3 = Field([0.64, 0.3, 0.3], description="end-effector box, upper corner, m")

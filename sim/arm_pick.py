@@ -30,7 +30,8 @@ Termination: `is_terminal` once every object is at rest in the target bin (`info
 otherwise the episode is cut after `control.episode_steps` steps.
 
 Joints: targets are clipped to the URDF limits; the joint-limit constraints hold the joints to
-within JOINT_TOLERANCE (0.01 rad) of them, and the joint_pos spec includes that tolerance.
+within JOINT_TOLERANCE (0.01 rad) of them, and the joint_pos spec includes that tolerance; likewise
+each finger stays within FINGER_TOLERANCE (5 mm) of its travel, as the `gripper` spec allows.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ BIN_FLOOR = BIN_WALL  # floor top above the ground, m
 HOME_XY = (0.5, 0.0)
 REST_POSE = np.array([0.0, -0.3, 0.0, -2.2, 0.0, 2.0, np.pi / 4])  # elbow up, hand down, fingers along y
 JOINT_TOLERANCE = 0.01  # rad beyond a URDF limit that the joint-limit constraint may allow under load
+FINGER_TOLERANCE = 0.005  # m, the same for a finger (squeezing shut pushes each ~1 mm past 0)
 MAX_YAW = 0.26  # rad, random yaw of a cube at reset
 REST_SPEED = 0.05  # m/s; slower (and spinning less than REST_SPIN rad/s) counts as at rest
 REST_SPIN = 1.0
@@ -102,6 +104,9 @@ class ArmPick(SimRobot):
     # ----- scene ----------------------------------------------------------------------------
     def build_scene(self) -> None:
         c, task = self.client, self.cfg.arm_pick
+        # Solve contacts in a fixed order, not the broadphase's history-dependent one, so that an
+        # episode after `restore_initial_state` replays exactly whatever ran before it.
+        p.setPhysicsEngineParameter(deterministicOverlappingPairs=1, physicsClientId=c)
         self.floor = p.loadURDF(asset("plane.urdf"), physicsClientId=c)
         p.changeVisualShape(self.floor, -1, rgbaColor=list(FLOOR_COLOR), textureUniqueId=-1, physicsClientId=c)
         self.arm = PandaArm(c, render_proxy=self.cfg.sim.render_proxy, rest_pose=REST_POSE)
@@ -159,9 +164,10 @@ class ArmPick(SimRobot):
             "joint_pos": ArraySpec((n,), np.float32, (self.arm.lower - JOINT_TOLERANCE).astype(np.float32),
                                    (self.arm.upper + JOINT_TOLERANCE).astype(np.float32), "rad", names),
             "joint_vel": ArraySpec((n,), np.float32, unit="rad/s", names=names),
-            "tool_pos": ArraySpec((3,), np.float32, unit="m", names=("x", "y", "z"), description="tool point, base frame"),
-            "gripper": ArraySpec((1,), np.float32, 0.0, 2 * FINGER_TRAVEL + 0.005, "m", ("opening",),
-                                 "distance between the fingers"),
+            "tool_pos": ArraySpec((3,), np.float32, unit="m", names=("x", "y", "z"),
+                                  description="tool point, base frame"),
+            "gripper": ArraySpec((1,), np.float32, -2 * FINGER_TOLERANCE, 2 * (FINGER_TRAVEL + FINGER_TOLERANCE), "m",
+                                 ("opening",), "distance between the fingers"),
         }
 
     # ----- episode --------------------------------------------------------------------------

@@ -10,9 +10,14 @@ applied in TORQUE_CONTROL mode (pybullet's default velocity motors are switched 
 
     tau = clip(kp * (q_des - q) - kd * qd, -max_torque, max_torque)
 
-with kp, kd and max_torque per joint type (hip, upper, lower). pybullet keeps the joints inside
-their URDF limits with a soft constraint; a joint can overshoot a limit by up to
-`JOINT_LIMIT_TOLERANCE` rad when driven into it, which the `joint_pos` spec allows for.
+with kp, kd and max_torque per joint type (hip, upper, lower). Joint speeds are clamped to the
+URDF's speed limit (28.6 rad/s; pybullet's clamp is one value per body, so the smallest of the
+joints' limits is used). pybullet enforces the URDF position limits but
+adds a limit row to the solver only once a joint has crossed its limit, so a joint that hits a
+stop at speed w ends up to about w * dt past it for a substep before being pushed back. The
+`joint_pos` spec allows `limit_tolerance` = max speed / physics_hz + 0.01 rad (0.039 rad at 1 kHz)
+for that; with the default 1.5 Hz filter the measured overshoot is about 0.001 rad, unfiltered
+bang-bang actions reach about 0.027 rad.
 
 Observations: `joint_pos` (12, rad), `joint_vel` (12, rad/s), `imu` (base roll and pitch in rad, and
 the base-frame angular rates about its x and y axes in rad/s, as a body-mounted gyro reads them),
@@ -31,7 +36,7 @@ base x axis projected on the floor), divided by the period. The terms form the c
 upright -> hip -> upper -> lower -> velocity; a term is counted only when every term before it
 exceeds `stage_threshold`:
 
-    reward = sum_k t_k * [t_j > stage_threshold for all j < k]     in [-1, 5]
+    reward = sum_k t_k * [t_j > stage_threshold for all j < k]     in [0, 5]
 
 so a robot on its back earns only `upright` (about 0), a robot standing still in the standing pose
 about 4, and one walking forward at `target_velocity` in that pose 5. `info` holds every term, the
@@ -44,7 +49,8 @@ never teleports after the first episode: a reset only starts a new episode where
 the motor targets and filter carried over, so it has to get up by itself. The first episode, and any
 reset given an explicit seed (a seed restarts the whole run reproducibly), starts from
 `initial_pose`: `back` (lying on its back, as DayDreamer began), `stand`, or `random` (a random
-orientation, dropped from a few centimetres).
+orientation, dropped from a few centimetres); `back` and `stand` face a random heading (yaw) drawn
+from the episode's generator. Joints start at rest in the standing angles, at the floor's origin.
 """
 
 from __future__ import annotations
@@ -65,9 +71,15 @@ PARTS = ("hip", "upper", "lower")
 JOINT_NAMES = tuple(f"{leg}_{part}_joint" for leg in LEGS for part in PARTS)
 STAND = np.tile([0.0, 0.9, -1.8], len(LEGS))  # standing joint angles, rad (feet under the hips)
 POSTURE_SCALE = np.array([0.8, 1.2, 1.2])  # mean |error| at which a posture term reaches 0, rad
-JOINT_LIMIT_TOLERANCE = 0.05  # how far pybullet's soft limit constraint lets a joint overshoot, rad
+LIMIT_SLACK = 0.01  # solver slack on top of one substep of travel at top speed, rad
 DROP_HEIGHT = 0.05  # gap under the lowest point of a randomly oriented robot, m
 REWARD_TERMS = ("upright", "hip", "upper", "lower", "velocity")
+
+
+def substep_targets(previous: np.ndarray, new: np.ndarray, substeps: int) -> np.ndarray:
+    """(substeps, joints) PD targets that move linearly from `previous` to reach `new` on the last substep."""
+    fraction = np.arange(1, substeps + 1) / substeps
+    return previous + np.outer(fraction, new - previous)
 
 
 def _per_joint(values: list[float]) -> np.ndarray:
@@ -94,6 +106,9 @@ class QuadrupedWalk(SimRobot):
         self.joints = [by_name[name] for name in JOINT_NAMES]
         self.lower = np.array([p.getJointInfo(self.robot, j, physicsClientId=c)[8] for j in self.joints])
         self.upper = np.array([p.getJointInfo(self.robot, j, physicsClientId=c)[9] for j in self.joints])
+        self.max_joint_speed = min(p.getJointInfo(self.robot, j, physicsClientId=c)[11] for j in self.joints)
+        p.changeDynamics(self.robot, -1, maxJointVelocity=self.max_joint_speed, physicsClientId=c)
+        self.limit_tolerance = self.max_joint_speed / self.cfg.sim.physics_hz + LIMIT_SLACK
         for leg in LEGS:
             # The collision-only shoulder cylinder and the thigh are siblings that always overlap;
             # checking them every substep would triple the physics cost and push the thigh around.
@@ -131,12 +146,14 @@ class QuadrupedWalk(SimRobot):
                          "joint target offsets from the standing pose")
 
     def proprio_spec(self) -> dict[str, ArraySpec]:
-        tol = JOINT_LIMIT_TOLERANCE
+        tol = self.limit_tolerance
+        speed = np.full(len(JOINT_NAMES), self.max_joint_speed, np.float32)  # float32: clamped values hit it exactly
         return {
             "joint_pos": ArraySpec((len(JOINT_NAMES),), np.float32, (self.lower - tol).astype(np.float32),
                                    (self.upper + tol).astype(np.float32), "rad", JOINT_NAMES,
-                                   f"joint angles (URDF limits, which pybullet may overshoot by {tol} rad)"),
-            "joint_vel": ArraySpec((len(JOINT_NAMES),), np.float32, unit="rad/s", names=JOINT_NAMES),
+                                   f"joint angles (URDF limits, which pybullet may overshoot by {tol:.3f} rad)"),
+            "joint_vel": ArraySpec((len(JOINT_NAMES),), np.float32, -speed, speed, "rad/s", JOINT_NAMES,
+                                   "joint speeds (pybullet clamps them to the URDF limit)"),
             "imu": ArraySpec((4,), np.float32, np.array([-np.pi, -np.pi / 2, -np.inf, -np.inf], np.float32),
                              np.array([np.pi, np.pi / 2, np.inf, np.inf], np.float32), "rad, rad, rad/s, rad/s",
                              ("roll", "pitch", "roll_rate", "pitch_rate"),
@@ -159,10 +176,11 @@ class QuadrupedWalk(SimRobot):
         c = self.client
         self.restore_initial_state()
         self._disable_motors()
+        yaw = float(self.rng.uniform(-np.pi, np.pi))  # any heading: the floor is the same everywhere
         if pose == "stand":
-            orn, gap = (0.0, 0.0, 0.0, 1.0), 0.0
+            orn, gap = p.getQuaternionFromEuler([0.0, 0.0, yaw]), 0.0
         elif pose == "back":
-            orn, gap = p.getQuaternionFromEuler([np.pi, 0.0, 0.0]), 0.0
+            orn, gap = p.getQuaternionFromEuler([np.pi, 0.0, yaw]), 0.0
         else:
             quat = self.rng.normal(size=4)  # uniform over rotations
             orn, gap = tuple((quat / np.linalg.norm(quat)).tolist()), DROP_HEIGHT
@@ -183,7 +201,7 @@ class QuadrupedWalk(SimRobot):
         c, body, joints, n = self.client, self.robot, self.joints, self.cfg.substeps
         wanted = np.clip(STAND + action * self.action_scale, self.lower, self.upper)
         new = np.clip(self.filter(wanted), self.lower, self.upper)  # Butterworth overshoot stays in limits
-        ramp = self.target + np.outer(np.arange(1, n + 1) / n, new - self.target)  # (n, 12) substep targets
+        ramp = substep_targets(self.target, new, n)
         kp, kd, limit = self.kp, self.kd, self.max_torque
         peak = np.zeros(len(joints))
         self._prev_base = self.base_position()

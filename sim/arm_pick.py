@@ -17,9 +17,10 @@ completes inside the step. The fingers are position-controlled (squeezing with 2
 Rewards (sparse; the values come from the `arm_pick` config), evaluated after every policy step:
     held     an object touches both fingers.
     grasp    +grasp_reward when an object that is not grasped is held and its centre is more than
-             `lift_height` above its resting height on a bin floor. It then stays grasped (no
-             second reward for lowering and lifting again) until it touches fewer than two fingers:
-             it is then released.
+             `lift_height` above its resting height on a bin floor, unless it is over the target
+             bin (taking objects out of the target is no progress, and paying for it would let a
+             policy farm grasps there). It then stays grasped (no second reward for lowering and
+             lifting again) until it touches fewer than two fingers: it is then released.
     drop     drop_penalty when a released object comes to rest (speed < 5 cm/s, spin < 1 rad/s,
              touching no finger) outside the target bin. An object that comes to rest inside it
              costs nothing.
@@ -265,14 +266,19 @@ class ArmPick(SimRobot):
             bool(p.getContactPoints(body, self.arm.body, -1, f, physicsClientId=self.client)) for f in self.arm.fingers
         )
 
-    def in_bin(self, position: np.ndarray, which: int) -> bool:
-        """Inside the inner walls of bin `which` and no higher than one object above the wall top."""
+    def over_bin(self, position: np.ndarray, which: int) -> bool:
+        """Within the inner walls of bin `which` in x and y, at any height."""
         dx = abs(position[0] - BIN_X)
         dy = abs(position[1] - BIN_YS[which])
+        return bool(dx < BIN_INNER[0] / 2 and dy < BIN_INNER[1] / 2)
+
+    def in_bin(self, position: np.ndarray, which: int) -> bool:
+        """Inside the inner walls of bin `which` and no higher than one object above the wall top."""
         top = BIN_HEIGHT + self.cfg.arm_pick.object_size
-        return bool(dx < BIN_INNER[0] / 2 and dy < BIN_INNER[1] / 2 and position[2] < top)
+        return self.over_bin(position, which) and bool(position[2] < top)
 
     def bin_centre(self, which: int) -> np.ndarray:
+        """(x, y) of bin `which`'s centre, m."""
         return np.array([BIN_X, BIN_YS[which]])
 
     def evaluate(self) -> tuple[float, bool, dict[str, Any]]:
@@ -292,7 +298,8 @@ class ArmPick(SimRobot):
                     self.grasped[i], self.released[i] = True, False
                 elif pos[2] > rest_z + task.lift_height:
                     self.grasped[i] = True
-                    reward += task.grasp_reward
+                    if not self.over_bin(np.array(pos), self.target):
+                        reward += task.grasp_reward
             at_rest = touching == 0 and np.linalg.norm(vel) < REST_SPEED and np.linalg.norm(spin) < REST_SPIN
             inside = self.in_bin(np.array(pos), self.target)
             if self.released[i] and at_rest:
@@ -340,6 +347,7 @@ class PickScripted:
         return r.bin_centre(r.target) + offsets[k]
 
     def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray | int:
+        """The next action; reads the world directly, so `obs` is not needed."""
         r = self.robot
         i = self._next_object()
         holding = i is not None and (r.grasped[i] or (r.closed and r.finger_contacts(r.objects[i]) == 2))

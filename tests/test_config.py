@@ -154,3 +154,11 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     again = load_config(out)
     assert again == cfg
     assert isinstance(again, Config)
+
+
+def test_configuration_reference_is_current() -> None:
+    """docs/configuration.md is generated from the schema; regenerate it when the schema changes."""
+    from learner.config_doc import render
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == render(), "run: python -m learner.config_doc > docs/configuration.md"

@@ -43,10 +43,10 @@ def _run_until_grasped(robot: ArmPick, seed: int) -> list[float]:
     return rewards
 
 
-def _success_rate(mode: str, episodes: int = 20) -> tuple[float, list[float]]:
+def _success_rate(mode: str, episodes: int = 20, extra: tuple[str, ...] = ()) -> tuple[float, list[float]]:
     returns = []
     wins = 0
-    with _robot(f"arm_pick.action_mode={mode}") as robot:
+    with _robot(f"arm_pick.action_mode={mode}", *extra) as robot:
         policy = make_policy("scripted", robot)
         for seed in range(episodes):
             obs = robot.reset(seed=seed)
@@ -65,6 +65,16 @@ def test_scripted_policy_places_the_object(mode: str) -> None:
     assert rate >= 0.9, rate
     # a clean pick-and-place earns exactly one grasp and one place
     assert np.median(returns) == pytest.approx(1.0 + 10.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["discrete", "cartesian"])
+def test_scripted_policy_long_run_with_randomisation(mode: str) -> None:
+    """200 seeds with every randomisation hook on: success must not hinge on nominal physics."""
+    on = ("randomization.colors=true", "randomization.lighting=true", "randomization.camera_jitter=0.02",
+          "randomization.friction=[0.7, 1.3]", "randomization.mass_scale=[0.8, 1.2]")
+    rate, _ = _success_rate(mode, episodes=200, extra=on)
+    assert rate >= 0.95, rate
 
 
 def test_random_policy_rarely_places() -> None:

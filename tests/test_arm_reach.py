@@ -10,8 +10,8 @@ from sim.arm_reach import ArmReach
 from sim.tasks import default_config, make_policy
 
 
-def _success_rate(mode: str, episodes: int = 20) -> float:
-    cfg = default_config("arm_reach", [f"arm_reach.action_mode={mode}", "camera.enabled=false"])
+def _success_rate(mode: str, episodes: int = 20, extra: tuple[str, ...] = ()) -> float:
+    cfg = default_config("arm_reach", [f"arm_reach.action_mode={mode}", "camera.enabled=false", *extra])
     wins = 0
     with ArmReach(cfg) as robot:
         policy = make_policy("scripted", robot)
@@ -27,6 +27,13 @@ def _success_rate(mode: str, episodes: int = 20) -> float:
 @pytest.mark.parametrize("mode", ["cartesian", "joint"])
 def test_scripted_policy_succeeds(mode: str) -> None:
     assert _success_rate(mode) >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["cartesian", "joint"])
+def test_scripted_policy_long_run_with_randomisation(mode: str) -> None:
+    extra = ("randomization.friction=[0.7, 1.3]", "randomization.mass_scale=[0.8, 1.2]")
+    assert _success_rate(mode, episodes=200, extra=extra) >= 0.95
 
 
 def test_random_policy_rarely_succeeds() -> None:

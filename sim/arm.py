@@ -10,9 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 import pybullet as p
 
+from robot.interface import ArraySpec
 from sim.assets import robot_urdf
 
 XARM6 = "xarm/xarm6_robot.urdf"
+# The joint-limit constraints let a joint sit up to this far past a stop (measured ~0.002 rad);
+# observation bounds include it so that a spec check does not flag physics' own slack.
+JOINT_TOLERANCE = 0.01
 DOWN = p.getQuaternionFromEuler([np.pi, 0.0, 0.0])  # tool z axis pointing at the floor
 
 
@@ -116,6 +120,24 @@ class Arm:
         for idx, angle in zip(self.indices, q):
             p.resetJointState(self.body, idx, float(angle), 0.0, physicsClientId=self.client)
         self.command(q)
+
+    def proprio_spec(self) -> dict[str, ArraySpec]:
+        """Specs of what `proprio` returns: joint angles and speeds, and the tool point."""
+        names = self.names
+        return {
+            "joint_pos": ArraySpec((self.dof,), np.float32, (self.lower - JOINT_TOLERANCE).astype(np.float32),
+                                   (self.upper + JOINT_TOLERANCE).astype(np.float32), "rad", names),
+            "joint_vel": ArraySpec((self.dof,), np.float32, unit="rad/s", names=names),
+            "tool_pos": ArraySpec((3,), np.float32, unit="m", names=("x", "y", "z"), description="tool point"),
+        }
+
+    def proprio(self) -> dict[str, np.ndarray]:
+        q, qd = self.joint_state()
+        return {
+            "joint_pos": q.astype(np.float32),
+            "joint_vel": qd.astype(np.float32),
+            "tool_pos": self.ee_position().astype(np.float32),
+        }
 
     def ik(self, position: np.ndarray, orientation: tuple[float, ...] = DOWN, iterations: int = 3) -> np.ndarray:
         """Joint angles that put the tool point at `position` with `orientation`, within limits.

@@ -56,7 +56,6 @@ BIN_HEIGHT = 0.05  # wall top above the ground, m
 BIN_FLOOR = BIN_WALL  # floor top above the ground, m
 HOME_XY = (0.5, 0.0)
 REST_POSE = np.array([0.0, -0.3, 0.0, -2.2, 0.0, 2.0, np.pi / 4])  # elbow up, hand down, fingers along y
-JOINT_TOLERANCE = 0.01  # rad beyond a URDF limit that the joint-limit constraint may allow under load
 FINGER_TOLERANCE = 0.005  # m, the same for a finger (squeezing shut pushes each ~1 mm past 0)
 MAX_YAW = 0.26  # rad, random yaw of a cube at reset
 REST_SPEED = 0.05  # m/s; slower (and spinning less than REST_SPIN rad/s) counts as at rest
@@ -160,13 +159,8 @@ class ArmPick(SimRobot):
                          "tool goal deltas in the base frame; gripper > 0 closes")
 
     def proprio_spec(self) -> dict[str, ArraySpec]:
-        n, names = self.arm.dof, self.arm.names
         return {
-            "joint_pos": ArraySpec((n,), np.float32, (self.arm.lower - JOINT_TOLERANCE).astype(np.float32),
-                                   (self.arm.upper + JOINT_TOLERANCE).astype(np.float32), "rad", names),
-            "joint_vel": ArraySpec((n,), np.float32, unit="rad/s", names=names),
-            "tool_pos": ArraySpec((3,), np.float32, unit="m", names=("x", "y", "z"),
-                                  description="tool point, base frame"),
+            **self.arm.proprio_spec(),
             "gripper": ArraySpec((1,), np.float32, -2 * FINGER_TOLERANCE, 2 * (FINGER_TRAVEL + FINGER_TOLERANCE), "m",
                                  ("opening",), "distance between the fingers"),
         }
@@ -248,11 +242,8 @@ class ArmPick(SimRobot):
 
     # ----- sensing --------------------------------------------------------------------------
     def read_proprio(self) -> dict[str, np.ndarray]:
-        q, qd = self.arm.joint_state()
         return {
-            "joint_pos": q.astype(np.float32),
-            "joint_vel": qd.astype(np.float32),
-            "tool_pos": self.arm.ee_position().astype(np.float32),
+            **self.arm.proprio(),
             "gripper": np.array([self.arm.opening()], np.float32),
         }
 

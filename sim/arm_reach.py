@@ -52,13 +52,7 @@ class ArmReach(SimRobot):
                          "tool goal deltas in the base frame")
 
     def proprio_spec(self) -> dict[str, ArraySpec]:
-        n, names = self.arm.dof, self.arm.names
-        return {
-            "joint_pos": ArraySpec((n,), np.float32, self.arm.lower.astype(np.float32),
-                                   self.arm.upper.astype(np.float32), "rad", names),
-            "joint_vel": ArraySpec((n,), np.float32, unit="rad/s", names=names),
-            "tool_pos": ArraySpec((3,), np.float32, unit="m", names=("x", "y", "z"), description="tool point"),
-        }
+        return self.arm.proprio_spec()
 
     def reset_task(self) -> None:
         task = self.cfg.arm_reach
@@ -79,12 +73,7 @@ class ArmReach(SimRobot):
             p.stepSimulation(physicsClientId=self.client)
 
     def read_proprio(self) -> dict[str, np.ndarray]:
-        q, qd = self.arm.joint_state()
-        return {
-            "joint_pos": q.astype(np.float32),
-            "joint_vel": qd.astype(np.float32),
-            "tool_pos": self.arm.ee_position().astype(np.float32),
-        }
+        return self.arm.proprio()
 
     def distance(self) -> float:
         return float(np.linalg.norm(self.arm.ee_position() - self.target))

@@ -14,7 +14,8 @@ from gymnasium.utils.env_checker import check_env
 import sim  # noqa: F401 - registers the reverie/* ids
 from learner.config import ConfigError
 from robot.interface import DiscreteSpec, RobotError
-from sim.arm_pick import BIN_FLOOR, JOINT_TOLERANCE, ArmPick, PickScripted
+from sim.arm import JOINT_TOLERANCE
+from sim.arm_pick import BIN_FLOOR, ArmPick, PickScripted
 from sim.tasks import default_config, make_policy
 
 OPEN_CLOSE, UP_DOWN = 4, 5  # discrete actions that toggle the gripper and the height

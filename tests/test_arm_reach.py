@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from robot.interface import RobotError
+from sim.arm import JOINT_TOLERANCE
 from sim.arm_reach import ArmReach
 from sim.tasks import default_config, make_policy
 
@@ -86,7 +87,7 @@ def test_terminate_on_success_sets_terminal() -> None:
 
 @pytest.mark.parametrize("mode", ["cartesian", "joint"])
 def test_random_actions_stay_within_joint_limits(mode: str) -> None:
-    """Targets are clipped to the URDF limits; 0.01 rad allows for the motor's transient overshoot."""
+    """Targets are clipped to the URDF limits; JOINT_TOLERANCE allows for the limit constraint's slack."""
     cfg = default_config("arm_reach", [f"arm_reach.action_mode={mode}", "camera.enabled=false",
                                        "arm_reach.joint_delta=1.0"])
     with ArmReach(cfg) as robot:
@@ -98,7 +99,7 @@ def test_random_actions_stay_within_joint_limits(mode: str) -> None:
                 robot.send(policy(obs))
                 obs = robot.observe()
                 q = obs["joint_pos"].astype(np.float64)
-                assert np.all(q >= lo - 0.01) and np.all(q <= hi + 0.01), q
+                assert np.all(q >= lo - JOINT_TOLERANCE) and np.all(q <= hi + JOINT_TOLERANCE), q
 
 
 def test_out_of_range_actions_are_clipped_not_amplified() -> None:

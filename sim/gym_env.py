@@ -46,6 +46,7 @@ class SimEnv(gym.Env):
         self.cfg = cfg
         self.robot = make_robot(cfg)
         self.render_mode = render_mode
+        self._seeded = False
         self.metadata = {**self.metadata, "render_fps": cfg.control.hz}
         self.observation_space = spaces.Dict(
             {k: _box(s) for k, s in self.robot.observation_spec.items() if k not in FLAG_KEYS}
@@ -57,7 +58,7 @@ class SimEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        if seed is None and not hasattr(self, "_seeded"):
+        if seed is None and not self._seeded:
             seed = self.cfg.seed  # an unseeded first reset still follows the config's seed
         self._seeded = True
         obs = self.robot.reset(seed=seed)

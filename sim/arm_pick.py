@@ -104,9 +104,6 @@ class ArmPick(SimRobot):
     # ----- scene ----------------------------------------------------------------------------
     def build_scene(self) -> None:
         c, task = self.client, self.cfg.arm_pick
-        # Solve contacts in a fixed order, not the broadphase's history-dependent one, so that an
-        # episode after `restore_initial_state` replays exactly whatever ran before it.
-        p.setPhysicsEngineParameter(deterministicOverlappingPairs=1, physicsClientId=c)
         self.floor = p.loadURDF(asset("plane.urdf"), physicsClientId=c)
         p.changeVisualShape(self.floor, -1, rgbaColor=list(FLOOR_COLOR), textureUniqueId=-1, physicsClientId=c)
         self.arm = PandaArm(c, render_proxy=self.cfg.sim.render_proxy, rest_pose=REST_POSE)

@@ -33,6 +33,9 @@ class SimRobot(Robot):
         try:
             p.setTimeStep(1.0 / cfg.sim.physics_hz, physicsClientId=self.client)
             p.setGravity(0, 0, -9.81, physicsClientId=self.client)
+            # Solve contacts in a fixed order, not the broadphase's history-dependent one, so that an
+            # episode after `restore_initial_state` replays exactly whatever ran before it.
+            p.setPhysicsEngineParameter(deterministicOverlappingPairs=1, physicsClientId=self.client)
             self.camera = Camera(cfg.camera, self.client)
             self.build_scene()
             self.randomizer = Randomizer(cfg.randomization, self.client, self.randomized_bodies())

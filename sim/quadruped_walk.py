@@ -254,8 +254,7 @@ class QuadrupedWalk(SimRobot):
         heading = rot[:2, 0]
         norm = float(np.linalg.norm(heading))
         moved = self.base_position() - self._prev_base
-        period = self.cfg.substeps / self.cfg.sim.physics_hz
-        forward = float(moved[:2] @ heading) / norm / period if norm > 1e-6 else 0.0
+        forward = float(moved[:2] @ heading) / norm * self.cfg.control.hz if norm > 1e-6 else 0.0
         return {
             "upright": float(upright),
             "hip": float(posture[0]),

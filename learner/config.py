@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from learner.config_agent import DreamerConfig, ReplayConfig, TrainConfig
+from learner.config_base import Block
 from learner.config_errors import ConfigError, FieldError, describe_errors
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "write_resolved"]
@@ -25,12 +27,6 @@ RESOLVED_NAME = "config.yaml"
 
 Vec3 = Annotated[list[float], Field(min_length=3, max_length=3)]
 Range = Annotated[list[float], Field(min_length=2, max_length=2)]
-
-
-class Block(BaseModel):
-    """Base of every config block: strict types, unknown keys rejected, immutable."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 def _check_range(key: str, lo_hi: list[float], lower: float = -math.inf) -> None:
@@ -183,8 +179,9 @@ class Config(Block):
     """A whole robot/task configuration."""
 
     name: str = Field(description="name of this robot or task; used in run directories")
-    backend: Literal["sim"] = Field("sim", description="which robot backend drives the task")
-    task: TaskName = Field(description="which task runs on the backend")
+    backend: Literal["sim", "gym"] = Field("sim", description="sim: a Reverie simulated task; gym: a Gymnasium env")
+    task: TaskName | None = Field(None, description="which simulated task runs (backend sim)")
+    gym_id: str | None = Field(None, description="Gymnasium id, for example Pendulum-v1 (backend gym)")
     seed: int = Field(0, ge=0, description="seed of the first episode")
     control: ControlConfig = ControlConfig()
     camera: CameraConfig = CameraConfig()
@@ -193,6 +190,17 @@ class Config(Block):
     arm_reach: ArmReachConfig = ArmReachConfig()
     arm_pick: ArmPickConfig = ArmPickConfig()
     quadruped_walk: QuadrupedWalkConfig = QuadrupedWalkConfig()
+    dreamer: DreamerConfig = DreamerConfig()
+    replay: ReplayConfig = ReplayConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _backend(self) -> Config:
+        if self.backend == "sim" and self.task is None:
+            raise FieldError("task", "a simulated task name (backend sim)", None)
+        if self.backend == "gym" and not self.gym_id:
+            raise FieldError("gym_id", "a Gymnasium id (backend gym)", self.gym_id)
+        return self
 
     @model_validator(mode="after")
     def _substeps(self) -> Config:
@@ -210,12 +218,14 @@ class Config(Block):
         """Physics substeps per policy step."""
         return round(self.sim.physics_hz / self.control.hz)
 
-    def task_block(self) -> Block:
-        return getattr(self, self.task)
+    def task_block(self) -> Block | None:
+        return getattr(self, self.task) if self.task else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data with only the selected task's block, as it is written next to outputs."""
         unused = set(TASK_BLOCKS) - {self.task}
+        if self.backend == "gym":
+            unused |= {"camera", "sim", "randomization"}
         return self.model_dump(mode="json", exclude=unused)
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from learner.config import Config
+from learner.config_agent import RECIPES, SIZES
 
 HEADER = """# Configuration reference
 
@@ -47,9 +48,18 @@ def _constraints(info: FieldInfo) -> str:
     return ", ".join(parts)
 
 
-def _default(info: FieldInfo) -> str:
+def _preset_default(name: str) -> str | None:
+    """Dreamer fields filled from the recipe or size presets show every preset's value."""
+    if name in RECIPES["2024"]:
+        return "recipe: " + ", ".join(f"{r}: `{json.dumps(v[name])}`" for r, v in RECIPES.items())
+    if name in SIZES["size1m"]:
+        return "size: " + ", ".join(f"{s}: `{v.get(name, '-')}`" for s, v in SIZES.items())
+    return None
+
+
+def _default(info: FieldInfo, name: str = "") -> str:
     if info.is_required():
-        return "required"
+        return _preset_default(name) or "required"
     value = info.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         return "(block)"
@@ -60,7 +70,7 @@ def block_table(model: type[BaseModel]) -> list[str]:
     rows = ["| key | type | default | range | meaning |", "| --- | --- | --- | --- | --- |"]
     for name, info in model.model_fields.items():
         rows.append(
-            f"| `{name}` | {_type_name(info.annotation)} | {_default(info)} | {_constraints(info)} "
+            f"| `{name}` | {_type_name(info.annotation)} | {_default(info, name)} | {_constraints(info)} "
             f"| {info.description or ''} |"
         )
     return rows

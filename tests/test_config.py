@@ -70,8 +70,12 @@ def test_bad_choice_lists_choices(tmp_path: Path) -> None:
 
 
 def test_missing_required_key(tmp_path: Path) -> None:
+    msg = _error(_write(tmp_path, "task: arm_reach\n"))
+    assert "name: missing required key" in msg
     msg = _error(_write(tmp_path, "name: r\n"))
-    assert "task: missing required key" in msg
+    assert "task: expected a simulated task name (backend sim)" in msg
+    msg = _error(_write(tmp_path, "name: r\nbackend: gym\n"))
+    assert "gym_id: expected a Gymnasium id" in msg
 
 
 def test_wrong_vector_length_names_index_free_path(tmp_path: Path) -> None:

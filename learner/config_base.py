@@ -1,0 +1,11 @@
+"""The base every config block derives from (kept apart so block modules can import it)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Block(BaseModel):
+    """Base of every config block: strict types, unknown keys rejected, immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)

@@ -122,7 +122,9 @@ class DreamerConfig(Block):
     slow_critic_rate: float = Field(0.02, gt=0, le=1, description="EMA rate of the slow critic per update")
     slow_critic_reg: float = Field(1.0, ge=0, description="weight of the slow-critic regulariser")
     critic_bootstrap: Literal["fast", "slow"] = Field(description="critic that bootstraps the lambda-returns")
-    replay_context: bool = Field(description="start replayed sequences from stored posterior latents, refreshed after updates")
+    replay_context: bool = Field(
+        description="start replayed sequences from stored posterior latents, refreshed after updates"
+    )
     # --- optimisation
     optimizer: Literal["laprop", "adam"] = Field(
         description="laprop: one optimiser, AGC then RMS scaling then momentum (2024); adam: per-part Adam (2023)"
@@ -175,8 +177,12 @@ class DreamerConfig(Block):
 class ReplayConfig(Block):
     chunk_length: int = Field(1024, ge=2, description="steps per chunk file")
     compress: bool = Field(False, description="zip-compress chunk files (smaller, slower to write and read)")
-    ram_steps: int = Field(1_000_000, ge=1, description="steps kept in memory (and sampled from); older chunks stay on disk")
-    disk_steps: int | None = Field(None, ge=1, description="steps kept on disk; the oldest chunk files are deleted beyond it; null = no cap")
+    ram_steps: int = Field(
+        1_000_000, ge=1, description="steps kept in memory (and sampled from); older chunks stay on disk"
+    )
+    disk_steps: int | None = Field(
+        None, ge=1, description="steps kept on disk; the oldest chunk files are deleted beyond it; null = no cap"
+    )
     online: bool = Field(True, description="fill each batch first with the newest sequences not yet trained on")
     recency: float = Field(0.0, ge=0, le=1, description="share of the remaining batch drawn favouring recent steps")
 

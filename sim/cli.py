@@ -16,9 +16,9 @@ import numpy as np
 from tqdm import tqdm
 
 from learner.config import Config, ConfigError, load_config, write_resolved
+from learner.video import FORMATS, VideoWriter, side_by_side
 from robot.interface import ArraySpec, DiscreteSpec
 from sim.tasks import make_policy, make_robot
-from sim.video import FORMATS, VideoWriter, side_by_side
 
 
 @dataclass

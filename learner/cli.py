@@ -1,0 +1,64 @@
+"""`reverie-learner`: the learner's command line.
+
+    reverie-learner train --config hardware_configs/sim_arm_reach.yaml --logdir runs/reach
+    reverie-learner train --env gymnasium:Pendulum-v1 --logdir runs/pendulum --set train.steps=20000
+
+Running the same command again resumes the run in --logdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from learner.config import Config, ConfigError, config_from_dict, load_config, parse_overrides
+from learner.envs import GYM_PREFIX, EnvError
+
+
+def _config(args: argparse.Namespace) -> Config:
+    if args.config:
+        return load_config(args.config, args.set)
+    if not args.env:
+        raise ConfigError(["give --config FILE, or --env gymnasium:ID to train on a Gymnasium env"], "arguments")
+    gym_id = args.env.removeprefix(GYM_PREFIX)
+    raw: dict = {"name": gym_id.replace("/", "_"), "backend": "gym", "gym_id": gym_id}
+    overrides = parse_overrides(args.set)
+    for key, value in overrides.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return config_from_dict(raw, f"--env {args.env}", overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from learner.train import Trainer  # torch loads only when a command needs it
+
+    cfg = _config(args)
+    trainer = Trainer(cfg, args.logdir, env=args.env, progress=not args.quiet)
+    summary = trainer.run()
+    print(json.dumps(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reverie-learner", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train Dreamer on a simulated task or a Gymnasium env")
+    train.add_argument("--config", help="a YAML file from hardware_configs/")
+    train.add_argument("--env", help="gymnasium:ID to train on a registered Gymnasium env instead")
+    train.add_argument("--logdir", required=True, help="run directory (resumed when it exists)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        return _train(args)
+    except (ConfigError, EnvError) as exc:
+        print(f"reverie-learner: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

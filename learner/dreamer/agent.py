@@ -1,0 +1,159 @@
+"""One Dreamer update: world model on replayed sequences, then actor and critic in imagination.
+
+Everything is summed into one loss with one backward pass; gradient isolation comes from
+detaching, not from separate passes: the actor and critic see `sg(features)` (except for the
+2023 recipe's dynamics backpropagation, where the world model's parameters are frozen during
+imagination instead), and the world model receives gradients only from its own loss and, when
+enabled, from the replay value loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from learner.config_agent import DreamerConfig
+from learner.dreamer.behavior import Behavior
+from learner.dreamer.optim import make_optimizer
+from learner.dreamer.preprocess import ActSpace, ObsKeys, ObsSpace, preprocess
+from learner.dreamer.rssm import State
+from learner.dreamer.world_model import WorldModel
+
+CONTEXT_KEYS = ("deter", "stoch", "action")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("dreamer.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Parameters take no gradient inside the block (activations still carry it)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+class DreamerModel(nn.Module):
+    """World model + behaviour: every trainable weight of the agent."""
+
+    def __init__(self, cfg: DreamerConfig, space: ObsSpace, act: ActSpace) -> None:
+        super().__init__()
+        self.cfg, self.space, self.act_space = cfg, dict(space), act
+        self.keys = ObsKeys.select(space, cfg.image_keys, cfg.vector_keys)
+        self.wm = WorldModel(cfg, space, self.keys, act)
+        self.behavior = Behavior(cfg, self.wm.feat_dim, act)
+
+
+class Dreamer:
+    """The trainer: owns the model, the optimiser and the update counter."""
+
+    def __init__(self, cfg: DreamerConfig, space: ObsSpace, act: ActSpace, device: torch.device | None = None) -> None:
+        self.cfg = cfg
+        self.device = device or resolve_device(cfg.device)
+        self.model = DreamerModel(cfg, space, act).to(self.device)
+        self.wm, self.behavior = self.model.wm, self.model.behavior
+        self.optimizer = make_optimizer(cfg, self.wm, self.behavior.actor, self.behavior.critic)
+        self.updates = 0
+        self._update_fn = self._update
+        if cfg.compile:
+            self._update_fn = torch.compile(self._update)
+
+    # --- data
+    def initial_context(self, batch: int) -> State:
+        state = self.wm.rssm.initial(batch, self.device)
+        state["action"] = torch.zeros(batch, self.model.act_space.dim, device=self.device)
+        return state
+
+    def context_from_batch(self, batch: dict) -> State:
+        """Start states of replayed sequences: stored latents where valid, else the initial state."""
+        b = batch["action"].shape[0]
+        state = self.initial_context(b)
+        valid = batch.get("context/valid")
+        if not self.cfg.replay_context or valid is None:
+            return state
+        mask = torch.as_tensor(valid, device=self.device).float()
+        for key in CONTEXT_KEYS:
+            stored = torch.as_tensor(batch[f"context/{key}"], device=self.device).float()
+            state[key] = stored * mask.reshape(-1, *[1] * (stored.ndim - 1))
+        return state
+
+    def to_inputs(self, batch: dict) -> dict[str, Tensor]:
+        data = preprocess(batch, self.model.keys, self.device)
+        data["action"] = torch.as_tensor(batch["action"], device=self.device).float()
+        return data
+
+    # --- update
+    def train(self, batch: dict) -> tuple[dict[str, float | Tensor], dict[str, Tensor]]:
+        """One update on a replay batch (numpy or tensors, (B, T, ...)).
+
+        Returns metrics (tensors; read them lazily to avoid host syncs) and the posterior latents
+        (B, T, ...) to write back into replay as the context of later samples.
+        """
+        data = self.to_inputs(batch)
+        start = self.context_from_batch(batch)
+        self.model.train()
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    else contextlib.nullcontext())
+        with autocast:
+            loss, post, metrics = self._update_fn(data, start)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norms = self.optimizer.step()
+        if isinstance(norms, dict):
+            metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
+        self.behavior.update_slow()
+        self.updates += 1
+        context = {"deter": post["deter"].detach().float(), "stoch": post["stoch"].detach().float(),
+                   "action": data["action"]}
+        return metrics, context
+
+    def _update(self, data: dict[str, Tensor], start: State) -> tuple[Tensor, State, dict[str, Tensor]]:
+        cfg, wm, beh = self.cfg, self.wm, self.behavior
+        wm_loss, post, metrics = wm.loss(data, start)
+        b, t = data["action"].shape[:2]
+        flat = {k: post[k].detach().reshape(b * t, *post[k].shape[2:]) for k in ("deter", "stoch")}
+        dynamics = beh.uses_dynamics_grad()
+        grad_ctx = frozen(wm) if dynamics else torch.no_grad()
+        with grad_ctx:
+            def policy(state: State) -> Tensor:
+                feat = wm.rssm.feat(state)
+                return beh.actor(feat if dynamics else feat.detach()).rsample()
+
+            states, actions = wm.rssm.imagine(flat, policy, cfg.imag_horizon)
+            feat = wm.rssm.feat(states)
+            reward = wm.reward(feat).mean()
+            cont = torch.sigmoid(wm.cont_logit(feat))
+        # The start state is real: its continuation is known from the data, not predicted.
+        cont = torch.cat([(1.0 - data["is_terminal"]).reshape(1, -1), cont[1:]], 0)
+        ac_loss, start_return, ac_metrics = beh.loss(feat.float(), actions, reward, cont)
+        metrics.update(ac_metrics)
+        loss = wm_loss.mean() + ac_loss
+        if cfg.repval_scale > 0:
+            replay_feat = wm.rssm.feat(post)
+            repval = beh.replay_value_loss(replay_feat, data["reward"], data["is_terminal"], data["is_first"],
+                                           start_return.reshape(b, t))
+            loss = loss + cfg.repval_scale * repval
+            metrics["ac/repval_loss"] = repval.detach()
+        metrics["loss"] = loss.detach()
+        return loss, post, metrics
+
+    # --- state
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = int(state["updates"])

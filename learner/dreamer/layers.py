@@ -1,0 +1,139 @@
+"""Network building blocks. Norms compute in float32 whatever the autocast dtype."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Norm(nn.Module):
+    """RMSNorm (2024) or LayerNorm (2023) over the last axis, computed in float32."""
+
+    def __init__(self, dim: int, kind: str, eps: float = 1e-4) -> None:
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.shift = nn.Parameter(torch.zeros(dim)) if kind == "layer" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.kind == "layer":
+                y = F.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)
+            else:
+                y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.scale
+        return y.to(dtype)
+
+
+class ChannelNorm(Norm):
+    """The same norm over the channel axis of an NCHW image tensor."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class Dense(nn.Sequential):
+    """Linear -> Norm -> SiLU: the unit every MLP of DreamerV3 is made of."""
+
+    def __init__(self, inp: int, out: int, norm: str) -> None:
+        super().__init__(nn.Linear(inp, out, bias=False), Norm(out, norm), nn.SiLU())
+
+
+class MLP(nn.Sequential):
+    def __init__(self, inp: int, layers: int, units: int, norm: str) -> None:
+        super().__init__(*[Dense(inp if i == 0 else units, units, norm) for i in range(layers)])
+        self.out_dim = units if layers else inp
+
+
+class BlockLinear(nn.Module):
+    """A block-diagonal linear map: `blocks` independent linear maps over equal slices (2024 GRU)."""
+
+    def __init__(self, inp: int, out: int, blocks: int) -> None:
+        super().__init__()
+        self.blocks = blocks
+        bound = 1.0 / math.sqrt(inp)
+        self.weight = nn.Parameter(torch.empty(blocks, inp, out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(blocks, out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (batch, blocks, inp) -> (batch, blocks, out)
+        return torch.baddbmm(self.bias[:, None], x.transpose(0, 1), self.weight).transpose(0, 1)
+
+
+def zero_linear(inp: int, out: int) -> nn.Linear:
+    """Output layer that starts at exactly zero (reward and critic heads predict 0 at first)."""
+    layer = nn.Linear(inp, out)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def scaled_linear(inp: int, out: int, scale: float) -> nn.Linear:
+    layer = nn.Linear(inp, out)
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+        layer.bias.zero_()
+    return layer
+
+
+CHANNEL_MULTS = (2, 3, 4, 4)
+
+
+def cnn_channels(depth: int) -> list[int]:
+    return [depth * m for m in CHANNEL_MULTS]
+
+
+class ConvEncoder(nn.Module):
+    """Images (N, C, H, W) in [-0.5, 0.5] -> flat features.
+
+    pool (2024): 5x5 stride-1 conv + norm + SiLU + 2x2 max-pool per layer; stride (2023): 4x4
+    stride-2 conv + norm + SiLU. Either halves the resolution per layer.
+    """
+
+    def __init__(self, in_ch: int, depth: int, kind: str, norm: str, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.kind = kind
+        layers: list[nn.Module] = []
+        h, w = size
+        for out in cnn_channels(depth):
+            if kind == "pool":
+                layers += [nn.Conv2d(in_ch, out, 5, 1, 2, bias=False), ChannelNorm(out, norm), nn.SiLU(),
+                           nn.MaxPool2d(2)]
+            else:
+                layers += [nn.Conv2d(in_ch, out, 4, 2, 1, bias=False), ChannelNorm(out, norm), nn.SiLU()]
+            in_ch, h, w = out, h // 2, w // 2
+        self.net = nn.Sequential(*layers)
+        self.out_shape = (in_ch, h, w)
+        self.out_dim = in_ch * h * w
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).flatten(1)
+
+
+class ConvDecoder(nn.Module):
+    """Flat features -> images (N, C, H, W), mirroring the encoder (nearest upsampling + conv)."""
+
+    def __init__(self, inp: int, out_ch: int, depth: int, kind: str, norm: str, size: tuple[int, int]) -> None:
+        super().__init__()
+        chans = cnn_channels(depth)[::-1]
+        h, w = size[0] >> len(chans), size[1] >> len(chans)
+        self.start = (chans[0], h, w)
+        self.linear = nn.Linear(inp, chans[0] * h * w)
+        layers: list[nn.Module] = []
+        outs = [*chans[1:], out_ch]
+        for i, (cin, cout) in enumerate(zip(chans, outs)):
+            last = i == len(chans) - 1
+            if kind == "pool":
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 5, 1, 2, bias=last)]
+            else:
+                layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=last)]
+            if not last:
+                layers += [ChannelNorm(cout, norm), nn.SiLU()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.linear(x).reshape(-1, *self.start))

@@ -1,0 +1,151 @@
+"""The policy a robot runs: encoder + recurrent state + actor, built from a weights blob alone.
+
+It imports no optimiser, replay or loss code, so it stays light on a robot's CPU. The blob is a
+safetensors file (bytes) whose header metadata holds the Dreamer config, the observation and
+action spaces and the weights version, so nothing else is needed to rebuild the network.
+The trainer acts through the same class, sharing its live modules (`Policy.from_model`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from learner.config_agent import DreamerConfig
+from learner.dreamer.actor import Actor
+from learner.dreamer.codec import Encoder
+from learner.dreamer.preprocess import ActSpace, ObsKeys, ObsSpace, preprocess
+from learner.dreamer.rssm import RSSM
+
+PREFIXES = {"encoder": "wm.encoder.", "rssm": "wm.rssm.", "actor": "behavior.actor."}
+FORMAT = "reverie-policy-1"
+
+
+class PolicyNet(nn.Module):
+    """Only the modules acting needs, named as in the trainer's model."""
+
+    def __init__(self, cfg: DreamerConfig, space: ObsSpace, act: ActSpace) -> None:
+        super().__init__()
+        self.keys = ObsKeys.select(space, cfg.image_keys, cfg.vector_keys)
+        self.encoder = Encoder(cfg, space, self.keys)
+        self.rssm = RSSM(cfg, act.dim, self.encoder.out_dim)
+        self.actor = Actor(cfg, cfg.deter + cfg.stoch * cfg.classes, act)
+
+
+class Policy:
+    """`reset()`, then `act(obs)` once per control step; keeps its own recurrent state.
+
+    `obs` is one observation (no batch axis) with `is_first`, or a batch when `batched=True`.
+    Returns the environment action: an int (discrete) or float32 in [-1, 1] (continuous).
+    `last_action` holds the same action as the model sees it (one-hot when discrete).
+    """
+
+    def __init__(self, cfg: DreamerConfig, space: ObsSpace, act: ActSpace, net: nn.Module,
+                 device: torch.device, version: int = 0) -> None:
+        self.cfg, self.space, self.act_space = cfg, dict(space), act
+        self.keys = ObsKeys.select(space, cfg.image_keys, cfg.vector_keys)
+        self.encoder, self.rssm, self.actor = net.encoder, net.rssm, net.actor
+        self.device, self.version = device, version
+        self.generator = np.random.default_rng(0)
+        self.state: dict[str, Tensor] | None = None
+        self.last_action: np.ndarray | None = None
+
+    # --- construction
+    @classmethod
+    def from_model(cls, model: nn.Module) -> Policy:
+        """The trainer's policy: shares the live modules of a `DreamerModel`."""
+        view = nn.Module()
+        view.encoder, view.rssm, view.actor = model.wm.encoder, model.wm.rssm, model.behavior.actor
+        device = next(model.parameters()).device
+        return cls(model.cfg, model.space, model.act_space, view, device)
+
+    @classmethod
+    def from_weights(cls, blob: bytes, device: str | torch.device = "cpu") -> Policy:
+        tensors = safetensors.torch.load(blob)
+        meta = read_meta(blob)
+        cfg = DreamerConfig.model_validate(meta["dreamer"])
+        space = {k: (tuple(shape), dtype) for k, (shape, dtype) in meta["obs_space"].items()}
+        act = ActSpace(**meta["act_space"])
+        net = PolicyNet(cfg, space, act)
+        net.load_state_dict(tensors)
+        net.to(device).eval()
+        return cls(cfg, space, act, net, torch.device(device), int(meta["version"]))
+
+    # --- acting
+    def reset(self, batch: int = 1) -> None:
+        self.state = self.rssm.initial(batch, self.device)
+        self.state["action"] = torch.zeros(batch, self.act_space.dim, device=self.device)
+
+    @torch.no_grad()
+    def act(self, obs: Mapping[str, Any], mode: str = "sample", noise: float = 0.0,
+            batched: bool = False) -> Any:
+        """One control step. mode: sample (training) or mode (evaluation); noise: exploration."""
+        if mode not in ("sample", "mode"):
+            raise ValueError(f"mode must be 'sample' or 'mode', not {mode!r}")
+        if not batched:
+            obs = {k: np.asarray(v)[None] for k, v in obs.items()}
+        batch = len(np.asarray(obs["is_first"]))
+        if self.state is None or self.state["deter"].shape[0] != batch:
+            self.reset(batch)
+        data = preprocess(obs, self.keys, self.device)
+        embed = self.encoder({k: v[:, None] for k, v in data.items()})[:, 0]
+        is_first = data["is_first"].reshape(batch)
+        post, _ = self.rssm.obs_step(self.state, self.state["action"], embed, is_first)
+        dist = self.actor(self.rssm.feat(post))
+        action = dist.rsample() if mode == "sample" else dist.mode()
+        action = self._explore(action.float(), noise)
+        self.state = {"deter": post["deter"], "stoch": post["stoch"], "action": action}
+        self.last_action = action.cpu().numpy()
+        env = self._to_env(self.last_action)
+        return env if batched else env[0]
+
+    def _explore(self, action: Tensor, noise: float) -> Tensor:
+        if noise <= 0:
+            return action if self.act_space.discrete else action.clamp(-1.0, 1.0)
+        if self.act_space.discrete:
+            swap = torch.as_tensor(self.generator.random(action.shape[0]) < noise, device=action.device)
+            rand = torch.as_tensor(self.generator.integers(self.act_space.dim, size=action.shape[0]))
+            onehot = torch.nn.functional.one_hot(rand, self.act_space.dim).float().to(action.device)
+            return torch.where(swap[:, None], onehot, action)
+        jitter = torch.as_tensor(self.generator.normal(0.0, noise, action.shape), dtype=torch.float32)
+        return (action + jitter.to(action.device)).clamp(-1.0, 1.0)
+
+    def _to_env(self, action: np.ndarray) -> np.ndarray:
+        if self.act_space.discrete:
+            return action.argmax(-1).astype(np.int64)
+        return action.astype(np.float32)
+
+
+# --- the weights blob
+def read_meta(blob: bytes) -> dict:
+    """The metadata of a policy blob, without building the network."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    meta = header.get("__metadata__", {})
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"not a Reverie policy blob (format {meta.get('format')!r}, expected {FORMAT!r})")
+    return {k: json.loads(v) for k, v in meta.items() if k != "format"}
+
+
+def export_policy(model: nn.Module, version: int) -> bytes:
+    """The acting subset of a trainer's `DreamerModel` as a self-describing safetensors blob."""
+    state = model.state_dict()
+    tensors = {}
+    for short, prefix in PREFIXES.items():
+        for key, value in state.items():
+            if key.startswith(prefix):
+                tensors[short + "." + key[len(prefix):]] = value.detach().float().cpu().contiguous()
+    meta = {
+        "format": FORMAT,
+        "dreamer": json.dumps(model.cfg.model_dump(mode="json")),
+        "obs_space": json.dumps({k: [list(s), d] for k, (s, d) in model.space.items()}),
+        "act_space": json.dumps(model.act_space.to_dict()),
+        "version": json.dumps(int(version)),
+    }
+    return safetensors.torch.save(tensors, metadata=meta)

@@ -1,0 +1,130 @@
+"""The recurrent state-space model: a deterministic GRU state plus categorical latents.
+
+State = {"deter": (B, D), "stoch": (B, S, K) one-hot samples, "logp": (B, S, K) unimixed
+log-probabilities}. `is_first` resets both the state and the previous action to zero before the
+step that uses them (forgetting the action is as important as forgetting the latent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from learner.config_agent import DreamerConfig
+from learner.dreamer.dists import categorical_kl, sample_onehot, unimix_logits
+from learner.dreamer.layers import BlockLinear, Dense, Norm
+
+State = dict[str, Tensor]
+
+
+class RSSM(nn.Module):
+    def __init__(self, cfg: DreamerConfig, act_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, h, g = cfg.deter, cfg.hidden, cfg.gru_blocks
+        self.deter, self.stoch, self.classes, self.blocks = d, cfg.stoch, cfg.classes, g
+        self.stoch_dim = cfg.stoch * cfg.classes
+        self.act_dim = act_dim
+        if cfg.gru_input_layers:  # 2024: each input through its own Linear+Norm+SiLU
+            self.in_deter = Dense(d, h, cfg.norm)
+            self.in_stoch = Dense(self.stoch_dim, h, cfg.norm)
+            self.in_action = Dense(act_dim, h, cfg.norm)
+            self.core_hidden = BlockLinear(3 * h + d // g, d // g, g)
+            self.core_norm = Norm(d // g, cfg.norm)
+            self.gates = BlockLinear(d // g, 3 * d // g, g)
+            self.gates_norm = None
+            img_layers = 2
+        else:  # 2023: one input layer, then a LayerNorm GRU
+            self.in_joint = Dense(self.stoch_dim + act_dim, h, cfg.norm)
+            self.gates = BlockLinear(h + d // g, 3 * d // g, g)
+            self.gates_norm = Norm(3 * d, cfg.norm)
+            img_layers = 1
+        self.prior_net = nn.Sequential(*[Dense(d if i == 0 else h, h, cfg.norm) for i in range(img_layers)])
+        self.prior_out = nn.Linear(h, self.stoch_dim)
+        self.post_net = Dense(d + embed_dim, h, cfg.norm)
+        self.post_out = nn.Linear(h, self.stoch_dim)
+
+    # --- state helpers
+    def initial(self, batch: int, device: torch.device) -> State:
+        return {
+            "deter": torch.zeros(batch, self.deter, device=device),
+            "stoch": torch.zeros(batch, self.stoch, self.classes, device=device),
+        }
+
+    @staticmethod
+    def feat(state: State) -> Tensor:
+        stoch = state["stoch"]
+        return torch.cat([state["deter"], stoch.reshape(*stoch.shape[:-2], -1).to(state["deter"].dtype)], -1)
+
+    def _logp(self, logits: Tensor) -> Tensor:
+        return unimix_logits(logits.reshape(*logits.shape[:-1], self.stoch, self.classes), self.cfg.unimix)
+
+    # --- one step
+    def _gru(self, deter: Tensor, stoch: Tensor, action: Tensor) -> Tensor:
+        b, g = deter.shape[0], self.blocks
+        stoch = stoch.reshape(b, -1).to(deter.dtype)
+        action = action / torch.clamp(action.abs(), min=1.0).detach()  # actions beyond [-1, 1] are squashed
+        if self.cfg.gru_input_layers:
+            x = torch.cat([self.in_deter(deter), self.in_stoch(stoch), self.in_action(action)], -1)
+            x = torch.cat([x[:, None].expand(b, g, x.shape[-1]), deter.reshape(b, g, -1)], -1)
+            x = torch.nn.functional.silu(self.core_norm(self.core_hidden(x)))
+            parts = self.gates(x)
+        else:
+            x = self.in_joint(torch.cat([stoch, action], -1))
+            x = torch.cat([x[:, None].expand(b, g, x.shape[-1]), deter.reshape(b, g, -1)], -1)
+            parts = self.gates_norm(self.gates(x).reshape(b, -1)).reshape(b, g, -1)
+        reset, cand, update = parts.chunk(3, -1)
+        reset = torch.sigmoid(reset)
+        cand = torch.tanh(reset * cand)
+        update = torch.sigmoid(update - 1.0)  # bias the update gate towards keeping the state
+        new = update * cand + (1.0 - update) * deter.reshape(b, g, -1)
+        return new.reshape(b, -1)
+
+    def img_step(self, state: State, action: Tensor) -> State:
+        """Prior: the next state predicted from the state and action alone."""
+        deter = self._gru(state["deter"], state["stoch"], action)
+        logp = self._logp(self.prior_out(self.prior_net(deter)))
+        return {"deter": deter, "stoch": sample_onehot(logp), "logp": logp}
+
+    def obs_step(self, state: State, prev_action: Tensor, embed: Tensor, is_first: Tensor) -> tuple[State, State]:
+        """Posterior and prior for one observed step; `is_first` resets state and previous action."""
+        keep = (1.0 - is_first.float())[:, None]
+        state = {"deter": state["deter"] * keep, "stoch": state["stoch"] * keep[..., None]}
+        prior = self.img_step(state, prev_action * keep)
+        x = self.post_net(torch.cat([prior["deter"], embed.to(prior["deter"].dtype)], -1))
+        logp = self._logp(self.post_out(x))
+        post = {"deter": prior["deter"], "stoch": sample_onehot(logp), "logp": logp}
+        return post, prior
+
+    # --- sequences
+    def observe(self, embed: Tensor, prev_action: Tensor, is_first: Tensor, state: State) -> tuple[State, State]:
+        """Roll the posterior over (B, T) inputs; returns stacked (B, T, ...) posts and priors."""
+        posts, priors = [], []
+        for t in range(embed.shape[1]):
+            state, prior = self.obs_step(state, prev_action[:, t], embed[:, t], is_first[:, t])
+            posts.append(state)
+            priors.append(prior)
+        stack = lambda seq: {k: torch.stack([s[k] for s in seq], 1) for k in seq[0]}  # noqa: E731
+        return stack(posts), stack(priors)
+
+    def imagine(self, state: State, policy: Callable[[State], Tensor], horizon: int) -> tuple[State, Tensor]:
+        """Roll the prior forward under `policy`; returns states (H+1, N, ...) and actions (H+1, N, A)."""
+        states, actions = [state], []
+        for _ in range(horizon):
+            action = policy(state)
+            actions.append(action)
+            state = self.img_step(state, action)
+            states.append(state)
+        actions.append(policy(state))
+        keys = ("deter", "stoch")
+        return {k: torch.stack([s[k] for s in states]) for k in keys}, torch.stack(actions)
+
+    # --- losses
+    def kl_losses(self, post: State, prior: State) -> tuple[Tensor, Tensor]:
+        """(dyn, rep) losses per (B, T): KL summed over latents, then free bits (no gradient below the floor)."""
+        dyn = categorical_kl(post["logp"].detach(), prior["logp"]).sum(-1)
+        rep = categorical_kl(post["logp"], prior["logp"].detach()).sum(-1)
+        free = self.cfg.free_nats
+        return torch.clamp(dyn, min=free), torch.clamp(rep, min=free)

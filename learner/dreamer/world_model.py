@@ -1,0 +1,69 @@
+"""The world model: encoder, RSSM, decoder, reward and continuation heads, and its loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from learner.config_agent import DreamerConfig
+from learner.dreamer.codec import Decoder, Encoder
+from learner.dreamer.dists import TwoHot, make_bins, symlog
+from learner.dreamer.layers import MLP, zero_linear
+from learner.dreamer.preprocess import ActSpace, ObsKeys, ObsSpace
+from learner.dreamer.rssm import RSSM, State
+
+
+class WorldModel(nn.Module):
+    def __init__(self, cfg: DreamerConfig, space: ObsSpace, keys: ObsKeys, act: ActSpace) -> None:
+        super().__init__()
+        self.cfg, self.keys, self.act = cfg, keys, act
+        self.encoder = Encoder(cfg, space, keys)
+        self.rssm = RSSM(cfg, act.dim, self.encoder.out_dim)
+        self.feat_dim = cfg.deter + cfg.stoch * cfg.classes
+        self.decoder = Decoder(cfg, space, keys, self.feat_dim)
+        self.reward_net = MLP(self.feat_dim, cfg.head_layers, cfg.units, cfg.norm)
+        self.reward_out = zero_linear(cfg.units, cfg.num_bins)
+        self.cont_net = MLP(self.feat_dim, cfg.head_layers, cfg.units, cfg.norm)
+        self.cont_out = nn.Linear(cfg.units, 1)
+        self.register_buffer("bins", make_bins(cfg.bins, cfg.num_bins, cfg.bin_limit), persistent=False)
+
+    def reward(self, feat: Tensor) -> TwoHot:
+        return TwoHot(self.reward_out(self.reward_net(feat)), self.bins, self.cfg.bins)
+
+    def cont_logit(self, feat: Tensor) -> Tensor:
+        return self.cont_out(self.cont_net(feat)).squeeze(-1).float()
+
+    def loss(self, data: dict[str, Tensor], state: State) -> tuple[Tensor, State, dict[str, Tensor]]:
+        """Per-(B, T) world-model loss, the posterior states, and metrics.
+
+        `data["action"]` holds the action taken at each step; the model at step t is driven by the
+        action of step t-1 (for t = 0 it comes from `state["action"]`, the replay context).
+        """
+        cfg = self.cfg
+        embed = self.encoder(data)
+        prev_action = torch.cat([state["action"][:, None], data["action"][:, :-1]], 1)
+        post, prior = self.rssm.observe(embed, prev_action, data["is_first"], state)
+        dyn, rep = self.rssm.kl_losses(post, prior)
+        feat = self.rssm.feat(post)
+        recon = self.decoder(feat)
+        losses: dict[str, Tensor] = {}
+        for key in self.keys.images:
+            losses[f"image/{key}"] = (recon[key].float() - data[key]).square().sum((-3, -2, -1))
+        for key in self.keys.vectors:
+            target = symlog(data[key].reshape(*data[key].shape[:2], -1))
+            losses[f"vector/{key}"] = (recon[key].float() - target).square().sum(-1)
+        dec = sum(losses.values())
+        rew = -self.reward(feat).log_prob(data["reward"])
+        cont = F.binary_cross_entropy_with_logits(
+            self.cont_logit(feat), 1.0 - data["is_terminal"], reduction="none"
+        )
+        total = (cfg.dec_scale * dec + cfg.reward_scale * rew + cfg.cont_scale * cont
+                 + cfg.kl_dyn * dyn + cfg.kl_rep * rep)
+        with torch.no_grad():
+            kl = (post["logp"].exp() * (post["logp"] - prior["logp"])).sum((-2, -1))
+            metrics = {"wm/dec": dec.mean(), "wm/reward": rew.mean(), "wm/cont": cont.mean(),
+                       "wm/kl": kl.mean(), "wm/dyn": dyn.mean(), "wm/rep": rep.mean(),
+                       "wm/post_entropy": -(post["logp"].exp() * post["logp"]).sum(-1).mean()}
+            metrics.update({f"wm/{k}": v.mean() for k, v in losses.items()})
+        return total, post, metrics

@@ -1,0 +1,125 @@
+"""Environments the learner trains on, seen as Reverie steps.
+
+A step is a dict: observation keys, `reward`, `is_first`, `is_last`, `is_terminal`. Actions go in
+as the model sees them (a vector in [-1, 1], or one-hot when discrete) and are mapped to the
+environment's own action space here. Simulated tasks are looked up by name in Gymnasium's
+registry (the `sim` package registers them), so `learner` never imports `sim` directly and any
+registered Gymnasium environment works the same way.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from learner.config import Config
+from learner.dreamer.preprocess import ActSpace, ObsSpace
+
+SIM_PREFIX = "sim:reverie/"  # "module:id": Gymnasium imports `sim` (which registers its tasks) first
+SIM_IDS = {"arm_reach": "ArmReach-v0", "arm_pick": "ArmPick-v0", "quadruped_walk": "QuadrupedWalk-v0"}
+GYM_PREFIX = "gymnasium:"
+
+
+class EnvError(ValueError):
+    """An environment that cannot be trained on, with the reason."""
+
+
+def env_id(cfg: Config, override: str | None = None) -> str:
+    """The Gymnasium id to build: `--env gymnasium:ID`, else the config's gym_id or sim task."""
+    if override:
+        if not override.startswith(GYM_PREFIX):
+            raise EnvError(f"--env {override!r}: expected gymnasium:ID, for example gymnasium:Pendulum-v1")
+        return override[len(GYM_PREFIX):]
+    if cfg.backend == "gym":
+        return str(cfg.gym_id)
+    return SIM_PREFIX + SIM_IDS[str(cfg.task)]
+
+
+class Env:
+    """A Gymnasium env adapted to Reverie steps; `reset()` and `step(action)` both return a step."""
+
+    def __init__(self, cfg: Config, override: str | None = None, seed: int = 0, render: bool = False) -> None:
+        self.id = env_id(cfg, override)
+        kwargs: dict[str, Any] = {"config": cfg} if self.id.startswith(SIM_PREFIX) else {}
+        if render and not kwargs:
+            kwargs["render_mode"] = "rgb_array"
+        try:
+            self.env = gym.make(self.id, **kwargs)
+        except gym.error.Error as exc:
+            raise EnvError(f"cannot make Gymnasium env {self.id!r}: {exc}") from None
+        self.seed = seed
+        self.episodes = 0
+        self.obs_space = self._obs_space(self.env.observation_space)
+        self.act_space, self._act = self._act_space(self.env.action_space)
+        self.sim = kwargs.get("config") is not None
+        self.render_enabled = render
+
+    def _obs_space(self, space: gym.Space) -> ObsSpace:
+        items = space.spaces.items() if isinstance(space, spaces.Dict) else [("vector", space)]
+        out: dict[str, tuple[tuple[int, ...], str]] = {}
+        for key, sub in items:
+            if not isinstance(sub, spaces.Box):
+                raise EnvError(f"{self.id}: observation {key!r} is {type(sub).__name__}; only Box is supported")
+            dtype = "uint8" if sub.dtype == np.uint8 else "float32"
+            out[key] = (tuple(sub.shape), dtype)
+        out.update({"reward": ((), "float32"), "is_first": ((), "bool"), "is_last": ((), "bool"),
+                    "is_terminal": ((), "bool")})
+        return out
+
+    def _act_space(self, space: gym.Space) -> tuple[ActSpace, gym.Space]:
+        if isinstance(space, spaces.Discrete):
+            return ActSpace(int(space.n), True), space
+        if isinstance(space, spaces.Box) and len(space.shape) == 1:
+            if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+                raise EnvError(f"{self.id}: action bounds must be finite, found {space.low}..{space.high}")
+            return ActSpace(int(space.shape[0]), False), space
+        raise EnvError(f"{self.id}: action space {space} is not Discrete or a 1-D Box")
+
+    def _convert(self, obs: Any, reward: float, first: bool, last: bool, terminal: bool) -> dict[str, Any]:
+        obs = dict(obs) if isinstance(obs, dict) else {"vector": obs}
+        step = {k: np.asarray(v, dtype=np.uint8 if self.obs_space[k][1] == "uint8" else np.float32)
+                for k, v in obs.items()}
+        step.update(reward=np.float32(reward), is_first=first, is_last=last, is_terminal=terminal)
+        return step
+
+    def reset(self) -> dict[str, Any]:
+        """A new episode, seeded by the run seed and the episode index (reproducible runs)."""
+        obs, _ = self.env.reset(seed=self.seed + self.episodes)
+        self.episodes += 1
+        return self._convert(obs, 0.0, True, False, False)
+
+    def step(self, action: np.ndarray) -> dict[str, Any]:
+        obs, reward, terminated, truncated, _ = self.env.step(self.to_env(action))
+        return self._convert(obs, float(reward), False, terminated or truncated, terminated)
+
+    def to_env(self, action: np.ndarray) -> Any:
+        action = np.asarray(action, dtype=np.float32)
+        if self.act_space.discrete:
+            return int(action.argmax())
+        low, high = self._act.low, self._act.high
+        return (low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (high - low)).astype(self._act.dtype)
+
+    def random_action(self, rng: np.random.Generator) -> np.ndarray:
+        if self.act_space.discrete:
+            return np.eye(self.act_space.dim, dtype=np.float32)[rng.integers(self.act_space.dim)]
+        return rng.uniform(-1.0, 1.0, self.act_space.dim).astype(np.float32)
+
+    def render(self) -> np.ndarray | None:
+        """A frame for videos: the simulator's scene view, or the env's rgb_array render."""
+        if self.sim:
+            return self.env.unwrapped.robot.render_frame(256, 256)
+        if not self.render_enabled:
+            return None
+        try:
+            return self.env.render()
+        except gym.error.DependencyNotInstalled as exc:
+            warnings.warn(f"{self.id}: no episode videos ({exc})", stacklevel=2)
+            self.render_enabled = False
+            return None
+
+    def close(self) -> None:
+        self.env.close()

@@ -1,0 +1,246 @@
+"""Training in one process: step an environment, fill replay, update Dreamer at the train ratio.
+
+The train ratio counts replayed steps per *policy* step (batch x length per update), so one
+update happens every batch*length/train_ratio environment steps. A run directory holds the
+resolved config, metrics (JSONL + TensorBoard), videos, a learning curve, the replay store and
+checkpoints; running the same command again resumes from the newest complete checkpoint.
+Checkpoints are taken at episode boundaries, so a resumed run continues exactly as an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.config import Config, write_resolved
+from learner.dreamer.agent import Dreamer, resolve_device
+from learner.dreamer.policy import Policy, export_policy
+from learner.envs import Env
+from learner.metrics import Mean, MetricsLogger
+from learner.openloop import write_openloop
+from learner.plots import plot_learning_curve
+from learner.replay import Replay
+from learner.video import side_by_side, write_video
+
+STREAM = "0"
+EVAL_SEED_OFFSET = 1_000_000
+
+
+@dataclasses.dataclass
+class Counters:
+    env_steps: int = 0
+    episodes: int = 0
+    train_credit: float = 0.0
+    eval_rounds: int = 0
+    last_log: int = 0
+    last_eval: int = 0
+    last_checkpoint: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: Config, logdir: str | Path, env: str | None = None, progress: bool = True) -> None:
+        self.cfg, self.logdir, self.env_override, self.progress = cfg, Path(logdir), env, progress
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        write_resolved(cfg, self.logdir)
+        dcfg = cfg.dreamer
+        if dcfg.threads:
+            torch.set_num_threads(dcfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.env = Env(cfg, env, seed=cfg.seed)
+        self.agent = Dreamer(dcfg, self.env.obs_space, self.env.act_space, resolve_device(dcfg.device))
+        self.policy = Policy.from_model(self.agent.model)
+        self.replay = Replay.from_config(self.logdir / "replay", cfg.replay, seed=cfg.seed)
+        self.logger = MetricsLogger(self.logdir)
+        self.counters = Counters()
+        self.train_stats = Mean()
+        self.episode_returns: list[float] = []
+        self.random_returns: list[float] = []
+        self._resume()
+
+    # --- checkpoints
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.logdir / "checkpoints")
+        if path is None:
+            return
+        parts, meta = load_checkpoint(path)
+        self.agent.load_state_dict({"model": parts["model"], "optimizer": parts["optimizer"],
+                                    "updates": meta["updates"]})
+        self.counters = Counters(**meta["counters"])
+        self.env.episodes = self.counters.episodes
+        self.replay.load(meta["replay"])
+        self.rng.bit_generator.state = meta["numpy_rng"]
+        torch.set_rng_state(parts["rng"]["torch"])
+        self.random_returns = list(meta.get("random_returns", []))
+        tqdm.write(f"resumed from {path} at {self.counters.env_steps} env steps, {self.agent.updates} updates")
+
+    def save(self) -> Path:
+        self.replay.flush()
+        parts = {"model": self.agent.model.state_dict(), "optimizer": self.agent.optimizer.state_dict(),
+                 "rng": {"torch": torch.get_rng_state()}}
+        meta = {"counters": dataclasses.asdict(self.counters), "updates": self.agent.updates,
+                "replay": self.replay.save(), "numpy_rng": self.rng.bit_generator.state,
+                "random_returns": self.random_returns, "config": self.cfg.to_dict()}
+        path = save_checkpoint(self.logdir / "checkpoints", self.counters.env_steps, parts, meta)
+        self.export_policy()
+        return path
+
+    def export_policy(self) -> Path:
+        target = self.logdir / "policy.safetensors"
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(export_policy(self.agent.model, self.agent.updates))
+        tmp.replace(target)
+        return target
+
+    # --- the loop
+    def run(self) -> dict[str, Any]:
+        cfg, c = self.cfg.train, self.counters
+        batch_steps = cfg.batch_size * cfg.batch_length
+        obs = self.env.reset()
+        episode_return, start = 0.0, time.time()
+        bar = tqdm(total=cfg.steps, initial=c.env_steps, disable=not self.progress, unit="step", dynamic_ncols=True)
+        updates_at_start, t_start = self.agent.updates, time.time()
+        try:
+            while c.env_steps < cfg.steps:
+                if obs["is_first"] and c.env_steps:
+                    self._periodic(at_boundary=True)  # evaluate and checkpoint between episodes
+                prefill = c.env_steps < cfg.prefill
+                if prefill:
+                    action = self.env.random_action(self.rng)
+                else:
+                    self.policy.act(obs, mode="sample")
+                    action = self.policy.last_action[0]
+                self.replay.add({**obs, "action": action}, STREAM, task=self.env.id,
+                                policy_version=self.agent.updates)
+                episode_return += float(obs["reward"])
+                c.env_steps += 1
+                bar.update(1)
+                if obs["is_last"]:
+                    self._episode_done(episode_return, prefill)
+                    episode_return = 0.0
+                    obs = self.env.reset()
+                else:
+                    obs = self.env.step(action)
+                if not prefill or c.env_steps == cfg.prefill:
+                    self._train(batch_steps)
+                self._periodic(at_boundary=False)
+                if c.env_steps % 50 == 0:
+                    rate = (self.agent.updates - updates_at_start) / max(1e-9, time.time() - t_start)
+                    last = self.episode_returns[-1] if self.episode_returns else float("nan")
+                    bar.set_postfix(updates=self.agent.updates, upd_s=f"{rate:.2f}", ret=f"{last:.2f}")
+        except KeyboardInterrupt:
+            tqdm.write("interrupted: saving a checkpoint and the replay")
+        finally:
+            bar.close()
+            self.save()
+        summary = self.finish(time.time() - start)
+        return summary
+
+    def _episode_done(self, episode_return: float, prefill: bool) -> None:
+        c = self.counters
+        c.episodes += 1
+        (self.random_returns if prefill else self.episode_returns).append(episode_return)
+        self.train_stats.add({"train/return": episode_return})
+
+    def _train(self, batch_steps: int) -> None:
+        cfg, c = self.cfg.train, self.counters
+        if len(self.replay) < cfg.batch_length:
+            return
+        c.train_credit += cfg.train_ratio / batch_steps
+        while c.train_credit >= 1.0:
+            c.train_credit -= 1.0
+            batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
+            metrics, context = self.agent.train(batch)
+            if self.cfg.dreamer.replay_context:
+                self.replay.write_context(batch["ids"], {k: v.cpu().numpy() for k, v in context.items()})
+            self.train_stats.add(metrics)
+
+    def _periodic(self, at_boundary: bool) -> None:
+        cfg, c = self.cfg.train, self.counters
+        if not at_boundary and c.env_steps - c.last_log >= cfg.log_every:
+            c.last_log = c.env_steps
+            self._log()
+        if at_boundary and cfg.eval_every and c.env_steps - c.last_eval >= cfg.eval_every:
+            c.last_eval = c.env_steps
+            self.evaluate()
+        if at_boundary and c.env_steps - c.last_checkpoint >= cfg.checkpoint_every:
+            c.last_checkpoint = c.env_steps
+            self.save()
+
+    def _log(self) -> None:
+        row = self.train_stats.result()
+        row.update({"env_steps": self.counters.env_steps, "updates": self.agent.updates,
+                    "episodes": self.counters.episodes, "replay_steps": len(self.replay)})
+        self.logger.log(self.counters.env_steps, row)
+
+    # --- evaluation
+    def evaluate(self) -> float:
+        c = self.counters
+        c.eval_rounds += 1
+        video = self.cfg.train.video_every and c.eval_rounds % self.cfg.train.video_every == 0
+        env = Env(self.cfg, self.env_override, seed=self.cfg.seed + EVAL_SEED_OFFSET + c.eval_rounds * 100,
+                  render=bool(video))
+        policy = Policy.from_model(self.agent.model)
+        returns, frames = [], []
+        for episode in range(self.cfg.train.eval_episodes):
+            obs, total = env.reset(), 0.0
+            policy.reset()
+            while True:
+                policy.act(obs, mode="mode")
+                if video and episode == 0:
+                    frame = env.render()
+                    if frame is not None:
+                        image = next((obs[k] for k in self.agent.model.keys.images), None)
+                        frames.append(side_by_side(frame, image))
+                total += float(obs["reward"])
+                if obs["is_last"]:
+                    break
+                obs = env.step(policy.last_action[0])
+            returns.append(total)
+        env.close()
+        videos = self.logdir / "videos"
+        if frames:
+            write_video(videos / f"eval_{c.env_steps:09d}.mp4", np.stack(frames), fps=self.cfg.control.hz)
+        if video and self.agent.model.keys.images and len(self.replay) >= self.cfg.train.batch_length:
+            write_openloop(self.agent, self.replay, videos / f"openloop_{c.env_steps:09d}.mp4",
+                           fps=self.cfg.control.hz)
+        mean = float(np.mean(returns))
+        row = {"eval/return": mean, "eval/return_min": float(np.min(returns)),
+               "eval/return_max": float(np.max(returns))}
+        if self.random_returns:
+            row["random/return"] = float(np.mean(self.random_returns))
+        self.logger.log(c.env_steps, row)
+        self._plot()
+        tqdm.write(f"eval at {c.env_steps} steps: return {mean:.3f} over {len(returns)} episodes")
+        return mean
+
+    def _plot(self) -> None:
+        baseline = {"random policy": float(np.mean(self.random_returns))} if self.random_returns else None
+        plot_learning_curve(self.logdir / "metrics.jsonl", self.logdir / "learning_curve.png",
+                            keys=("train/return", "eval/return"), baseline=baseline)
+
+    def finish(self, seconds: float) -> dict[str, Any]:
+        self._log()
+        final_eval = self.evaluate() if self.cfg.train.eval_every else None
+        summary = {"env_steps": self.counters.env_steps, "updates": self.agent.updates,
+                   "episodes": self.counters.episodes, "seconds": round(seconds, 1),
+                   "final_eval_return": final_eval,
+                   "random_return": float(np.mean(self.random_returns)) if self.random_returns else None,
+                   "train_return_last10": float(np.mean(self.episode_returns[-10:])) if self.episode_returns else None}
+        (self.logdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.close()
+        return summary
+
+    def close(self) -> None:
+        self.replay.close()
+        self.logger.close()
+        self.env.close()

@@ -81,8 +81,8 @@ class Dreamer:
         b = batch["action"].shape[0]
         state = self.initial_context(b)
         valid = batch.get("context/valid")
-        if not self.cfg.replay_context or valid is None:
-            return state
+        if not self.cfg.replay_context or valid is None or "context/deter" not in batch:
+            return state  # nothing written back yet (first updates) or the 2023 recipe
         mask = torch.as_tensor(valid, device=self.device).float()
         for key in CONTEXT_KEYS:
             stored = torch.as_tensor(batch[f"context/{key}"], device=self.device).float()

@@ -1,22 +1,22 @@
 """The policy a robot runs: encoder + recurrent state + actor, built from a weights blob alone.
 
-It imports no optimiser, replay or loss code, so it stays light on a robot's CPU. The blob is a
-safetensors file (bytes) whose header metadata holds the Dreamer config, the observation and
-action spaces and the weights version, so nothing else is needed to rebuild the network.
+It imports no optimiser, replay or loss code, so it stays light on a robot's CPU. The blob is the
+project's weights format (`learner.checkpoint.weights_to_bytes`: safetensors, metadata in the
+header) holding the Dreamer config, the observation and action spaces and the weights version,
+so nothing else is needed to rebuild the network.
 The trainer acts through the same class, sharing its live modules (`Policy.from_model`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from learner.checkpoint import weights_from_bytes, weights_to_bytes
 from learner.config_agent import DreamerConfig
 from learner.dreamer.actor import Actor
 from learner.dreamer.codec import Encoder
@@ -67,8 +67,9 @@ class Policy:
 
     @classmethod
     def from_weights(cls, blob: bytes, device: str | torch.device = "cpu") -> Policy:
-        tensors = safetensors.torch.load(blob)
-        meta = read_meta(blob)
+        tensors, meta = weights_from_bytes(blob)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"not a Reverie policy blob (format {meta.get('format')!r}, expected {FORMAT!r})")
         cfg = DreamerConfig.model_validate(meta["dreamer"])
         space = {k: (tuple(shape), dtype) for k, (shape, dtype) in meta["obs_space"].items()}
         act = ActSpace(**meta["act_space"])
@@ -123,18 +124,8 @@ class Policy:
 
 
 # --- the weights blob
-def read_meta(blob: bytes) -> dict:
-    """The metadata of a policy blob, without building the network."""
-    n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8 : 8 + n])
-    meta = header.get("__metadata__", {})
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"not a Reverie policy blob (format {meta.get('format')!r}, expected {FORMAT!r})")
-    return {k: json.loads(v) for k, v in meta.items() if k != "format"}
-
-
 def export_policy(model: nn.Module, version: int) -> bytes:
-    """The acting subset of a trainer's `DreamerModel` as a self-describing safetensors blob."""
+    """The acting subset of a trainer's `DreamerModel` as a self-describing weights blob."""
     state = model.state_dict()
     tensors = {}
     for short, prefix in PREFIXES.items():
@@ -143,9 +134,9 @@ def export_policy(model: nn.Module, version: int) -> bytes:
                 tensors[short + "." + key[len(prefix):]] = value.detach().float().cpu().contiguous()
     meta = {
         "format": FORMAT,
-        "dreamer": json.dumps(model.cfg.model_dump(mode="json")),
-        "obs_space": json.dumps({k: [list(s), d] for k, (s, d) in model.space.items()}),
-        "act_space": json.dumps(model.act_space.to_dict()),
-        "version": json.dumps(int(version)),
+        "dreamer": model.cfg.model_dump(mode="json"),
+        "obs_space": {k: [list(s), d] for k, (s, d) in model.space.items()},
+        "act_space": model.act_space.to_dict(),
+        "version": int(version),
     }
-    return safetensors.torch.save(tensors, metadata=meta)
+    return weights_to_bytes(tensors, meta)

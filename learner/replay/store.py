@@ -1,0 +1,618 @@
+"""The disk-backed replay store: steps arrive per stream, land in fixed-length chunks that are written
+to disk when full, and the newest `ram_steps` steps stay in memory to be sampled as sequences.
+
+Memory layout: one preallocated "slab" array per step key, `slots x slot_size` rows; every chunk in
+RAM owns one slot, so adding a step is one row write per key and sampling is one fancy-indexing
+gather per key. A *run* is a stream's chain of contiguous chunks in RAM (linked by the previous-chunk
+uuid, so a run continues across chunk boundaries and across reloads); positions count steps along a
+run. Step ids handed out by `sample` are `chunk seq * slot_size + row`: unique for the life of the
+process, so `write_context` can tell a step that left RAM from the step that reuses its slot.
+
+Not thread-safe: one writer (the learner) owns a store directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time as _time
+import warnings
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from learner.replay.chunk import (
+    NAME_RE,
+    TIME,
+    VERSION,
+    ChunkError,
+    ChunkMeta,
+    DiskWorker,
+    EpisodeTracker,
+    StepSpec,
+    catalogue,
+    entry_for,
+    read_chunk,
+    remove_temp_files,
+    write_chunk,
+    write_index,
+)
+from learner.replay.selectors import OnlineQueue, StartTable, Window, recent_ranks, start_table, uniform_ranks
+
+if TYPE_CHECKING:
+    from learner.config_agent import ReplayConfig
+
+log = logging.getLogger(__name__)
+STATE_FORMAT = 1
+
+
+@dataclass(eq=False)
+class _Chunk:
+    meta: ChunkMeta
+    slot: int
+    run: _Run
+    start: int  # run position of the first step
+    sealed: bool  # full (or cut) and written: it will not change again
+    dirty: bool = False  # holds steps not yet in its file
+
+
+@dataclass(eq=False)
+class _Run:
+    """Contiguous chunks of one stream in RAM, oldest first."""
+
+    stream: str
+    fresh: int = 0  # first position not yet cut into online windows
+    chunks: deque[_Chunk] = field(default_factory=deque)
+    _arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def lo(self) -> int:
+        return self.chunks[0].start if self.chunks else 0
+
+    @property
+    def end(self) -> int:
+        return self.chunks[-1].start + self.chunks[-1].meta.length if self.chunks else 0
+
+    def holds(self, start: int, length: int) -> bool:
+        return bool(self.chunks) and start >= self.lo and start + length <= self.end
+
+    def changed(self) -> None:
+        self._arrays = None
+
+    def locate(self, positions: np.ndarray, slot_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(slab row, step id, chunk index in this run) of run positions (all inside the run)."""
+        if self._arrays is None:
+            self._arrays = (
+                np.array([c.start for c in self.chunks], np.int64),
+                np.array([c.slot for c in self.chunks], np.int64),
+                np.array([c.meta.seq for c in self.chunks], np.int64),
+            )
+        starts, slots, seqs = self._arrays
+        k = np.searchsorted(starts, positions, side="right") - 1
+        offset = positions - starts[k]
+        return slots[k] * slot_size + offset, seqs[k] * slot_size + offset, k
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class Replay:
+    """Chunked, disk-backed replay with online queue, recency sampling and replay context (2024 recipe)."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        chunk_length: int = 1024,
+        compress: bool = False,
+        ram_steps: int = 1_000_000,
+        disk_steps: int | None = None,
+        online: bool = True,
+        recency: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if chunk_length < 1 or ram_steps < 1 or (disk_steps is not None and disk_steps < 1):
+            raise ValueError("replay: chunk_length, ram_steps and disk_steps must be >= 1")
+        if not 0.0 <= recency <= 1.0:
+            raise ValueError(f"replay: recency must be in [0, 1], got {recency}")
+        self.directory = Path(directory)
+        self.chunk_length = chunk_length
+        self.compress = compress
+        self.ram_steps = ram_steps
+        self.disk_steps = disk_steps
+        self.online = online
+        self.recency = recency
+        self._rng = np.random.default_rng(seed)
+        self._queue = OnlineQueue()
+        self._closed = False
+        self._spec: StepSpec | None = None
+        self._slot_size = chunk_length
+        self._data: dict[str, np.ndarray] = {}  # slab: key -> (slots * slot_size, *shape)
+        self._ctx: dict[str, np.ndarray] = {}  # replay-context latents, same rows as the slab
+        self._ctx_ok = np.zeros(0, bool)
+        self._slot_len = np.zeros(0, np.int64)
+        self._cap = self._used = 0
+        self._free: list[int] = []
+        self._chunks: dict[int, _Chunk] = {}  # seq -> chunk in RAM, oldest first
+        self._open: dict[str, _Chunk] = {}  # stream -> chunk still being filled
+        self._tail: dict[str, _Run] = {}  # stream -> run new steps continue
+        self._last_uuid: dict[str, str] = {}  # stream -> uuid of its newest chunk (in RAM or not)
+        self._ram = 0
+        self._table: tuple[list[_Chunk], np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._evicted = False
+        self._worker = DiskWorker()
+        self._trackers: dict[str, EpisodeTracker] = {}
+        self._steps: dict[str, int] = {}
+        self._tasks: dict[str, str] = {}
+        self._open_dir()
+
+    @classmethod
+    def from_config(cls, directory: str | Path, cfg: ReplayConfig, seed: int = 0) -> Replay:
+        return cls(
+            directory,
+            chunk_length=cfg.chunk_length,
+            compress=cfg.compress,
+            ram_steps=cfg.ram_steps,
+            disk_steps=cfg.disk_steps,
+            online=cfg.online,
+            recency=cfg.recency,
+            seed=seed,
+        )
+
+    # --- opening an existing directory ------------------------------------------------------------
+
+    def _open_dir(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(self.directory)
+        entries, changed = catalogue(self.directory)
+        self._disk: dict[str, dict[str, Any]] = {e["file"]: e for e in entries}
+        seqs = [int(m.group(1)) for p in self.directory.iterdir() if (m := NAME_RE.match(p.name))]
+        self._seq = max(seqs, default=-1) + 1
+        for e in entries:
+            self._last_uuid[e["stream"]] = e["uuid"]
+        changed |= self._enforce_disk_cap()
+        chosen, total = [], 0
+        for e in reversed(list(self._disk.values())):
+            if total + e["length"] > self.ram_steps:
+                break
+            if e["length"] > 0:
+                chosen.append(e)
+                total += e["length"]
+        chosen.reverse()
+        self._slot_size = max([self.chunk_length, *(e["length"] for e in chosen)])
+        for e in chosen:
+            self._load_chunk(self.directory / e["file"])
+        for run in self._tail.values():
+            run.fresh = run.end  # what was on disk counts as seen by the online queue
+        if changed:
+            write_index(self.directory, self._disk.values())
+
+    def _load_chunk(self, path: Path) -> None:
+        try:
+            meta, steps, times, versions = read_chunk(path)
+            try:
+                spec = StepSpec.from_arrays(steps, f"chunk file {path.name}")
+            except ValueError as exc:
+                raise ChunkError(str(exc)) from exc
+            if self._spec is not None and (why := self._spec.mismatch(spec)):
+                raise ChunkError(f"{path.name}: {why} (the store's layout is fixed by {self._spec.origin})")
+            if meta.length > self._slot_size:
+                raise ChunkError(f"{path.name}: {meta.length} steps, more than a slot holds")
+        except ChunkError as exc:
+            warnings.warn(f"replay: skipping chunk file {path}: {exc}", stacklevel=3)
+            return
+        if self._spec is None:
+            self._spec = spec
+            self._allocate()
+        chunk = _Chunk(meta=meta, slot=self._take_slot(), run=_Run(meta.stream), start=0, sealed=True)
+        rows = slice(chunk.slot * self._slot_size, chunk.slot * self._slot_size + meta.length)
+        for key, value in steps.items():
+            self._data[key][rows] = value
+        self._data[TIME][rows] = times
+        self._data[VERSION][rows] = versions
+        self._slot_len[chunk.slot] = meta.length
+        continued = self._attach(chunk)
+        tracker = self._tracker(meta.stream, meta.task)
+        if not continued:
+            tracker.reset()
+        tracker.extend(steps["reward"], steps["is_first"], steps["is_last"])
+        self._steps[meta.stream] += meta.length
+        self._ram += meta.length
+
+    # --- memory -------------------------------------------------------------------------------------
+
+    def _allocate(self) -> None:
+        assert self._spec is not None
+        columns = {key: spec for key, spec in self._spec.fields.items()}
+        columns[TIME] = ((), np.dtype(np.float64))
+        columns[VERSION] = ((), np.dtype(np.int64))
+        self._data = {key: np.zeros((0, *shape), dtype) for key, (shape, dtype) in columns.items()}
+        # Reserve what ram_steps needs at once (np.zeros is backed by memory only where written) unless
+        # that is a large share of physical memory; then grow geometrically as data arrives.
+        row_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in columns.values())
+        hint = self._slots_hint()
+        self._grow(hint if hint * self._slot_size * row_bytes <= _physical_memory() // 4 else min(8, hint))
+
+    def _slots_hint(self) -> int:
+        return math.ceil(self.ram_steps / self._slot_size) + 2
+
+    def _grow(self, cap: int) -> None:
+        """Geometric growth (amortised O(1) per step) up to what ram_steps needs; np.zeros leaves
+        untouched rows unbacked by memory."""
+        rows = cap * self._slot_size
+
+        def grown(arr: np.ndarray) -> np.ndarray:
+            new = np.zeros((rows, *arr.shape[1:]), arr.dtype)
+            new[: len(arr)] = arr
+            return new
+
+        self._data = {key: grown(arr) for key, arr in self._data.items()}
+        self._ctx = {key: grown(arr) for key, arr in self._ctx.items()}
+        self._ctx_ok = grown(self._ctx_ok)
+        slot_len = np.zeros(cap, np.int64)
+        slot_len[: self._cap] = self._slot_len
+        self._slot_len, self._cap = slot_len, cap
+
+    def _take_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        if self._used == self._cap:
+            hint = self._slots_hint()
+            self._grow(min(2 * self._cap, hint) if self._cap < hint else self._cap + max(1, self._cap // 2))
+        self._used += 1
+        return self._used - 1
+
+    def _attach(self, chunk: _Chunk) -> bool:
+        """Register a chunk in RAM at the end of its stream's run (or a new run); True if it continues."""
+        stream = chunk.meta.stream
+        run = self._tail.get(stream)
+        continued = run is not None and bool(run.chunks) and run.chunks[-1].meta.uuid == chunk.meta.prev
+        if not continued:
+            run = self._tail[stream] = _Run(stream)
+        assert run is not None
+        chunk.run, chunk.start = run, run.end
+        run.chunks.append(chunk)
+        run.changed()
+        self._chunks[chunk.meta.seq] = chunk
+        self._table = None
+        return continued
+
+    def _evict(self) -> None:
+        """Oldest chunks leave RAM until it holds at most ram_steps steps (a chunk still being filled is
+        written first, so nothing is lost when ram_steps is smaller than the open chunks)."""
+        while self._ram > self.ram_steps:
+            chunk = next(iter(self._chunks.values()))
+            if not chunk.sealed:
+                self._seal(chunk)
+            run = chunk.run
+            assert run.chunks[0] is chunk
+            run.chunks.popleft()
+            run.changed()
+            if not run.chunks and self._tail.get(run.stream) is run:
+                del self._tail[run.stream]
+            del self._chunks[chunk.meta.seq]
+            rows = slice(chunk.slot * self._slot_size, (chunk.slot + 1) * self._slot_size)
+            self._ctx_ok[rows] = False
+            self._slot_len[chunk.slot] = 0
+            self._free.append(chunk.slot)
+            self._ram -= chunk.meta.length
+            self._table = None
+            self._evicted = True
+
+    # --- adding and writing -------------------------------------------------------------------------
+
+    def add(
+        self,
+        step: dict[str, Any],
+        stream: str = "0",
+        *,
+        task: str = "",
+        policy_version: int = 0,
+        time: float | None = None,
+    ) -> None:
+        """Append one step of `stream` (steps of a stream arrive in order; streams may interleave)."""
+        if self._closed:
+            raise RuntimeError(f"replay {self.directory} is closed")
+        stream = str(stream)
+        if self._spec is None:
+            self._spec = StepSpec.from_step(step, stream)
+            self._allocate()
+        values = self._spec.convert(step, stream)
+        chunk = self._open.get(stream)
+        if chunk is not None and chunk.meta.task != task:
+            self._seal(chunk)  # a chunk has one task
+            chunk = None
+        if chunk is None:
+            chunk = self._new_chunk(stream, task)
+        row = chunk.slot * self._slot_size + chunk.meta.length
+        for key, value in values.items():
+            self._data[key][row] = value
+        self._data[TIME][row] = _time.time() if time is None else time
+        self._data[VERSION][row] = policy_version
+        chunk.meta.length += 1
+        chunk.dirty = True
+        self._slot_len[chunk.slot] += 1
+        self._ram += 1
+        self._tracker(stream, task).step(float(values["reward"]), bool(values["is_first"]), bool(values["is_last"]))
+        self._steps[stream] += 1
+        if chunk.meta.length >= self.chunk_length:
+            self._seal(chunk)
+        self._evict()
+
+    def _tracker(self, stream: str, task: str) -> EpisodeTracker:
+        self._tasks[stream] = task
+        self._steps.setdefault(stream, 0)
+        return self._trackers.setdefault(stream, EpisodeTracker())
+
+    def _new_chunk(self, stream: str, task: str) -> _Chunk:
+        meta = ChunkMeta.create(stream, task, self._seq, prev=self._last_uuid.get(stream, ""))
+        self._seq += 1
+        self._last_uuid[stream] = meta.uuid
+        chunk = _Chunk(meta=meta, slot=self._take_slot(), run=_Run(stream), start=0, sealed=False)
+        self._attach(chunk)
+        self._open[stream] = chunk
+        return chunk
+
+    def _write(self, chunk: _Chunk) -> None:
+        """Hand a copy of the chunk's rows to the disk worker (the slot may be reused before it is done).
+        The index entry gets its file size and mtime at the next flush, once the write is complete."""
+        assert self._spec is not None
+        base = chunk.slot * self._slot_size
+        rows = slice(base, base + chunk.meta.length)
+        steps = {key: self._data[key][rows].copy() for key in self._spec.fields}
+        times, versions = self._data[TIME][rows].copy(), self._data[VERSION][rows].copy()
+        meta = replace(chunk.meta)
+        path = self.directory / meta.name
+        self._worker.submit(lambda: write_chunk(path, meta, steps, times, versions, self.compress))
+        self._disk[path.name] = {"file": path.name, **asdict(meta), "size": None, "mtime_ns": None}
+        chunk.dirty = False
+
+    def _seal(self, chunk: _Chunk) -> None:
+        self._write(chunk)
+        chunk.sealed = True
+        del self._open[chunk.meta.stream]
+        self._enforce_disk_cap()
+
+    def _enforce_disk_cap(self) -> bool:
+        """Delete the oldest chunk files beyond disk_steps (never a chunk still being filled)."""
+        if self.disk_steps is None:
+            return False
+        total = sum(e["length"] for e in self._disk.values())
+        open_names = {c.meta.name for c in self._open.values()}
+        deleted = []
+        for name, entry in list(self._disk.items()):
+            if total <= self.disk_steps:
+                break
+            if name in open_names:
+                continue
+            self._worker.submit(partial((self.directory / name).unlink, missing_ok=True))  # after its write
+            del self._disk[name]
+            total -= entry["length"]
+            deleted.append(name)
+        if deleted:
+            log.info(
+                "replay %s: disk cap of %d steps reached, deleted %d oldest chunk file(s): %s",
+                self.directory,
+                self.disk_steps,
+                len(deleted),
+                ", ".join(deleted),
+            )
+        return bool(deleted)
+
+    def flush(self) -> None:
+        """Write every partially filled chunk now (it stays open; later steps rewrite the same file)."""
+        for chunk in list(self._open.values()):
+            if chunk.dirty and chunk.meta.length > 0:
+                self._write(chunk)
+        self._enforce_disk_cap()
+        self._worker.wait()
+        for name, entry in list(self._disk.items()):
+            if entry["size"] is None:
+                try:
+                    self._disk[name] = entry_for(self.directory / name, ChunkMeta.from_dict(entry))
+                except FileNotFoundError:  # removed behind our back
+                    del self._disk[name]
+        write_index(self.directory, self._disk.values())
+
+    def close(self) -> None:
+        """Flush, and stop the disk worker. Data not flushed or closed is lost if the process dies."""
+        if not self._closed:
+            self.flush()
+            self._worker.close()
+            self._closed = True
+
+    def __enter__(self) -> Replay:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self._ram
+
+    # --- sampling -----------------------------------------------------------------------------------
+
+    def _start_table(self, length: int) -> tuple[list[_Chunk], StartTable]:
+        if self._table is None:
+            chunks = list(self._chunks.values())
+            run_ids: dict[int, int] = {}
+            runs = np.array([run_ids.setdefault(id(c.run), len(run_ids)) for c in chunks], np.int64)
+            starts = np.array([c.start for c in chunks], np.int64)
+            slots = np.array([c.slot for c in chunks], np.int64)
+            self._table = (chunks, starts, slots, runs)
+        chunks, starts, slots, runs = self._table
+        return chunks, start_table(starts, self._slot_len[slots], runs, length)
+
+    def sample(self, batch: int, length: int) -> dict[str, np.ndarray]:
+        """`batch` sequences of `length` consecutive steps of one stream each: step keys shaped
+        (batch, length, ...), `ids` (batch, length) for write_context, and the replay context of the
+        step before each sequence (`context/<key>` (batch, ...), `context/valid` (batch,))."""
+        if batch < 1 or length < 1:
+            raise ValueError(f"replay.sample: batch and length must be >= 1, got {batch} and {length}")
+        chunks, table = self._start_table(length)
+        if table.total == 0:
+            longest = max((r.end - r.lo for r in {id(c.run): c.run for c in chunks}.values()), default=0)
+            raise ValueError(
+                f"replay {self.directory}: no sequence of {length} contiguous steps yet "
+                f"({self._ram} steps in RAM, longest contiguous stream stretch {longest})"
+            )
+        picks: list[tuple[_Run, int]] = []
+        if self.online:
+            if self._evicted:
+                self._queue.prune()
+                self._evicted = False
+            self._queue.refill(list(self._tail.values()), length)
+            while len(picks) < batch and (window := self._queue.pop(length)) is not None:
+                picks.append((window.run, window.start))
+        rest = batch - len(picks)
+        if rest:
+            ranks = uniform_ranks(self._rng, table.total, rest)
+            if self.recency > 0:
+                recent = self._rng.random(rest) < self.recency
+                ranks = np.where(recent, recent_ranks(self._rng, table.total, rest), ranks)
+            index, positions = table.locate(ranks)
+            picks += [(chunks[i].run, int(p)) for i, p in zip(index, positions)]
+        return self._gather(picks, length)
+
+    def _gather(self, picks: list[tuple[_Run, int]], length: int) -> dict[str, np.ndarray]:
+        assert self._spec is not None
+        n = len(picks)
+        rows = np.empty((n, length + 1), np.int64)  # column 0: the step before the sequence
+        ids = np.empty((n, length), np.int64)
+        has_prev = np.empty(n, bool)
+        offsets = np.arange(-1, length)
+        for b, (run, start) in enumerate(picks):
+            positions = start + offsets
+            has_prev[b] = start > run.lo
+            if not has_prev[b]:
+                positions[0] = start
+            rows[b], step_ids, _ = run.locate(positions, self._slot_size)
+            ids[b] = step_ids[1:]
+        out = {key: self._data[key][rows[:, 1:]] for key in self._spec.fields}
+        out["ids"] = ids
+        prev = rows[:, 0]
+        valid = has_prev & self._ctx_ok[prev] & ~out["is_first"][:, 0]
+        for key, arr in self._ctx.items():
+            context = arr[prev]
+            context[~valid] = 0
+            out[f"context/{key}"] = context
+        out["context/valid"] = valid
+        return out
+
+    # --- replay context -----------------------------------------------------------------------------
+
+    def write_context(self, ids: np.ndarray, latents: dict[str, np.ndarray]) -> None:
+        """Store per-step posterior latents (each (batch, length, ...), matching `ids`) so that later
+        sequences starting right after these steps start from them. Steps that left RAM are skipped."""
+        ids = np.asarray(ids, np.int64)
+        arrays = {key: np.asarray(value) for key, value in latents.items()}
+        for key, value in arrays.items():
+            if value.shape[: ids.ndim] != ids.shape:
+                raise ValueError(f"write_context: latent {key!r} has shape {value.shape}, ids have {ids.shape}")
+        if not self._ctx:
+            if not arrays:
+                raise ValueError("write_context: no latents given")
+            rows = self._cap * self._slot_size
+            self._ctx = {key: np.zeros((rows, *v.shape[ids.ndim :]), v.dtype) for key, v in arrays.items()}
+        if arrays.keys() != self._ctx.keys():
+            raise ValueError(f"write_context: latents {sorted(arrays)} differ from the stored ones {sorted(self._ctx)}")
+        for key, value in arrays.items():
+            if value.shape[ids.ndim :] != self._ctx[key].shape[1:]:
+                raise ValueError(
+                    f"write_context: latent {key!r} has per-step shape {value.shape[ids.ndim :]}, "
+                    f"stored ones have {self._ctx[key].shape[1:]}"
+                )
+        rows, ok = self._rows_of(ids)
+        for key, value in arrays.items():
+            self._ctx[key][rows[ok]] = value[ok]
+        self._ctx_ok[rows[ok]] = True
+
+    def _rows_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Slab rows of step ids, and which ids still name a step in RAM."""
+        seqs, offsets = np.divmod(ids, self._slot_size)
+        unique, inverse = np.unique(seqs, return_inverse=True)
+        chunks = [self._chunks.get(int(s)) for s in unique]
+        slots = np.array([c.slot if c else -1 for c in chunks], np.int64)[inverse.reshape(ids.shape)]
+        lengths = np.array([c.meta.length if c else 0 for c in chunks], np.int64)[inverse.reshape(ids.shape)]
+        ok = (slots >= 0) & (offsets < lengths) & (ids >= 0)
+        return slots * self._slot_size + offsets, ok
+
+    # --- stats and checkpoint state -----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Per stream (steps loaded at open plus added since): task, steps, completed episodes and their
+        returns, steps in RAM; and totals, including what is on disk."""
+        in_ram: dict[str, int] = {}
+        for chunk in self._chunks.values():
+            in_ram[chunk.meta.stream] = in_ram.get(chunk.meta.stream, 0) + chunk.meta.length
+        streams = {
+            s: {
+                "task": self._tasks[s],
+                "steps": self._steps[s],
+                "episodes": len(t.returns),
+                "returns": list(t.returns),
+                "ram_steps": in_ram.get(s, 0),
+            }
+            for s, t in self._trackers.items()
+        }
+        totals = {
+            "streams": len(streams),
+            "steps": sum(v["steps"] for v in streams.values()),
+            "episodes": sum(v["episodes"] for v in streams.values()),
+            "ram_steps": self._ram,
+            "disk_steps": sum(e["length"] for e in self._disk.values()),
+            "disk_chunks": len(self._disk),
+            "online_queue": len(self._queue),
+        }
+        return {"streams": streams, "totals": totals}
+
+    def _ref(self, run: _Run, position: int) -> list[Any]:
+        """A run position as [chunk uuid, row] (stable across a reload)."""
+        _, _, k = run.locate(np.array([min(position, run.end - 1)]), self._slot_size)
+        chunk = run.chunks[int(k[0])]
+        return [chunk.meta.uuid, position - chunk.start]
+
+    def _deref(self, ref: list[Any], by_uuid: dict[str, _Chunk]) -> tuple[_Run, int] | None:
+        chunk = by_uuid.get(ref[0])
+        return (chunk.run, chunk.start + int(ref[1])) if chunk else None
+
+    def save(self) -> dict[str, Any]:
+        """Small JSON-able state for checkpoints (rng, online queue, fresh-data marks). Flushes first, so
+        every step it refers to is on disk."""
+        self.flush()
+        live = [w for w in self._queue.windows if w.run.holds(w.start, w.length)]
+        return {
+            "format": STATE_FORMAT,
+            "rng": self._rng.bit_generator.state,
+            "queue": [[*self._ref(w.run, w.start), w.length] for w in live],
+            "fresh": {s: self._ref(r, max(r.fresh, r.lo)) for s, r in self._tail.items() if r.chunks},
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Restore `save()`'s state (after reopening the directory); references to steps no longer in
+        RAM are dropped."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"replay state: unknown format {state.get('format')!r}")
+        self._rng.bit_generator.state = state["rng"]
+        by_uuid = {c.meta.uuid: c for c in self._chunks.values()}
+        self._queue = OnlineQueue()
+        for uuid, row, length in state["queue"]:
+            found = self._deref([uuid, row], by_uuid)
+            if found and found[0].holds(found[1], length):
+                self._queue.windows.append(Window(found[0], found[1], length))
+        for stream, ref in state["fresh"].items():
+            found = self._deref(ref, by_uuid)
+            if found and self._tail.get(stream) is found[0]:
+                found[0].fresh = found[1]

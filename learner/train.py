@@ -184,6 +184,10 @@ class Trainer:
 
     # --- evaluation
     def evaluate(self) -> float:
+        with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's randomness
+            return self._evaluate()
+
+    def _evaluate(self) -> float:
         c = self.counters
         c.eval_rounds += 1
         video = self.cfg.train.video_every and c.eval_rounds % self.cfg.train.video_every == 0

@@ -16,3 +16,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests run two at a time (xdist) on two cores: one torch thread each avoids oversubscription,
+    # which slows small-matrix work by several times.
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from learner.config_agent import RECIPES, SIZES, DreamerConfig
+from learner.dreamer.actor import Actor
 from learner.dreamer.agent import Dreamer
 from learner.dreamer.behavior import Behavior, ReturnNorm
 from learner.dreamer.dists import (
@@ -29,7 +30,7 @@ from learner.dreamer.dists import (
 from learner.dreamer.layers import ConvEncoder, Norm, cnn_channels
 from learner.dreamer.optim import LaProp, PartsAdam
 from learner.dreamer.policy import Policy, export_policy
-from learner.dreamer.preprocess import ActSpace, preprocess
+from learner.dreamer.preprocess import ActSpace, ObsKeys, preprocess
 from learner.dreamer.rssm import RSSM
 from learner.dreamer.world_model import WorldModel
 
@@ -168,9 +169,7 @@ def test_world_model_kl_scales_follow_recipe():
         torch.testing.assert_close(total.mean().detach(), expected)
 
 
-def _keys(cfg: DreamerConfig, space: dict):
-    from learner.dreamer.preprocess import ObsKeys
-
+def _keys(cfg: DreamerConfig, space: dict) -> ObsKeys:
     return ObsKeys.select(space, cfg.image_keys, cfg.vector_keys)
 
 
@@ -273,8 +272,6 @@ def test_reward_and_critic_predict_exactly_zero_at_init(recipe):
 
 def test_policy_output_layer_scaled_in_2024():
     act = ActSpace(3, True)
-    from learner.dreamer.actor import Actor
-
     torch.manual_seed(0)
     a24 = Actor(make_cfg("2024"), 40, act)
     torch.manual_seed(0)
@@ -707,7 +704,7 @@ def test_acting_and_training_see_identical_encoder_inputs():
             torch.testing.assert_close(inputs[key][0, 0], data[key][0, 0], rtol=0, atol=0)
         torch.testing.assert_close(embed, train_embed, rtol=1e-6, atol=1e-6)
     # preprocess itself is the one transform, whatever the leading axes.
-    image_keys = type(agent.model.keys)(images=("image",), vectors=())
+    image_keys = ObsKeys(images=("image",), vectors=())
     single = preprocess({"image": batch["image"][0, 0]}, image_keys, torch.device("cpu"))
     torch.testing.assert_close(single["image"], image[0, 0], rtol=0, atol=0)
 

@@ -99,8 +99,12 @@ class Behavior(nn.Module):
         weight = torch.cumprod(disc, 0).detach()
         sg_feat = feat.detach()
         value = self.critic(sg_feat).mean()
-        if cfg.critic_bootstrap == "fast":
-            boot = value
+        if cfg.critic_bootstrap == "fast" and self.uses_dynamics_grad():
+            # Critic weights as constants: dynamics gradients pass through, the critic is not trained.
+            weights = {k: v.detach() for k, v in self.critic.named_parameters()}
+            boot = torch.func.functional_call(self.critic, weights, (feat,)).mean()
+        elif cfg.critic_bootstrap == "fast":
+            boot = value.detach()
         else:  # the slow critic has no trainable parameters, so dynamics gradients may pass through it
             boot = self.slow_critic(feat if self.uses_dynamics_grad() else sg_feat).mean()
         ret = lambda_return(reward, disc, boot, cfg.lam)

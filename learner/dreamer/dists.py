@@ -12,7 +12,8 @@ def symlog(x: Tensor) -> Tensor:
 
 
 def symexp(x: Tensor) -> Tensor:
-    return torch.sign(x) * torch.expm1(torch.abs(x))
+    # Written per side so the slope at 0 is 1 (sign(x) * expm1(|x|) has zero gradient there).
+    return torch.where(x >= 0, torch.expm1(x.clamp(min=0)), -torch.expm1((-x).clamp(min=0)))
 
 
 def make_bins(kind: str, num: int, limit: float) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -229,6 +230,21 @@ class Config(Block):
         return self.model_dump(mode="json", exclude=unused)
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads `3e-4` as a number (YAML 1.1 wants a dot: `3.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_scalar(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """`["control.hz=10", ...]` -> `{"control.hz": 10}`; values are parsed as YAML scalars/lists."""
     out: dict[str, Any] = {}
@@ -240,7 +256,7 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError([f"{item!r}: expected KEY.PATH=VALUE, for example control.hz=10"], "--set")
         try:
-            out[key] = yaml.safe_load(text) if text.strip() else None
+            out[key] = _yaml_scalar(text) if text.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError([f"{key}: value {text!r} is not valid YAML ({exc})"], "--set") from None
     return out
@@ -263,7 +279,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"file not found (looked for {path.resolve()})"], str(path))
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -166,3 +166,9 @@ def test_configuration_reference_is_current() -> None:
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert doc.read_text() == render(), "run: python -m learner.config_doc > docs/configuration.md"
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    # YAML 1.1 reads 3e-4 as a string; learning rates are written that way all the time.
+    cfg = load_config(_write(tmp_path, "name: r\ntask: arm_reach\ndreamer: {lr: 3e-4}\n"), ["dreamer.ac_lr=1e-4"])
+    assert cfg.dreamer.lr == 3e-4 and cfg.dreamer.ac_lr == 1e-4

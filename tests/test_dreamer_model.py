@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dreamer_helpers import FLAG_SPACE, make_cfg
 
-from learner.config_agent import DreamerConfig
 from learner.dreamer.agent import Dreamer
 from learner.dreamer.optim import LaProp
 from learner.dreamer.policy import Policy, export_policy
@@ -26,30 +26,11 @@ from learner.dreamer.preprocess import ActSpace
 
 REPO = Path(__file__).resolve().parents[1]
 
-FLAG_SPACE = {
-    "reward": ((), "float32"),
-    "is_first": ((), "bool"),
-    "is_last": ((), "bool"),
-    "is_terminal": ((), "bool"),
-}
 SPACES = {
     "image": {"image": ((16, 16, 3), "uint8"), **FLAG_SPACE},
     "vector": {"pos": ((5,), "float32"), "speed": ((), "float32"), **FLAG_SPACE},
     "mixed": {"image": ((32, 16, 3), "uint8"), "pos": ((5,), "float32"), "speed": ((), "float32"), **FLAG_SPACE},
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread; OpenMP workers spinning on a busy 2-core box cost ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_cfg(recipe: str = "2024", **over) -> DreamerConfig:
-    return DreamerConfig.model_validate({"size": "tiny", "device": "cpu", "recipe": recipe, "imag_horizon": 3, **over})
 
 
 def make_act(discrete: bool) -> ActSpace:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dreamer_helpers import FLAG_SPACE, make_cfg
 
 from learner.config_agent import RECIPES, SIZES, DreamerConfig
 from learner.dreamer.actor import Actor
@@ -33,26 +34,6 @@ from learner.dreamer.policy import Policy, export_policy
 from learner.dreamer.preprocess import ActSpace, ObsKeys, preprocess
 from learner.dreamer.rssm import RSSM
 from learner.dreamer.world_model import WorldModel
-
-FLAG_SPACE = {
-    "reward": ((), "float32"),
-    "is_first": ((), "bool"),
-    "is_last": ((), "bool"),
-    "is_terminal": ((), "bool"),
-}
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread; OpenMP workers spinning on a busy 2-core box cost ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_cfg(recipe: str = "2024", **over) -> DreamerConfig:
-    return DreamerConfig.model_validate({"size": "tiny", "device": "cpu", "recipe": recipe, "imag_horizon": 3, **over})
 
 
 def mixed_space(h: int = 16) -> dict:

@@ -11,9 +11,11 @@ presets size1m and size12m, 2024 recipe, 64x64 pixels, 16x64 batches, a 6-D cont
 at the same dimensions. That port measured 10.9 s/update from 64x64 pixels and 8.5 s/update from
 a 24-D vector on the 2-core reference machine; the target is at least 2x faster.
 
-    python bench/learner_throughput.py                        # size1m + size12m, eager and compiled
+    python bench/learner_throughput.py          # size1m + size12m (eager on CPU, eager + compiled on CUDA)
     python bench/learner_throughput.py --port-defaults --obs pixels vector --no-compile
     python bench/learner_throughput.py --preset size1m --deter 1024 --units 128 --json
+
+Timings are only valid on an otherwise idle machine: see `others_cpu_share` and `--wait-idle`.
 """
 
 from __future__ import annotations
@@ -315,7 +317,7 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
         for recipe in recipes:
             groups.append((f"port-defaults/{recipe}", "size1m", recipe, {**PORT_DIMS, **overrides},
                            "port" if recipe == PORT_RECIPE else None))
-    modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
+    modes = {"both": [False, True], "on": [True], "off": [False], "auto": [False]}[args.compile]
     cases = []
     for name, preset, recipe, dims, target in groups:
         for obs in args.obs:
@@ -381,7 +383,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description="Learner throughput: s/update, peak memory and act() latency of Dreamer.",
+        epilog="Prints one JSON document (with --json nothing else).")
     parser.add_argument("--preset", action="append", help="size preset (repeatable); default size1m and size12m")
     parser.add_argument("--recipe", choices=("2024", "2023"), default=None,
                         help="architecture recipe (default 2024; --port-defaults: 2023 and 2024)")

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from learner.config import Config, ConfigError, config_from_dict, load_config, parse_overrides
+from learner.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, parse_overrides
 from learner.envs import GYM_PREFIX, EnvError
 
 
@@ -24,12 +24,7 @@ def _config(args: argparse.Namespace) -> Config:
     gym_id = args.env.removeprefix(GYM_PREFIX)
     raw: dict = {"name": gym_id.replace("/", "_"), "backend": "gym", "gym_id": gym_id}
     overrides = parse_overrides(args.set)
-    for key, value in overrides.items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    apply_overrides(raw, overrides)
     return config_from_dict(raw, f"--env {args.env}", overrides)
 
 

@@ -262,7 +262,8 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Set dotted keys in plain config data, creating blocks as needed."""
     for key, value in overrides.items():
         node = raw
         parts = key.split(".")
@@ -306,7 +307,7 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
     path = Path(path)
     raw = _read_yaml(path)
     parsed = parse_overrides(overrides)
-    _apply_overrides(raw, parsed)
+    apply_overrides(raw, parsed)
     return config_from_dict(raw, str(path), parsed)
 
 

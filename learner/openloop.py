@@ -13,6 +13,7 @@ from learner.replay import Replay
 from learner.video import openloop_grid, write_video
 
 CONTEXT = 5
+LENGTH = 50  # 5 seen, 45 imagined
 
 
 @torch.no_grad()
@@ -39,11 +40,8 @@ def openloop(agent: Dreamer, batch: dict, context: int = CONTEXT) -> tuple[np.nd
 
 
 def write_openloop(agent: Dreamer, replay: Replay, path: Path, fps: float, sequences: int = 4) -> Path:
-    batch = replay.sample(sequences, agent_length(replay, agent))
+    batch = replay.sample(sequences, min(LENGTH, len(replay)))
     truth, pred = openloop(agent, batch)
     write_video(path, openloop_grid(truth, pred, CONTEXT), fps=fps)
     return path
 
-
-def agent_length(replay: Replay, agent: Dreamer) -> int:
-    return min(50, max(CONTEXT + 1, min(len(replay), 64)))

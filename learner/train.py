@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from learner.config import Config, write_resolved
-from learner.dreamer.agent import Dreamer, resolve_device
-from learner.dreamer.policy import Policy, export_policy
+from learner.dreamer.agent import Dreamer
+from learner.dreamer.policy import Policy, policy_weights
 from learner.envs import Env
 from learner.metrics import Mean, MetricsLogger
 from learner.openloop import write_openloop
@@ -57,7 +57,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.env = Env(cfg, env, seed=cfg.seed)
-        self.agent = Dreamer(dcfg, self.env.obs_space, self.env.act_space, resolve_device(dcfg.device))
+        self.agent = Dreamer(dcfg, self.env.obs_space, self.env.act_space)
         self.policy = Policy.from_model(self.agent.model)
         self.replay = Replay.from_config(self.logdir / "replay", cfg.replay, seed=cfg.seed)
         self.logger = MetricsLogger(self.logdir)
@@ -95,11 +95,7 @@ class Trainer:
         return path
 
     def export_policy(self) -> Path:
-        target = self.logdir / "policy.safetensors"
-        tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(export_policy(self.agent.model, self.agent.updates))
-        tmp.replace(target)
-        return target
+        return save_weights(self.logdir / "policy.safetensors", *policy_weights(self.agent.model, self.agent.updates))
 
     # --- the loop
     def run(self) -> dict[str, Any]:
@@ -142,8 +138,7 @@ class Trainer:
         finally:
             bar.close()
             self.save()
-        summary = self.finish(time.time() - start)
-        return summary
+        return self.finish(time.time() - start)
 
     def _episode_done(self, episode_return: float, prefill: bool) -> None:
         c = self.counters

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from learner.cli import main as learner_main
 from learner.config import load_config
+from learner.dreamer.policy import Policy
 from learner.metrics import read_metrics
 from learner.train import Trainer
 
@@ -42,7 +43,8 @@ def test_run_leaves_config_metrics_videos_curve_checkpoint(tmp_path: Path) -> No
     assert (tmp_path / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpts = sorted((tmp_path / "checkpoints").glob("ckpt-*"))
     assert ckpts and (ckpts[-1] / "meta.json").is_file()
-    assert (tmp_path / "policy.safetensors").is_file()
+    policy = Policy.from_weights((tmp_path / "policy.safetensors").read_bytes())
+    assert policy.version == summary["updates"]
     assert json.loads((tmp_path / "summary.json").read_text())["updates"] == summary["updates"]
 
 

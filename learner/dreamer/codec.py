@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 from learner.config_agent import DreamerConfig
 from learner.dreamer.dists import symlog
-from learner.dreamer.layers import MLP, ConvDecoder, ConvEncoder
-from learner.dreamer.preprocess import ObsKeys, ObsSpace
+from learner.dreamer.layers import CHANNEL_MULTS, MLP, ConvDecoder, ConvEncoder
+from learner.dreamer.preprocess import ObsKeys, ObsSpace, vector_widths
 
 
 def _image_shape(space: ObsSpace, keys: ObsKeys) -> tuple[int, int, int]:
@@ -17,7 +17,7 @@ def _image_shape(space: ObsSpace, keys: ObsKeys) -> tuple[int, int, int]:
     if len(shapes) != 1:
         raise ValueError(f"image keys {keys.images} differ in height/width: {sorted(shapes)}")
     (h, w), c = shapes.pop(), sum(space[k][0][2] for k in keys.images)
-    levels = len(range(4))
+    levels = len(CHANNEL_MULTS)
     if h % (1 << levels) or w % (1 << levels):
         raise ValueError(f"image size {h}x{w} must be divisible by {1 << levels} (four halvings in the CNN)")
     return h, w, c
@@ -29,7 +29,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: DreamerConfig, space: ObsSpace, keys: ObsKeys) -> None:
         super().__init__()
         self.keys = keys
-        self.dims = {k: int(torch.tensor(space[k][0]).prod()) if space[k][0] else 1 for k in keys.vectors}
+        self.dims = vector_widths(space, keys)
         self.out_dim = 0
         if keys.images:
             h, w, c = _image_shape(space, keys)
@@ -58,7 +58,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DreamerConfig, space: ObsSpace, keys: ObsKeys, feat_dim: int) -> None:
         super().__init__()
         self.keys, self.space = keys, space
-        self.dims = {k: int(torch.tensor(space[k][0]).prod()) if space[k][0] else 1 for k in keys.vectors}
+        self.dims = vector_widths(space, keys)
         if keys.images:
             h, w, c = _image_shape(space, keys)
             self.cnn = ConvDecoder(feat_dim, c, cfg.cnn_depth, cfg.encoder, cfg.norm, (h, w))

@@ -126,6 +126,11 @@ class Policy:
 # --- the weights blob
 def export_policy(model: nn.Module, version: int) -> bytes:
     """The acting subset of a trainer's `DreamerModel` as a self-describing weights blob."""
+    return weights_to_bytes(*policy_weights(model, version))
+
+
+def policy_weights(model: nn.Module, version: int) -> tuple[dict[str, Tensor], dict]:
+    """Tensors and metadata of the policy blob (`learner.checkpoint.save_weights` writes them to a file)."""
     state = model.state_dict()
     tensors = {}
     for short, prefix in PREFIXES.items():
@@ -139,4 +144,4 @@ def export_policy(model: nn.Module, version: int) -> bytes:
         "act_space": model.act_space.to_dict(),
         "version": int(version),
     }
-    return weights_to_bytes(tensors, meta)
+    return tensors, meta

@@ -8,6 +8,7 @@ the observation space and the config's key patterns.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -76,5 +77,6 @@ def preprocess(obs: Mapping[str, np.ndarray | Tensor], keys: ObsKeys, device: to
     return out
 
 
-def vector_dims(space: ObsSpace, keys: ObsKeys) -> int:
-    return sum(int(np.prod(space[k][0])) if space[k][0] else 1 for k in keys.vectors)
+def vector_widths(space: ObsSpace, keys: ObsKeys) -> dict[str, int]:
+    """Flat width of each vector key (1 for scalars)."""
+    return {k: math.prod(space[k][0]) for k in keys.vectors}

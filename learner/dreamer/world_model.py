@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from learner.config_agent import DreamerConfig
 from learner.dreamer.codec import Decoder, Encoder
-from learner.dreamer.dists import TwoHot, make_bins, symlog
+from learner.dreamer.dists import TwoHot, categorical_kl, make_bins, symlog
 from learner.dreamer.layers import MLP, zero_linear
 from learner.dreamer.preprocess import ActSpace, ObsKeys, ObsSpace
 from learner.dreamer.rssm import RSSM, State
@@ -61,7 +61,7 @@ class WorldModel(nn.Module):
         total = (cfg.dec_scale * dec + cfg.reward_scale * rew + cfg.cont_scale * cont
                  + cfg.kl_dyn * dyn + cfg.kl_rep * rep)
         with torch.no_grad():
-            kl = (post["logp"].exp() * (post["logp"] - prior["logp"])).sum((-2, -1))
+            kl = categorical_kl(post["logp"], prior["logp"]).sum(-1)
             metrics = {"wm/dec": dec.mean(), "wm/reward": rew.mean(), "wm/cont": cont.mean(),
                        "wm/kl": kl.mean(), "wm/dyn": dyn.mean(), "wm/rep": rep.mean(),
                        "wm/post_entropy": -(post["logp"].exp() * post["logp"]).sum(-1).mean()}

@@ -156,7 +156,7 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from learner.config_agent import DreamerConfig
-    from learner.dreamer.agent import Dreamer, resolve_device
+    from learner.dreamer.agent import Dreamer, autocast_dtype, resolve_device
     from learner.dreamer.policy import Policy, export_policy
     from learner.dreamer.preprocess import ActSpace
 
@@ -166,11 +166,13 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     device = resolve_device(opts["device"])
     cfg = DreamerConfig(recipe=case["recipe"], size=case["preset"], device=device.type, compile=case["compile"],
-                        **case["overrides"])
+                        precision=case["precision"], **case["overrides"])
     out: dict[str, Any] = {"dims": {k: getattr(cfg, k) for k in DIM_FIELDS},
                            "arch": {"norm": cfg.norm, "gru_blocks": cfg.gru_blocks, "encoder": cfg.encoder,
                                     "optimizer": cfg.optimizer,
-                                    "actor_grad": cfg.actor_grad_continuous, "repval": cfg.repval_scale > 0},
+                                    "actor_grad": cfg.actor_grad_continuous, "repval": cfg.repval_scale > 0,
+                                    "cnn_channels": [cfg.cnn_depth * m for m in cfg.cnn_mults]},
+                           "autocast": str(autocast_dtype(cfg.precision, device) or "off"),
                            "device": str(device), "threads": torch.get_num_threads()}
     agent = Dreamer(cfg, _spaces(case["obs"], opts["image"]), ActSpace(ACT_DIM, False), device)
     out["params_m"] = {"world_model": round(sum(p.numel() for p in agent.wm.parameters()) / 1e6, 2),
@@ -323,8 +325,10 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
         for obs in args.obs:
             for compiled in modes:
                 for threads in args.threads:
-                    cases.append({"name": name, "preset": preset, "recipe": recipe, "obs": obs, "threads": threads,
-                                  "compile": compiled, "overrides": dims, "target": target})
+                    for precision in args.precision:
+                        cases.append({"name": name, "preset": preset, "recipe": recipe, "obs": obs,
+                                      "threads": threads, "compile": compiled, "precision": precision,
+                                      "overrides": dims, "target": target})
     return cases
 
 
@@ -348,7 +352,8 @@ def run_isolated(case: dict[str, Any], opts: dict[str, Any], timeout: float | No
 
 def summarise(case: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     row = {"name": case["name"], "preset": case["preset"], "recipe": case["recipe"], "obs": case["obs"],
-           "compile": case["compile"], "threads": case["threads"] or None, **result}
+           "compile": case["compile"], "precision": case["precision"], "threads": case["threads"] or None,
+           **result}
     if case["target"] == "port" and "sec_per_update_mean" in result:
         base = PORT_SECONDS[case["obs"]]
         row["port"] = {"port_sec_per_update": base, "target_sec_per_update": round(base / PORT_SPEEDUP_TARGET, 3),
@@ -363,18 +368,20 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'case':<22}{'obs':<8}{'recipe':<7}{'comp':<6}{'thr':>4}{'s/upd':>8}{'min':>8}{'upd/s':>8}{'compile':>9}"
+    head = (f"{'case':<22}{'obs':<8}{'recipe':<7}{'prec':<6}{'comp':<6}{'thr':>4}{'s/upd':>8}{'min':>8}{'upd/s':>8}"
+            f"{'compile':>9}"
             f"{'peakMB':>9}{'act p50':>9}{'act p99':>9}{'vs port':>9}{'others':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['name']:<22}{r['obs']:<8}{r['recipe']:<7}{str(r['compile'])[0]:<6}"
+            lines.append(f"{r['name']:<22}{r['obs']:<8}{r['recipe']:<7}{r['precision'][:5]:<6}{str(r['compile'])[0]:<6}"
                          f"{_fmt(r['threads'], 'd'):>4}  {r['error']}")
             continue
         port = r.get("port")
         ratio = f"{port['speedup']:.2f}x" if port else "-"
         lines.append(
-            f"{r['name']:<22}{r['obs']:<8}{r['recipe']:<7}{str(r['compile'])[0]:<6}{_fmt(r['threads'], 'd'):>4}"
+            f"{r['name']:<22}{r['obs']:<8}{r['recipe']:<7}{r['precision'][:5]:<6}{str(r['compile'])[0]:<6}"
+            f"{_fmt(r['threads'], 'd'):>4}"
             f"{_fmt(r['sec_per_update_mean']):>8}{_fmt(r['sec_per_update_min']):>8}{_fmt(r['updates_per_s']):>8}"
             f"{_fmt(r.get('compile_s'), '.1f'):>9}{_fmt(r.get('peak_mem_mb'), '.0f'):>9}"
             f"{_fmt(r.get('act_ms_p50'), '.2f'):>9}{_fmt(r.get('act_ms_p99'), '.2f'):>9}"
@@ -411,6 +418,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="eager and compiled (the default on CUDA; on CPU compiling takes ~10 min)")
     parser.add_argument("--compile-timeout", type=float, default=900.0,
                         help="seconds allowed for compile + warm-up before a compiled case is abandoned")
+    parser.add_argument("--precision", nargs="+", choices=("auto", "float32", "bfloat16"), default=["auto"],
+                        help="dreamer.precision (several: one case each); auto = bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[0],
@@ -456,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for case in build_cases(args):
         label = (f"{case['name']} {case['obs']} recipe={case['recipe']} compile={case['compile']} "
+                 f"precision={case['precision']} "
                  f"threads={case['threads'] or 'default'}")
         if case["compile"] and not feasible:
             result = {"error": f"torch.compile unavailable: {why}"}

@@ -33,6 +33,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "gru_blocks": 8,
         "gru_input_layers": True,
         "encoder": "pool",
+        "cnn_mults": [2, 3, 4, 4],
         "bins": "symexp",
         "kl_dyn": 1.0,
         "kl_rep": 0.1,
@@ -49,6 +50,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "gru_blocks": 1,
         "gru_input_layers": False,
         "encoder": "stride",
+        "cnn_mults": [1, 2, 4, 8],
         "bins": "symlog",
         "kl_dyn": 0.5,
         "kl_rep": 0.1,
@@ -75,7 +77,7 @@ class DreamerConfig(Block):
     hidden: int = Field(ge=8, description="hidden units inside the sequence model")
     stoch: int = Field(32, ge=1, description="number of categorical latents")
     classes: int = Field(ge=2, description="classes per categorical latent")
-    cnn_depth: int = Field(ge=1, description="CNN base channels (layers use depth x [2, 3, 4, 4])")
+    cnn_depth: int = Field(ge=1, description="CNN base channels (layer i has depth x cnn_mults[i] channels)")
     units: int = Field(ge=8, description="units of the MLPs (encoder, decoder, heads)")
     mlp_layers: int = Field(3, ge=1, description="layers of the vector encoder/decoder MLPs")
     head_layers: int = Field(1, ge=1, description="hidden layers of the reward and continuation heads")
@@ -86,6 +88,9 @@ class DreamerConfig(Block):
     gru_input_layers: bool = Field(description="deter, stoch and action each pass Linear+Norm+SiLU before the GRU")
     encoder: Literal["pool", "stride"] = Field(
         description="image encoder: pool = stride-1 5x5 conv + 2x2 max-pool (2024); stride = 4x4 stride-2 conv (2023)"
+    )
+    cnn_mults: list[int] = Field(
+        min_length=1, description="channel multipliers per CNN layer; each layer halves the resolution"
     )
     image_keys: str = Field("image", description="regex: observation keys encoded by the CNN (full match)")
     vector_keys: str = Field(".*", description="regex: other observation keys encoded by the symlog MLP (full match)")
@@ -144,6 +149,10 @@ class DreamerConfig(Block):
     ac_clip: float = Field(100.0, gt=0, description="Adam (2023): actor and critic gradient-norm clip")
     # --- compute
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="compute dtype: auto = bfloat16 autocast on CUDA, float32 on CPU; bfloat16 on CPU "
+        "needs AVX512-BF16/AMX to pay off. Norms, distributions, KL and two-hot stay float32"
+    )
     compile: bool = Field(False, description="torch.compile the update (slow first step; worth it on long runs)")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
 
@@ -165,6 +174,8 @@ class DreamerConfig(Block):
     def _checks(self) -> DreamerConfig:
         if self.deter % self.gru_blocks:
             raise FieldError("deter", f"a multiple of gru_blocks ({self.gru_blocks})", self.deter)
+        if min(self.cnn_mults) < 1:
+            raise FieldError("cnn_mults", "channel multipliers of at least 1", self.cnn_mults)
         if self.retnorm_low >= self.retnorm_high:
             raise FieldError("retnorm_low", f"a percentile below retnorm_high ({self.retnorm_high})", self.retnorm_low)
         return self

@@ -464,3 +464,32 @@ def test_policy_state_does_not_alias_trainer_updates():
     agent.train(make_batch(space, act))
     for name, p in snapshot.actor.named_parameters():
         assert torch.equal(p, before[name])
+
+
+def test_onehot_samples_follow_the_probabilities_with_straight_through_gradient():
+    from learner.dreamer.dists import sample_onehot
+
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.3])
+    logits = torch.log(probs.clamp(min=1e-30)).expand(40_000, 4).clone().requires_grad_()
+    logp = torch.log_softmax(logits, -1)
+    sample = sample_onehot(logp, torch.Generator().manual_seed(0))
+    assert torch.equal(sample.detach().sum(-1), torch.ones(40_000))  # exactly one-hot in value
+    freq = sample.detach().mean(0)
+    assert freq[1] == 0  # a zero-probability class is never drawn
+    assert torch.allclose(freq, probs, atol=0.01), freq
+    (sample[:, 0]).sum().backward()  # the gradient is that of the probabilities
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("batch", [1, 5, 100])
+def test_block_linear_is_a_block_diagonal_linear_map_at_any_batch(batch):
+    from learner.dreamer.layers import BlockLinear
+
+    torch.manual_seed(0)
+    layer = BlockLinear(6, 4, blocks=3)
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(batch, 3, 6)
+    dense = torch.block_diag(*layer.weight.detach())  # (3*4, 3*6)
+    expected = (x.reshape(batch, -1) @ dense.T + layer.bias.detach().reshape(-1)).reshape(batch, 3, 4)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)

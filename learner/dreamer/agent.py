@@ -33,6 +33,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `dreamer.precision` on `device`; None = plain float32."""
+    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    dtype = autocast_dtype(precision, device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
     """Parameters take no gradient inside the block (activations still carry it)."""
@@ -104,9 +116,7 @@ class Dreamer:
         data = self.to_inputs(batch)
         start = self.context_from_batch(batch)
         self.model.train()
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                    else contextlib.nullcontext())
-        with autocast:
+        with autocast(self.cfg.precision, self.device):
             loss, post, metrics = self._update_fn(data, start)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,10 +143,12 @@ class Dreamer:
 
             states, actions = wm.rssm.imagine(flat, policy, cfg.imag_horizon)
             feat = wm.rssm.feat(states)
-            reward = wm.reward(feat).mean()
-            cont = torch.sigmoid(wm.cont_logit(feat))
-        # The start state is real: its continuation is known from the data, not predicted.
-        cont = torch.cat([(1.0 - data["is_terminal"]).reshape(1, -1), cont[1:]], 0)
+            # Heads on imagined states only: the start state is real, its continuation comes from the
+            # data and its reward is never used (a return starts with the reward of the next state).
+            reward = wm.reward(feat[1:]).mean()
+            cont = torch.sigmoid(wm.cont_logit(feat[1:]))
+        reward = torch.cat([torch.zeros_like(reward[:1]), reward], 0)
+        cont = torch.cat([(1.0 - data["is_terminal"]).reshape(1, -1), cont], 0)
         ac_loss, start_return, ac_metrics = beh.loss(feat.float(), actions, reward, cont)
         metrics.update(ac_metrics)
         loss = wm_loss.mean() + ac_loss

@@ -98,7 +98,8 @@ class Behavior(nn.Module):
         # Weights: how likely each imagined state is reached, detached (no gradient through it).
         weight = torch.cumprod(disc, 0).detach()
         sg_feat = feat.detach()
-        value = self.critic(sg_feat).mean()
+        critic = self.critic(sg_feat)  # one pass over s_0..s_H serves values, baseline and loss
+        value = critic.mean()
         if cfg.critic_bootstrap == "fast" and self.uses_dynamics_grad():
             # Critic weights as constants: dynamics gradients pass through, the critic is not trained.
             weights = {k: v.detach() for k, v in self.critic.named_parameters()}
@@ -118,8 +119,10 @@ class Behavior(nn.Module):
             actor_loss = -policy.log_prob(action[:-1].detach()) * adv
         entropy = policy.entropy()
         actor_loss = (weight[:-1] * (actor_loss - cfg.entropy * entropy)).mean()
-        dist = self.critic(sg_feat[:-1])
-        slow_target = self.slow_critic(sg_feat[:-1]).mean().detach()
+        dist = TwoHot(critic.logits[:-1], critic.bins, critic.kind)
+        # The slow critic's values of s_0..s_H-1 are the bootstrap values already when it bootstraps.
+        slow = boot[:-1] if cfg.critic_bootstrap == "slow" else self.slow_critic(sg_feat[:-1]).mean()
+        slow_target = slow.detach()
         critic_loss = -dist.log_prob(ret.detach()) - cfg.slow_critic_reg * dist.log_prob(slow_target)
         critic_loss = (weight[:-1] * critic_loss).mean()
         total = cfg.actor_scale * actor_loss + cfg.critic_scale * critic_loss

@@ -7,19 +7,18 @@ from torch import Tensor, nn
 
 from learner.config_agent import DreamerConfig
 from learner.dreamer.dists import symlog
-from learner.dreamer.layers import CHANNEL_MULTS, MLP, ConvDecoder, ConvEncoder
+from learner.dreamer.layers import MLP, ConvDecoder, ConvEncoder, cnn_channels
 from learner.dreamer.preprocess import ObsKeys, ObsSpace, vector_widths
 
 
-def _image_shape(space: ObsSpace, keys: ObsKeys) -> tuple[int, int, int]:
+def _image_shape(space: ObsSpace, keys: ObsKeys, levels: int) -> tuple[int, int, int]:
     """(H, W, total channels) of the image keys, which must share H and W."""
     shapes = {space[k][0][:2] for k in keys.images}
     if len(shapes) != 1:
         raise ValueError(f"image keys {keys.images} differ in height/width: {sorted(shapes)}")
     (h, w), c = shapes.pop(), sum(space[k][0][2] for k in keys.images)
-    levels = len(CHANNEL_MULTS)
     if h % (1 << levels) or w % (1 << levels):
-        raise ValueError(f"image size {h}x{w} must be divisible by {1 << levels} (four halvings in the CNN)")
+        raise ValueError(f"image size {h}x{w} must be divisible by {1 << levels} ({levels} halvings in the CNN)")
     return h, w, c
 
 
@@ -32,8 +31,8 @@ class Encoder(nn.Module):
         self.dims = vector_widths(space, keys)
         self.out_dim = 0
         if keys.images:
-            h, w, c = _image_shape(space, keys)
-            self.cnn = ConvEncoder(c, cfg.cnn_depth, cfg.encoder, cfg.norm, (h, w))
+            h, w, c = _image_shape(space, keys, len(cfg.cnn_mults))
+            self.cnn = ConvEncoder(c, cnn_channels(cfg.cnn_depth, cfg.cnn_mults), cfg.encoder, cfg.norm, (h, w))
             self.out_dim += self.cnn.out_dim
         if keys.vectors:
             self.mlp = MLP(sum(self.dims.values()), cfg.mlp_layers, cfg.units, cfg.norm)
@@ -60,8 +59,9 @@ class Decoder(nn.Module):
         self.keys, self.space = keys, space
         self.dims = vector_widths(space, keys)
         if keys.images:
-            h, w, c = _image_shape(space, keys)
-            self.cnn = ConvDecoder(feat_dim, c, cfg.cnn_depth, cfg.encoder, cfg.norm, (h, w))
+            h, w, c = _image_shape(space, keys, len(cfg.cnn_mults))
+            chans = cnn_channels(cfg.cnn_depth, cfg.cnn_mults)
+            self.cnn = ConvDecoder(feat_dim, c, chans, cfg.encoder, cfg.norm, (h, w))
         if keys.vectors:
             self.mlp = MLP(feat_dim, cfg.mlp_layers, cfg.units, cfg.norm)
             self.vec_out = nn.Linear(cfg.units, sum(self.dims.values()))

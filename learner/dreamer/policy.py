@@ -76,6 +76,8 @@ class Policy:
         net = PolicyNet(cfg, space, act)
         net.load_state_dict(tensors)
         net.to(device).eval()
+        # Images arrive as NHWC memory; channels-last conv weights avoid layout reorders per call.
+        net.encoder.to(memory_format=torch.channels_last)
         return cls(cfg, space, act, net, torch.device(device), int(meta["version"]))
 
     # --- acting
@@ -83,7 +85,7 @@ class Policy:
         self.state = self.rssm.initial(batch, self.device)
         self.state["action"] = torch.zeros(batch, self.act_space.dim, device=self.device)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, obs: Mapping[str, Any], mode: str = "sample", noise: float = 0.0,
             batched: bool = False) -> Any:
         """One control step. mode: sample (training) or mode (evaluation); noise: exploration."""
@@ -97,7 +99,7 @@ class Policy:
         data = preprocess(obs, self.keys, self.device)
         embed = self.encoder({k: v[:, None] for k, v in data.items()})[:, 0]
         is_first = data["is_first"].reshape(batch)
-        post, _ = self.rssm.obs_step(self.state, self.state["action"], embed, is_first)
+        post = self.rssm.post_step(self.state, self.state["action"], embed, is_first)
         dist = self.actor(self.rssm.feat(post))
         action = dist.rsample() if mode == "sample" else dist.mode()
         action = self._explore(action.float(), noise)

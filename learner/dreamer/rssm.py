@@ -88,15 +88,24 @@ class RSSM(nn.Module):
         logp = self._logp(self.prior_out(self.prior_net(deter)))
         return {"deter": deter, "stoch": sample_onehot(logp), "logp": logp}
 
-    def obs_step(self, state: State, prev_action: Tensor, embed: Tensor, is_first: Tensor) -> tuple[State, State]:
-        """Posterior and prior for one observed step; `is_first` resets state and previous action."""
+    def _observed_deter(self, state: State, prev_action: Tensor, is_first: Tensor) -> Tensor:
+        """The GRU step of an observed step; `is_first` resets state and previous action first."""
         keep = (1.0 - is_first.float())[:, None]
-        state = {"deter": state["deter"] * keep, "stoch": state["stoch"] * keep[..., None]}
-        prior = self.img_step(state, prev_action * keep)
-        x = self.post_net(torch.cat([prior["deter"], embed.to(prior["deter"].dtype)], -1))
-        logp = self._logp(self.post_out(x))
-        post = {"deter": prior["deter"], "stoch": sample_onehot(logp), "logp": logp}
-        return post, prior
+        return self._gru(state["deter"] * keep, state["stoch"] * keep[..., None], prev_action * keep)
+
+    def _posterior(self, deter: Tensor, embed: Tensor) -> State:
+        logp = self._logp(self.post_out(self.post_net(torch.cat([deter, embed.to(deter.dtype)], -1))))
+        return {"deter": deter, "stoch": sample_onehot(logp), "logp": logp}
+
+    def obs_step(self, state: State, prev_action: Tensor, embed: Tensor, is_first: Tensor) -> tuple[State, State]:
+        """Posterior and prior (its log-probabilities, for the KL; no sample) of one observed step."""
+        deter = self._observed_deter(state, prev_action, is_first)
+        prior = {"deter": deter, "logp": self._logp(self.prior_out(self.prior_net(deter)))}
+        return self._posterior(deter, embed), prior
+
+    def post_step(self, state: State, prev_action: Tensor, embed: Tensor, is_first: Tensor) -> State:
+        """The posterior alone: what acting needs (the prior head is skipped)."""
+        return self._posterior(self._observed_deter(state, prev_action, is_first), embed)
 
     # --- sequences
     def observe(self, embed: Tensor, prev_action: Tensor, is_first: Tensor, state: State) -> tuple[State, State]:

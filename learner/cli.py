@@ -2,8 +2,10 @@
 
     reverie-learner train --config hardware_configs/sim_arm_reach.yaml --logdir runs/reach
     reverie-learner train --env gymnasium:Pendulum-v1 --logdir runs/pendulum --set train.steps=20000
+    reverie-learner serve --config hardware_configs/sim_arm_reach.yaml --logdir runs/reach --bind tcp://0.0.0.0:5555
 
-Running the same command again resumes the run in --logdir.
+`train` steps an environment itself; `serve` trains on experience that robot processes
+(`reverie-robot run`) stream to it. Running the same command again resumes the run in --logdir.
 """
 
 from __future__ import annotations
@@ -38,6 +40,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from learner.link.security import LinkSecurityError
+    from learner.link.server import LinkServerError
+    from learner.serve import Server
+
+    cfg = load_config(args.config, args.set)
+    try:
+        server = Server(cfg, args.logdir, bind=args.bind, progress=not args.quiet)
+        summary = server.run(duration=args.duration)
+    except (LinkSecurityError, LinkServerError) as exc:
+        print(f"reverie-learner: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    out = server.logdir
+    print(f"run directory {out}: learning curve {out / 'learning_curve.png'}, metrics {out / 'metrics.jsonl'}, "
+          f"checkpoints {out / 'checkpoints'}, policy {out / 'policy.safetensors'}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reverie-learner", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,9 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--logdir", required=True, help="run directory (resumed when it exists)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    serve = sub.add_parser("serve", help="train on experience streamed by robot processes over the network")
+    serve.add_argument("--config", required=True, help="a YAML file from hardware_configs/")
+    serve.add_argument("--logdir", required=True, help="run directory (resumed when it exists)")
+    serve.add_argument("--bind", help="address to listen on (default: link.bind), e.g. tcp://0.0.0.0:5555")
+    serve.add_argument("--duration", type=float, help="stop after this many seconds")
+    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    serve.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        return _train(args)
+        return _serve(args) if args.command == "serve" else _train(args)
     except (ConfigError, EnvError) as exc:
         print(f"reverie-learner: {exc}", file=sys.stderr)
         return 2

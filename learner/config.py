@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from learner.config_agent import DreamerConfig, ReplayConfig, TrainConfig
 from learner.config_base import Block
+from learner.config_link import LinkConfig
 from learner.config_errors import ConfigError, FieldError, describe_errors
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "write_resolved"]
@@ -194,6 +195,7 @@ class Config(Block):
     dreamer: DreamerConfig = DreamerConfig()
     replay: ReplayConfig = ReplayConfig()
     train: TrainConfig = TrainConfig()
+    link: LinkConfig = LinkConfig()
 
     @model_validator(mode="after")
     def _backend(self) -> Config:

@@ -200,7 +200,10 @@ class ReplayConfig(Block):
 
 class TrainConfig(Block):
     steps: int = Field(100_000, ge=1, description="environment (policy) steps of a run")
-    train_ratio: float = Field(512.0, gt=0, description="replayed steps per policy step (batch x length per update)")
+    train_ratio: float = Field(
+        512.0, description="replayed steps per policy step (batch x length per update); with robots "
+        "(reverie-learner serve) per received step, and < 0 trains unthrottled"
+    )
     batch_size: int = Field(16, ge=1, description="sequences per batch")
     batch_length: int = Field(64, ge=2, description="steps per sequence")
     prefill: int = Field(2500, ge=0, description="random-action policy steps before training starts")
@@ -212,6 +215,7 @@ class TrainConfig(Block):
 
     @model_validator(mode="after")
     def _ratio(self) -> TrainConfig:
-        if not math.isfinite(self.train_ratio):
-            raise FieldError("train_ratio", "a finite number", self.train_ratio)
+        if not math.isfinite(self.train_ratio) or self.train_ratio == 0:
+            raise FieldError("train_ratio", "a finite, non-zero number (< 0: unthrottled, serve only)",
+                             self.train_ratio)
         return self

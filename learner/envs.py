@@ -97,16 +97,12 @@ class Env:
         return self._convert(obs, float(reward), False, terminated or truncated, terminated)
 
     def to_env(self, action: np.ndarray) -> Any:
-        action = np.asarray(action, dtype=np.float32)
         if self.act_space.discrete:
-            return int(action.argmax())
-        low, high = self._act.low, self._act.high
-        return (low + (np.clip(action, -1.0, 1.0) + 1.0) * 0.5 * (high - low)).astype(self._act.dtype)
+            return self.act_space.to_env(action)
+        return np.asarray(self.act_space.to_env(action, self._act.low, self._act.high), dtype=self._act.dtype)
 
     def random_action(self, rng: np.random.Generator) -> np.ndarray:
-        if self.act_space.discrete:
-            return np.eye(self.act_space.dim, dtype=np.float32)[rng.integers(self.act_space.dim)]
-        return rng.uniform(-1.0, 1.0, self.act_space.dim).astype(np.float32)
+        return self.act_space.random(rng)
 
     def render(self) -> np.ndarray | None:
         """A frame for videos: the simulator's scene view, or the env's rgb_array render."""

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
-from learner.config import Config, write_resolved
+from learner.config import Config, ConfigError, write_resolved
 from learner.dreamer.agent import Dreamer
 from learner.dreamer.policy import Policy, policy_weights
 from learner.envs import Env
@@ -49,6 +49,9 @@ class Counters:
 class Trainer:
     def __init__(self, cfg: Config, logdir: str | Path, env: str | None = None, progress: bool = True) -> None:
         self.cfg, self.logdir, self.env_override, self.progress = cfg, Path(logdir), env, progress
+        if cfg.train.train_ratio < 0:
+            raise ConfigError(["train.train_ratio: unthrottled (< 0) only applies to reverie-learner serve; "
+                               "single-process training needs a positive ratio"], "train")
         self.logdir.mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, self.logdir)
         dcfg = cfg.dreamer

@@ -1,7 +1,8 @@
 """Chunk files: one stream's consecutive steps plus their metadata, written atomically as `.npz`.
 
 A chunk file holds every step key as an array of `length` rows and three reserved members:
-`__meta__` (a JSON string: format, uuid, prev, stream, task, seq, length), `__time__` (float64
+`__meta__` (a JSON string: format, uuid, prev, stream, task, seq, length, and the optional source and
+abandoned of `ChunkMeta`; files written before those existed still load), `__time__` (float64
 wall-clock seconds per step) and `__version__` (int64 policy-weights version per step). No pickle:
 strings live in the JSON member, which numpy stores as a fixed-width unicode array.
 
@@ -53,6 +54,11 @@ class ChunkMeta:
     task: str
     seq: int
     length: int
+    # Where the newest robot-fed row of this chunk sits in the robot's own numbering: (robot chunk seq,
+    # row in that robot chunk, rows of that robot chunk). Lets a restarted learner drop resent data.
+    source: tuple[int, int, int] | None = None
+    # Rows whose is_last was set by Replay.close_episode: the episode was cut (robot gone), not ended.
+    abandoned: tuple[int, ...] = ()
 
     @staticmethod
     def create(stream: str, task: str, seq: int, prev: str) -> ChunkMeta:
@@ -72,10 +78,24 @@ class ChunkMeta:
             task=str(data["task"]),
             seq=int(data["seq"]),
             length=int(data["length"]),
+            source=_source(data.get("source")),
+            abandoned=tuple(int(row) for row in data.get("abandoned") or ()),
         )
         if meta.length < 0 or meta.seq < 0:
             raise ValueError(f"bad length/seq in chunk metadata: {data}")
+        if any(not 0 <= row < meta.length for row in meta.abandoned):
+            raise ValueError(f"abandoned rows outside the chunk's {meta.length} rows in chunk metadata: {data}")
         return meta
+
+
+def _source(value: Any) -> tuple[int, int, int] | None:
+    """A metadata `source` as (seq, index, total), checked; None when absent."""
+    if value is None:
+        return None
+    seq, index, total = (int(x) for x in value)
+    if seq < 0 or not 0 <= index < total:
+        raise ValueError(f"bad source {value!r} in chunk metadata: want [seq >= 0, 0 <= index < total, total]")
+    return seq, index, total
 
 
 def is_chunk_name(name: str) -> bool:
@@ -291,12 +311,14 @@ def entry_for(path: Path, meta: ChunkMeta) -> dict[str, Any]:
 
 class EpisodeTracker:
     """Completed-episode returns of one stream. An episode runs from an `is_first` step to an `is_last`
-    step, rewards of both included; one whose start was never seen (data loaded mid-episode) or that
-    is cut by a new `is_first` is not counted."""
+    step, rewards of both included; one whose start was never seen (data loaded mid-episode), that is
+    cut by a new `is_first`, or that was abandoned (its is_last set by Replay.close_episode; counted in
+    `abandoned` instead) is not counted."""
 
     def __init__(self) -> None:
         self.returns: list[float] = []
         self.current: float | None = None
+        self.abandoned = 0
 
     def step(self, reward: float, is_first: bool, is_last: bool) -> None:
         if is_first:
@@ -307,15 +329,21 @@ class EpisodeTracker:
                 self.returns.append(self.current)
                 self.current = None
 
-    def extend(self, reward: np.ndarray, is_first: np.ndarray, is_last: np.ndarray) -> None:
-        """Same as `step` over arrays, looping only over episode boundaries."""
+    def extend(
+        self, reward: np.ndarray, is_first: np.ndarray, is_last: np.ndarray, abandoned: Iterable[int] = ()
+    ) -> None:
+        """Same as `step` over arrays, looping only over episode boundaries; `abandoned` rows (is_last set
+        by close_episode) end their episode without counting it."""
         csum = np.concatenate([[0.0], np.cumsum(np.asarray(reward, np.float64).reshape(-1))])
         first, last = np.asarray(is_first).reshape(-1), np.asarray(is_last).reshape(-1)
+        cut = set(abandoned)
         begin = 0  # rewards from `begin` on are not yet in self.current
         for i in np.flatnonzero(first | last):
             if first[i]:
                 self.current, begin = 0.0, i
-            if last[i] and self.current is not None:
+            if last[i] and int(i) in cut:
+                self.abandon()
+            elif last[i] and self.current is not None:
                 self.returns.append(self.current + float(csum[i + 1] - csum[begin]))
                 self.current = None
         if self.current is not None:
@@ -324,6 +352,11 @@ class EpisodeTracker:
     def reset(self) -> None:
         """The next steps do not continue the previous ones (a gap in the stream)."""
         self.current = None
+
+    def abandon(self) -> None:
+        """The running episode was cut short (its robot vanished): dropped, and counted as abandoned."""
+        self.current = None
+        self.abandoned += 1
 
 
 # --- the step schema ------------------------------------------------------------------------------
@@ -345,6 +378,21 @@ def _as_array(value: Any) -> tuple[np.ndarray, bool]:
 
 def _reserved(key: str) -> bool:
     return key.startswith("__") or key == "ids" or key.startswith("context/")
+
+
+def step_count(steps: dict[str, np.ndarray], stream: str) -> int:
+    """T of a dict of per-key arrays with a leading step axis; errors name the key and stream."""
+    where = f"replay steps from stream {stream!r}"
+    if not isinstance(steps, dict) or not steps:
+        raise TypeError(f"{where}: expected a non-empty dict of arrays, got {type(steps).__name__}")
+    counts = {}
+    for key, value in steps.items():
+        if not isinstance(value, np.ndarray) or value.ndim == 0:
+            raise TypeError(f"{where}: key {key!r} must be a numpy array with a leading step axis")
+        counts[key] = value.shape[0]
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"{where}: keys hold different numbers of steps: {counts}")
+    return next(iter(counts.values()))
 
 
 class StepSpec:
@@ -405,9 +453,30 @@ class StepSpec:
             if not exact and arr.dtype != dtype and np.can_cast(arr.dtype, dtype, "same_kind"):
                 arr = arr.astype(dtype)
             if arr.shape != shape or arr.dtype != dtype:
-                raise ValueError(f"{where}: key {key!r} {self._differs(arr, shape, dtype)} (fixed by {self.origin})")
+                raise ValueError(
+                    f"{where}: key {key!r} {self._differs(arr.shape, arr.dtype, shape, dtype)} (fixed by {self.origin})"
+                )
             out[key] = arr
         return out
+
+    def convert_rows(self, steps: dict[str, np.ndarray], stream: str) -> tuple[dict[str, np.ndarray], int]:
+        """(arrays, T) for T steps given as arrays with a leading step axis; numpy arrays are required and
+        must have the stored per-step shape and dtype exactly (as numpy values in `convert`)."""
+        where = f"replay steps from stream {stream!r}"
+        if steps.keys() != self.fields.keys():
+            missing = sorted(self.fields.keys() - steps.keys())
+            extra = sorted(steps.keys() - self.fields.keys())
+            raise ValueError(
+                f"{where}: keys differ from the ones this replay stores (fixed by {self.origin}): "
+                f"missing {missing}, unexpected {extra}"
+            )
+        count = step_count(steps, stream)
+        for key, (shape, dtype) in self.fields.items():
+            value = steps[key]
+            if value.shape[1:] != shape or value.dtype != dtype:
+                differs = self._differs(value.shape[1:], value.dtype, shape, dtype)
+                raise ValueError(f"{where}: key {key!r} {differs} (fixed by {self.origin})")
+        return steps, count
 
     def mismatch(self, other: StepSpec) -> str | None:
         """How `other` (e.g. a loaded chunk's arrays) differs, or None."""
@@ -420,10 +489,10 @@ class StepSpec:
         return None
 
     @staticmethod
-    def _differs(arr: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> str:
+    def _differs(got_shape: tuple[int, ...], got_dtype: np.dtype, shape: tuple[int, ...], dtype: np.dtype) -> str:
         parts = []
-        if arr.shape != shape:
-            parts.append(f"has shape {arr.shape} but this replay stores shape {shape}")
-        if arr.dtype != dtype:
-            parts.append(f"has dtype {arr.dtype} but this replay stores dtype {dtype}")
+        if got_shape != shape:
+            parts.append(f"has shape {got_shape} but this replay stores shape {shape}")
+        if got_dtype != dtype:
+            parts.append(f"has dtype {got_dtype} but this replay stores dtype {dtype}")
         return " and ".join(parts)

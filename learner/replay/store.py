@@ -8,7 +8,16 @@ uuid, so a run continues across chunk boundaries and across reloads); positions 
 run. Step ids handed out by `sample` are `chunk seq * slot_size + row`: unique for the life of the
 process, so `write_context` can tell a step that left RAM from the step that reuses its slot.
 
-Not thread-safe: one writer (the learner) owns a store directory.
+Robot streams: `add_steps` ingests a robot's chunk of T steps as slice writes and records in each
+replay chunk where its newest row sits in the robot's numbering (`ChunkMeta.source`); after `flush()`
+that is on disk, so a restarted learner reads `source_position` to drop chunks a robot resends.
+Files are only ever written whole (atomic rename) and in order, so after a kill the newest file of a
+stream names exactly the rows the directory holds. `close_episode` cuts the episode of a robot that
+vanished (is_last without is_terminal, recorded in `ChunkMeta.abandoned`).
+
+Thread-safe: one `threading.RLock` (`self.lock`) serialises the public methods, so a network thread
+may ingest while the trainer samples; flush holds it while it waits for the disk. One process (the
+learner) owns a store directory.
 """
 
 from __future__ import annotations
@@ -16,14 +25,16 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time as _time
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -40,6 +51,7 @@ from learner.replay.chunk import (
     entry_for,
     read_chunk,
     remove_temp_files,
+    step_count,
     write_chunk,
     write_index,
 )
@@ -50,6 +62,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = 1
+Source = tuple[int, int, int]  # (robot chunk seq, row in that robot chunk, rows of that robot chunk)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(method: Callable[Concatenate[Replay, _P], _R]) -> Callable[Concatenate[Replay, _P], _R]:
+    """Run a Replay method holding `self.lock` (re-entrant, so locked methods may call each other)."""
+
+    @wraps(method)
+    def locked(self: Replay, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 @dataclass(eq=False)
@@ -58,8 +84,8 @@ class _Chunk:
     slot: int
     run: _Run
     start: int  # run position of the first step
-    sealed: bool  # full (or cut) and written: it will not change again
-    dirty: bool = False  # holds steps not yet in its file
+    sealed: bool  # full (or cut) and written: no more steps (close_episode may still change a flag)
+    dirty: bool = False  # holds changes not yet in its file
 
 
 @dataclass(eq=False)
@@ -125,6 +151,7 @@ class Replay:
             raise ValueError("replay: chunk_length, ram_steps and disk_steps must be >= 1")
         if not 0.0 <= recency <= 1.0:
             raise ValueError(f"replay: recency must be in [0, 1], got {recency}")
+        self.lock = threading.RLock()
         self.directory = Path(directory)
         self.chunk_length = chunk_length
         self.compress = compress
@@ -154,6 +181,9 @@ class Replay:
         self._trackers: dict[str, EpisodeTracker] = {}
         self._steps: dict[str, int] = {}
         self._tasks: dict[str, str] = {}
+        self._source: dict[str, Source] = {}  # stream -> newest recorded robot position
+        self._force_first: set[str] = set()  # streams whose next step must start an episode
+        self._rewrite: dict[int, _Chunk] = {}  # seq -> sealed chunk changed by close_episode
         self._open_dir()
 
     @classmethod
@@ -190,14 +220,28 @@ class Replay:
                 total += e["length"]
         chosen.reverse()
         self._slot_size = max([self.chunk_length, *(e["length"] for e in chosen)])
-        for e in chosen:
-            self._load_chunk(self.directory / e["file"])
+        loaded = {e["file"]: self._load_chunk(self.directory / e["file"]) for e in chosen}
+        for e in self._disk.values():
+            if e["file"] in loaded and loaded[e["file"]] is None:
+                continue  # unreadable: its rows are not here, so its source must not count
+            self._note_newest(loaded.get(e["file"]) or ChunkMeta.from_dict(e))
         for run in self._tail.values():
             run.fresh = run.end  # what was on disk counts as seen by the online queue
         if changed:
             write_index(self.directory, self._disk.values())
 
-    def _load_chunk(self, path: Path) -> None:
+    def _note_newest(self, meta: ChunkMeta) -> None:
+        """Take a stream's robot position and abandoned state from its chunks, oldest first."""
+        if meta.source is not None:
+            self._source[meta.stream] = meta.source
+        if meta.length:
+            if meta.length - 1 in meta.abandoned:
+                self._force_first.add(meta.stream)
+            else:
+                self._force_first.discard(meta.stream)
+
+    def _load_chunk(self, path: Path) -> ChunkMeta | None:
+        """Read a chunk file into a slot; None (with a warning) when the file cannot be used."""
         try:
             meta, steps, times, versions = read_chunk(path)
             try:
@@ -210,7 +254,7 @@ class Replay:
                 raise ChunkError(f"{path.name}: {meta.length} steps, more than a slot holds")
         except ChunkError as exc:
             warnings.warn(f"replay: skipping chunk file {path}: {exc}", stacklevel=3)
-            return
+            return None
         if self._spec is None:
             self._spec = spec
             self._allocate()
@@ -225,9 +269,10 @@ class Replay:
         tracker = self._tracker(meta.stream, meta.task)
         if not continued:
             tracker.reset()
-        tracker.extend(steps["reward"], steps["is_first"], steps["is_last"])
+        tracker.extend(steps["reward"], steps["is_first"], steps["is_last"], meta.abandoned)
         self._steps[meta.stream] += meta.length
         self._ram += meta.length
+        return meta
 
     # --- memory -------------------------------------------------------------------------------------
 
@@ -294,6 +339,8 @@ class Replay:
             chunk = next(iter(self._chunks.values()))
             if not chunk.sealed:
                 self._seal(chunk)
+            elif self._rewrite.pop(chunk.meta.seq, None) is not None:
+                self._write_sealed(chunk)
             run = chunk.run
             assert run.chunks[0] is chunk
             run.chunks.popleft()
@@ -311,6 +358,11 @@ class Replay:
 
     # --- adding and writing -------------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"replay {self.directory} is closed")
+
+    @_locked
     def add(
         self,
         step: dict[str, Any],
@@ -321,33 +373,147 @@ class Replay:
         time: float | None = None,
     ) -> None:
         """Append one step of `stream` (steps of a stream arrive in order; streams may interleave)."""
-        if self._closed:
-            raise RuntimeError(f"replay {self.directory} is closed")
+        self._check_open()
         stream = str(stream)
         if self._spec is None:
             self._spec = StepSpec.from_step(step, stream)
             self._allocate()
         values = self._spec.convert(step, stream)
-        chunk = self._open.get(stream)
-        if chunk is not None and chunk.meta.task != task:
-            self._seal(chunk)  # a chunk has one task
-            chunk = None
-        if chunk is None:
-            chunk = self._new_chunk(stream, task)
+        if stream in self._force_first:
+            values = {**values, "is_first": np.True_}
+            self._force_first.discard(stream)
+        chunk = self._chunk_for(stream, task)
         row = chunk.slot * self._slot_size + chunk.meta.length
         for key, value in values.items():
             self._data[key][row] = value
         self._data[TIME][row] = _time.time() if time is None else time
         self._data[VERSION][row] = policy_version
-        chunk.meta.length += 1
-        chunk.dirty = True
-        self._slot_len[chunk.slot] += 1
-        self._ram += 1
+        self._grown(chunk, 1)
         self._tracker(stream, task).step(float(values["reward"]), bool(values["is_first"]), bool(values["is_last"]))
-        self._steps[stream] += 1
+        self._after_rows(chunk)
+
+    @_locked
+    def add_steps(
+        self,
+        steps: dict[str, np.ndarray],
+        stream: str,
+        *,
+        task: str = "",
+        policy_version: np.ndarray | int | None = None,
+        time: np.ndarray | float | None = None,
+        source: int | None = None,
+        first_index: int = 0,
+        total: int | None = None,
+    ) -> None:
+        """Append T steps of `stream` given as arrays with a leading axis T (the keys of `add`): the same
+        as T calls of `add`, written as slices. `policy_version` and `time` are per step (T,) or one
+        value for all (time defaults to now). A robot chunk passes `source` (its chunk seq),
+        `first_index` (the row of steps[0] in it, when resending a tail) and `total` (its rows, default
+        first_index + T); each replay chunk records the robot position of its newest row."""
+        self._check_open()
+        stream = str(stream)
+        if self._spec is None:
+            if step_count(steps, stream) == 0:
+                return
+            self._spec = StepSpec.from_step({key: value[0] for key, value in steps.items()}, stream)
+            self._allocate()
+        values, count = self._spec.convert_rows(steps, stream)
+        total = first_index + count if total is None else total
+        if source is not None and (source < 0 or first_index < 0 or total < first_index + count):
+            raise ValueError(
+                f"replay steps from stream {stream!r}: bad robot position: source {source}, first_index "
+                f"{first_index}, total {total} for {count} steps (want source >= 0, 0 <= first_index, "
+                "first_index + steps <= total)"
+            )
+        if count == 0:
+            return
+        where = f"replay steps from stream {stream!r}"
+        versions = _per_step(policy_version, 0, count, np.int64, f"{where}: policy_version")
+        times = _per_step(time, _time.time(), count, np.float64, f"{where}: time")
+        done = 0
+        while done < count:
+            chunk = self._chunk_for(stream, task)
+            # stop where a run of `add` calls would evict, so both cut the same chunks
+            n = min(count - done, self.chunk_length - chunk.meta.length, max(1, self.ram_steps + 1 - self._ram))
+            base = chunk.slot * self._slot_size + chunk.meta.length
+            rows = slice(base, base + n)
+            for key, value in values.items():
+                self._data[key][rows] = value[done : done + n]
+            self._data[TIME][rows] = times[done : done + n]
+            self._data[VERSION][rows] = versions[done : done + n]
+            if stream in self._force_first:
+                self._data["is_first"][base] = True
+                self._force_first.discard(stream)
+            if source is not None:
+                chunk.meta.source = self._source[stream] = (source, first_index + done + n - 1, total)
+            self._grown(chunk, n)
+            self._tracker(stream, task).extend(
+                self._data["reward"][rows], self._data["is_first"][rows], self._data["is_last"][rows]
+            )
+            done += n
+            self._after_rows(chunk)
+
+    def _chunk_for(self, stream: str, task: str) -> _Chunk:
+        """The chunk the stream's next step goes to (a new one after a task change: a chunk has one task)."""
+        chunk = self._open.get(stream)
+        if chunk is not None and chunk.meta.task != task:
+            self._seal(chunk)
+            chunk = None
+        return self._new_chunk(stream, task) if chunk is None else chunk
+
+    def _grown(self, chunk: _Chunk, n: int) -> None:
+        """Count n rows just written at the end of `chunk`."""
+        chunk.meta.length += n
+        chunk.dirty = True
+        self._slot_len[chunk.slot] += n
+        self._ram += n
+        self._steps[chunk.meta.stream] = self._steps.get(chunk.meta.stream, 0) + n
+
+    def _after_rows(self, chunk: _Chunk) -> None:
         if chunk.meta.length >= self.chunk_length:
             self._seal(chunk)
         self._evict()
+
+    @_locked
+    def close_episode(self, stream: str) -> bool:
+        """End `stream`'s running episode at its last stored step (a robot vanished): is_last, not
+        is_terminal, so it counts as cut; the change reaches its chunk file at the next flush. The
+        stream's next step is made is_first (a robot that comes back must not continue across the gap).
+        False when the stream has no steps, its last step is already is_last, or it left RAM (logged)."""
+        self._check_open()
+        stream = str(stream)
+        if stream not in self._last_uuid:
+            return False
+        self._force_first.add(stream)
+        chunk = self._open.get(stream)
+        run = self._tail.get(stream)
+        if chunk is None and run is not None and run.chunks and run.chunks[-1].meta.uuid == self._last_uuid[stream]:
+            chunk = run.chunks[-1]
+        if chunk is None or chunk.meta.length == 0:
+            log.warning(
+                "replay %s: cannot mark the episode of stream %r abandoned: its last step left RAM (chunk %s)",
+                self.directory,
+                stream,
+                self._last_uuid[stream],
+            )
+            return False
+        row = chunk.slot * self._slot_size + chunk.meta.length - 1
+        if self._data["is_last"][row]:
+            return False
+        self._data["is_last"][row] = True
+        chunk.meta.abandoned = (*chunk.meta.abandoned, chunk.meta.length - 1)
+        chunk.dirty = True
+        if chunk.sealed:
+            self._rewrite[chunk.meta.seq] = chunk
+        self._trackers[stream].abandon()
+        return True
+
+    @_locked
+    def source_position(self, stream: str) -> Source | None:
+        """The newest recorded robot position (seq, index, total) of `stream`, in RAM or on disk (None if
+        it has none). Robot chunks with seq < s are duplicates, rows <= index of seq s are stored, seq
+        s + 1 is next. After flush() it is exactly what the files say, so it survives a kill."""
+        return self._source.get(str(stream))
 
     def _tracker(self, stream: str, task: str) -> EpisodeTracker:
         self._tasks[stream] = task
@@ -375,6 +541,12 @@ class Replay:
         path = self.directory / meta.name
         self._worker.submit(lambda: write_chunk(path, meta, steps, times, versions, self.compress))
         self._disk[path.name] = {"file": path.name, **asdict(meta), "size": None, "mtime_ns": None}
+        chunk.dirty = False
+
+    def _write_sealed(self, chunk: _Chunk) -> None:
+        """Rewrite a sealed chunk changed by close_episode, unless the disk cap already deleted its file."""
+        if chunk.dirty and chunk.meta.name in self._disk:
+            self._write(chunk)
         chunk.dirty = False
 
     def _seal(self, chunk: _Chunk) -> None:
@@ -409,11 +581,16 @@ class Replay:
             )
         return bool(deleted)
 
+    @_locked
     def flush(self) -> None:
-        """Write every partially filled chunk now (it stays open; later steps rewrite the same file)."""
+        """Write every partially filled chunk now (it stays open; later steps rewrite the same file) and
+        every sealed chunk close_episode changed, and wait until all of it is on disk."""
         for chunk in list(self._open.values()):
             if chunk.dirty and chunk.meta.length > 0:
                 self._write(chunk)
+        for chunk in self._rewrite.values():
+            self._write_sealed(chunk)
+        self._rewrite.clear()
         self._enforce_disk_cap()
         self._worker.wait()
         for name, entry in list(self._disk.items()):
@@ -424,6 +601,7 @@ class Replay:
                     del self._disk[name]
         write_index(self.directory, self._disk.values())
 
+    @_locked
     def close(self) -> None:
         """Flush, and stop the disk worker. Data not flushed or closed is lost if the process dies."""
         if not self._closed:
@@ -455,6 +633,7 @@ class Replay:
         chunks, starts, slots, runs = self._table
         return chunks, start_table(starts, self._slot_len[slots], runs, length)
 
+    @_locked
     def sample(self, batch: int, length: int) -> dict[str, np.ndarray]:
         """`batch` sequences of `length` consecutive steps of one stream each: step keys shaped
         (batch, length, ...), `ids` (batch, length) for write_context, and the replay context of the
@@ -513,6 +692,7 @@ class Replay:
 
     # --- replay context -----------------------------------------------------------------------------
 
+    @_locked
     def write_context(self, ids: np.ndarray, latents: dict[str, np.ndarray]) -> None:
         """Store per-step posterior latents (each (batch, length, ...), matching `ids`) so that later
         sequences starting right after these steps start from them. Steps that left RAM are skipped."""
@@ -551,9 +731,11 @@ class Replay:
 
     # --- stats and checkpoint state -----------------------------------------------------------------
 
+    @_locked
     def stats(self) -> dict[str, Any]:
         """Per stream (steps loaded at open plus added since): task, steps, completed episodes and their
-        returns, steps in RAM; and totals, including what is on disk."""
+        returns, abandoned episodes, steps in RAM, robot source position; and totals, including what is
+        on disk."""
         in_ram: dict[str, int] = {}
         for chunk in self._chunks.values():
             in_ram[chunk.meta.stream] = in_ram.get(chunk.meta.stream, 0) + chunk.meta.length
@@ -563,7 +745,9 @@ class Replay:
                 "steps": self._steps[s],
                 "episodes": len(t.returns),
                 "returns": list(t.returns),
+                "abandoned": t.abandoned,
                 "ram_steps": in_ram.get(s, 0),
+                "source": list(self._source[s]) if s in self._source else None,
             }
             for s, t in self._trackers.items()
         }
@@ -571,6 +755,7 @@ class Replay:
             "streams": len(streams),
             "steps": sum(v["steps"] for v in streams.values()),
             "episodes": sum(v["episodes"] for v in streams.values()),
+            "abandoned": sum(v["abandoned"] for v in streams.values()),
             "ram_steps": self._ram,
             "disk_steps": sum(e["length"] for e in self._disk.values()),
             "disk_chunks": len(self._disk),
@@ -588,6 +773,7 @@ class Replay:
         chunk = by_uuid.get(ref[0])
         return (chunk.run, chunk.start + int(ref[1])) if chunk else None
 
+    @_locked
     def save(self) -> dict[str, Any]:
         """Small JSON-able state for checkpoints (rng, online queue, fresh-data marks). Flushes first, so
         every step it refers to is on disk."""
@@ -600,6 +786,7 @@ class Replay:
             "fresh": {s: self._ref(r, max(r.fresh, r.lo)) for s, r in self._tail.items() if r.chunks},
         }
 
+    @_locked
     def load(self, state: dict[str, Any]) -> None:
         """Restore `save()`'s state (after reopening the directory); references to steps no longer in
         RAM are dropped."""
@@ -616,3 +803,13 @@ class Replay:
             found = self._deref(ref, by_uuid)
             if found and self._tail.get(stream) is found[0]:
                 found[0].fresh = found[1]
+
+
+def _per_step(value: Any, default: Any, count: int, dtype: type, where: str) -> np.ndarray:
+    """A per-step column (count,) from one value for all steps or an array of count values."""
+    arr = np.asarray(default if value is None else value, dtype)
+    if arr.ndim == 0:
+        return np.full(count, arr)
+    if arr.shape != (count,):
+        raise ValueError(f"{where} has shape {arr.shape}, expected ({count},) or one value")
+    return arr

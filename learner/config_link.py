@@ -1,0 +1,50 @@
+"""Config block of the robot <-> learner link (`link:` in a hardware config).
+
+Both processes read the same block: the learner binds `bind`, a robot connects to `learner`.
+Key files are zmq.auth certificates made by `reverie-keys create`; CURVE is required whenever
+an address is not loopback.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from learner.config_base import Block
+from learner.config_errors import FieldError
+
+
+class LinkConfig(Block):
+    bind: str = Field("tcp://127.0.0.1:5555", description="learner: address its server binds (tcp://HOST:PORT)")
+    learner: str = Field("tcp://127.0.0.1:5555", description="robot: address of the learner to connect to")
+    robot_id: str | None = Field(None, description="robot: id on the link (letters, digits, _.-); null = config name")
+    chunk_seconds: float = Field(1.0, gt=0, le=60, description="robot: experience sent in chunks of this many seconds")
+    heartbeat_s: float = Field(0.5, gt=0, le=10, description="heartbeat period, both ways, s")
+    lost_after_s: float = Field(2.0, gt=0, le=60, description="robot: learner counts as lost after this silence, s")
+    resend_after_s: float = Field(3.0, gt=0, le=600, description="robot: resend a chunk unacknowledged this long, s")
+    robot_lost_s: float = Field(
+        5.0, gt=0, le=600, description="learner: a silent robot is lost after this, s; its episode closes as abandoned"
+    )
+    spool_dir: str | None = Field(None, description="robot: unacknowledged chunks on disk; null = spool/<robot_id>")
+    spool_max_mb: float = Field(1024.0, gt=0, description="robot: spool size limit, MiB; full = the robot stops")
+    max_message_mb: float = Field(256.0, gt=0, description="largest message either side accepts, MiB")
+    weights_every_updates: int = Field(20, ge=1, description="learner: publish weights after this many updates")
+    weights_every_s: float = Field(60.0, gt=0, description="learner: ... or after this many seconds, if updated")
+    weights_dtype: Literal["float32", "float16"] = Field("float32", description="weights precision on the wire")
+    initial_weights: str | None = Field(
+        None, description="robot: policy weights file acted with until the learner's first weights; null = random"
+    )
+    server_secret: str | None = Field(None, description="learner: its *.key_secret file (CURVE)")
+    allow_dir: str | None = Field(None, description="learner: directory of allowed robot public *.key files")
+    client_secret: str | None = Field(None, description="robot: its *.key_secret file (CURVE)")
+    server_public: str | None = Field(None, description="robot: the learner's public *.key file")
+
+    @model_validator(mode="after")
+    def _checks(self) -> LinkConfig:
+        if (self.server_secret is None) != (self.allow_dir is None):
+            raise FieldError("link.allow_dir", "set together with link.server_secret (or neither)", self.allow_dir)
+        if (self.client_secret is None) != (self.server_public is None):
+            raise FieldError("link.server_public", "set together with link.client_secret (or neither)",
+                             self.server_public)
+        return self

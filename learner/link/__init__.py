@@ -1,0 +1,1 @@
+"""Robot <-> learner link: the wire protocol, CURVE security and key tooling."""

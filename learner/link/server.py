@@ -1,0 +1,416 @@
+"""The learner's side of the link: one ROUTER socket, served by one background thread.
+
+It takes experience from any number of robots into the replay store and acknowledges a chunk
+only once it is on disk (`Replay.flush` after each batch of received chunks: a group commit).
+Chunks are numbered per robot; the replay store records, with every chunk file, the robot chunk
+and row its last step came from, so a restarted learner still knows what it has and drops
+duplicates. Chunks must arrive in order: a gap (a chunk lost in flight while the learner
+restarted) is not acknowledged, and the robot resends from its oldest unacknowledged chunk.
+
+The thread also sends heartbeats and policy weights, and closes the episode of a robot that went
+silent as abandoned. Malformed messages are rejected, counted and logged once per kind; nothing a
+peer sends can stop the thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from learner.config_link import LinkConfig
+from learner.link.protocol import (
+    Message,
+    ProtocolError,
+    RejectLog,
+    check_steps,
+    decode,
+    encode,
+    spec_of,
+    weights_checksum,
+)
+from learner.link.security import ServerKeys, secure_server
+from learner.replay import Replay
+
+log = logging.getLogger("reverie.link")
+
+SPEC_FILE = "link_spec.json"  # the run's step layout, fixed by the first robot (a restart reads it)
+DRAIN_LIMIT = 512  # messages handled before the next group commit
+POLL_MS = 20
+
+
+class LinkServerError(RuntimeError):
+    """The server cannot start (address in use, bad keys)."""
+
+
+@dataclass
+class RunSpec:
+    """What every robot of a run must send: the step layout, whether actions are discrete, the task."""
+
+    spec: dict[str, tuple[str, tuple[int, ...]]]
+    discrete: bool
+    task: str
+    hz: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spec": {k: [d, list(s)] for k, (d, s) in self.spec.items()}, "discrete": self.discrete,
+                "task": self.task, "hz": self.hz}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> RunSpec:
+        return RunSpec(spec_of(data["spec"]), bool(data["discrete"]), str(data["task"]), float(data["hz"]))
+
+    def mismatch(self, other: RunSpec) -> str | None:
+        if self.spec != other.spec:
+            keys = sorted(set(self.spec) | set(other.spec))
+            diff = [f"{k}: {self.spec.get(k)} vs {other.spec.get(k)}" for k in keys
+                    if self.spec.get(k) != other.spec.get(k)]
+            return "step layout differs from the run's: " + "; ".join(diff)
+        if self.discrete != other.discrete:
+            return f"action kind differs (discrete {other.discrete}, the run's {self.discrete})"
+        return None
+
+
+@dataclass
+class RobotState:
+    """What the learner knows about one connected robot process."""
+
+    robot: str
+    identity: bytes
+    run: str
+    task: str
+    connected: bool = True
+    last_heard: float = field(default_factory=time.monotonic)
+    steps: int = 0
+    duplicates: int = 0
+    rate: float = 0.0  # steps/s, smoothed
+    lag: float = 0.0  # learner receive time - the robot's time of its newest step, s
+    stats: dict[str, Any] = field(default_factory=dict)  # the robot's own heartbeat figures
+    _rate_t: float = field(default_factory=time.monotonic)
+    _rate_n: int = 0
+
+
+@dataclass
+class Position:
+    """Where a robot's stored stream ends: its chunk `seq`, row `index` of `total` rows."""
+
+    seq: int
+    index: int
+    total: int
+
+    @property
+    def complete(self) -> bool:
+        return self.index >= self.total - 1
+
+
+class LinkServer:
+    """Serve robots in a background thread; the trainer reads `spec`, `received` and publishes weights."""
+
+    def __init__(self, cfg: LinkConfig, replay: Replay, run_dir: Path, *, address: str | None = None,
+                 keys: ServerKeys | None = None) -> None:
+        self.cfg, self.replay, self.run_dir = cfg, replay, Path(run_dir)
+        self.address = address or cfg.bind
+        self.keys = keys if keys is not None else _server_keys(cfg)
+        self.server_id = uuid.uuid4().hex
+        self.max_bytes = int(cfg.max_message_mb * 2**20)
+        self.rejects = RejectLog(log)
+        self.robots: dict[str, RobotState] = {}  # by robot id (one live process per robot id)
+        self.positions: dict[str, Position | None] = {}
+        self.received = 0  # new steps stored since this process started
+        self.endpoint = ""
+        self._spec: RunSpec | None = self._load_spec()
+        self._weights: tuple[list[Any], int] | None = None  # encoded frames, version
+        self._weights_new = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="link-server", daemon=True)
+
+    # --- public, any thread
+    @property
+    def spec(self) -> RunSpec | None:
+        return self._spec
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(10.0)
+        if self._error is not None:
+            raise self._error
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def publish(self, blob: bytes, version: int, step: int, dtype: str = "float32") -> None:
+        """Send these policy weights to every robot (now, and to robots that connect later)."""
+        msg = Message("weights", seq=version, meta={"step": int(step), "sha256": weights_checksum(blob),
+                                                    "dtype": dtype},
+                      arrays={"blob": np.frombuffer(blob, np.uint8)})
+        with self._lock:
+            self._weights = (encode(msg), version)
+            self._weights_new = True
+
+    def robot_table(self) -> list[dict[str, Any]]:
+        """One row per robot seen: for the status display and metrics."""
+        now = time.monotonic()
+        with self._lock:
+            return [{"robot": r.robot, "connected": r.connected, "steps": r.steps, "steps_s": round(r.rate, 1),
+                     "lag_s": round(r.lag, 3), "silent_s": round(now - r.last_heard, 1),
+                     "spool": r.stats.get("spool_count"), "version": r.stats.get("version"),
+                     "duplicates": r.duplicates} for r in self.robots.values()]
+
+    def check(self) -> None:
+        """Re-raise an error that stopped the server thread."""
+        if self._error is not None:
+            raise RuntimeError(f"link server stopped: {self._error}") from self._error
+
+    # --- the thread
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        auth = None
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_bytes + 2**16)
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted robot process may reuse an identity
+            sock.setsockopt(zmq.SNDHWM, 100)
+            sock.setsockopt(zmq.RCVHWM, 10_000)
+            auth = secure_server(ctx, sock, self.address, self.keys, log)
+            try:
+                sock.bind(self.address)
+            except zmq.ZMQError as exc:
+                raise LinkServerError(f"cannot listen on {self.address}: {exc.strerror}; is another learner "
+                                      f"running there? choose another port with --bind or link.bind") from None
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            log.info("link server %s listening on %s", self.server_id[:8], self.endpoint)
+        except BaseException as exc:  # noqa: BLE001  (reported to the caller of start)
+            self._error = exc
+            self._ready.set()
+            sock.close(0)
+            ctx.term()
+            return
+        self._ready.set()
+        next_beat = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                acks = self._drain(sock)
+                if acks:
+                    self.replay.flush()  # durable before acknowledged
+                    for robot in acks:
+                        self._ack(sock, robot)
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + self.cfg.heartbeat_s
+                    self._beat(sock)
+                    self._check_lost(now)
+                self._send_weights(sock)
+        except BaseException as exc:  # noqa: BLE001
+            log.exception("link server thread failed")
+            self._error = exc
+        finally:
+            try:
+                self.replay.flush()
+            except Exception:  # noqa: BLE001
+                log.exception("final replay flush failed")
+            sock.close(0)
+            if auth is not None:
+                auth.stop()
+            ctx.term()
+
+    def _drain(self, sock: zmq.Socket) -> set[str]:
+        """Handle waiting messages (up to DRAIN_LIMIT); returns robots whose new chunks need acks."""
+        acks: set[str] = set()
+        if not sock.poll(POLL_MS):
+            return acks
+        for _ in range(DRAIN_LIMIT):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            if len(frames) < 2:
+                self.rejects.reject(ProtocolError("frames", "no message after the peer identity"), "?")
+                continue
+            identity = frames[0].bytes
+            try:
+                msg = decode(frames[1:], self.max_bytes)
+                robot = self._handle(sock, identity, msg)
+            except ProtocolError as err:
+                self.rejects.reject(err, identity.decode(errors="replace"))
+                continue
+            if robot:
+                acks.add(robot)
+        return acks
+
+    def _handle(self, sock: zmq.Socket, identity: bytes, msg: Message) -> str | None:
+        if msg.kind == "hello":
+            self._hello(sock, identity, msg)
+            return None
+        state = self.robots.get(msg.robot)
+        if state is None or state.identity != identity:
+            # Not (or no longer) registered: ask it to say hello again (e.g. after a learner restart).
+            raise ProtocolError("field", f"{msg.kind} from robot {msg.robot!r} before its hello; ignored")
+        state.last_heard = time.monotonic()
+        state.connected = True
+        if msg.kind == "steps":
+            return msg.robot if self._steps(state, msg) else None
+        if msg.kind == "heartbeat":
+            with self._lock:
+                state.stats = dict(msg.meta)
+        elif msg.kind == "bye":
+            log.info("robot %s said bye", msg.robot)
+            self._lost(state, "said bye")
+        else:
+            raise ProtocolError("type", f"a robot may not send {msg.kind!r} messages")
+        return None
+
+    def _hello(self, sock: zmq.Socket, identity: bytes, msg: Message) -> None:
+        meta = msg.meta
+        offered = RunSpec(spec_of(meta["spec"]), bool(meta.get("discrete", False)), str(meta["task"]),
+                          float(meta["hz"]))
+        if self._spec is None:
+            self._adopt(offered)
+        problem = self._spec.mismatch(offered) if self._spec else None
+        if problem:
+            self._send(sock, identity, Message("bye", meta={"reason": problem}))
+            raise ProtocolError("field", f"robot {msg.robot!r} refused: {problem}")
+        old = self.robots.get(msg.robot)
+        if old is not None and old.run != msg.run:
+            self._lost(old, f"replaced by a new process (run {msg.run[:8]})")
+        if old is None or old.run != msg.run or old.identity != identity:
+            log.info("robot %s connected (run %s)", msg.robot, msg.run[:8])
+            with self._lock:
+                self.robots[msg.robot] = RobotState(msg.robot, identity, msg.run, offered.task)
+        state = self.robots[msg.robot]
+        state.last_heard, state.connected = time.monotonic(), True
+        pos = self._position(msg.robot)
+        first_pending = meta.get("first_pending")
+        if pos is not None and isinstance(first_pending, int) and first_pending > pos.seq + 1:
+            # The robot no longer has the chunks in between (its spool lost them): carry on after it.
+            log.warning("robot %s: chunks %d..%d never arrived and the robot no longer has them",
+                        msg.robot, pos.seq + 1, first_pending - 1)
+            self.positions[msg.robot] = Position(first_pending - 1, 0, 1)
+            pos = self.positions[msg.robot]
+        next_seq = 0 if pos is None else (pos.seq + 1 if pos.complete else pos.seq)
+        version = self._weights[1] if self._weights else 0
+        self._send(sock, identity, Message("welcome", meta={"server": self.server_id, "next_seq": next_seq,
+                                                            "version": version}))
+        if self._weights is not None:
+            self._send(sock, identity, frames=self._weights[0])
+
+    def _adopt(self, spec: RunSpec) -> None:
+        self._spec = spec
+        path = self.run_dir / SPEC_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(spec.to_json(), indent=1))
+        os.replace(tmp, path)
+        log.info("run step layout fixed by the first robot: %s", ", ".join(f"{k} {d}{list(s)}"
+                                                                          for k, (d, s) in spec.spec.items()))
+
+    def _load_spec(self) -> RunSpec | None:
+        path = self.run_dir / SPEC_FILE
+        if not path.is_file():
+            return None
+        try:
+            return RunSpec.from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, ProtocolError) as exc:
+            raise ValueError(f"{path}: unreadable run layout ({exc}); move it away to start a new run") from None
+
+    def _position(self, robot: str) -> Position | None:
+        if robot not in self.positions:
+            pos = self.replay.source_position(robot)
+            self.positions[robot] = None if pos is None else Position(*pos)
+        return self.positions[robot]
+
+    def _steps(self, state: RobotState, msg: Message) -> bool:
+        assert self._spec is not None
+        total = check_steps(msg, self._spec.spec)
+        pos = self._position(state.robot)
+        if pos is None or msg.seq == pos.seq + 1 and pos.complete:
+            first = 0
+        elif msg.seq < pos.seq or (msg.seq == pos.seq and pos.complete):
+            state.duplicates += 1
+            return True  # already stored: acknowledge again
+        elif msg.seq == pos.seq:
+            first = pos.index + 1  # the learner died mid-chunk: store the rest
+        else:
+            return False  # a gap: wait for the robot to resend in order
+        steps = {k: msg.arrays[k][first:] for k in self._spec.spec}
+        self.replay.add_steps(steps, state.robot, task=state.task, policy_version=msg.arrays["policy_version"][first:],
+                              time=msg.arrays["time"][first:], source=msg.seq, first_index=first, total=total)
+        self.positions[state.robot] = Position(msg.seq, total - 1, total)
+        n = total - first
+        self.received += n
+        now = time.monotonic()
+        with self._lock:
+            state.steps += n
+            state.lag = time.time() - float(msg.arrays["time"][-1])
+            state._rate_n += n
+            if now - state._rate_t >= 1.0:
+                inst = state._rate_n / (now - state._rate_t)
+                state.rate = inst if state.rate == 0 else 0.7 * state.rate + 0.3 * inst
+                state._rate_t, state._rate_n = now, 0
+        return True
+
+    def _ack(self, sock: zmq.Socket, robot: str) -> None:
+        state, pos = self.robots.get(robot), self.positions.get(robot)
+        if state is None or pos is None:
+            return
+        upto = pos.seq if pos.complete else pos.seq - 1
+        if upto >= 0:
+            self._send(sock, state.identity, Message("ack", robot=robot, seq=upto))
+
+    def _beat(self, sock: zmq.Socket) -> None:
+        meta = {"server": self.server_id, "version": self._weights[1] if self._weights else 0}
+        for state in list(self.robots.values()):
+            if state.connected:
+                self._send(sock, state.identity, Message("heartbeat", meta=meta))
+
+    def _check_lost(self, now: float) -> None:
+        for state in list(self.robots.values()):
+            if state.connected and now - state.last_heard > self.cfg.robot_lost_s:
+                self._lost(state, f"silent for {now - state.last_heard:.1f} s")
+
+    def _lost(self, state: RobotState, why: str) -> None:
+        with self._lock:
+            state.connected = False
+        if self.replay.close_episode(state.robot):
+            log.warning("robot %s lost (%s): its running episode is closed as abandoned", state.robot, why)
+        else:
+            log.info("robot %s gone (%s)", state.robot, why)
+
+    def _send_weights(self, sock: zmq.Socket) -> None:
+        with self._lock:
+            if not self._weights_new or self._weights is None:
+                return
+            frames, version = self._weights
+            self._weights_new = False
+        for state in list(self.robots.values()):
+            if state.connected:
+                self._send(sock, state.identity, frames=frames)
+        log.debug("weights v%d sent", version)
+
+    def _send(self, sock: zmq.Socket, identity: bytes, msg: Message | None = None,
+              frames: list[Any] | None = None) -> None:
+        parts = frames if frames is not None else encode(msg)  # type: ignore[arg-type]
+        # A robot whose queue is full gets the next heartbeat/ack/weights instead.
+        with contextlib.suppress(zmq.Again):
+            sock.send_multipart([identity, *parts], zmq.NOBLOCK, copy=False)
+
+
+def _server_keys(cfg: LinkConfig) -> ServerKeys | None:
+    if cfg.server_secret is None or cfg.allow_dir is None:
+        return None
+    return ServerKeys(Path(cfg.server_secret), Path(cfg.allow_dir))

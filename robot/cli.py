@@ -1,0 +1,92 @@
+"""`reverie-robot`: the on-robot process.
+
+    reverie-robot run --config hardware_configs/sim_arm_reach.yaml --learner tcp://HOST:5555
+
+Drives the config's robot backend at `control.hz` with the local policy, streams experience to the
+learner and acts with the newest weights it sends. Ctrl-C (or --duration / --steps) stops the robot
+safely; experience not yet acknowledged stays in the spool and is sent on the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from learner.config import ConfigError, load_config
+from learner.link.security import ClientKeys, LinkSecurityError
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from robot.backends import BackendError, make_backend
+    from robot.link import RobotLink
+    from robot.runner import ControlLoop, load_initial, step_spec
+    from robot.spool import Spool
+
+    torch.set_num_threads(1)  # the policy shares the robot's CPU with the control loop: keep it predictable
+    cfg = load_config(args.config, args.set)
+    link_cfg = cfg.link
+    robot_id = args.robot_id or link_cfg.robot_id or cfg.name
+    address = args.learner or link_cfg.learner
+    spool_dir = Path(args.spool or link_cfg.spool_dir or Path("spool") / robot_id)
+    keys = (ClientKeys(Path(link_cfg.client_secret), Path(link_cfg.server_public))
+            if link_cfg.client_secret and link_cfg.server_public else None)
+    try:
+        robot = make_backend(cfg)
+    except BackendError as exc:
+        print(f"reverie-robot: {exc}", file=sys.stderr)
+        return 2
+    with robot:
+        spec, act = step_spec(robot)
+        spool = Spool(spool_dir, int(link_cfg.spool_max_mb * 2**20))
+        hello = {"spec": spec, "task": cfg.task or cfg.name, "hz": float(cfg.control.hz), "discrete": act.discrete}
+        link = RobotLink(address, robot_id, spool, hello, keys=keys, heartbeat_s=link_cfg.heartbeat_s,
+                         lost_after_s=link_cfg.lost_after_s, resend_after_s=link_cfg.resend_after_s,
+                         max_bytes=int(link_cfg.max_message_mb * 2**20))
+        loop = ControlLoop(cfg, robot, link, seed=cfg.seed, initial=load_initial(link_cfg.initial_weights))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: loop.stop("interrupted"))
+        link.start()
+        try:
+            stats = loop.run(duration=args.duration, max_steps=args.steps)
+        finally:
+            link.close()
+    status = link.status()
+    summary = {"robot": robot_id, "stopped": loop.stop_reason, "steps": stats.steps, "episodes": stats.episodes,
+               "weights_swaps": stats.swaps, "acting_version": loop.version,
+               "period_error_p50": round(stats.period_error(0.5), 4),
+               "period_error_p99": round(stats.period_error(0.99), 4),
+               "spool_pending": status.spool_count, "weights_rejected": status.weights_rejected}
+    print(json.dumps(summary))
+    return 3 if loop.stop_reason.startswith("spool full") else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reverie-robot", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="drive a robot and learn with a learner")
+    run.add_argument("--config", required=True, help="a YAML file from hardware_configs/")
+    run.add_argument("--learner", help="learner address (default: link.learner), e.g. tcp://10.0.0.2:5555")
+    run.add_argument("--robot-id", help="id on the link (default: link.robot_id, else the config name)")
+    run.add_argument("--spool", help="spool directory (default: link.spool_dir, else spool/<robot id>)")
+    run.add_argument("--duration", type=float, help="stop after this many seconds")
+    run.add_argument("--steps", type=int, help="stop after this many control steps")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--verbose", action="store_true", help="log link events")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return _run(args)
+    except (ConfigError, LinkSecurityError, OSError) as exc:
+        print(f"reverie-robot: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,473 @@
+"""The robot's side of the robot <-> learner link, run in a background thread.
+
+Why a thread and a spool: the control loop must never wait on the network (DayDreamer's actor hung
+forever when the learner was down). `submit` only hands a chunk to the thread; the thread stores it
+in the on-disk `Spool` first and sends it second, and deletes it only when the learner acknowledges
+it, so a learner that is down, restarting or unreachable costs no experience. Everything the learner
+sends is untrusted: messages are validated by the protocol, weights are checked (sha256, version,
+finite tensors) before the control loop can take them.
+
+Session: the robot says "hello" until a "welcome" names the learner process and the next seq it
+expects; the robot then (re)sends every unacknowledged chunk, oldest first. Heartbeats flow every
+`heartbeat_s`; silence for `lost_after_s` means the learner is lost, and the robot says hello again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+
+from learner.checkpoint import CheckpointError, weights_from_bytes
+from learner.link.protocol import (
+    DEFAULT_MAX_BYTES,
+    ID_RE,
+    Message,
+    ProtocolError,
+    RejectLog,
+    decode,
+    encode,
+    weights_checksum,
+)
+from learner.link.security import ClientKeys, secure_client
+from robot.spool import Spool, SpoolCorrupt, SpoolFull
+
+_POLL_MS = 50  # longest the thread sleeps: how fast it notices a submitted chunk or close()
+_WINDOW = 64  # chunks sent and not yet acknowledged, at most (bounds what sits in zmq's queues)
+_MAX_RECV_PER_TURN = 256
+
+
+class LinkError(RuntimeError):
+    """The link cannot keep the control loop's data safe (thread died, spool unwritable, link closed)."""
+
+
+@dataclass
+class Weights:
+    """Verified policy weights from the learner; `blob` is a Reverie weights blob (`weights_from_bytes`)."""
+
+    version: int
+    step: int
+    blob: bytes
+    received: float  # time.time() when verified
+
+
+@dataclass
+class LinkStatus:
+    """A snapshot of the link for displays and logs; `last_heard` is time.time() of the last valid message."""
+
+    connected: bool
+    server: str
+    acked: int
+    spool_count: int
+    spool_bytes: int
+    last_heard: float | None
+    weights_version: int
+    weights_rejected: int
+    last_rejection: str
+    malformed: int = 0  # messages from the network that broke the protocol
+    last_error: str = ""  # the last unexpected error inside the link thread (logged with its traceback)
+    queued: int = 0  # chunks submitted but not yet in the spool
+    spool_error: str = ""  # why the oldest queued chunk cannot be spooled (spool full, disk error); "" when fine
+
+
+class RobotLink:
+    """Robot <-> learner link: spool-first, non-blocking for the caller, resilient to learner restarts."""
+
+    def __init__(
+        self,
+        address: str,
+        robot_id: str,
+        spool: Spool,
+        hello_meta: dict,
+        *,
+        keys: ClientKeys | None = None,
+        heartbeat_s: float = 0.5,
+        lost_after_s: float = 2.0,
+        resend_after_s: float = 3.0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        log: logging.Logger | None = None,
+    ) -> None:
+        if not isinstance(robot_id, str) or not ID_RE.fullmatch(robot_id):
+            raise ValueError(f"robot id {robot_id!r} must be 1..64 of letters, digits, '_', '.', '-'")
+        for name, value in (("heartbeat_s", heartbeat_s), ("lost_after_s", lost_after_s),
+                            ("resend_after_s", resend_after_s)):
+            if not value > 0:
+                raise ValueError(f"RobotLink {name} must be > 0, got {value}")
+        self.address = address
+        self.robot_id = robot_id
+        self.run_id = uuid.uuid4().hex
+        self.spool = spool
+        self.keys = keys
+        self.heartbeat_s = float(heartbeat_s)
+        self.lost_after_s = float(lost_after_s)
+        self.resend_after_s = float(resend_after_s)
+        self.max_bytes = int(max_bytes)
+        self.log = log or logging.getLogger(__name__)
+        self._hello = encode(Message("hello", robot_id, self.run_id, 0, meta=dict(hello_meta)))  # fails early if bad
+
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._inbox: deque[dict[str, np.ndarray]] = deque()  # submitted, not yet spooled (thread pops the left)
+        self._stats: dict[str, Any] = {}
+        self._new_weights: Weights | None = None
+        self._put_error: BaseException | None = None  # why the last chunk could not be spooled; cleared on success
+        self._fatal: BaseException | None = None  # the thread died of this
+        self._rejects = RejectLog(self.log)
+        self._status = LinkStatus(False, "", -1, spool.count, spool.bytes, None, 0, 0, "")
+
+        # Thread-owned state (only the link thread touches these once it runs).
+        self._connected = False
+        self._server = ""  # learner process id from its welcome
+        self._server_run = ""  # run field of the welcome header: later messages must carry the same
+        self._acked = -1
+        self._last_heard = 0.0  # monotonic
+        self._heard_wall: float | None = None  # time.time() of the same, for status()
+        self._sent_at: dict[int, float] = {}  # seq -> monotonic time of the last send
+        self._next_hello = 0.0
+        self._next_heartbeat = 0.0
+        self._next_pump = 0.0
+        self._weights_version = 0
+        self._weights_run = ""  # learner run that sent the current weights; versions count per learner run
+        self._rejected = 0
+        self._last_rejection = ""
+        self._last_error = ""
+
+    # --- control-loop side -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create and connect the socket (LinkSecurityError here if keys are needed), then start the thread."""
+        if self._thread is not None or self._closed:
+            raise LinkError(f"robot link {self.robot_id}: start() called twice or after close()")
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.SNDHWM, 1000)
+            sock.setsockopt(zmq.RCVHWM, 1000)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)
+            sock.setsockopt(zmq.IDENTITY, f"{self.robot_id}/{self.run_id}".encode())
+            secure_client(sock, self.address, self.keys, self.log)
+            sock.connect(self.address)
+        except BaseException:
+            sock.close(linger=0)
+            ctx.term()
+            raise
+        self.log.info("robot link %s (run %s) -> %s", self.robot_id, self.run_id, self.address)
+        # The socket moves to the thread here; Thread.start is the memory barrier zmq asks for.
+        self._thread = threading.Thread(target=self._run, args=(ctx, sock), name=f"robot-link-{self.robot_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the thread: spool what is still in memory, say "bye" (best effort), drop unsent messages."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self.log.error("robot link %s: thread did not stop within %.1f s", self.robot_id, timeout)
+
+    def __enter__(self) -> RobotLink:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def submit(self, arrays: dict[str, np.ndarray]) -> None:
+        """Queue one chunk (copied) for the thread to spool and send; never waits on the network or the disk.
+
+        The chunk is always queued, so nothing recorded is dropped. Raises ProtocolError for a chunk the
+        protocol refuses (nothing queued), and SpoolFull / LinkError when earlier chunks could not be spooled
+        (they wait in memory): the caller should stop the robot safely and report the message.
+        """
+        if self._closed:
+            raise LinkError(f"robot link {self.robot_id}: submit() after close()")
+        if self._fatal is not None:
+            raise LinkError(f"robot link {self.robot_id}: link thread died: {self._fatal!r}") from self._fatal
+        chunk = {name: np.array(value, copy=True) for name, value in arrays.items()}
+        encode(Message("steps", self.robot_id, self.run_id, 0, arrays=chunk))  # same checks the thread will meet
+        self._inbox.append(chunk)
+        err = self._put_error
+        if err is None:
+            return
+        waiting = len(self._inbox)
+        if isinstance(err, SpoolFull):
+            raise SpoolFull(f"{err}; {waiting} chunks wait in memory")
+        raise LinkError(f"robot link {self.robot_id}: cannot spool chunks ({err}); {waiting} wait in memory") from err
+
+    def take_weights(self) -> Weights | None:
+        """The newest verified weights not taken yet, else None."""
+        with self._lock:
+            weights, self._new_weights = self._new_weights, None
+        return weights
+
+    def set_stats(self, **stats: Any) -> None:
+        """Merge values (version acting, steps/s, period error...) into the robot's heartbeat meta."""
+        clean = {k: v.item() if isinstance(v, np.generic) else v for k, v in stats.items()}
+        with self._lock:
+            merged = {**self._stats, **clean}
+        encode(Message("heartbeat", self.robot_id, self.run_id, 0, meta=merged))  # ProtocolError names a bad value
+        with self._lock:
+            self._stats = merged
+
+    def status(self) -> LinkStatus:
+        """A consistent snapshot, safe to call from any thread."""
+        with self._lock:
+            return replace(self._status)
+
+    # --- the thread ------------------------------------------------------------------------------
+
+    def _run(self, ctx: zmq.Context, sock: zmq.Socket) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._turn(sock)
+                except Exception as exc:  # noqa: BLE001 - logged, stored, surfaced by status(); the link keeps going
+                    self._last_error = f"{type(exc).__name__}: {exc}"
+                    self.log.exception("robot link %s: unexpected error (the link keeps running)", self.robot_id)
+                    self._publish()
+                    self._stop.wait(0.1)
+        except BaseException as exc:
+            self._fatal = exc
+            self.log.critical("robot link %s: thread died: %r", self.robot_id, exc, exc_info=True)
+            raise
+        finally:
+            self._shutdown(ctx, sock)
+
+    def _shutdown(self, ctx: zmq.Context, sock: zmq.Socket) -> None:
+        try:
+            self._spool_inbox(sock, send=False)
+            if self._inbox:
+                self.log.error("robot link %s: closing with %d chunks that did not fit in the spool %s (lost)",
+                               self.robot_id, len(self._inbox), self.spool.directory)
+            if self._connected:
+                self._send(sock, encode(Message("bye", self.robot_id, self.run_id)))
+            self._publish()
+        except Exception:  # noqa: BLE001 - shutdown must finish closing the socket
+            self.log.exception("robot link %s: error while closing", self.robot_id)
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+
+    def _turn(self, sock: zmq.Socket) -> None:
+        now = time.monotonic()
+        due = self._next_heartbeat if self._connected else self._next_hello
+        wait_ms = int(max(0.0, min(due - now, _POLL_MS / 1000)) * 1000)
+        if sock.poll(wait_ms, zmq.POLLIN):
+            self._receive(sock)
+        self._spool_inbox(sock, send=True)
+        self._timers(sock)
+        self._publish()
+
+    def _receive(self, sock: zmq.Socket) -> None:
+        for _ in range(_MAX_RECV_PER_TURN):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = decode(frames, self.max_bytes)
+            except ProtocolError as err:
+                self._rejects.reject(err, f"learner at {self.address}")
+                continue
+            self._last_heard = time.monotonic()
+            self._heard_wall = time.time()
+            self._handle(sock, msg)
+
+    def _handle(self, sock: zmq.Socket, msg: Message) -> None:
+        if msg.kind == "welcome":
+            self._on_welcome(sock, msg)
+            return
+        if self._connected and msg.run and self._server_run and msg.run != self._server_run:
+            # Another learner process answers on this address (it restarted): start a new session.
+            self.log.warning("robot link %s: %s from learner run %s, session is with run %s: saying hello again",
+                             self.robot_id, msg.kind, msg.run, self._server_run)
+            self._connected = False
+            self._next_hello = 0.0
+            if msg.kind != "weights":
+                return
+        if msg.kind == "ack":
+            self._ack(msg.seq)
+            self._pump(sock)
+        elif msg.kind == "weights":
+            self._on_weights(msg)
+        elif msg.kind == "bye":
+            if self._connected:
+                self.log.warning("robot link %s: learner %s said bye; spooling until it is back",
+                                 self.robot_id, self._server)
+            self._connected = False
+            self._next_hello = 0.0
+        elif msg.kind != "heartbeat":
+            self._rejects.reject(ProtocolError("type", f"a learner does not send {msg.kind!r}"),
+                                 f"learner at {self.address}")
+
+    def _on_welcome(self, sock: zmq.Socket, msg: Message) -> None:
+        server, next_seq = msg.meta["server"], msg.meta["next_seq"]
+        restarted = bool(self._server) and server != self._server
+        if restarted:
+            self.log.warning("robot link %s: learner restarted (%s -> %s): resending %d unacknowledged chunks",
+                             self.robot_id, self._server, server, self.spool.count)
+        fresh = restarted or not self._connected
+        if not self._connected:
+            self.log.info("robot link %s: connected to learner %s (it expects seq %d; %d chunks spooled)",
+                          self.robot_id, server, next_seq, self.spool.count)
+        self._connected = True
+        self._server, self._server_run = server, msg.run
+        self._next_heartbeat = 0.0
+        if next_seq > self.spool.next_seq:
+            # The learner already holds seqs this robot has not used (its spool was wiped): never reuse them,
+            # or the learner would discard new chunks as duplicates.
+            self.log.warning("robot link %s: learner expects seq %d but the spool is at %d; skipping ahead",
+                             self.robot_id, next_seq, self.spool.next_seq)
+            self.spool.skip_to(next_seq)
+        self._ack(next_seq - 1)
+        if fresh:
+            self._sent_at.clear()  # whatever was in flight went to a session that is gone: send it all again
+        self._pump(sock)
+
+    def _ack(self, upto: int) -> None:
+        if upto < 0:
+            return
+        self.spool.ack(upto)
+        self._acked = max(self._acked, upto)
+        for seq in [s for s in self._sent_at if s <= upto]:
+            del self._sent_at[seq]
+
+    def _on_weights(self, msg: Message) -> None:
+        version, blob = msg.seq, msg.arrays["blob"]
+        reason = ""
+        if version <= self._weights_version and msg.run == self._weights_run:
+            reason = f"version {version} is not newer than the current version {self._weights_version}"
+        elif (digest := weights_checksum(blob)) != msg.meta["sha256"]:
+            reason = f"sha256 mismatch: blob hashes to {digest[:16]}..., header says {msg.meta['sha256'][:16]}..."
+        else:
+            data = bytes(blob)
+            try:
+                tensors, _ = weights_from_bytes(data)
+            except CheckpointError as err:
+                reason = f"not a weights blob: {err}"
+            else:
+                bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t.float()).all())]
+                if bad:
+                    reason = f"tensor {bad[0]!r} has NaN or infinite values ({len(bad)} such tensors)"
+        if reason:
+            self._rejected += 1
+            self._last_rejection = f"weights version {version} (step {msg.meta['step']}) refused: {reason}"
+            self.log.warning("robot link %s: %s; keeping version %d", self.robot_id, self._last_rejection,
+                             self._weights_version)
+            return
+        weights = Weights(version, msg.meta["step"], data, time.time())
+        self._weights_version, self._weights_run = version, msg.run
+        with self._lock:
+            self._new_weights = weights
+        self.log.info("robot link %s: weights version %d (step %d, %d bytes) verified", self.robot_id, version,
+                      weights.step, len(data))
+
+    def _spool_inbox(self, sock: zmq.Socket, send: bool) -> None:
+        while self._inbox:
+            arrays = self._inbox[0]
+            seq = self.spool.next_seq
+            frames = encode(Message("steps", self.robot_id, self.run_id, seq, arrays=arrays))
+            try:
+                self.spool.put(seq, frames)
+            except (SpoolFull, OSError) as err:
+                if self._put_error is None:
+                    self.log.error("robot link %s: cannot spool seq %d: %s", self.robot_id, seq, err)
+                self._put_error = err
+                return
+            self._inbox.popleft()
+            if self._put_error is not None:
+                self.log.warning("robot link %s: spool has room again (seq %d stored)", self.robot_id, seq)
+                self._put_error = None
+            # Send straight away only when every older chunk is already out (else _pump keeps oldest-first order).
+            in_order = len(self._sent_at) == self.spool.count - 1
+            if send and self._connected and in_order and len(self._sent_at) < _WINDOW and self._send(sock, frames):
+                self._sent_at[seq] = time.monotonic()
+
+    def _timers(self, sock: zmq.Socket) -> None:
+        now = time.monotonic()
+        if self._connected and now - self._last_heard > self.lost_after_s:
+            self.log.warning("robot link %s: learner lost: nothing from %s for %.1f s; spooling and saying hello",
+                             self.robot_id, self._server, now - self._last_heard)
+            self._connected = False
+            self._next_hello = now
+        if not self._connected:
+            if now >= self._next_hello:
+                self._send(sock, self._hello)
+                self._next_hello = now + self.heartbeat_s
+            return
+        if now >= self._next_heartbeat:
+            with self._lock:
+                stats = dict(self._stats)
+            meta = {**stats, "spool_count": self.spool.count, "spool_bytes": self.spool.bytes,
+                    "weights_version": self._weights_version, "acked": self._acked}
+            self._send(sock, encode(Message("heartbeat", self.robot_id, self.run_id, 0, meta=meta)))
+            self._next_heartbeat = now + self.heartbeat_s
+        if now >= self._next_pump:
+            self._pump(sock)
+            self._next_pump = now + min(self.heartbeat_s, self.resend_after_s)
+
+    def _pump(self, sock: zmq.Socket) -> None:
+        """Send spooled chunks never sent or unacknowledged for resend_after_s, oldest first, within the window."""
+        if not self._connected:
+            return
+        now = time.monotonic()
+        in_flight = sum(1 for t in self._sent_at.values() if now - t < self.resend_after_s)
+        for seq in self.spool.pending():
+            if in_flight >= _WINDOW:
+                return
+            sent = self._sent_at.get(seq)
+            if sent is not None and now - sent < self.resend_after_s:
+                continue
+            try:
+                frames = self.spool.load(seq)
+            except SpoolCorrupt as err:
+                self.log.error("robot link %s: %s", self.robot_id, err)
+                continue
+            if not self._send(sock, frames):
+                return
+            if sent is not None:
+                self.log.info("robot link %s: resending seq %d (unacknowledged for %.1f s)", self.robot_id, seq,
+                              now - sent)
+            self._sent_at[seq] = now
+            in_flight += 1
+
+    def _send(self, sock: zmq.Socket, frames: list) -> bool:
+        """Never blocks: False when zmq cannot take the message now (no connection, queue full)."""
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as err:
+            self.log.debug("robot link %s: send failed: %s", self.robot_id, err)
+            return False
+        return True
+
+    def _publish(self) -> None:
+        with self._lock:
+            s = self._status
+            s.connected, s.server, s.acked = self._connected, self._server, self._acked
+            s.spool_count, s.spool_bytes = self.spool.count, self.spool.bytes
+            s.last_heard = self._heard_wall
+            s.weights_version, s.weights_rejected, s.last_rejection = (
+                self._weights_version, self._rejected, self._last_rejection)
+            s.malformed, s.last_error = self._rejects.total, self._last_error
+            s.queued, s.spool_error = len(self._inbox), "" if self._put_error is None else str(self._put_error)

@@ -1,0 +1,214 @@
+"""The robot process's control loop: observe -> act with the local policy -> command, at a fixed rate.
+
+Nothing here waits on the network or the learner: experience goes to the link's queue (which
+spools it to disk and sends it from its own thread), and new weights are turned into a policy by a
+background loader and swapped in between two control steps. Until the first weights arrive the
+robot acts randomly (or with `link.initial_weights`). If the spool fills up (the learner has
+been unreachable too long) the robot stops safely and says why: experience is never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from learner.config import Config
+from learner.dreamer.policy import Policy
+from learner.dreamer.preprocess import ActSpace
+from robot.backends import action_dim
+from robot.interface import ArraySpec, Robot
+from robot.link import RobotLink, Weights
+from robot.spool import SpoolFull
+
+log = logging.getLogger("reverie.robot")
+
+
+def step_spec(robot: Robot) -> tuple[dict[str, list[Any]], ActSpace]:
+    """The per-step layout announced to the learner (observation entries + model-form action)."""
+    spec: dict[str, list[Any]] = {k: [np.dtype(s.dtype).name, list(s.shape)] for k, s in robot.observation_spec.items()}
+    dim, discrete = action_dim(robot.action_spec)
+    spec["action"] = ["float32", [dim]]
+    return spec, ActSpace(dim, discrete)
+
+
+class PolicyLoader:
+    """Builds a Policy from received weights in a background thread (it takes milliseconds to tens of
+    milliseconds, more than a control period can spare); the loop picks up the newest one ready."""
+
+    def __init__(self, link: RobotLink) -> None:
+        self.link = link
+        self.ready: Policy | None = None
+        self.failures = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="policy-loader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+
+    def take(self) -> Policy | None:
+        with self._lock:
+            policy, self.ready = self.ready, None
+        return policy
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            weights: Weights | None = self.link.take_weights()
+            if weights is None:
+                continue
+            try:
+                policy = Policy.from_weights(weights.blob)
+                policy.version = weights.version
+            except Exception as exc:  # noqa: BLE001  (bad weights must never stop the robot)
+                self.failures += 1
+                log.warning("weights v%d could not be turned into a policy (%s); keeping the old one",
+                            weights.version, exc)
+                continue
+            with self._lock:
+                self.ready = policy
+
+
+@dataclass
+class LoopStats:
+    steps: int = 0
+    episodes: int = 0
+    chunks: int = 0
+    swaps: int = 0
+    period_errors: list[float] = field(default_factory=list)  # |actual - nominal| / nominal, per step
+    returns: list[float] = field(default_factory=list)
+
+    def period_error(self, q: float) -> float:
+        return float(np.quantile(self.period_errors, q)) if self.period_errors else 0.0
+
+
+class ControlLoop:
+    def __init__(self, cfg: Config, robot: Robot, link: RobotLink, seed: int = 0,
+                 initial: Policy | None = None) -> None:
+        self.cfg, self.robot, self.link = cfg, robot, link
+        self.spec, self.act_space = step_spec(robot)
+        action = robot.action_spec
+        self.low = np.asarray(action.low, np.float32) if isinstance(action, ArraySpec) else None
+        self.high = np.asarray(action.high, np.float32) if isinstance(action, ArraySpec) else None
+        self.policy = initial
+        self.rng = np.random.default_rng(seed)
+        self.loader = PolicyLoader(link)
+        self.chunk_steps = max(1, round(cfg.link.chunk_seconds * cfg.control.hz))
+        self.buffer: list[dict[str, np.ndarray]] = []
+        self.stats = LoopStats()
+        self.stop_reason = ""
+        self._stop = threading.Event()
+
+    @property
+    def version(self) -> int:
+        return self.policy.version if self.policy is not None else 0
+
+    def stop(self, reason: str = "stopped") -> None:
+        self.stop_reason = self.stop_reason or reason
+        self._stop.set()
+
+    def run(self, duration: float | None = None, max_steps: int | None = None) -> LoopStats:
+        """Run until `stop()`, `duration` seconds, `max_steps` steps, or a full spool."""
+        period = 1.0 / self.cfg.control.hz
+        self.loader.start()
+        obs = self.robot.reset()
+        episode_return = 0.0
+        start = last = time.monotonic()
+        deadline = start + period
+        try:
+            while not self._stop.is_set():
+                self._swap_policy()
+                action = self._act(obs)
+                if not obs["is_last"]:  # the last observation of an episode takes no command
+                    self.robot.send(self.act_space.to_env(action, self.low, self.high))
+                self._record(obs, action)
+                episode_return += float(obs["reward"])
+                if obs["is_last"]:
+                    self.stats.episodes += 1
+                    self.stats.returns.append(episode_return)
+                    episode_return = 0.0
+                    obs = self.robot.reset()
+                else:
+                    obs = self.robot.observe()
+                self.stats.steps += 1
+                if max_steps is not None and self.stats.steps >= max_steps:
+                    self.stop("step limit reached")
+                if duration is not None and time.monotonic() - start >= duration:
+                    self.stop("time limit reached")
+                # Hold the rate: sleep to the next tick; when late, start the next period now rather
+                # than bursting to catch up (a burst of commands is worse than a late one).
+                now = time.monotonic()
+                if now < deadline:
+                    time.sleep(deadline - now)
+                now = time.monotonic()
+                self.stats.period_errors.append(abs((now - last) - period) / period)
+                last = now
+                deadline = max(deadline + period, now)
+                if self.stats.steps % self.chunk_steps == 0:
+                    self.link.set_stats(version=self.version, steps=self.stats.steps,
+                                        period_err_p99=round(self.stats.period_error(0.99), 4))
+        except SpoolFull as exc:
+            self.stop(f"spool full, stopping safely: {exc}")
+        finally:
+            self.robot.stop()
+            self.loader.close()
+            self._flush_chunk(final=True)
+        return self.stats
+
+    def _swap_policy(self) -> None:
+        new = self.loader.take()
+        if new is None:
+            return
+        if self.policy is not None and self.policy.state is not None:
+            new.state = self.policy.state  # same architecture: the recurrent state carries over
+        self.policy = new
+        self.stats.swaps += 1
+        log.info("acting with weights v%d", new.version)
+
+    def _act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        if self.policy is None:
+            return self.act_space.random(self.rng)
+        self.policy.act(obs, mode="sample")
+        return np.asarray(self.policy.last_action[0], np.float32)
+
+    def _record(self, obs: dict[str, np.ndarray], action: np.ndarray) -> None:
+        step = {k: np.asarray(obs[k]) for k in self.spec if k != "action"}
+        step["action"] = action
+        step["policy_version"] = np.int64(self.version)
+        step["time"] = np.float64(time.time())
+        self.buffer.append(step)
+        if len(self.buffer) >= self.chunk_steps:
+            self._flush_chunk()
+
+    def _flush_chunk(self, final: bool = False) -> None:
+        if not self.buffer:
+            return
+        arrays = {k: np.stack([s[k] for s in self.buffer]) for k in self.buffer[0]}
+        for key, (dtype, _) in self.spec.items():
+            arrays[key] = arrays[key].astype(dtype, copy=False)
+        self.buffer = []
+        self.stats.chunks += 1
+        try:
+            self.link.submit(arrays)
+        except SpoolFull:
+            if not final:
+                raise
+            log.error("spool full: the last %d steps stay queued in memory and are lost at exit", len(arrays["time"]))
+
+
+def load_initial(path: str | None) -> Policy | None:
+    if path is None:
+        return None
+    policy = Policy.from_weights(Path(path).read_bytes())
+    log.info("acting with initial weights %s (v%d) until the learner's arrive", path, policy.version)
+    return policy
+

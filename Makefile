@@ -6,6 +6,7 @@ STAMP := $(VENV)/.reverie-installed
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
 DEMO_OUT ?= runs/demo
+DEMO_SECONDS ?= 300
 
 .PHONY: demo test lint bench clean
 
@@ -19,9 +20,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# A learner and one simulated robot process on this machine, training ArmReach over the real link.
 demo: $(STAMP)
-	$(VENV)/bin/reverie-sim view --config hardware_configs/sim_arm_reach.yaml --policy scripted \
-		--episodes 2 --out $(DEMO_OUT)/arm_reach.mp4
+	$(PY) -m robot.demo --out $(DEMO_OUT) --seconds $(DEMO_SECONDS)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)

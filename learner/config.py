@@ -20,8 +20,8 @@ from pydantic import Field, ValidationError, model_validator
 
 from learner.config_agent import DreamerConfig, ReplayConfig, TrainConfig
 from learner.config_base import Block
-from learner.config_link import LinkConfig
 from learner.config_errors import ConfigError, FieldError, describe_errors
+from learner.config_link import LinkConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "write_resolved"]
 

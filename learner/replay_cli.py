@@ -51,7 +51,7 @@ def summarize(directory: Path) -> dict[str, Any]:
             tracker.reset()
             s["gaps"] += 1
         last_uuid[meta.stream] = meta.uuid
-        tracker.extend(steps["reward"], steps["is_first"], steps["is_last"])
+        tracker.extend(steps["reward"], steps["is_first"], steps["is_last"], meta.abandoned)
         if meta.task not in s["tasks"]:
             s["tasks"].append(meta.task)
         s["steps"] += meta.length
@@ -59,7 +59,7 @@ def summarize(directory: Path) -> dict[str, Any]:
         if meta.length:
             s["times"] += [float(times.min()), float(times.max())]
         s["versions"].update(np.unique(versions).tolist())
-    out = {name: _stream_report(s, trackers[name].returns) for name, s in streams.items()}
+    out = {name: _stream_report(s, trackers[name]) for name, s in streams.items()}
     totals = {
         "streams": len(out),
         "steps": sum(s["steps"] for s in out.values()),
@@ -70,7 +70,8 @@ def summarize(directory: Path) -> dict[str, Any]:
     return {"directory": str(directory), "streams": out, "totals": totals, "skipped": skipped}
 
 
-def _stream_report(s: dict[str, Any], returns: list[float]) -> dict[str, Any]:
+def _stream_report(s: dict[str, Any], tracker: EpisodeTracker) -> dict[str, Any]:
+    returns = tracker.returns
     first, last = (min(s["times"]), max(s["times"])) if s["times"] else (None, None)
     return {
         "task": s["tasks"][-1] if s["tasks"] else "",
@@ -79,6 +80,7 @@ def _stream_report(s: dict[str, Any], returns: list[float]) -> dict[str, Any]:
         "chunks": s["chunks"],
         "gaps": s["gaps"],  # places where a chunk does not continue the previous one (deleted or unreadable)
         "episodes": len(returns),
+        "abandoned": tracker.abandoned,  # episodes cut because their robot vanished (not counted above)
         "returns": {
             "mean": float(np.mean(returns)) if returns else None,
             "min": min(returns) if returns else None,
@@ -118,6 +120,8 @@ def render(report: dict[str, Any]) -> str:
         span = f" ({tm['span_s']:.1f} s)" if tm["span_s"] is not None else ""
         versions = _versions(s["policy_versions"])
         lines.append(f"    time {_when(tm['first'])} .. {_when(tm['last'])}{span}; policy versions {versions}")
+        if s["abandoned"]:
+            lines.append(f"    {s['abandoned']} episode(s) abandoned (the robot vanished mid-episode)")
         if s["gaps"]:
             lines.append(f"    {s['gaps']} gap(s) between chunks (deleted or unreadable files)")
     if report["skipped"]:

@@ -36,7 +36,7 @@ STATUS_EVERY_S = 10.0
 
 @dataclasses.dataclass
 class ServeCounters:
-    received: int = 0  # steps received over the whole run (all restarts)
+    received: int = 0  # steps stored over the whole run (all restarts)
     last_log: int = 0
     last_checkpoint: int = 0
 
@@ -110,7 +110,8 @@ class Server:
     def _loop(self, deadline: float | None) -> None:
         cfg = self.cfg.train
         batch_steps = cfg.batch_size * cfg.batch_length
-        base = self.counters.received
+        # What the replay holds is the truth (a checkpoint may be older than the last stored chunk).
+        base = self.replay.stats()["totals"]["steps"] - self.link.received
         bar = tqdm(unit="step", disable=not self.progress, dynamic_ncols=True, desc="received")
         next_status = time.monotonic() + STATUS_EVERY_S
         while not self._stop:

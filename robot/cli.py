@@ -14,7 +14,9 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from learner.config import ConfigError, load_config
 from learner.link.security import ClientKeys, LinkSecurityError
@@ -48,12 +50,14 @@ def _run(args: argparse.Namespace) -> int:
         link = RobotLink(address, robot_id, spool, hello, keys=keys, heartbeat_s=link_cfg.heartbeat_s,
                          lost_after_s=link_cfg.lost_after_s, resend_after_s=link_cfg.resend_after_s,
                          max_bytes=int(link_cfg.max_message_mb * 2**20))
-        loop = ControlLoop(cfg, robot, link, seed=cfg.seed, initial=load_initial(link_cfg.initial_weights))
+        loop = ControlLoop(cfg, robot, link, seed=cfg.seed, initial=load_initial(link_cfg.initial_weights),
+                           ledger=args.ledger)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: loop.stop("interrupted"))
         link.start()
         try:
             stats = loop.run(duration=args.duration, max_steps=args.steps)
+            wait_acked(link, 2 * link_cfg.lost_after_s)
         finally:
             link.close()
     status = link.status()
@@ -64,6 +68,17 @@ def _run(args: argparse.Namespace) -> int:
                "spool_pending": status.spool_count, "weights_rejected": status.weights_rejected}
     print(json.dumps(summary))
     return 3 if loop.stop_reason.startswith("spool full") else 0
+
+
+def wait_acked(link: Any, limit: float) -> None:
+    """Give the learner a moment to acknowledge the last chunks (bounded: exiting never hangs;
+    whatever stays unacknowledged is in the spool and is sent on the next run)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        status = link.status()
+        if status.spool_count == 0 or not status.connected:
+            return
+        time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--steps", type=int, help="stop after this many control steps")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--verbose", action="store_true", help="log link events")
+    run.add_argument("--ledger", type=Path, help="append a line per sent chunk: step times and content hashes "
+                     "(to check later that the learner stored every step exactly once)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

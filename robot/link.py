@@ -80,7 +80,10 @@ class LinkStatus:
 
 
 class RobotLink:
-    """Robot <-> learner link: spool-first, non-blocking for the caller, resilient to learner restarts."""
+    """Robot <-> learner link: spool-first, non-blocking for the caller, resilient to learner restarts.
+
+    Once started, the link thread owns `spool` and the socket; other threads use submit/take_weights/status.
+    """
 
     def __init__(
         self,
@@ -142,6 +145,7 @@ class RobotLink:
         self._rejected = 0
         self._last_rejection = ""
         self._last_error = ""
+        self._error_logged = 0.0  # monotonic time the last unexpected error was logged
 
     # --- control-loop side -----------------------------------------------------------------------
 
@@ -178,7 +182,10 @@ class RobotLink:
             return
         self._closed = True
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is None:  # never started: still keep what was submitted
+            self._spool_inbox(None, send=False)
+            self._report_unspooled()
+        else:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 self.log.error("robot link %s: thread did not stop within %.1f s", self.robot_id, timeout)
@@ -241,9 +248,7 @@ class RobotLink:
                 try:
                     self._turn(sock)
                 except Exception as exc:  # noqa: BLE001 - logged, stored, surfaced by status(); the link keeps going
-                    self._last_error = f"{type(exc).__name__}: {exc}"
-                    self.log.exception("robot link %s: unexpected error (the link keeps running)", self.robot_id)
-                    self._publish()
+                    self._on_error(exc)
                     self._stop.wait(0.1)
         except BaseException as exc:
             self._fatal = exc
@@ -252,12 +257,21 @@ class RobotLink:
         finally:
             self._shutdown(ctx, sock)
 
+    def _on_error(self, exc: Exception) -> None:
+        """Log with traceback; the same error repeating every turn is logged again at most every 10 s."""
+        text = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if text != self._last_error or now - self._error_logged >= 10.0:
+            self.log.error("robot link %s: unexpected error (the link keeps running): %s", self.robot_id, text,
+                           exc_info=exc)
+            self._error_logged = now
+        self._last_error = text
+        self._publish()
+
     def _shutdown(self, ctx: zmq.Context, sock: zmq.Socket) -> None:
         try:
             self._spool_inbox(sock, send=False)
-            if self._inbox:
-                self.log.error("robot link %s: closing with %d chunks that did not fit in the spool %s (lost)",
-                               self.robot_id, len(self._inbox), self.spool.directory)
+            self._report_unspooled()
             if self._connected:
                 self._send(sock, encode(Message("bye", self.robot_id, self.run_id)))
             self._publish()
@@ -266,6 +280,11 @@ class RobotLink:
         finally:
             sock.close(linger=0)
             ctx.term()
+
+    def _report_unspooled(self) -> None:
+        if self._inbox:
+            self.log.error("robot link %s: closing with %d chunks that did not fit in the spool %s (lost): %s",
+                           self.robot_id, len(self._inbox), self.spool.directory, self._put_error)
 
     def _turn(self, sock: zmq.Socket) -> None:
         now = time.monotonic()
@@ -381,7 +400,7 @@ class RobotLink:
         self.log.info("robot link %s: weights version %d (step %d, %d bytes) verified", self.robot_id, version,
                       weights.step, len(data))
 
-    def _spool_inbox(self, sock: zmq.Socket, send: bool) -> None:
+    def _spool_inbox(self, sock: zmq.Socket | None, send: bool) -> None:
         while self._inbox:
             arrays = self._inbox[0]
             seq = self.spool.next_seq
@@ -397,6 +416,7 @@ class RobotLink:
             if self._put_error is not None:
                 self.log.warning("robot link %s: spool has room again (seq %d stored)", self.robot_id, seq)
                 self._put_error = None
+            self._publish()  # status shows the chunk spooled before anything about its delivery
             # Send straight away only when every older chunk is already out (else _pump keeps oldest-first order).
             in_order = len(self._sent_at) == self.spool.count - 1
             if send and self._connected and in_order and len(self._sent_at) < _WINDOW and self._send(sock, frames):

@@ -9,6 +9,8 @@ been unreachable too long) the robot stops safely and says why: experience is ne
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -91,9 +93,27 @@ class LoopStats:
         return float(np.quantile(self.period_errors, q)) if self.period_errors else 0.0
 
 
+def step_digests(arrays: dict[str, np.ndarray], keys: list[str]) -> list[str]:
+    """One short content hash per step over `keys` (observations, action, reward): lets a ledger
+    of what a robot produced be checked against what the learner stored."""
+    n = len(next(iter(arrays.values())))
+    out = []
+    for i in range(n):
+        h = hashlib.blake2b(digest_size=12)
+        for key in keys:
+            h.update(np.ascontiguousarray(arrays[key][i]).tobytes())
+        out.append(h.hexdigest())
+    return out
+
+
+def ledger_keys(spec: dict[str, Any]) -> list[str]:
+    """What a ledger digest covers: everything but the episode flags (the learner may cut an episode)."""
+    return sorted(k for k in spec if k not in ("is_first", "is_last", "is_terminal"))
+
+
 class ControlLoop:
     def __init__(self, cfg: Config, robot: Robot, link: RobotLink, seed: int = 0,
-                 initial: Policy | None = None) -> None:
+                 initial: Policy | None = None, ledger: Path | None = None) -> None:
         self.cfg, self.robot, self.link = cfg, robot, link
         self.spec, self.act_space = step_spec(robot)
         action = robot.action_spec
@@ -107,6 +127,7 @@ class ControlLoop:
         self.stats = LoopStats()
         self.stop_reason = ""
         self._stop = threading.Event()
+        self.ledger = open(ledger, "a") if ledger is not None else None  # noqa: SIM115  (closed in run)
 
     @property
     def version(self) -> int:
@@ -162,6 +183,8 @@ class ControlLoop:
             self.robot.stop()
             self.loader.close()
             self._flush_chunk(final=True)
+            if self.ledger is not None:
+                self.ledger.close()
         return self.stats
 
     def _swap_policy(self) -> None:
@@ -197,6 +220,10 @@ class ControlLoop:
             arrays[key] = arrays[key].astype(dtype, copy=False)
         self.buffer = []
         self.stats.chunks += 1
+        if self.ledger is not None:
+            digests = step_digests(arrays, ledger_keys(self.spec))
+            self.ledger.write(json.dumps({"time": arrays["time"].tolist(), "digest": digests}) + "\n")
+            self.ledger.flush()
         try:
             self.link.submit(arrays)
         except SpoolFull:

@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("view", help="run a policy and write a video (MP4 or GIF)")
     common(v)
-    v.add_argument("--policy", choices=("random", "scripted"), default="random")
+    v.add_argument("--policy", default="random",
+                   help="random, scripted, or a trained policy file (a run's policy.safetensors)")
     v.add_argument("--steps", type=int, default=200, help="policy steps = video frames")
     v.add_argument("--out", type=Path, default=Path("run.mp4"), help="output video (.mp4 or .gif)")
     v.add_argument("--size", type=int, default=256, help="height and width of the scene view, pixels")

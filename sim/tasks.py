@@ -60,4 +60,27 @@ def make_policy(name: str, robot: Any, seed: int = 0) -> Policy:
         if entry.scripted_class is None:
             raise ValueError(f"task {robot.cfg.task!r} has no scripted policy; use --policy random")
         return getattr(importlib.import_module(entry.module), entry.scripted_class)(robot)
-    raise ValueError(f"unknown policy {name!r}: expected 'random' or 'scripted'")
+    if name.endswith(".safetensors"):
+        return learned_policy(Path(name), robot)
+    raise ValueError(f"unknown policy {name!r}: expected 'random', 'scripted' or a policy .safetensors file")
+
+
+def learned_policy(path: Path, robot: Any) -> Policy:
+    """A trained policy file (the learner's policy.safetensors) acting with its mode actions."""
+    from learner.dreamer.policy import Policy as LearnedPolicy  # torch loads only when asked for
+    from robot.backends import action_dim
+
+    if not path.is_file():
+        raise ValueError(f"policy file {path} does not exist")
+    policy = LearnedPolicy.from_weights(path.read_bytes())
+    spec = robot.action_spec
+    low, high = (None, None) if isinstance(spec, DiscreteSpec) else (spec.low, spec.high)
+    if policy.act_space.dim != action_dim(spec)[0]:
+        raise ValueError(f"{path}: the policy acts in {policy.act_space.dim} dimensions, the robot in "
+                         f"{action_dim(spec)[0]}")
+
+    def act(obs: dict[str, np.ndarray]) -> Any:
+        policy.act(obs, mode="mode")
+        return policy.act_space.to_env(policy.last_action[0], low, high)
+
+    return act

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -189,8 +190,7 @@ def test_hello_welcome_steps_ack_empties_the_spool(tmp_path: Path) -> None:
         link.set_stats(steps_per_s=np.float32(19.5), version_acting=0)
         for i in range(3):
             link.submit(chunk(i))
-        learner.serve(lambda: learner.contiguous() == 3 and link.status().spool_count == 0,
-                      "3 chunks stored and acknowledged")
+        learner.serve(lambda: link.status().acked == 2, "3 chunks stored and acknowledged")
         assert learner.kinds[0] == "hello"
         assert learner.peer == f"{ROBOT}/{link.run_id}".encode()
         for i in range(3):
@@ -212,7 +212,8 @@ def test_unacknowledged_chunk_is_resent(tmp_path: Path) -> None:
         learner.serve(lambda: learner.received.count(0) >= 2, "seq 0 sent again while unacknowledged")
         assert link.status().spool_count == 1  # not acknowledged: still on disk
         learner.send("ack", 0)
-        learner.serve(lambda: link.status().spool_count == 0, "the ack empties the spool")
+        learner.serve(lambda: link.status().acked == 0, "the ack arrives")
+        assert link.status().spool_count == 0
 
 
 def test_learner_down_at_start_then_delivered(tmp_path: Path) -> None:
@@ -224,7 +225,7 @@ def test_learner_down_at_start_then_delivered(tmp_path: Path) -> None:
         wait_for(lambda: link.status().spool_count == 4, "4 chunks spooled with no learner")
         assert not link.status().connected and spool.pending() == [0, 1, 2, 3]
         with stand_in("learner-late", port=port) as learner:
-            learner.serve(lambda: learner.contiguous() == 4 and link.status().spool_count == 0,
+            learner.serve(lambda: link.status().acked == 3,
                           "spooled chunks delivered once the learner appears")
             assert learner.received[:4] == [0, 1, 2, 3]  # oldest first
             for i in range(4):
@@ -247,7 +248,7 @@ def test_learner_restart_gets_every_unacknowledged_chunk(tmp_path: Path) -> None
             for i in range(3, 5):
                 link.submit(chunk(i))
             with stand_in("learner-B", port=port, stored=durable) as second:
-                second.serve(lambda: second.contiguous() == 5 and link.status().spool_count == 0,
+                second.serve(lambda: link.status().acked == 4,
                              "the restarted learner gets everything unacknowledged")
                 assert sorted(set(second.received)) == [1, 2, 3, 4]  # seq 0 was acked: not resent
                 assert first.received[:3] == [0, 1, 2]
@@ -268,8 +269,8 @@ def test_lost_learner_is_detected_and_hello_resumes(tmp_path: Path, caplog: pyte
         hellos = learner.kinds.count("hello")
         link.submit(chunk(0))  # keeps spooling while lost
         wait_for(lambda: link.status().spool_count == 1, "chunk spooled while the learner is lost")
-        learner.serve(lambda: learner.kinds.count("hello") > hellos and link.status().connected
-                      and link.status().spool_count == 0, "hello again, then the spooled chunk delivered")
+        learner.serve(lambda: learner.kinds.count("hello") > hellos and link.status().acked == 0,
+                      "hello again, then the spooled chunk delivered")
         lost = [r for r in caplog.records if "learner lost" in r.getMessage()]
         assert len(lost) == 1 and lost[0].levelno == logging.WARNING
 
@@ -332,14 +333,14 @@ def test_malformed_messages_do_not_kill_the_link(tmp_path: Path) -> None:
         link.submit(chunk(0))
         learner.serve(lambda: learner.contiguous() == 1, "chunk still delivered")
         learner.send("ack", 0)
-        learner.serve(lambda: link.status().spool_count == 0, "ack still handled")
+        learner.serve(lambda: link.status().acked == 0, "ack still handled")
         status = link.status()
         assert status.connected and status.malformed == 5 and status.last_error == ""
 
 
 def test_spool_full_surfaces_and_the_chunk_waits_in_memory(tmp_path: Path) -> None:
     probe = Spool(tmp_path / "probe", 1 << 24)
-    probe.put(0, encode(Message("steps", ROBOT, "x", 0, arrays=chunk(0))))
+    probe.put(0, encode(Message("steps", ROBOT, "f" * 32, 0, arrays=chunk(0))))  # same size as the robot's
     size = probe.bytes
     spool = Spool(tmp_path / "spool", 2 * size + size // 2)  # room for two chunks
     port = free_port()
@@ -354,12 +355,33 @@ def test_spool_full_surfaces_and_the_chunk_waits_in_memory(tmp_path: Path) -> No
         assert str(tmp_path / "spool") in str(info.value) and str(2 * size + size // 2) in str(info.value)
         wait_for(lambda: link.status().queued == 2, "both chunks wait in memory")  # nothing dropped
         with stand_in("learner-A", port=port) as learner:
-            learner.serve(lambda: learner.contiguous() == 4 and link.status().spool_count == 0,
+            learner.serve(lambda: link.status().acked == 3,
                           "queued chunks spooled and delivered once acks free space")
             for i in range(4):
                 assert_same(learner.stored[i], i)
             assert link.status().spool_error == ""
             link.submit(chunk(4))  # no longer raises
+
+
+def test_disk_errors_surface_and_the_link_recovers(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 24)
+    with stand_in("learner-A", acks=False) as learner, robot_link(spool, learner.port) as link:
+        link.submit(chunk(0))
+        learner.serve(lambda: learner.contiguous() == 1, "chunk 0 delivered")
+        shutil.rmtree(tmp_path / "spool")  # the disk goes away under the robot
+        learner.send("ack", 0)
+        learner.serve(lambda: link.status().last_error != "", "the failed ack is reported")
+        assert "FileNotFoundError" in link.status().last_error
+        link.submit(chunk(1))
+        learner.serve(lambda: link.status().spool_error != "", "the failed put is reported")
+        with pytest.raises(LinkError, match="cannot spool"):
+            link.submit(chunk(2))
+        (tmp_path / "spool").mkdir()
+        learner.acks = True
+        learner.serve(lambda: link.status().acked == 2, "chunks 1 and 2 spooled, delivered and acknowledged")
+        assert link.status().spool_error == "" and link.status().spool_count == 0
+        for i in range(3):
+            assert_same(learner.stored[i], i)
 
 
 def test_close_is_prompt_with_unsent_messages_queued(tmp_path: Path) -> None:
@@ -395,6 +417,15 @@ def test_close_spools_chunks_still_in_memory(tmp_path: Path) -> None:
     finally:
         link.close(timeout=DEADLINE)
     assert Spool(tmp_path / "spool", 1 << 24).pending() == [0, 1, 2]
+
+
+def test_close_without_start_still_spools_submitted_chunks(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 24)
+    link = RobotLink("tcp://127.0.0.1:1", ROBOT, spool, HELLO)
+    link.submit(chunk(0))
+    link.submit(chunk(1))
+    link.close()
+    assert Spool(tmp_path / "spool", 1 << 24).pending() == [0, 1]
 
 
 def test_bad_inputs_are_refused_at_the_caller(tmp_path: Path) -> None:

@@ -160,3 +160,14 @@ def test_leftover_temp_file_is_kept_aside(tmp_path: Path, caplog: pytest.LogCapt
     assert any(str(leftover) in r.getMessage() for r in caplog.records)
     Spool(tmp_path, max_bytes=1 << 20)  # a rescan leaves what was moved aside alone
     assert sorted(os.listdir(tmp_path)) == sorted(["000000000000.rvsp", leftover.name + ".corrupt"])
+
+
+def test_skip_to_never_lowers_and_survives_restart(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.put(0, _frames(0))
+    spool.skip_to(10)
+    spool.skip_to(3)  # never goes back
+    assert spool.next_seq == 10
+    with pytest.raises(ValueError, match="expected next_seq 10"):
+        spool.put(1, _frames(1))
+    assert Spool(tmp_path, max_bytes=1 << 20).next_seq == 10

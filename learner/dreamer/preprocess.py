@@ -37,7 +37,9 @@ class ActSpace:
             return np.eye(self.dim, dtype=np.float32)[rng.integers(self.dim)]
         return rng.uniform(-1.0, 1.0, self.dim).astype(np.float32)
 
-    def to_env(self, action: np.ndarray, low: np.ndarray | None = None, high: np.ndarray | None = None) -> np.ndarray | int:
+    def to_env(
+        self, action: np.ndarray, low: np.ndarray | None = None, high: np.ndarray | None = None
+    ) -> np.ndarray | int:
         """Model-form action -> the environment's: an index when discrete, else [-1, 1] mapped onto [low, high]."""
         action = np.asarray(action, dtype=np.float32)
         if self.discrete:

@@ -48,6 +48,16 @@ def spaces_of(spec: RunSpec) -> tuple[dict[str, tuple[tuple[int, ...], str]], Ac
     return space, ActSpace(int(dim), spec.discrete)
 
 
+def updates_allowed(received: int, prefill: int, ratio: float, batch_steps: int) -> float:
+    """Updates the learner may have done after `received` steps: `ratio` replayed steps (batch x
+    length per update) per received step once the prefill is in; a negative ratio means no limit."""
+    if received < max(prefill, 1):
+        return 0.0
+    if ratio < 0:
+        return float("inf")
+    return 1.0 + ratio * (received - prefill) / batch_steps
+
+
 class Server:
     def __init__(self, cfg: Config, logdir: str | Path, bind: str | None = None, progress: bool = True) -> None:
         self.cfg, self.logdir, self.progress = cfg, Path(logdir), progress
@@ -138,12 +148,10 @@ class Server:
     def _maybe_train(self, received: int, batch_steps: int) -> bool:
         cfg, agent = self.cfg.train, self.agent
         assert agent is not None
-        if received < max(cfg.prefill, 1) or len(self.replay) < cfg.batch_length:
+        if len(self.replay) < cfg.batch_length:
             return False
-        if cfg.train_ratio > 0:
-            allowed = 1 + cfg.train_ratio * (received - cfg.prefill) / batch_steps
-            if agent.updates >= allowed:
-                return False
+        if agent.updates >= updates_allowed(received, cfg.prefill, cfg.train_ratio, batch_steps):
+            return False
         batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
         metrics, context = agent.train(batch)
         if self.cfg.dreamer.replay_context:

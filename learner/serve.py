@@ -122,7 +122,7 @@ class Server:
         batch_steps = cfg.batch_size * cfg.batch_length
         # What the replay holds is the truth (a checkpoint may be older than the last stored chunk).
         base = self.replay.stats()["totals"]["steps"] - self.link.received
-        bar = tqdm(unit="step", disable=not self.progress, dynamic_ncols=True, desc="received")
+        bar = tqdm(unit="step", disable=not self.progress, dynamic_ncols=True, desc="received", mininterval=1.0)
         next_status = time.monotonic() + STATUS_EVERY_S
         while not self._stop:
             self.link.check()

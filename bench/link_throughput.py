@@ -297,7 +297,7 @@ def _control_robot(address: str, hz: float, seconds: float, spool_dir: str, read
             pass
 
     cfg = Config.model_validate({"name": "link-bench", "task": "arm_reach", "control": {"hz": hz},
-                                 "link": {"chunk_seconds": 1.0}})
+                                 "sim": {"physics_hz": 1000.0}, "link": {"chunk_seconds": 1.0}})
     robot = BenchRobot()
     spec, act = step_spec(robot)
     link = _robot_link(address, f"control-{int(hz)}", spool_dir,

@@ -33,6 +33,8 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
+from learner.atomic import atomic_write_file, fsync_dir
+
 FORMAT = "reverie-checkpoint"
 VERSION = 1
 WEIGHTS_FORMAT = "reverie-weights"
@@ -294,10 +296,10 @@ def save_checkpoint(
             "skeletons": skeletons,
         }
         _write_synced(tmp / "meta.json", json.dumps(header, allow_nan=False, indent=1).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = _move_to_trash(final) if final.exists() else None
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -458,32 +460,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temp file in the same directory, fsync, rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # --- policy weights blob -----------------------------------------------------------------------------
 
 
@@ -517,7 +493,7 @@ def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], meta:
     """One safetensors file a robot loads: flat weights, meta JSON-encoded in the header; atomic."""
     path = Path(path)
     tensors, metadata = _weights_payload(state_dict, meta)
-    _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+    atomic_write_file(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
     return path
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from learner.atomic import atomic_write_bytes
 from learner.config_agent import DreamerConfig, ReplayConfig, TrainConfig
 from learner.config_base import Block
 from learner.config_errors import ConfigError, FieldError, describe_errors
@@ -318,9 +318,5 @@ def write_resolved(cfg: Config, outdir: str | os.PathLike[str], name: str = RESO
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     target = outdir / name
-    fd, tmp = tempfile.mkstemp(dir=outdir, prefix=".config.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a config is meant to be read by others
-    os.replace(tmp, target)
+    atomic_write_bytes(target, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode(), prefix=".config.")
     return target

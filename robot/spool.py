@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from learner.atomic import atomic_write_bytes, fsync_dir
 
 MAGIC = b"RVSP1"
 SUFFIX = ".rvsp"
@@ -39,14 +40,6 @@ class SpoolCorrupt(ValueError):
 
 def _nbytes(frame: bytes | memoryview) -> int:
     return memoryview(frame).nbytes
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _header(lengths: Sequence[int]) -> bytes:
@@ -115,19 +108,7 @@ class Spool:
                 f"> limit {self.max_bytes} bytes (the learner has not acknowledged them)"
             )
         path = self._path(seq)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(header)
-                for frame in frames:
-                    f.write(frame)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_name, path)
-            _fsync_dir(self.directory)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, [header, *frames], prefix=f".tmp-{path.name}-")
         self._sizes[seq] = size
         self.next_seq = seq + 1
 
@@ -141,7 +122,7 @@ class Spool:
         for seq in done:
             self._path(seq).unlink(missing_ok=True)
             del self._sizes[seq]
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return len(done)
 
     def skip_to(self, seq: int) -> None:
@@ -234,14 +215,4 @@ class Spool:
 
     def _write_counter(self) -> None:
         path = self.directory / COUNTER_FILE
-        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{COUNTER_FILE}-", dir=self.directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{self.next_seq}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_name, path)
-            _fsync_dir(self.directory)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, f"{self.next_seq}\n".encode(), prefix=f".tmp-{COUNTER_FILE}-")

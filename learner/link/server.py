@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from learner.atomic import atomic_write_bytes
 from learner.config_link import LinkConfig
 from learner.link.protocol import (
     Message,
@@ -313,9 +313,7 @@ class LinkServer:
         self._spec = spec
         path = self.run_dir / SPEC_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(spec.to_json(), indent=1))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, json.dumps(spec.to_json(), indent=1).encode())
         log.info("run step layout fixed by the first robot: %s", ", ".join(f"{k} {d}{list(s)}"
                                                                           for k, (d, s) in spec.spec.items()))
 

@@ -15,10 +15,8 @@ changed (size or mtime) or missing from it are reconciled by reading the files t
 from __future__ import annotations
 
 import json
-import os
 import queue
 import re
-import tempfile
 import threading
 import uuid as uuidlib
 import warnings
@@ -29,6 +27,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from learner import atomic
 
 FORMAT = 1
 META, TIME, VERSION = "__meta__", "__time__", "__version__"
@@ -103,32 +103,8 @@ def is_chunk_name(name: str) -> bool:
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write via a temp file in the same directory, fsync, then rename: a reader (or a process killed
-    mid-write) only ever sees the old file or the complete new one, never a partial one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Chunk files and the index, named so `remove_temp_files` can find a killed writer's leftovers."""
+    atomic.atomic_write(path, write, prefix="." + path.name + ".", suffix=TMP_SUFFIX)
 
 
 def remove_temp_files(directory: Path) -> list[str]:

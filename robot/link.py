@@ -292,7 +292,7 @@ class RobotLink:
         wait_ms = int(max(0.0, min(due - now, _POLL_MS / 1000)) * 1000)
         if sock.poll(wait_ms, zmq.POLLIN):
             self._receive(sock)
-        self._spool_inbox(sock, send=True)
+        self._spool_inbox(sock, send=True, limit=8)
         self._timers(sock)
         self._publish()
 
@@ -400,8 +400,12 @@ class RobotLink:
         self.log.info("robot link %s: weights version %d (step %d, %d bytes) verified", self.robot_id, version,
                       weights.step, len(data))
 
-    def _spool_inbox(self, sock: zmq.Socket | None, send: bool) -> None:
-        while self._inbox:
+    def _spool_inbox(self, sock: zmq.Socket | None, send: bool, limit: int | None = None) -> None:
+        """Spool (and send) queued chunks, at most `limit` per call so a backlog never starves the
+        socket (acks and heartbeats keep flowing while it is worked off)."""
+        done = 0
+        while self._inbox and (limit is None or done < limit):
+            done += 1
             arrays = self._inbox[0]
             seq = self.spool.next_seq
             frames = encode(Message("steps", self.robot_id, self.run_id, seq, arrays=arrays))

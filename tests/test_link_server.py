@@ -17,7 +17,6 @@ from typing import Any
 
 import msgpack
 import numpy as np
-import pytest
 import torch
 import zmq
 
@@ -372,9 +371,6 @@ def test_hello_with_another_step_layout_is_refused(tmp_path: Path) -> None:
         assert "odd-1" not in {row["robot"] for row in server.robot_table()}
 
 
-@pytest.mark.xfail(strict=True, reason="server.py adopts any hello spec that protocol.spec_of accepts as the run "
-                   "layout; a layout the Replay cannot store (is_first not bool) kills the server thread at the first "
-                   "steps message instead of being refused in hello")
 def test_hello_with_a_layout_the_replay_cannot_store_is_refused(tmp_path: Path) -> None:
     with learner(tmp_path) as server, raw_robot(server, "odd-1") as odd:
         reply = odd.hello(spec=SPEC | {"is_first": ["float32", []]})

@@ -41,12 +41,14 @@ from learner.link.protocol import (
 )
 from learner.link.security import ServerKeys, secure_server
 from learner.replay import Replay
+from learner.replay.chunk import StepSpec
 
 log = logging.getLogger("reverie.link")
 
 SPEC_FILE = "link_spec.json"  # the run's step layout, fixed by the first robot (a restart reads it)
 DRAIN_LIMIT = 512  # messages handled before the next group commit
 POLL_MS = 20
+FLUSH_EVERY_S = 0.05
 
 
 class LinkServerError(RuntimeError):
@@ -155,8 +157,8 @@ class LinkServer:
 
     def publish(self, blob: bytes, version: int, step: int, dtype: str = "float32") -> None:
         """Send these policy weights to every robot (now, and to robots that connect later)."""
-        msg = Message("weights", seq=version, meta={"step": int(step), "sha256": weights_checksum(blob),
-                                                    "dtype": dtype},
+        meta = {"step": int(step), "sha256": weights_checksum(blob), "dtype": dtype}
+        msg = Message("weights", run=self.server_id, seq=version, meta=meta,
                       arrays={"blob": np.frombuffer(blob, np.uint8)})
         with self._lock:
             self._weights = (encode(msg), version)
@@ -203,14 +205,20 @@ class LinkServer:
             return
         self._ready.set()
         next_beat = time.monotonic()
+        pending: set[str] = set()
+        last_flush = 0.0
         try:
             while not self._stop.is_set():
-                acks = self._drain(sock)
-                if acks:
-                    self.replay.flush()  # durable before acknowledged
-                    for robot in acks:
-                        self._ack(sock, robot)
+                pending |= self._drain(sock)
                 now = time.monotonic()
+                # Group commit: one flush (it rewrites each open chunk) for everything received in
+                # the last FLUSH_EVERY_S, then the acks; durable before acknowledged.
+                if pending and now - last_flush >= FLUSH_EVERY_S:
+                    self.replay.flush()
+                    for robot in pending:
+                        self._ack(sock, robot)
+                    pending.clear()
+                    last_flush = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + self.cfg.heartbeat_s
                     self._beat(sock)
@@ -249,6 +257,10 @@ class LinkServer:
             except ProtocolError as err:
                 self.rejects.reject(err, identity.decode(errors="replace"))
                 continue
+            except (ValueError, TypeError, KeyError) as err:  # e.g. steps the replay store refuses
+                self.rejects.reject(ProtocolError("field", f"message not stored: {err}"),
+                                    identity.decode(errors="replace"))
+                continue
             if robot:
                 acks.add(robot)
         return acks
@@ -279,6 +291,10 @@ class LinkServer:
         meta = msg.meta
         offered = RunSpec(spec_of(meta["spec"]), bool(meta.get("discrete", False)), str(meta["task"]),
                           float(meta["hz"]))
+        problem = _storable(offered, msg.robot)
+        if problem:
+            self._send(sock, identity, Message("bye", meta={"reason": problem}))
+            raise ProtocolError("field", f"robot {msg.robot!r} refused: {problem}")
         if self._spec is None:
             self._adopt(offered)
         problem = self._spec.mismatch(offered) if self._spec else None
@@ -402,10 +418,23 @@ class LinkServer:
 
     def _send(self, sock: zmq.Socket, identity: bytes, msg: Message | None = None,
               frames: list[Any] | None = None) -> None:
+        if msg is not None:
+            msg.run = self.server_id  # lets a robot tell this learner process from a restarted one
         parts = frames if frames is not None else encode(msg)  # type: ignore[arg-type]
         # A robot whose queue is full gets the next heartbeat/ack/weights instead.
         with contextlib.suppress(zmq.Again):
             sock.send_multipart([identity, *parts], zmq.NOBLOCK, copy=False)
+
+
+def _storable(spec: RunSpec, robot: str) -> str | None:
+    """Why the replay store could not hold steps of this layout (None if it can): checked at hello,
+    before the layout is adopted for the run."""
+    example = {k: np.zeros(shape, dtype) for k, (dtype, shape) in spec.spec.items()}
+    try:
+        StepSpec.from_step(example, robot)
+    except (ValueError, TypeError) as err:
+        return str(err)
+    return None
 
 
 def _server_keys(cfg: LinkConfig) -> ServerKeys | None:

@@ -248,6 +248,18 @@ def _weights_robot(address: str, idx: int, spool_dir: str, ready: Any, stop: Any
         link.close(10.0)
 
 
+PIN_ENV = "REVERIE_BENCH_PIN"  # set by --pin; inherited by the child processes
+
+
+def _pin(role: str) -> None:
+    """--pin: the control robot gets CPU 0 to itself, the learner and flooding robots share the rest,
+    as when the robot has its own computer (only where the OS supports CPU affinity)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if os.environ.get(PIN_ENV) != "1" or len(cpus) < 2:
+        return
+    os.sched_setaffinity(0, {cpus[0]} if role == "control" else set(cpus[1:]))
+
+
 def flood_robot(address: str, idx: int, spool_dir: str, nice: int, ready: Any, go: Any, stop: Any,
                 results: Any) -> None:
     _child(_flood_robot)(address, idx, spool_dir, nice, ready, go, stop, results)
@@ -255,6 +267,7 @@ def flood_robot(address: str, idx: int, spool_dir: str, nice: int, ready: Any, g
 
 def _flood_robot(address: str, idx: int, spool_dir: str, nice: int, ready: Any, go: Any, stop: Any,
                  results: Any) -> None:
+    _pin("other")
     if nice:
         os.nice(nice)  # stand-ins for robots on other machines: let them yield this machine's cores
     link = _robot_link(address, f"flood-{idx}", spool_dir)
@@ -281,6 +294,7 @@ def control_robot(address: str, hz: float, seconds: float, spool_dir: str, ready
 
 def _control_robot(address: str, hz: float, seconds: float, spool_dir: str, ready: Any, go: Any,
                    results: Any) -> None:
+    _pin("control")
     from learner.config import Config
     from robot.interface import ArraySpec, Robot, flag_specs
     from robot.runner import ControlLoop, step_spec
@@ -650,6 +664,7 @@ def _control_once(kids: Children, server: Any, base: Path, hz: float, seconds: f
 def bench_control(base: Path, flood: int, rates: list[float], seconds: float, nice: int = 0) -> dict[str, Any]:
     """Each rate twice: beside an idle link (the baseline), then while `flood` robots flood the same learner."""
     out: dict[str, Any] = {f"{hz:g}": {"hz": hz, "seconds": seconds} for hz in rates}
+    _pin("other")  # this process hosts the learner's link server
     with learner(base, "control") as server, children() as kids:
         for hz in rates:
             out[f"{hz:g}"]["idle"] = _control_once(kids, server, base, hz, seconds, "idle")
@@ -722,6 +737,9 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["raw", "transport", "ingest", "weights", "control"],
                         choices=["raw", "transport", "ingest", "weights", "control"])
     parser.add_argument("--flood", type=int, default=8, help="robots flooding the learner during the control loop")
+    parser.add_argument("--pin", action="store_true",
+                        help="control-loop part: give the control robot its own CPU (as on its own computer); "
+                             "the learner and the flooding robots share the other CPU(s)")
     parser.add_argument("--flood-nice", type=int, default=0,
                         help="nice increment of the flooding robots (e.g. 10: they stand in for other machines)")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a new temp dir, removed at exit)")
@@ -781,6 +799,8 @@ def main() -> None:
                 results["weights_push"][str(n)] = bench_weights(base, n, blobs, args.reps)
         if "control" in args.parts:
             say(f"control loop at 20 and 50 Hz for {args.seconds:g} s each, {args.flood} robots flooding")
+            if args.pin:
+                os.environ[PIN_ENV] = "1"
             results["control_loop"] = bench_control(base, args.flood, [20.0, 50.0], args.seconds, args.flood_nice)
     finally:
         results["machine"]["loadavg_end"] = _load()

@@ -134,6 +134,7 @@ class RobotLink:
         self._server = ""  # learner process id from its welcome
         self._server_run = ""  # run field of the welcome header: later messages must carry the same
         self._acked = -1
+        self._progress_at = time.monotonic()  # when an ack last advanced (or a welcome arrived)
         self._last_heard = 0.0  # monotonic
         self._heard_wall: float | None = None  # time.time() of the same, for status()
         self._sent_at: dict[int, float] = {}  # seq -> monotonic time of the last send
@@ -349,6 +350,7 @@ class RobotLink:
             self.log.info("robot link %s: connected to learner %s (it expects seq %d; %d chunks spooled)",
                           self.robot_id, server, next_seq, self.spool.count)
         self._connected = True
+        self._progress_at = time.monotonic()
         self._server, self._server_run = server, msg.run
         self._next_heartbeat = 0.0
         if next_seq > self.spool.next_seq:
@@ -366,6 +368,8 @@ class RobotLink:
         if upto < 0:
             return
         self.spool.ack(upto)
+        if upto > self._acked:
+            self._progress_at = time.monotonic()
         self._acked = max(self._acked, upto)
         for seq in [s for s in self._sent_at if s <= upto]:
             del self._sent_at[seq]
@@ -454,12 +458,16 @@ class RobotLink:
         if not self._connected:
             return
         now = time.monotonic()
-        in_flight = sum(1 for t in self._sent_at.values() if now - t < self.resend_after_s)
+        # Over one connection nothing is lost, only slow: while acks keep advancing, a busy learner
+        # is working through the queue and resending would only add to its load. Resend once no
+        # ack has advanced for resend_after_s (lost in flight, e.g. across a learner restart).
+        stalled = now - self._progress_at >= self.resend_after_s
+        in_flight = sum(1 for t in self._sent_at.values() if not stalled or now - t < self.resend_after_s)
         for seq in self.spool.pending():
             if in_flight >= _WINDOW:
                 return
             sent = self._sent_at.get(seq)
-            if sent is not None and now - sent < self.resend_after_s:
+            if sent is not None and (not stalled or now - sent < self.resend_after_s):
                 continue
             try:
                 frames = self.spool.load(seq)

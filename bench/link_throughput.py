@@ -249,6 +249,7 @@ def _weights_robot(address: str, idx: int, spool_dir: str, ready: Any, stop: Any
 
 
 PIN_ENV = "REVERIE_BENCH_PIN"  # set by --pin; inherited by the child processes
+RT_ENV = "REVERIE_BENCH_RT"  # set by --realtime: control.realtime_priority of the control robot
 
 
 def _pin(role: str) -> None:
@@ -331,7 +332,9 @@ def _control_robot(address: str, hz: float, seconds: float, spool_dir: str, read
         def close(self) -> None:
             pass
 
-    cfg = Config.model_validate({"name": "link-bench", "task": "arm_reach", "control": {"hz": hz},
+    rt = int(os.environ.get(RT_ENV, "0")) or None
+    cfg = Config.model_validate({"name": "link-bench", "task": "arm_reach",
+                                 "control": {"hz": hz, "realtime_priority": rt},
                                  "sim": {"physics_hz": 1000.0}, "link": {"chunk_seconds": 1.0}})
     robot = BenchRobot()
     spec, act = step_spec(robot)
@@ -740,6 +743,9 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true",
                         help="control-loop part: give the control robot its own CPU (as on its own computer); "
                              "the learner and the flooding robots share the other CPU(s)")
+    parser.add_argument("--realtime", type=int, default=0, metavar="PRIO",
+                        help="control-loop part: run the control robot's loop SCHED_FIFO at this priority "
+                             "(control.realtime_priority; needs CAP_SYS_NICE)")
     parser.add_argument("--flood-nice", type=int, default=0,
                         help="nice increment of the flooding robots (e.g. 10: they stand in for other machines)")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a new temp dir, removed at exit)")
@@ -801,6 +807,8 @@ def main() -> None:
             say(f"control loop at 20 and 50 Hz for {args.seconds:g} s each, {args.flood} robots flooding")
             if args.pin:
                 os.environ[PIN_ENV] = "1"
+            if args.realtime:
+                os.environ[RT_ENV] = str(args.realtime)
             results["control_loop"] = bench_control(base, args.flood, [20.0, 50.0], args.seconds, args.flood_nice)
     finally:
         results["machine"]["loadavg_end"] = _load()

@@ -47,6 +47,10 @@ def _check_box(key_low: str, low: list[float], high: list[float]) -> None:
 class ControlConfig(Block):
     hz: float = Field(10.0, gt=0, le=1000, description="policy (control) rate, Hz")
     episode_steps: int = Field(100, ge=1, description="policy steps before is_last is set")
+    realtime_priority: int | None = Field(
+        None, ge=1, le=99, description="robot: run the control loop thread SCHED_FIFO at this priority (Linux, "
+        "needs CAP_SYS_NICE; warns and carries on without); null = normal scheduling"
+    )
 
 
 class CameraConfig(Block):

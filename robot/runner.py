@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -112,6 +113,23 @@ def ledger_keys(spec: dict[str, Any]) -> list[str]:
     return sorted(k for k in spec if k not in ("is_first", "is_last", "is_terminal"))
 
 
+def realtime(priority: int | None) -> bool:
+    """Put the calling thread (the control loop) under SCHED_FIFO so other processes cannot delay
+    its wake-ups; the link and loader threads keep normal scheduling."""
+    if priority is None:
+        return False
+    if not hasattr(os, "sched_setscheduler"):
+        log.warning("control.realtime_priority: this OS has no SCHED_FIFO; running with normal scheduling")
+        return False
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except (PermissionError, OSError) as exc:
+        log.warning("control.realtime_priority %d refused (%s): needs CAP_SYS_NICE or root "
+                    "(setcap cap_sys_nice+ep on the python binary); running with normal scheduling", priority, exc)
+        return False
+    return True
+
+
 class ControlLoop:
     def __init__(self, cfg: Config, robot: Robot, link: RobotLink, seed: int = 0,
                  initial: Policy | None = None, ledger: Path | None = None) -> None:
@@ -145,6 +163,7 @@ class ControlLoop:
         # it can wait 5 ms (a quarter of a 50 Hz period). Hand it over more often while we run.
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, period / 100))
+        realtime(self.cfg.control.realtime_priority)
         self.loader.start()
         obs = self.robot.reset()
         episode_return = 0.0

@@ -66,3 +66,26 @@ def test_robot_with_a_full_spool_stops_safely_and_says_why(tmp_path):
     spooled = sorted((tmp_path / "spool").glob("*"))
     assert summary["spool_pending"] >= 1 and len([p for p in spooled if p.suffix != ".corrupt"]) >= 1
     assert summary["steps"] < 40 * 120  # it stopped long before the time limit
+
+
+def test_realtime_priority_applies_to_the_calling_thread_or_says_why(caplog):
+    import os
+    import threading
+
+    from robot.runner import realtime
+
+    assert realtime(None) is False
+    result: dict = {}
+
+    def worker() -> None:  # a thread of its own, so the test process keeps normal scheduling
+        result["applied"] = realtime(10)
+        if hasattr(os, "sched_getscheduler"):
+            result["policy"] = os.sched_getscheduler(0)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    if result["applied"]:
+        assert result["policy"] == os.SCHED_FIFO
+    else:
+        assert "realtime" in caplog.text and ("refused" in caplog.text or "no SCHED_FIFO" in caplog.text)

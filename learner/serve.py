@@ -198,10 +198,10 @@ class Server:
         new = self._new_returns()
         if new:
             row["train/return"] = float(np.mean(new))
+        table = self.link.robot_table()
         row.update({"received_steps": received, "updates": self.agent.updates, "replay_steps": len(self.replay),
-                    "robots": sum(r["connected"] for r in self.link.robot_table()),
-                    "link/rejected": self.link.rejects.total})
-        for r in self.link.robot_table():
+                    "robots": sum(r["connected"] for r in table), "link/rejected": self.link.rejects.total})
+        for r in table:
             row[f"robot/{r['robot']}/steps_s"] = r["steps_s"]
             row[f"robot/{r['robot']}/lag_s"] = r["lag_s"]
         self.logger.log(received, row)

@@ -19,6 +19,7 @@ import msgpack
 import numpy as np
 import torch
 import zmq
+from link_helpers import DEADLINE, HELLO, ROBOT, SPEC
 
 from learner.checkpoint import weights_from_bytes, weights_to_bytes
 from learner.config_link import LinkConfig
@@ -30,20 +31,8 @@ from learner.replay.chunk import NAME_RE, read_chunk
 from robot.link import RobotLink
 from robot.spool import Spool
 
-DEADLINE = 30.0
-ROBOT = "rover-1"
 T = 5  # steps per robot chunk
 CHUNK_LENGTH = 16  # steps per replay chunk file: robot chunks straddle replay files
-SPEC = {
-    "obs": ["float32", [3]],
-    "image": ["uint8", [8, 8, 3]],
-    "action": ["float32", [2]],
-    "reward": ["float32", []],
-    "is_first": ["bool", []],
-    "is_last": ["bool", []],
-    "is_terminal": ["bool", []],
-}
-HELLO = {"spec": SPEC, "task": "test-task", "hz": 20.0}
 
 
 def chunk(i: int, mark: float = 0.0, steps: int = T) -> dict[str, np.ndarray]:

@@ -19,25 +19,14 @@ import numpy as np
 import pytest
 import torch
 import zmq
+from link_helpers import DEADLINE, HELLO, ROBOT, SPEC
 
 from learner.checkpoint import weights_to_bytes
 from learner.link.protocol import Message, check_steps, decode, encode, spec_of
 from robot.link import LinkError, RobotLink
 from robot.spool import Spool, SpoolFull
 
-DEADLINE = 30.0
-ROBOT = "rover-1"
 T = 5
-SPEC = {
-    "obs": ["float32", [3]],
-    "image": ["uint8", [8, 8, 3]],
-    "action": ["float32", [2]],
-    "reward": ["float32", []],
-    "is_first": ["bool", []],
-    "is_last": ["bool", []],
-    "is_terminal": ["bool", []],
-}
-HELLO = {"spec": SPEC, "task": "test-task", "hz": 20.0}
 
 
 def chunk(i: int, steps: int = T, image: tuple[int, int, int] = (8, 8, 3)) -> dict[str, np.ndarray]:

@@ -10,9 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import zmq.auth
-
-from learner.link.security import LinkSecurityError, create_keypair
+from learner.link.security import LinkSecurityError, create_keypair, load_key
 
 
 class _UsageError(Exception):
@@ -49,12 +47,7 @@ def _create(name: str, directory: Path) -> int:
 
 
 def _show(file: Path) -> int:
-    if not file.is_file():
-        raise LinkSecurityError(f"{file} does not exist or is not a file")
-    try:
-        public, _ = zmq.auth.load_certificate(file)
-    except (OSError, ValueError) as exc:
-        raise LinkSecurityError(f"{file} is not a zmq key file: {exc}") from None
+    public, _ = load_key(file, need_secret=False, what="key file")
     print(public.decode("ascii"))
     return 0
 

@@ -106,7 +106,10 @@ def _plain(address: str, keys: object, log: logging.Logger, role: str) -> bool:
     return True
 
 
-def _load(path: Path, need_secret: bool, what: str, log: logging.Logger | None = None) -> tuple[bytes, bytes | None]:
+def load_key(
+    path: Path, need_secret: bool, what: str, log: logging.Logger | None = None
+) -> tuple[bytes, bytes | None]:
+    """(public, secret) Z85 keys of a zmq key file, with errors naming the file and what it was for."""
     path = Path(path)
     if not path.is_file():
         raise LinkSecurityError(f"{what} {path} does not exist or is not a file; {_FIX}")
@@ -135,7 +138,7 @@ def _allowed_keys(allow_dir: Path) -> list[Path]:
             "robot's NAME.key there"
         )
     for file in files:
-        _load(file, need_secret=False, what="allowed robot key")
+        load_key(file, need_secret=False, what="allowed robot key")
     return files
 
 
@@ -150,7 +153,7 @@ def secure_server(
     if _plain(address, keys, log, "learner"):
         return None
     assert keys is not None
-    public, secret = _load(keys.secret_file, need_secret=True, what="learner secret key file", log=log)
+    public, secret = load_key(keys.secret_file, need_secret=True, what="learner secret key file", log=log)
     files = _allowed_keys(keys.allow_dir)
     auth = ThreadAuthenticator(ctx, log=log.getChild("zap"))
     try:
@@ -179,8 +182,8 @@ def secure_client(sock: zmq.Socket, address: str, keys: ClientKeys | None, log: 
     if _plain(address, keys, log, "robot"):
         return
     assert keys is not None
-    public, secret = _load(keys.secret_file, need_secret=True, what="robot secret key file", log=log)
-    server_public, _ = _load(keys.server_public_file, need_secret=False, what="learner public key file")
+    public, secret = load_key(keys.secret_file, need_secret=True, what="robot secret key file", log=log)
+    server_public, _ = load_key(keys.server_public_file, need_secret=False, what="learner public key file")
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_serverkey = server_public

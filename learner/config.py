@@ -21,6 +21,7 @@ from learner.atomic import atomic_write_bytes
 from learner.config_agent import DreamerConfig, ReplayConfig, TrainConfig
 from learner.config_base import Block
 from learner.config_errors import ConfigError, FieldError, describe_errors
+from learner.config_hardware import EmulatorConfig, JointReachConfig, MotorsConfig, SafetyConfig
 from learner.config_link import LinkConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "write_resolved"]
@@ -177,16 +178,20 @@ class QuadrupedWalkConfig(Block):
         return self
 
 
-TaskName = Literal["arm_reach", "arm_pick", "quadruped_walk"]
-TASK_BLOCKS: tuple[str, ...] = ("arm_reach", "arm_pick", "quadruped_walk")
+TaskName = Literal["arm_reach", "arm_pick", "quadruped_walk", "joint_reach"]
+TASK_BLOCKS: tuple[str, ...] = ("arm_reach", "arm_pick", "quadruped_walk", "joint_reach")
+SIM_TASKS: tuple[str, ...] = ("arm_reach", "arm_pick", "quadruped_walk")
+SERVO_TASKS: tuple[str, ...] = ("joint_reach",)
 
 
 class Config(Block):
     """A whole robot/task configuration."""
 
     name: str = Field(description="name of this robot or task; used in run directories")
-    backend: Literal["sim", "gym"] = Field("sim", description="sim: a Reverie simulated task; gym: a Gymnasium env")
-    task: TaskName | None = Field(None, description="which simulated task runs (backend sim)")
+    backend: Literal["sim", "gym", "servo"] = Field(
+        "sim", description="sim: a Reverie simulated task; gym: a Gymnasium env; servo: real servos on a serial bus"
+    )
+    task: TaskName | None = Field(None, description="which task runs (backend sim or servo)")
     gym_id: str | None = Field(None, description="Gymnasium id, for example Pendulum-v1 (backend gym)")
     seed: int = Field(0, ge=0, description="seed of the first episode")
     control: ControlConfig = ControlConfig()
@@ -196,6 +201,10 @@ class Config(Block):
     arm_reach: ArmReachConfig = ArmReachConfig()
     arm_pick: ArmPickConfig = ArmPickConfig()
     quadruped_walk: QuadrupedWalkConfig = QuadrupedWalkConfig()
+    joint_reach: JointReachConfig = JointReachConfig()
+    motors: MotorsConfig | None = None
+    safety: SafetyConfig = SafetyConfig()
+    emulator: EmulatorConfig = EmulatorConfig()
     dreamer: DreamerConfig = DreamerConfig()
     replay: ReplayConfig = ReplayConfig()
     train: TrainConfig = TrainConfig()
@@ -203,14 +212,25 @@ class Config(Block):
 
     @model_validator(mode="after")
     def _backend(self) -> Config:
-        if self.backend == "sim" and self.task is None:
-            raise FieldError("task", "a simulated task name (backend sim)", None)
+        if self.backend == "sim" and self.task not in SIM_TASKS:
+            raise FieldError("task", f"a simulated task, one of {list(SIM_TASKS)} (backend sim)", self.task)
+        if self.backend == "servo":
+            if self.motors is None:
+                raise FieldError("motors", "a motors block (backend servo)", None)
+            if self.task not in SERVO_TASKS:
+                raise FieldError("task", f"a servo task, one of {list(SERVO_TASKS)} (backend servo)", self.task)
+            names = {s.name for s in self.motors.servos}
+            unknown = sorted(set(self.joint_reach.target) - names)
+            if unknown:
+                raise FieldError("joint_reach.target", f"joint names from motors.servos {sorted(names)}", unknown)
         if self.backend == "gym" and not self.gym_id:
             raise FieldError("gym_id", "a Gymnasium id (backend gym)", self.gym_id)
         return self
 
     @model_validator(mode="after")
     def _substeps(self) -> Config:
+        if self.backend != "sim":
+            return self
         ratio = self.sim.physics_hz / self.control.hz
         if ratio < 1 or abs(ratio - round(ratio)) > 1e-6:
             raise FieldError(
@@ -233,6 +253,8 @@ class Config(Block):
         unused = set(TASK_BLOCKS) - {self.task}
         if self.backend == "gym":
             unused |= {"camera", "sim", "randomization"}
+        if self.backend != "servo":
+            unused |= {"motors", "safety", "emulator"}
         return self.model_dump(mode="json", exclude=unused)
 
 

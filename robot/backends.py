@@ -2,7 +2,8 @@
 
 `sim` depends on `robot` (it implements the robot interface), so `robot` cannot import it at
 module level; it is looked up by name when a config asks for it, like a plugin. Hardware
-backends (later) live in `robot/` itself and are listed here the same way.
+backends live in `robot/` itself and are listed here the same way (imported only when used, so a
+simulated robot never needs pyserial).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib
 from learner.config import Config
 from robot.interface import ArraySpec, DiscreteSpec, Robot
 
-BACKENDS = {"sim": ("sim.tasks", "make_robot")}
+BACKENDS = {"sim": ("sim.tasks", "make_robot"), "servo": ("robot.servo_robot", "make_robot")}
 
 
 class BackendError(RuntimeError):

@@ -67,6 +67,9 @@ def _run(args: argparse.Namespace) -> int:
                "period_error_p99": round(stats.period_error(0.99), 4),
                "spool_pending": status.spool_count, "weights_rejected": status.weights_rejected}
     print(json.dumps(summary))
+    if loop.stop_reason.startswith("robot stopped"):
+        print(f"reverie-robot: {loop.stop_reason}", file=sys.stderr)
+        return 4
     return 3 if loop.stop_reason.startswith("spool full") else 0
 
 

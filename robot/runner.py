@@ -26,7 +26,7 @@ from learner.config import Config
 from learner.dreamer.policy import Policy
 from learner.dreamer.preprocess import ActSpace
 from robot.backends import action_dim
-from robot.interface import ArraySpec, Robot
+from robot.interface import ArraySpec, Robot, RobotError
 from robot.link import RobotLink, Weights
 from robot.spool import SpoolFull
 
@@ -174,7 +174,11 @@ class ControlLoop:
                 self._swap_policy()
                 action = self._act(obs)
                 if not obs["is_last"]:  # the last observation of an episode takes no command
-                    self.robot.send(self.act_space.to_env(action, self.low, self.high))
+                    try:
+                        self.robot.send(self.act_space.to_env(action, self.low, self.high))
+                    except RobotError:
+                        self._record(obs | {"is_last": np.bool_(True)}, action)  # the learner sees the boundary
+                        raise
                 self._record(obs, action)
                 episode_return += float(obs["reward"])
                 if obs["is_last"]:
@@ -203,6 +207,12 @@ class ControlLoop:
                                         period_err_p99=round(self.stats.period_error(0.99), 4))
         except SpoolFull as exc:
             self.stop(f"spool full, stopping safely: {exc}")
+        except RobotError as exc:
+            # A safety stop (e-stop, servo fault, dead bus): the robot's own safe state is already set.
+            log.error("robot stopped: %s", exc)
+            self.stop(f"robot stopped: {exc}")
+            if self.buffer and not self.buffer[-1]["is_last"]:
+                self.buffer[-1]["is_last"] = np.bool_(True)  # end the episode where the data ends
         finally:
             sys.setswitchinterval(switch)
             self.robot.stop()

@@ -1,0 +1,363 @@
+"""A robot made of serial servos (an SO-101 or Koch arm, a servo quadruped) behind the safety layer.
+
+One control tick is one sync read of positions (and velocities) and one sync write of goals. Every
+goal passes the command filter (joint limits from config and calibration, a cap per step); a
+watchdog puts the motors in a safe state when commands stop arriving; an e-stop cuts torque at any
+time; every exit path ends with torque off. A safety event ends the episode (`is_last`) so the
+learner sees the boundary; a fault that cannot be ridden out stops the robot with an error naming
+the servo.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from learner.config import Config
+from robot.interface import ArraySpec, Robot, RobotError, flag_specs
+from robot.motors.bus import MotorBus
+from robot.motors.calibration import Calibration, default_path
+from robot.motors.errors import MotorConfigError, MotorError, ServoFault
+from robot.motors.tables import MODELS
+from robot.safety import CommandFilter, EStop, SafetyLog, Watchdog
+
+log = logging.getLogger("reverie.servo")
+
+# Dynamixel: current-based position control (mode 5) lets Goal_Current cap the torque; mode 3 is plain position.
+POSITION_MODE, CURRENT_POSITION_MODE = 3, 5
+# Full-scale Goal_Current of the current-sensing X models (register units), from their e-manuals' Current_Limit.
+DYNAMIXEL_MAX_CURRENT = {"xl330-m077": 1750, "xl330-m288": 1750, "xm430-w350": 1193}
+STS_TORQUE_FULL = 1000  # Torque_Limit is in 0.1 % of the maximum
+
+
+def make_robot(cfg: Config) -> ServoRobot:
+    return ServoRobot(cfg)
+
+
+class ServoRobot(Robot):
+    def __init__(self, cfg: Config, stdin: object | None = None) -> None:
+        if cfg.motors is None:
+            raise RobotError(f"config {cfg.name!r}: backend servo needs a motors block")
+        self.cfg = cfg
+        m, s = cfg.motors, cfg.safety
+        self.servos = list(m.servos)
+        self.names = [sv.name for sv in self.servos]
+        self.ids = [sv.id for sv in self.servos]
+        self.calibration = self._load_calibration()
+        self.lower, self.upper = self._limits()
+        self.home = np.array([sv.home for sv in self.servos])
+        self.target = np.array([cfg.joint_reach.target.get(n, h) for n, h in zip(self.names, self.home)])
+        self.period = 1.0 / cfg.control.hz
+        self.bus = MotorBus(m.port, m.protocol, m.baud, models={sv.id: sv.model for sv in self.servos},
+                            retries=m.retries)
+        self.filter = CommandFilter(self.lower, self.upper, s.max_step, self.names)
+        self.events = SafetyLog()
+        self.watchdog = Watchdog(s.watchdog_s, self._on_watchdog, name=f"{cfg.name}-watchdog")
+        self.estop = EStop(file=s.estop_file, key=s.estop_key, on_trigger=self._on_estop, stdin=stdin)
+        self._read_names = ["Present_Position"] + (["Present_Velocity"] if m.read_velocity else [])
+        self._lock = threading.Lock()  # the watchdog and e-stop threads act on the bus too
+        self._torque = False
+        self._fault: str | None = None  # set once the robot must not move again (e-stop, servo fault)
+        self._interrupted = False  # a safety event happened since the last observation: end the episode
+        self._steps = 0
+        self._closed = False
+        self._bus_open = False
+        self._watching = False
+        self._goal = self.home.astype(np.float64)
+        self._last_obs: dict[str, np.ndarray] | None = None
+        self.observation_spec = self._observation_spec()
+        self.action_spec = ArraySpec((len(self.names),), np.float32, -1.0, 1.0, self._action_unit(), tuple(self.names),
+                                     f"joint goal {m.action_mode} per servo")
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- set-up -------------------------------------------------------------------------------------------
+    def _load_calibration(self) -> Calibration:
+        path = default_path(self.cfg)
+        if Path(path).is_file():
+            return Calibration.load(path, self.servos)
+        log.warning("%s: no calibration file at %s; using raw ticks around 2048 as angle 0 "
+                    "(run reverie-robot calibrate --config ... first on real hardware)", self.cfg.name, path)
+        return Calibration.default(self.servos)
+
+    def _limits(self) -> tuple[np.ndarray, np.ndarray]:
+        """Config limits, narrowed to the range recorded at calibration (never beyond what a person moved)."""
+        lower = np.array([sv.lower for sv in self.servos], dtype=np.float64)
+        upper = np.array([sv.upper for sv in self.servos], dtype=np.float64)
+        for i, name in enumerate(self.names):
+            lo, hi = self.calibration.range_radians(name)
+            lower[i], upper[i] = max(lower[i], lo), min(upper[i], hi)
+            if lower[i] >= upper[i]:
+                raise MotorConfigError(f"joint {name!r} (servo {self.ids[i]}): configured range [{self.servos[i].lower},"
+                                       f" {self.servos[i].upper}] rad and calibrated range [{lo:.3f}, {hi:.3f}] rad "
+                                       f"do not overlap; recalibrate or fix the config")
+        return lower, upper
+
+    def _observation_spec(self) -> dict[str, ArraySpec]:
+        names = tuple(self.names)
+        slack = 0.2  # gravity or a push can carry a joint past a command limit; the spec must allow it
+        spec = {"joint_pos": ArraySpec((len(names),), np.float32, (self.lower - slack).astype(np.float32),
+                                       (self.upper + slack).astype(np.float32), "rad", names, "servo positions")}
+        if "Present_Velocity" in self._read_names:
+            spec["joint_vel"] = ArraySpec((len(names),), np.float32, unit="rad/s", names=names,
+                                          description="servo velocities")
+        return spec | flag_specs()
+
+    def _action_unit(self) -> str:
+        m = self.cfg.motors
+        return f"x{m.joint_delta} rad" if m.action_mode == "delta" else "[-1, 1] -> [lower, upper]"
+
+    def _open(self) -> None:
+        self.bus.open()
+        self._bus_open = True
+        self._check_servos()
+        self._configure()
+        self._hold(self._read()[0])
+        self._set_torque(True)
+        self.estop.start()
+
+    def _check_servos(self) -> None:
+        for sv in self.servos:
+            number = self.bus.ping(sv.id)
+            if number is None:
+                number = self.bus.ping(sv.id)  # one more try before calling a servo missing
+            if number is None:
+                raise MotorError(f"{self.cfg.motors.port}: servo {sv.id} ({sv.name}) does not answer; check its "
+                                 f"power, cable and id (reverie-robot scan --port {self.cfg.motors.port})")
+            expected = MODELS[sv.model].model_number
+            if number != expected:
+                raise MotorConfigError(f"{self.cfg.motors.port}: servo {sv.id} ({sv.name}) is model number {number}, "
+                                       f"the config says {sv.model} ({expected})")
+
+    def _configure(self) -> None:
+        """Torque off, then the settings that keep the servos safe: torque limits, the bus watchdog."""
+        self._set_torque(False)
+        dynamixel = self.cfg.motors.protocol == "dynamixel"
+        for sv in self.servos:
+            if dynamixel:
+                self.bus.write("Bus_Watchdog", sv.id, 0)  # clears a watchdog that fired in an earlier run
+                mode = POSITION_MODE
+                if sv.torque_limit is not None:
+                    if sv.model not in DYNAMIXEL_MAX_CURRENT:
+                        raise MotorConfigError(f"servo {sv.id} ({sv.name}): torque_limit needs a current-sensing model "
+                                               f"({sorted(DYNAMIXEL_MAX_CURRENT)}); {sv.model} has none")
+                    mode = CURRENT_POSITION_MODE
+                if self.bus.read("Operating_Mode", sv.id) != mode:
+                    self.bus.write("Operating_Mode", sv.id, mode)
+                if sv.torque_limit is not None:
+                    self.bus.write("Goal_Current", sv.id, round(sv.torque_limit * DYNAMIXEL_MAX_CURRENT[sv.model]))
+            elif sv.torque_limit is not None:
+                self.bus.write("Torque_Limit", sv.id, round(sv.torque_limit * STS_TORQUE_FULL))
+        watchdog_ms = self.cfg.safety.bus_watchdog_ms
+        if dynamixel and watchdog_ms is not None:
+            for sv in self.servos:  # takes effect once torque is on: the servos stop if this process goes silent
+                self.bus.write("Bus_Watchdog", sv.id, max(1, round(watchdog_ms / 20)))
+        elif not dynamixel:
+            log.info("Feetech servos have no bus watchdog: if this process dies they hold their last goal with "
+                     "torque on; wire a physical e-stop that cuts servo power")
+
+    # --- bus helpers (the lock serialises the control loop, the watchdog and the e-stop) -------------------
+    def _read(self) -> tuple[np.ndarray, np.ndarray | None]:
+        attempts = self.cfg.safety.max_failed_ticks
+        for attempt in range(1, attempts + 1):
+            try:
+                with self._lock:
+                    values = self.bus.sync_read(self._read_names, self.ids)
+                break
+            except ServoFault:
+                raise
+            except MotorError as exc:
+                self.events.record("bus_fault", f"{exc} (read {attempt} of {attempts})")
+                self._interrupted = True
+                if attempt == attempts:
+                    raise
+        ticks = np.array([values["Present_Position"][i] for i in self.ids])
+        pos = self.calibration.to_radians(self.names, ticks)
+        vel = None
+        if "Present_Velocity" in values:
+            units = np.array([values["Present_Velocity"][i] for i in self.ids], dtype=np.float64)
+            scale = np.array([MODELS[sv.model].velocity_unit for sv in self.servos])
+            directions = np.array([self.calibration.joints[n].direction for n in self.names])
+            vel = units * scale * directions
+        return pos, vel
+
+    def _hold(self, present: np.ndarray) -> None:
+        """Restart the command filter (and the delta action's base) from where the joints are."""
+        self.filter.reset(present)
+        self._goal = np.asarray(present, dtype=np.float64).copy()
+
+    def _command(self, goal: np.ndarray) -> np.ndarray:
+        """Pass a goal through the safety filter and send it; returns what was sent."""
+        safe = self.filter(goal)
+        self._write_goals(safe)
+        self._goal = safe
+        return safe
+
+    def _write_goals(self, goals: np.ndarray) -> None:
+        ticks = self.calibration.to_ticks(self.names, goals)
+        with self._lock:
+            if self._fault is not None:
+                raise RobotError(f"{self.cfg.name}: stopped ({self._fault}); no command sent")
+            self.bus.sync_write("Goal_Position", {i: int(t) for i, t in zip(self.ids, ticks)})
+
+    def _set_torque(self, on: bool) -> None:
+        with self._lock:
+            self.bus.sync_write("Torque_Enable", {i: int(on) for i in self.ids})
+            self._torque = on
+
+    def _torque_off_best_effort(self) -> None:
+        """Torque off on a possibly failing bus: the broadcast write, then each servo on its own."""
+        try:
+            self._set_torque(False)
+        except Exception as exc:  # noqa: BLE001  (keep trying servo by servo)
+            log.error("torque off by sync write failed (%s); trying each servo", exc)
+        for sv in self.servos:
+            try:
+                with self._lock:
+                    self.bus.write("Torque_Enable", sv.id, 0)
+            except Exception as exc:  # noqa: BLE001
+                log.error("servo %d (%s): torque off failed (%s): CUT SERVO POWER", sv.id, sv.name, exc)
+        self._torque = False
+
+    # --- safety callbacks (other threads) ------------------------------------------------------------------
+    def _on_watchdog(self) -> None:
+        mode = self.cfg.safety.on_watchdog
+        self.events.record("watchdog", f"no command for {self.cfg.safety.watchdog_s} s: {mode}")
+        self._interrupted = True
+        if mode == "torque_off":
+            self._torque_off_best_effort()
+            return
+        try:
+            present = self._read()[0]
+            self._hold(present)
+            self._write_goals(present)
+        except Exception as exc:  # noqa: BLE001  (holding failed: the only safe state left is torque off)
+            log.error("watchdog: holding position failed (%s); torque off", exc)
+            self._torque_off_best_effort()
+
+    def _on_estop(self, reason: str) -> None:
+        self._fault = f"e-stop: {reason}"
+        self.events.record("estop", reason)
+        self._interrupted = True
+        self._torque_off_best_effort()
+
+    # --- Robot interface ------------------------------------------------------------------------------------
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        self._check_fault()
+        if not self._watching:  # armed with the first commands, not while the process is still starting
+            self.watchdog.start()
+            self._watching = True
+        if not self._torque:  # after a watchdog torque-off: hold where it is, then power up again
+            self._hold(self._read()[0])
+            self._set_torque(True)
+        self._move_home()
+        self._steps = 0
+        self._interrupted = False
+        self.events.take()
+        return self._observation(first=True)
+
+    def _move_home(self) -> None:
+        """Walk every goal to the home pose at the per-step cap, one control period per step."""
+        self._hold(self._read()[0])
+        for _ in range(1000):
+            goal = self._command(self.home)
+            self.watchdog.feed()
+            if np.allclose(goal, np.clip(self.home, self.lower, self.upper)):
+                break
+            time.sleep(self.period)
+
+    def send(self, action: np.ndarray | int) -> None:
+        self._check_fault()
+        action = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
+        m = self.cfg.motors
+        if m.action_mode == "delta":
+            goal = self._goal + action * m.joint_delta
+        else:
+            goal = self.lower + (action + 1.0) * 0.5 * (self.upper - self.lower)
+        self._command(goal)
+        self.watchdog.feed()
+
+    def observe(self) -> dict[str, np.ndarray]:
+        self._check_fault()
+        self._steps += 1
+        return self._observation(first=False)
+
+    def _observation(self, first: bool) -> dict[str, np.ndarray]:
+        try:
+            pos, vel = self._read()
+        except ServoFault as exc:
+            self._fault = str(exc)
+            self.events.record("servo_fault", str(exc))
+            self._torque_off_best_effort()
+            raise
+        error = np.abs(pos - self.target)
+        events = self.events.take()
+        interrupted = self._interrupted or bool(events)
+        self._interrupted = False
+        obs = {"joint_pos": pos.astype(np.float32)}
+        if vel is not None:
+            obs["joint_vel"] = vel.astype(np.float32)
+        obs |= {
+            "reward": np.float32(0.0 if first else -float(error.mean())),
+            "is_first": np.bool_(first),
+            "is_last": np.bool_(not first and (interrupted or self._steps >= self.cfg.control.episode_steps)),
+            "is_terminal": np.bool_(False),
+        }
+        self._last_obs = obs
+        return obs
+
+    def success(self) -> bool:
+        """Every joint within the task's tolerance of its target (the last observation)."""
+        if self._last_obs is None:
+            return False
+        return bool(np.all(np.abs(self._last_obs["joint_pos"] - self.target) <= self.cfg.joint_reach.tolerance))
+
+    def _check_fault(self) -> None:
+        if self._fault is not None:
+            raise RobotError(f"{self.cfg.name}: stopped ({self._fault})")
+
+    def stop(self) -> None:
+        """Hold the present position and stop the watchdog (nothing will command the motors for a while)."""
+        self.watchdog.stop()
+        if self._closed or not self._torque or self._fault is not None:
+            return
+        try:
+            present = self._read()[0]
+            self._hold(present)
+            self._write_goals(present)
+        except Exception as exc:  # noqa: BLE001
+            log.error("stop: holding position failed (%s); torque off", exc)
+            self._torque_off_best_effort()
+
+    def close(self) -> None:
+        """Every exit path ends here: optionally move home, then torque off, then release the port."""
+        if self._closed:
+            return
+        self._closed = True
+        self.watchdog.stop()
+        self.estop.close()
+        if self._bus_open:
+            if self.cfg.safety.on_exit == "home_then_torque_off" and self._fault is None and self._torque:
+                self._exit_move()
+            self._torque_off_best_effort()
+            self.bus.close()
+
+    def _exit_move(self) -> None:
+        deadline = time.monotonic() + self.cfg.safety.exit_move_s
+        try:
+            self._hold(self._read()[0])
+            while time.monotonic() < deadline:
+                goal = self._command(self.home)
+                if np.allclose(goal, np.clip(self.home, self.lower, self.upper)):
+                    time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))  # let it settle before torque off
+                    break
+                time.sleep(self.period)
+        except Exception as exc:  # noqa: BLE001  (torque off follows regardless)
+            log.error("moving home before torque off failed (%s)", exc)

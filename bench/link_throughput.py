@@ -14,6 +14,7 @@ Figures and targets:
 
     python bench/link_throughput.py [--robots 1 8] [--steps 5000] [--transport-steps 20000] [--seconds 10]
                                     [--parts raw transport ingest weights control] [--quick] [--json]
+                                    [--realtime PRIO] [--link-process] [--pin] [--flood-nice N]
 """
 
 from __future__ import annotations
@@ -193,6 +194,23 @@ def _robot_link(address: str, robot: str, spool_dir: str, hello: dict | None = N
     link = RobotLink(address, robot, Spool(Path(spool_dir), 8 << 30), hello or HELLO, heartbeat_s=cfg.heartbeat_s,
                      lost_after_s=cfg.lost_after_s, resend_after_s=cfg.resend_after_s)
     link.start()
+    return _connected(link, address, robot)
+
+
+def _link_process(address: str, robot: str, spool_dir: str, hello: dict) -> Any:
+    """--link-process: the same link, run in a child process of the robot (robot.link_process.LinkProcess)."""
+    from learner.config_link import LinkConfig
+    from robot.link_process import LinkProcess
+
+    cfg = LinkConfig()
+    link = LinkProcess(address, robot, (spool_dir, 8 << 30), hello, heartbeat_s=cfg.heartbeat_s,
+                       lost_after_s=cfg.lost_after_s, resend_after_s=cfg.resend_after_s, start_timeout=START_TIMEOUT)
+    link.start()
+    return _connected(link, address, robot)
+
+
+def _connected(link: Any, address: str, robot: str) -> Any:
+    """The started link once it is connected (closed and TimeoutError after START_TIMEOUT)."""
     end = time.monotonic() + START_TIMEOUT
     while not link.status().connected:
         if time.monotonic() > end:
@@ -250,6 +268,7 @@ def _weights_robot(address: str, idx: int, spool_dir: str, ready: Any, stop: Any
 
 PIN_ENV = "REVERIE_BENCH_PIN"  # set by --pin; inherited by the child processes
 RT_ENV = "REVERIE_BENCH_RT"  # set by --realtime: control.realtime_priority of the control robot
+LP_ENV = "REVERIE_BENCH_LINK_PROCESS"  # set by --link-process: the control robot's link runs in a child process
 
 
 def _pin(role: str) -> None:
@@ -338,8 +357,9 @@ def _control_robot(address: str, hz: float, seconds: float, spool_dir: str, read
                                  "sim": {"physics_hz": 1000.0}, "link": {"chunk_seconds": 1.0}})
     robot = BenchRobot()
     spec, act = step_spec(robot)
-    link = _robot_link(address, f"control-{int(hz)}", spool_dir,
-                       {"spec": spec, "task": "link-bench", "hz": float(hz), "discrete": act.discrete})
+    hello = {"spec": spec, "task": "link-bench", "hz": float(hz), "discrete": act.discrete}
+    make_link = _link_process if os.environ.get(LP_ENV) == "1" else _robot_link
+    link = make_link(address, f"control-{int(hz)}", spool_dir, hello)
     try:
         loop = ControlLoop(cfg, robot, link)
         ready.set()
@@ -361,8 +381,9 @@ class Children:
         self.procs: list[Any] = []
         self.results = CTX.Queue()
 
-    def spawn(self, target: Callable[..., None], *args: Any) -> Any:
-        proc = CTX.Process(target=target, args=(*args, self.results), daemon=True, name=f"{target.__name__}")
+    def spawn(self, target: Callable[..., None], *args: Any, daemon: bool = True) -> Any:
+        """daemon=False for a child that starts processes of its own (a daemonic process may not have children)."""
+        proc = CTX.Process(target=target, args=(*args, self.results), daemon=daemon, name=f"{target.__name__}")
         proc.start()
         self.procs.append(proc)
         return proc
@@ -649,7 +670,8 @@ def bench_weights(base: Path, robots: int, blobs: dict[str, bytes], reps: int) -
 
 def _control_once(kids: Children, server: Any, base: Path, hz: float, seconds: float, tag: str) -> dict[str, Any]:
     ready, go = CTX.Event(), CTX.Event()
-    kids.spawn(control_robot, server.endpoint, hz, seconds, str(base / "control" / f"spool-{tag}-{hz:g}"), ready, go)
+    kids.spawn(control_robot, server.endpoint, hz, seconds, str(base / "control" / f"spool-{tag}-{hz:g}"), ready, go,
+               daemon=os.environ.get(LP_ENV) != "1")
     kids.wait_events([ready], f"the {hz:g} Hz control robot connected")
     before, start = server.received, time.monotonic()
     go.set()
@@ -746,6 +768,9 @@ def main() -> None:
     parser.add_argument("--realtime", type=int, default=0, metavar="PRIO",
                         help="control-loop part: run the control robot's loop SCHED_FIFO at this priority "
                              "(control.realtime_priority; needs CAP_SYS_NICE)")
+    parser.add_argument("--link-process", action="store_true",
+                        help="control-loop part: the control robot runs its link in a child process "
+                             "(robot.link_process.LinkProcess) instead of a thread (RobotLink)")
     parser.add_argument("--flood-nice", type=int, default=0,
                         help="nice increment of the flooding robots (e.g. 10: they stand in for other machines)")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a new temp dir, removed at exit)")
@@ -769,7 +794,8 @@ def main() -> None:
         "settings": {"robots": args.robots, "steps_per_robot": args.steps,
                      "transport_steps_per_robot": args.transport_steps, "chunk_steps": CHUNK,
                      "step_bytes": step_bytes(), "control_seconds": args.seconds, "flood_robots": args.flood,
-                     "flood_nice": args.flood_nice, "quick": args.quick},
+                     "flood_nice": args.flood_nice, "quick": args.quick, "realtime_priority": args.realtime,
+                     "link_process": args.link_process},
         "targets": TARGETS,
     }
     try:
@@ -809,6 +835,8 @@ def main() -> None:
                 os.environ[PIN_ENV] = "1"
             if args.realtime:
                 os.environ[RT_ENV] = str(args.realtime)
+            if args.link_process:
+                os.environ[LP_ENV] = "1"
             results["control_loop"] = bench_control(base, args.flood, [20.0, 50.0], args.seconds, args.flood_nice)
     finally:
         results["machine"]["loadavg_end"] = _load()

@@ -2,15 +2,21 @@
 
     reverie-sim view --config hardware_configs/sim_quadruped_walk.yaml --policy random --steps 200 --out run.mp4
     reverie-sim specs --config hardware_configs/sim_arm_reach.yaml
+    reverie-sim emulate --config hardware_configs/so101_arm.yaml --write-calibration calibration/so101_arm.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -19,6 +25,10 @@ from learner.config import Config, ConfigError, load_config, write_resolved
 from learner.video import FORMATS, VideoWriter, side_by_side
 from robot.interface import ArraySpec, DiscreteSpec
 from sim.tasks import make_policy, make_robot
+
+if TYPE_CHECKING:  # the emulator's modules load only for `emulate`
+    from robot.motors.calibration import Calibration
+    from robot.motors.emulator import ServoEmulator
 
 
 @dataclass
@@ -84,6 +94,82 @@ def specs(cfg: Config) -> dict[str, object]:
         }
 
 
+STATUS_EVERY_S = 5.0  # seconds between status lines of `emulate`
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: expected a fraction in [0, 1]")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected a number of seconds > 0")
+    return value
+
+
+def _robot_command(args: argparse.Namespace, port: str) -> str:
+    """The `reverie-robot run` line that drives this emulated bus."""
+    words = ["reverie-robot", "run", "--config", str(args.config)]
+    for item in args.set:
+        if not item.startswith("motors.port="):
+            words += ["--set", item]
+    words += ["--set", f"motors.port={port}"]
+    if args.write_calibration:
+        words += ["--set", f"motors.calibration={args.write_calibration}"]
+    return shlex.join(words)
+
+
+def _status_line(cfg: Config, emulator: ServoEmulator, calibration: Calibration, elapsed: float) -> str:
+    """Packets served, torque per servo and joint angles, read back from the emulated servos' registers."""
+    servos = cfg.motors.servos
+    ticks = np.array([emulator.register(s.id, "Present_Position") for s in servos])
+    angles = calibration.to_radians([s.name for s in servos], ticks)
+    on = emulator.torque_enabled()
+    stats = getattr(emulator, "stats", {})
+    packets = " ".join(f"{k}={v}" for k, v in stats.items())
+    joints = " ".join(f"{s.name}={a:+.2f}{'' if on.get(s.id) else '(off)'}" for s, a in zip(servos, angles))
+    torque = f"torque on {sum(bool(on.get(s.id)) for s in servos)}/{len(servos)}"
+    return f"[{elapsed:6.1f} s] {packets} | {torque} | {joints}"
+
+
+def emulate_bus(cfg: Config, args: argparse.Namespace) -> int:
+    """Serve an emulated servo bus until Ctrl-C, SIGTERM or --duration; print the port and status lines."""
+    from sim.servo_emulation import emulate, true_calibration
+
+    calibration = true_calibration(cfg)
+    if args.write_calibration:
+        calibration.save(args.write_calibration)
+        print(f"calibration of the emulated servos written to {args.write_calibration}", flush=True)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with emulate(cfg, timing=not args.no_timing) as emulator:
+            emulator.faults.drop_rate = args.drop_rate
+            emulator.faults.corrupt_rate = args.corrupt_rate
+            model = cfg.emulator.model or "kinematic (no physics: emulator.model is null)"
+            print(f"emulated {cfg.motors.protocol} bus of {len(cfg.motors.servos)} servos at {cfg.motors.baud} "
+                  f"bit/s, model {model}", flush=True)
+            print(f"serial port: {emulator.port}", flush=True)
+            print(f"run the robot with:\n  {_robot_command(args, emulator.port)}", flush=True)
+            if not args.write_calibration:
+                print("  (it needs a calibration: run `reverie-robot calibrate` against this port, or restart this "
+                      "with --write-calibration FILE and add --set motors.calibration=FILE)", flush=True)
+            start = time.monotonic()
+            end = start + args.duration if args.duration else float("inf")
+            while not stop.is_set() and time.monotonic() < end:
+                stop.wait(min(STATUS_EVERY_S, max(0.0, end - time.monotonic())))
+                print(_status_line(cfg, emulator, calibration, time.monotonic() - start), flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("emulated bus closed", flush=True)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reverie-sim", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +192,17 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("specs", help="print the observation and action specs as JSON")
     common(s)
+
+    e = sub.add_parser("emulate", help="serve an emulated servo bus (PyBullet physics) on a pseudo-terminal")
+    common(e)
+    e.add_argument("--no-timing", action="store_true", help="reply at once instead of at the bus's wire speed")
+    e.add_argument("--drop-rate", type=_rate, default=0.0, metavar="R", help="fraction of replies never sent")
+    e.add_argument("--corrupt-rate", type=_rate, default=0.0, metavar="R",
+                   help="fraction of replies sent with a wrong checksum/CRC")
+    e.add_argument("--write-calibration", type=Path, default=None, metavar="FILE",
+                   help="write the emulated servos' true calibration here (skips `reverie-robot calibrate`)")
+    e.add_argument("--duration", type=_positive, default=None, metavar="S",
+                   help="stop after this many seconds (default: serve until Ctrl-C or SIGTERM)")
     return parser
 
 
@@ -119,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "specs":
         print(json.dumps(specs(cfg), indent=2))
         return 0
+    if args.command == "emulate":
+        if cfg.motors is None:
+            print(f"reverie-sim: {args.config}: no motors block, so there is no servo bus to emulate "
+                  "(use a servo config such as hardware_configs/so101_arm.yaml)", file=sys.stderr)
+            return 2
+        return emulate_bus(cfg, args)
     if args.out.suffix.lower() not in FORMATS:
         print(f"reverie-sim: --out {args.out}: expected a name ending in .mp4 or .gif", file=sys.stderr)
         return 2

@@ -1,0 +1,1 @@
+"""Servo buses: protocol codecs, control tables, the bus driver and an emulated bus for tests."""

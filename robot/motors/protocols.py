@@ -1,0 +1,17 @@
+"""The codec of each protocol by name: the one place a protocol string becomes framing code."""
+
+from __future__ import annotations
+
+from robot.motors.codec import Codec
+from robot.motors.dynamixel import DynamixelCodec
+from robot.motors.feetech import FeetechCodec
+
+CODECS: dict[str, Codec] = {"dynamixel": DynamixelCodec(), "feetech": FeetechCodec()}
+
+
+def codec_for(protocol: str) -> Codec:
+    """The codec of `protocol`; ValueError names the unknown protocol and the known ones."""
+    try:
+        return CODECS[protocol]
+    except KeyError:
+        raise ValueError(f"unknown servo protocol {protocol!r} (known: {', '.join(CODECS)})") from None

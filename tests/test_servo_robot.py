@@ -1,0 +1,255 @@
+"""The servo robot backend on the emulated bus: real driver, real protocol bytes on a pseudo-terminal,
+the safety layer in between. The emulator's own registers say what reached the motors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from learner.config import Config, load_config
+from robot.interface import RobotError
+from robot.motors.emulator import KinematicPlant
+from robot.motors.errors import MotorError, ServoFault
+from robot.servo_robot import ServoRobot
+from sim.servo_emulation import emulate, true_calibration
+
+ROOT = Path(__file__).resolve().parents[1]
+SO101 = ROOT / "hardware_configs" / "so101_arm.yaml"
+KOCH = ROOT / "hardware_configs" / "koch_arm.yaml"
+DEADLINE = 30.0  # generous wait for something to happen (not a speed assertion)
+
+
+def servo_cfg(path: Path, tmp: Path, *extra: str) -> Config:
+    cfg = load_config(path, ["safety.estop_key=false", f"motors.calibration={tmp / 'calibration.json'}", *extra])
+    true_calibration(cfg).save(tmp / "calibration.json")
+    return cfg
+
+
+class Bench:
+    """An emulated bus with a kinematic plant, and a config pointing at it."""
+
+    def __init__(self, path: Path, tmp: Path, *extra: str) -> None:
+        base = servo_cfg(path, tmp, *extra)
+        home = [s.home for s in base.motors.servos]
+        self.plant = KinematicPlant(len(home), initial=home)
+        self.emulator = emulate(base, plant=self.plant).start()
+        self.cfg = load_config(path, ["safety.estop_key=false", f"motors.calibration={tmp / 'calibration.json'}",
+                                      f"motors.port={self.emulator.port}", *extra])
+        self.ids = [s.id for s in self.cfg.motors.servos]
+
+    def goals(self, robot: ServoRobot) -> np.ndarray:
+        """The goals the emulated servos hold, as calibrated angles."""
+        ticks = np.array([self.emulator.register(i, "Goal_Position") for i in self.ids])
+        return robot.calibration.to_radians(robot.names, ticks)
+
+    def torque(self) -> list[bool]:
+        on = self.emulator.torque_enabled()
+        return [on[i] for i in self.ids]
+
+    def close(self) -> None:
+        self.emulator.close()
+
+
+@pytest.fixture
+def so101(tmp_path):
+    bench = Bench(SO101, tmp_path)
+    yield bench
+    bench.close()
+
+
+def wait_for(condition, what: str, limit: float = DEADLINE) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_reset_moves_home_and_observations_follow_the_spec(so101):
+    with ServoRobot(so101.cfg) as robot:
+        assert all(so101.torque())
+        obs = robot.reset()
+        home = np.array([s.home for s in so101.cfg.motors.servos])
+        np.testing.assert_allclose(obs["joint_pos"], home, atol=0.01)
+        assert obs["is_first"] and not obs["is_last"]
+        for key, spec in robot.observation_spec.items():
+            assert spec.contains(np.asarray(obs[key])), key
+        robot.send(np.ones(6, np.float32))
+        time.sleep(0.05)
+        obs = robot.observe()
+        assert np.all(obs["joint_pos"] > home - 0.01) and obs["reward"] < 0
+    assert not any(so101.torque())  # closing turned torque off
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(actions=st.lists(st.lists(st.floats(-1e6, 1e6, allow_nan=True), min_size=6, max_size=6), min_size=1,
+                        max_size=12), absolute=st.booleans())
+def test_every_command_that_reaches_the_servos_is_within_limits_and_step_bounds(so101, actions, absolute):
+    cfg = so101.cfg.model_copy(update={"motors": so101.cfg.motors.model_copy(
+        update={"action_mode": "absolute" if absolute else "delta", "joint_delta": 0.5})})
+    lower = np.array([s.lower for s in cfg.motors.servos])
+    upper = np.array([s.upper for s in cfg.motors.servos])
+    tick = 2 * np.pi / 4096
+    with ServoRobot(cfg) as robot:
+        robot.reset()
+        previous = so101.goals(robot)
+        for action in actions:
+            robot.send(np.nan_to_num(np.array(action, np.float32), nan=np.nan))
+            goal = so101.goals(robot)
+            assert np.all(goal >= lower - tick) and np.all(goal <= upper + tick)
+            assert np.all(np.abs(goal - previous) <= cfg.safety.max_step + 2 * tick)
+            previous = goal
+
+
+def test_watchdog_cuts_torque_when_the_policy_stalls(tmp_path):
+    bench = Bench(SO101, tmp_path, "safety.on_watchdog=torque_off", "safety.watchdog_s=0.2")
+    try:
+        with ServoRobot(bench.cfg) as robot:
+            robot.reset()
+            robot.send(np.zeros(6, np.float32))
+            assert all(bench.torque())
+            wait_for(lambda: not any(bench.torque()), "the watchdog to cut torque")  # the policy "stalls" here
+            assert robot.events.counts.get("watchdog", 0) == 1 or robot.watchdog.fired == 1
+            obs = robot.observe()
+            assert obs["is_last"]  # the safety event ends the episode: the learner sees the boundary
+            robot.reset()  # a new episode powers the servos up again
+            assert all(bench.torque())
+    finally:
+        bench.close()
+
+
+def test_watchdog_holds_position_and_ends_the_episode(so101):
+    with ServoRobot(so101.cfg) as robot:
+        robot.reset()
+        for _ in range(3):
+            robot.send(np.ones(6, np.float32))
+            time.sleep(0.02)
+        wait_for(lambda: robot.watchdog.fired >= 1, "the watchdog to fire")
+        time.sleep(0.1)
+        np.testing.assert_allclose(so101.goals(robot), robot.observe()["joint_pos"], atol=0.02)  # holding here
+        assert all(so101.torque())
+        robot.reset()
+        obs = robot.observe()
+        assert not obs["is_first"]
+
+
+def test_an_exception_in_the_control_code_leaves_torque_off(so101):
+    with pytest.raises(ZeroDivisionError), ServoRobot(so101.cfg) as robot:
+        robot.reset()
+        robot.send(np.zeros(6, np.float32))
+        assert all(so101.torque())
+        _ = 1 / 0
+    assert not any(so101.torque())
+
+
+def test_a_silent_servo_stops_the_robot_with_its_id_named(so101):
+    with ServoRobot(so101.cfg) as robot:
+        robot.reset()
+        so101.emulator.faults.silent = {3}
+        with pytest.raises(MotorError, match=r"servo[s]? .*3"):
+            robot.observe()
+        so101.emulator.faults.silent = set()
+    assert not any(so101.torque())
+
+
+def test_an_overload_error_bit_stops_the_robot_and_cuts_torque(so101):
+    with ServoRobot(so101.cfg) as robot:
+        robot.reset()
+        so101.emulator.faults.error_bits = {6: 32}  # STS overload
+        with pytest.raises(ServoFault, match=r"(?s)6.*overload"):
+            robot.observe()
+        with pytest.raises(RobotError, match="overload"):
+            robot.send(np.zeros(6, np.float32))  # nothing moves after a fault
+        so101.emulator.faults.error_bits = {}
+    assert not any(so101.torque())
+
+
+def test_dropped_and_corrupt_replies_are_retried_without_stopping(so101):
+    with ServoRobot(so101.cfg) as robot:
+        robot.reset()
+        so101.emulator.faults.drop_rate = 0.1
+        so101.emulator.faults.corrupt_rate = 0.1
+        for _ in range(60):
+            robot.send(np.zeros(6, np.float32))
+            robot.observe()
+        so101.emulator.faults.drop_rate = so101.emulator.faults.corrupt_rate = 0.0
+        assert robot.bus.stats["retries"] > 0
+
+
+def test_a_missing_servo_is_named_at_start(tmp_path):
+    bench = Bench(SO101, tmp_path)
+    try:
+        bench.emulator.faults.silent = {4}
+        with pytest.raises(MotorError, match="servo 4"):
+            ServoRobot(bench.cfg)
+    finally:
+        bench.close()
+
+
+def test_dynamixel_arm_enables_the_bus_watchdog_and_limits_gripper_current(tmp_path):
+    bench = Bench(KOCH, tmp_path)
+    try:
+        with ServoRobot(bench.cfg) as robot:
+            robot.reset()
+            units = round(bench.cfg.safety.bus_watchdog_ms / 20)
+            assert [bench.emulator.register(i, "Bus_Watchdog") for i in bench.ids] == [units] * 6
+            gripper = next(s for s in bench.cfg.motors.servos if s.gripper)
+            assert bench.emulator.register(gripper.id, "Operating_Mode") == 5
+            assert 0 < bench.emulator.register(gripper.id, "Goal_Current") < 1750
+    finally:
+        bench.close()
+
+
+def test_feetech_gripper_torque_is_limited(so101):
+    with ServoRobot(so101.cfg):
+        gripper = next(s for s in so101.cfg.motors.servos if s.gripper)
+        assert so101.emulator.register(gripper.id, "Torque_Limit") == round(gripper.torque_limit * 1000)
+
+
+# --- the robot process ------------------------------------------------------------------------------------------
+
+
+def robot_process(cfg_path: Path, port: str, tmp: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "robot.cli", "run", "--config", str(cfg_path), "--learner", "tcp://127.0.0.1:9",
+           "--spool", str(tmp / "spool"), "--duration", "120", "--set", f"motors.port={port}",
+           "--set", f"motors.calibration={tmp / 'calibration.json'}", "--set", "safety.estop_key=false", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_torque_is_off_after_the_robot_process_is_signalled(so101, tmp_path, sig):
+    proc = robot_process(SO101, so101.emulator.port, tmp_path)
+    try:
+        wait_for(lambda: all(so101.torque()) or proc.poll() is not None, "the robot to power up")
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert not any(so101.torque())
+    assert json.loads(out.strip().splitlines()[-1])["stopped"] == "interrupted"
+
+
+def test_software_estop_file_stops_the_robot_at_once(so101, tmp_path):
+    stop_file = tmp_path / "ESTOP"
+    proc = robot_process(SO101, so101.emulator.port, tmp_path, "--set", f"safety.estop_file={stop_file}")
+    try:
+        wait_for(lambda: all(so101.torque()) or proc.poll() is not None, "the robot to power up")
+        time.sleep(0.5)
+        stop_file.touch()
+        wait_for(lambda: not any(so101.torque()), "torque off after the e-stop")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 4, err[-3000:]
+    assert "e-stop" in err and str(stop_file) in err

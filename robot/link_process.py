@@ -198,7 +198,7 @@ def _child_main(down: Connection, up: Connection, cfg: dict[str, Any]) -> None:
     except BaseException as exc:  # noqa: BLE001 - reported to start() in the parent
         family = "security" if isinstance(exc, LinkSecurityError) else "os" if isinstance(exc, OSError) else "other"
         _send(up, {"k": "failed", "family": family, "error": f"{type(exc).__name__}: {exc}"})
-        sys.exit(2)
+        _exit(2)
     _send(up, {"k": "started", "run_id": child.link.run_id, "s": _status_dict(child.link.status())})
     code = 0
     try:
@@ -214,7 +214,15 @@ def _child_main(down: Connection, up: Connection, cfg: dict[str, Any]) -> None:
     finally:
         with contextlib.suppress(OSError):  # the parent is gone: nobody to tell
             child.close()
-    sys.exit(code)
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    """Exit now: the link is closed and its data spooled; tearing down torch's interpreter state would only
+    make the parent's close() wait."""
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _try_send(conn: Connection, envelope: dict[str, Any]) -> None:

@@ -129,8 +129,9 @@ def _status_line(cfg: Config, emulator: ServoEmulator, calibration: Calibration,
     ticks = np.array([emulator.register(s.id, "Present_Position") for s in servos])
     angles = calibration.to_radians([s.name for s in servos], ticks)
     on = emulator.torque_enabled()
-    stats = getattr(emulator, "stats", {})
-    packets = " ".join(f"{k}={v}" for k, v in stats.items())
+    stats = dict(emulator.stats)
+    shown = {k: v for k, v in stats.items() if k in ("received", "answered") or v}  # faults only once they occur
+    packets = "packets " + " ".join(f"{k}={v}" for k, v in shown.items())
     joints = " ".join(f"{s.name}={a:+.2f}{'' if on.get(s.id) else '(off)'}" for s, a in zip(servos, angles))
     torque = f"torque on {sum(bool(on.get(s.id)) for s in servos)}/{len(servos)}"
     return f"[{elapsed:6.1f} s] {packets} | {torque} | {joints}"
@@ -142,7 +143,10 @@ def emulate_bus(cfg: Config, args: argparse.Namespace) -> int:
 
     calibration = true_calibration(cfg)
     if args.write_calibration:
-        calibration.save(args.write_calibration)
+        try:
+            calibration.save(args.write_calibration)
+        except OSError as exc:
+            raise OSError(f"--write-calibration {args.write_calibration}: cannot write it ({exc})") from None
         print(f"calibration of the emulated servos written to {args.write_calibration}", flush=True)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -221,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reverie-sim: {args.config}: no motors block, so there is no servo bus to emulate "
                   "(use a servo config such as hardware_configs/so101_arm.yaml)", file=sys.stderr)
             return 2
-        return emulate_bus(cfg, args)
+        try:
+            return emulate_bus(cfg, args)
+        except (ValueError, OSError, RuntimeError) as exc:  # a model or baud the servos lack, an unwritable file
+            print(f"reverie-sim emulate: {exc}", file=sys.stderr)
+            return 2
     if args.out.suffix.lower() not in FORMATS:
         print(f"reverie-sim: --out {args.out}: expected a name ending in .mp4 or .gif", file=sys.stderr)
         return 2

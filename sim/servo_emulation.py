@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from learner.config import Config
+from learner.config_hardware import MotorsConfig
 from robot.motors.calibration import Calibration, JointCalibration
 from robot.motors.emulator import EmulatedServo, Plant, ServoEmulator
 from robot.motors.tables import MODELS
@@ -21,7 +22,7 @@ from sim.servo_plant import PlantError, PyBulletPlant
 MID_TICKS = 2048
 
 
-def _motors(cfg: Config):  # noqa: ANN202 - MotorsConfig, without importing the block type
+def _motors(cfg: Config) -> MotorsConfig:
     if cfg.motors is None:
         raise PlantError("motors: the config has no motors block, so there are no servos to emulate")
     return cfg.motors
@@ -55,9 +56,10 @@ def true_calibration(cfg: Config) -> Calibration:
 class PhysicsEmulator(ServoEmulator):
     """A servo emulator that owns its plant: closing the emulator closes the plant too."""
 
-    def __init__(self, *args, owned_plant: PyBulletPlant, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, protocol: str, servos: list[EmulatedServo], owned_plant: PyBulletPlant, timing: bool = True,
+                 seed: int = 0) -> None:
         self.owned_plant = owned_plant
-        super().__init__(*args, plant=owned_plant, **kwargs)
+        super().__init__(protocol, servos, plant=owned_plant, timing=timing, seed=seed)
 
     def close(self) -> None:
         try:
@@ -75,7 +77,7 @@ def emulate(cfg: Config, plant: Plant | None = None, timing: bool = True) -> Ser
         return ServoEmulator(motors.protocol, servos, plant=plant, timing=timing, seed=cfg.seed)
     physics = PyBulletPlant(cfg)
     try:
-        return PhysicsEmulator(motors.protocol, servos, owned_plant=physics, timing=timing, seed=cfg.seed)
+        return PhysicsEmulator(motors.protocol, servos, physics, timing=timing, seed=cfg.seed)
     except BaseException:
         physics.close()
         raise

@@ -26,7 +26,7 @@ ARM_JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wris
 LEGS = ("fl", "fr", "rl", "rr")
 LEG_JOINTS = tuple(f"{leg}_{part}" for leg in LEGS for part in ("hip", "thigh", "knee"))
 MODELS = ("so101", "koch", "quadruped12")
-LIMIT_MARGIN = 0.1  # URDF stops lie this far outside the configs' commanded ranges, rad
+LIMIT_MARGIN = 0.05  # URDF stops lie this far outside the configs' commanded ranges, rad
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class QuadrupedDims:
 QUADRUPED12 = QuadrupedDims(
     body=(0.26, 0.14, 0.07), body_mass=1.0, hip_xy=(0.11, 0.05), hip_offset=0.04,
     thigh=(0.10, 0.10), shin=(0.10, 0.05), hip_mass=0.09, foot_radius=0.012,
-    limits={"hip": (-0.7, 0.7), "thigh": (-1.0, 1.9), "knee": (-2.6, -0.2)},
+    limits={"hip": (-0.6, 0.6), "thigh": (-0.9, 1.8), "knee": (-2.5, -0.3)},
 )
 
 

@@ -120,6 +120,7 @@ def gone(pid: int) -> bool:
 def test_chunks_reach_the_learner_exactly_once_and_the_spool_empties(tmp_path: Path) -> None:
     with learner(tmp_path) as server, started(server.endpoint, tmp_path / "spool") as link:
         assert link.pid is not None and link.pid != os.getpid() and len(link.run_id) == 32
+        os.kill(link.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group: the child leaves it to us
         link.set_stats(version=np.int64(3), steps=60)
         for i in range(4):
             link.submit(chunk(i))

@@ -26,6 +26,7 @@ from typing import Any
 import serial
 
 from robot.motors.codec import Codec, CorruptPacket, Packet
+from robot.motors.dynamixel import HARDWARE_ALERT, hardware_error_names
 from robot.motors.errors import BusCorrupt, BusTimeout, MotorConfigError, MotorError, ServoFault
 from robot.motors.protocols import codec_for
 from robot.motors.tables import MODELS, Model, Register, model_for
@@ -289,7 +290,18 @@ class MotorBus:
     def _check(self, packet: Packet, what: str, reg: Register | None = None) -> None:
         if packet.code:
             self.stats.faults += 1
-            raise _fault({packet.id: self.codec.error_names(packet.code)}, what, self.port, reg)
+            raise _fault({packet.id: self._fault_names(packet.id, packet.code)}, what, self.port, reg)
+
+    def _fault_names(self, id: int, code: int) -> list[str]:
+        """The status error bits by name; a Dynamixel 'hardware alert' is looked up in Hardware_Error_Status."""
+        names = self.codec.error_names(code)
+        if self.protocol == "dynamixel" and code & HARDWARE_ALERT:
+            try:
+                status = self._read_reg(self._register(self.model(id), "Hardware_Error_Status", id), id, check=False)
+            except MotorError:
+                return names
+            names += hardware_error_names(status)
+        return names
 
     # ----- public operations ----------------------------------------------------------------------
 
@@ -346,7 +358,9 @@ class MotorBus:
             return out
         start, length, regs = self._span(names, ids)
         self.stats.reads += 1
-        pending, faults, bad = list(ids), {}, []
+        pending: list[int] = list(ids)
+        faults: dict[int, int] = {}
+        bad: list[int | None] = []
         for attempt in range(self.retries + 1):
             if attempt:
                 self.stats.retries += 1
@@ -361,14 +375,15 @@ class MotorBus:
                     offset = reg.address - start
                     out[n][id] = self.codec.decode(packet.params[offset:offset + reg.size], reg)
                 if packet.code:
-                    faults[id] = self.codec.error_names(packet.code)
+                    faults[id] = packet.code
             pending = [i for i in pending if i not in out[names[0]]]
             if not pending:
                 break
         if faults:
             self.stats.faults += len(faults)
             missing = f"; no reply from servos {pending}" if pending else ""
-            raise _fault(faults, f"a sync read of {names}{missing}", self.port)
+            named = {id: self._fault_names(id, code) for id, code in faults.items()}
+            raise _fault(named, f"a sync read of {names}{missing}", self.port)
         if pending:
             raise self._lost(pending, bad, f"a sync read of {names}", self.retries + 1)
         return out

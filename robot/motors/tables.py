@@ -1,7 +1,8 @@
 """Control tables of the supported servo models: register addresses, sizes, signs and factory defaults.
 
-Facts from the manufacturers' manuals (see docs in the reference notes). The bus driver, the
-calibration and the emulated bus all read these tables, so an address is written down exactly once.
+Addresses and sizes are the manufacturers' (Dynamixel X-series e-manual, Feetech STS memory table).
+The bus driver, the calibration and the emulated bus all read these tables, so an address is written
+down exactly once.
 
 Units the driver converts with (so the emulator and the driver agree on every number):
 - positions: `ticks_per_rev` raw ticks per turn;

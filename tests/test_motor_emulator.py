@@ -213,6 +213,27 @@ def test_torque_limit_reaches_the_plant(protocol):
         host.close()
 
 
+def test_homing_offset_shifts_present_position_with_each_protocols_sign(bus, protocol):
+    emulator, host, _ = bus
+    if protocol == "feetech":
+        host.write(1, "Lock", 0)
+    before = host.read(1, "Present_Position")
+    host.write(1, "Homing_Offset", -300)
+    shift = -300 if protocol == "dynamixel" else 300  # Dynamixel adds the offset, Feetech subtracts it
+    assert host.read(1, "Present_Position") == before + shift
+
+
+def test_dynamixel_position_wraps_in_position_mode_only():
+    plant = KinematicPlant(1, initial=[0.5])
+    with ServoEmulator("dynamixel", [EmulatedServo(1, DXL_MODEL, zero_ticks=4000)], plant) as emulator:
+        host = Host(emulator, "dynamixel")
+        unwrapped = 4000 + round(0.5 * TICKS_PER_RAD)
+        assert host.read(1, "Present_Position") == unwrapped - 4096
+        host.write(1, "Operating_Mode", 4)  # extended position: multi-turn
+        assert host.read(1, "Present_Position") == unwrapped
+        host.close()
+
+
 def test_timing_reply_comes_no_earlier_than_the_wire_allows():
     servo = EmulatedServo(1, DXL_MODEL, baud=9600)
     with ServoEmulator("dynamixel", [servo]) as emulator:

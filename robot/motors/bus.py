@@ -410,29 +410,45 @@ class MotorBus:
         """Every servo that answers a ping at the current baud: {id, model, model_number, firmware, protocol,
         baud}. `progress(n)` is called as ids are probed."""
         found = self._sweep(list(ids), progress)
-        return [self._identify(id) for id in sorted(found)]
+        servos = []
+        for id in sorted(found):
+            try:
+                servos.append(self._identify(id))
+            except (BusTimeout, BusCorrupt) as exc:  # a glitch, or a late reply to an earlier request
+                log.warning("scan of %s at %d bit/s: servo %d answered a ping once, then not (%s); skipped",
+                            self.port, self.baud, id, exc)
+        return servos
 
     def _sweep(self, ids: list[int], progress: Callable[[int], None] | None) -> set[int]:
         """Ping each id in turn. Input is not flushed between pings, so a reply that comes after its own
-        window still counts (a short window then only costs time, never a servo)."""
+        window still counts (a short window then only costs time, never a servo). Only ping-shaped
+        statuses of ids already pinged count: a late reply to an earlier request is not a servo."""
         found: set[int] = set()
+        pinged: set[int] = set()
         bad: list[int | None] = []
         buf = bytearray()
-        reply = self.codec.wire_bytes(PING_PARAMS[self.protocol], True)
+        params = PING_PARAMS[self.protocol]
+        reply = self.codec.wire_bytes(params, True)
+
+        def take() -> None:
+            found.update(p.id for p in self._packets(buf, bad) if p.id in pinged and len(p.params) == params)
+
         with self._lock:
+            time.sleep(SCAN_STRAGGLERS_S)  # replies to requests before the sweep land now, and are dropped
             self._port_open().reset_input_buffer()
             for id in ids:
                 packet = self.codec.ping(id)
+                pinged.add(id)
                 self._send(packet, flush_input=False)
                 deadline = time.monotonic() + self.timeout_s(len(packet), reply)
                 while id not in found and self._pump(buf, deadline):
-                    found.update(p.id for p in self._packets(buf, bad))
+                    take()
                 if progress:
                     progress(1)
             deadline = time.monotonic() + SCAN_STRAGGLERS_S
             while self._pump(buf, deadline):
-                found.update(p.id for p in self._packets(buf, bad))
-        return found & set(ids)
+                take()
+        return found
 
     def _identify(self, id: int) -> dict[str, Any]:
         number = None
@@ -441,7 +457,7 @@ class MotorBus:
             if number is not None:
                 break
         if number is None:
-            raise BusTimeout(self.port, [id], "a ping", self.retries + 1, "it answered once during the scan")
+            raise BusTimeout(self.port, [id], "a ping", self.retries + 1)
         model = model_for(self.protocol, number)
         table = model or MODELS[PROBE_MODEL[self.protocol]]
         firmware = self._read_reg(self._register(table, "Firmware_Version", id), id, check=False)

@@ -49,6 +49,10 @@ class MotorsConfig(Block):
         None, description="calibration file written by reverie-robot calibrate; null = calibration/<name>.json"
     )
     read_velocity: bool = Field(True, description="read present velocities too (one wider sync read)")
+    timeout_margin_ms: float = Field(
+        10.0, gt=0, le=1000, description="added to each reply's wire time before it counts as missing, ms (USB "
+        "latency and OS scheduling; FTDI adapters need their latency timer at 1 ms)"
+    )
     retries: int = Field(2, ge=0, le=10, description="a failed read is retried this many times within a tick")
     action_mode: Literal["delta", "absolute"] = Field(
         "delta", description="delta: action in [-1, 1] moves each goal by up to joint_delta; absolute: it maps to "
@@ -89,7 +93,8 @@ class SafetyConfig(Block):
         "this long (20 ms units); null disables. Feetech servos have none"
     )
     max_failed_ticks: int = Field(
-        3, ge=1, le=100, description="consecutive ticks whose reads fail after retries before a safe stop"
+        3, ge=1, le=100, description="sync reads in a row that may fail (each after motors.retries retries) before "
+        "a safe stop; each failure ends the episode"
     )
     estop_file: str | None = Field(None, description="software e-stop: the robot stops when this file exists")
     estop_key: bool = Field(True, description="software e-stop: a key press stops the robot (when stdin is a TTY)")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 PROTOCOLS = ("dynamixel", "feetech")
 SCAN_MARGIN_S = 0.004  # per ping; a reply after its window is still caught by the sweep
+SETUP_MARGIN_S = 0.05  # one-off EEPROM writes: patience over speed
 SAMPLE_HZ = 50.0
 SCAN_COLUMNS = ("id", "model", "model_number", "firmware", "protocol", "baud")
 NOTHING_FOUND_HINT = ("check that the servos are powered (a USB cable alone does not power them), the bus wiring and "
@@ -173,7 +174,8 @@ def setup_motor_command(args: argparse.Namespace) -> int:
     if servo["model"] == "unknown":
         raise MotorError(f"servo {servo['id']} on {args.port}: unknown {args.protocol} model number "
                          f"{servo['model_number']}; cannot locate its ID and Baud_Rate registers")
-    with MotorBus(args.port, args.protocol, servo["baud"], models={servo["id"]: servo["model"]}) as bus:
+    with MotorBus(args.port, args.protocol, servo["baud"], models={servo["id"]: servo["model"]}, retries=3,
+                  timeout_margin_s=SETUP_MARGIN_S) as bus:
         for line in configure(bus, servo["id"], args.id, args.baud):
             print(line)
     return 0

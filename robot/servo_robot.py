@@ -29,9 +29,7 @@ log = logging.getLogger("reverie.servo")
 
 # Dynamixel: current-based position control (mode 5) lets Goal_Current cap the torque; mode 3 is plain position.
 POSITION_MODE, CURRENT_POSITION_MODE = 3, 5
-# Full-scale Goal_Current of the current-sensing X models (register units), from their e-manuals' Current_Limit.
-DYNAMIXEL_MAX_CURRENT = {"xl330-m077": 1750, "xl330-m288": 1750, "xm430-w350": 1193}
-STS_TORQUE_FULL = 1000  # Torque_Limit is in 0.1 % of the maximum
+NO_CURRENT_CONTROL = ("xl430-w250",)  # no current sensing: its torque cannot be capped this way
 
 
 def make_robot(cfg: Config) -> ServoRobot:
@@ -53,7 +51,7 @@ class ServoRobot(Robot):
         self.target = np.array([cfg.joint_reach.target.get(n, h) for n, h in zip(self.names, self.home)])
         self.period = 1.0 / cfg.control.hz
         self.bus = MotorBus(m.port, m.protocol, m.baud, models={sv.id: sv.model for sv in self.servos},
-                            retries=m.retries)
+                            retries=m.retries, timeout_margin_s=m.timeout_margin_ms / 1000)
         self.filter = CommandFilter(self.lower, self.upper, s.max_step, self.names)
         self.events = SafetyLog()
         self.watchdog = Watchdog(s.watchdog_s, self._on_watchdog, name=f"{cfg.name}-watchdog")
@@ -95,9 +93,10 @@ class ServoRobot(Robot):
             lo, hi = self.calibration.range_radians(name)
             lower[i], upper[i] = max(lower[i], lo), min(upper[i], hi)
             if lower[i] >= upper[i]:
-                raise MotorConfigError(f"joint {name!r} (servo {self.ids[i]}): configured range [{self.servos[i].lower},"
-                                       f" {self.servos[i].upper}] rad and calibrated range [{lo:.3f}, {hi:.3f}] rad "
-                                       f"do not overlap; recalibrate or fix the config")
+                sv = self.servos[i]
+                raise MotorConfigError(f"joint {name!r} (servo {sv.id}): configured range [{sv.lower}, {sv.upper}] "
+                                       f"rad and calibrated range [{lo:.3f}, {hi:.3f}] rad do not overlap; "
+                                       "recalibrate or fix the config")
         return lower, upper
 
     def _observation_spec(self) -> dict[str, ArraySpec]:
@@ -119,8 +118,7 @@ class ServoRobot(Robot):
         self._bus_open = True
         self._check_servos()
         self._configure()
-        self._hold(self._read()[0])
-        self._set_torque(True)
+        self._power_up()
         self.estop.start()
 
     def _check_servos(self) -> None:
@@ -141,20 +139,21 @@ class ServoRobot(Robot):
         self._set_torque(False)
         dynamixel = self.cfg.motors.protocol == "dynamixel"
         for sv in self.servos:
+            model = MODELS[sv.model]
+            if self.bus.read("Return_Delay_Time", sv.id) != 0:  # factory 500 us per servo and sync read
+                self._write_eeprom(sv.id, "Return_Delay_Time", 0)
             if dynamixel:
                 self.bus.write("Bus_Watchdog", sv.id, 0)  # clears a watchdog that fired in an earlier run
                 mode = POSITION_MODE
                 if sv.torque_limit is not None:
-                    if sv.model not in DYNAMIXEL_MAX_CURRENT:
-                        raise MotorConfigError(f"servo {sv.id} ({sv.name}): torque_limit needs a current-sensing model "
-                                               f"({sorted(DYNAMIXEL_MAX_CURRENT)}); {sv.model} has none")
+                    if sv.model in NO_CURRENT_CONTROL:
+                        raise MotorConfigError(f"servo {sv.id} ({sv.name}): torque_limit needs a current-sensing "
+                                               f"model; {sv.model} has none")
                     mode = CURRENT_POSITION_MODE
                 if self.bus.read("Operating_Mode", sv.id) != mode:
                     self.bus.write("Operating_Mode", sv.id, mode)
-                if sv.torque_limit is not None:
-                    self.bus.write("Goal_Current", sv.id, round(sv.torque_limit * DYNAMIXEL_MAX_CURRENT[sv.model]))
-            elif sv.torque_limit is not None:
-                self.bus.write("Torque_Limit", sv.id, round(sv.torque_limit * STS_TORQUE_FULL))
+            if sv.torque_limit is not None:
+                self.bus.write(model.torque_limit_register, sv.id, round(sv.torque_limit * model.torque_limit_max))
         watchdog_ms = self.cfg.safety.bus_watchdog_ms
         if dynamixel and watchdog_ms is not None:
             for sv in self.servos:  # takes effect once torque is on: the servos stop if this process goes silent
@@ -162,6 +161,15 @@ class ServoRobot(Robot):
         elif not dynamixel:
             log.info("Feetech servos have no bus watchdog: if this process dies they hold their last goal with "
                      "torque on; wire a physical e-stop that cuts servo power")
+
+    def _write_eeprom(self, id: int, name: str, value: int) -> None:
+        """EEPROM writes need torque off (done) and, on Feetech, the Lock register opened around them."""
+        feetech = self.cfg.motors.protocol == "feetech"
+        if feetech:
+            self.bus.write("Lock", id, 0)
+        self.bus.write(name, id, value)
+        if feetech:
+            self.bus.write("Lock", id, 1)
 
     # --- bus helpers (the lock serialises the control loop, the watchdog and the e-stop) -------------------
     def _read(self) -> tuple[np.ndarray, np.ndarray | None]:
@@ -199,6 +207,14 @@ class ServoRobot(Robot):
         self._write_goals(safe)
         self._goal = safe
         return safe
+
+    def _power_up(self) -> None:
+        """Torque on where the joints are: a servo drives to its Goal_Position register the moment torque comes
+        on, and that register may hold a stale goal (an earlier run, a watchdog stop)."""
+        present = self._read()[0]
+        self._hold(present)
+        self._write_goals(present)
+        self._set_torque(True)
 
     def _write_goals(self, goals: np.ndarray) -> None:
         ticks = self.calibration.to_ticks(self.names, goals)
@@ -255,8 +271,7 @@ class ServoRobot(Robot):
             self.watchdog.start()
             self._watching = True
         if not self._torque:  # after a watchdog torque-off: hold where it is, then power up again
-            self._hold(self._read()[0])
-            self._set_torque(True)
+            self._power_up()
         self._move_home()
         self._steps = 0
         self._interrupted = False

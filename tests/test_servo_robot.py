@@ -38,6 +38,9 @@ class Bench:
     """An emulated bus with a kinematic plant, and a config pointing at it."""
 
     def __init__(self, path: Path, tmp: Path, *extra: str) -> None:
+        # Tests not about the watchdog give it (and the bus timeouts) room: a loaded CI machine may pause the
+        # emulator thread for tens of milliseconds.
+        extra = ("safety.watchdog_s=2.0", "motors.timeout_margin_ms=100", *extra)
         base = servo_cfg(path, tmp, *extra)
         home = [s.home for s in base.motors.servos]
         self.plant = KinematicPlant(len(home), initial=home)
@@ -128,7 +131,8 @@ def test_watchdog_cuts_torque_when_the_policy_stalls(tmp_path):
         bench.close()
 
 
-def test_watchdog_holds_position_and_ends_the_episode(so101):
+def test_watchdog_holds_position_and_ends_the_episode(tmp_path):
+    so101 = Bench(SO101, tmp_path, "safety.watchdog_s=0.3")
     with ServoRobot(so101.cfg) as robot:
         robot.reset()
         for _ in range(3):
@@ -141,6 +145,7 @@ def test_watchdog_holds_position_and_ends_the_episode(so101):
         robot.reset()
         obs = robot.observe()
         assert not obs["is_first"]
+    so101.close()
 
 
 def test_an_exception_in_the_control_code_leaves_torque_off(so101):

@@ -38,6 +38,8 @@ PING_PARAMS = {"dynamixel": 3, "feetech": 0}  # Dynamixel's ping status carries 
 # A model whose table locates Model_Number / Firmware_Version before the servo's own model is known.
 PROBE_MODEL = {"dynamixel": "xl430-w250", "feetech": "sts3215"}
 SCAN_STRAGGLERS_S = 0.05  # after a sweep, late replies still count
+IDENTIFY_MARGIN_S = 0.05  # reading a found servo's model needs no hurry
+RETURN_DELAY_S = 0.0005  # a servo waits this long before its status (Dynamixel X factory Return_Delay_Time)
 
 
 @dataclass
@@ -116,9 +118,11 @@ class MotorBus:
                     raise MotorError(f"port {self.port}: cannot set baud {baud}: {exc}") from None
             self.baud = int(baud)
 
-    def timeout_s(self, request_bytes: int, reply_bytes: int) -> float:
-        """How long to wait for a reply: both packets' wire time at this baud, plus the margin."""
-        return (request_bytes + reply_bytes) * BITS_PER_BYTE / self.baud + self.timeout_margin_s
+    def timeout_s(self, request_bytes: int, reply_bytes: int, replies: int = 1) -> float:
+        """How long to wait for `replies` statuses: the packets' wire time at this baud, each servo's
+        return delay (factory settings), plus the margin."""
+        wire = (request_bytes + reply_bytes) * BITS_PER_BYTE / self.baud
+        return wire + replies * RETURN_DELAY_S + self.timeout_margin_s
 
     # ----- models and registers -------------------------------------------------------------------
 
@@ -255,7 +259,7 @@ class MotorBus:
         with self._lock:
             self._send(packet)
             reply = len(ids) * self.codec.wire_bytes(reply_params, True)
-            return self._receive(ids, time.monotonic() + self.timeout_s(len(packet), reply))
+            return self._receive(ids, time.monotonic() + self.timeout_s(len(packet), reply, len(ids)))
 
     def _request(self, id: int, packet: bytes, reply_params: int, what: str, retries: int,
                  accept: Iterable[int] = ()) -> Packet:
@@ -409,15 +413,13 @@ class MotorBus:
              progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
         """Every servo that answers a ping at the current baud: {id, model, model_number, firmware, protocol,
         baud}. `progress(n)` is called as ids are probed."""
-        found = self._sweep(list(ids), progress)
-        servos = []
-        for id in sorted(found):
+        with self._lock:
+            found = self._sweep(list(ids), progress)
+            margin, self.timeout_margin_s = self.timeout_margin_s, max(self.timeout_margin_s, IDENTIFY_MARGIN_S)
             try:
-                servos.append(self._identify(id))
-            except (BusTimeout, BusCorrupt) as exc:  # a glitch, or a late reply to an earlier request
-                log.warning("scan of %s at %d bit/s: servo %d answered a ping once, then not (%s); skipped",
-                            self.port, self.baud, id, exc)
-        return servos
+                return [s for s in (self._identify(id) for id in sorted(found)) if s is not None]
+            finally:
+                self.timeout_margin_s = margin
 
     def _sweep(self, ids: list[int], progress: Callable[[int], None] | None) -> set[int]:
         """Ping each id in turn. Input is not flushed between pings, so a reply that comes after its own
@@ -450,17 +452,19 @@ class MotorBus:
                 take()
         return found
 
-    def _identify(self, id: int) -> dict[str, Any]:
-        number = None
-        for _ in range(self.retries + 1):
-            number = self.ping(id)
-            if number is not None:
-                break
-        if number is None:
-            raise BusTimeout(self.port, [id], "a ping", self.retries + 1)
-        model = model_for(self.protocol, number)
+    def _identify(self, id: int) -> dict[str, Any] | None:
+        """Model and firmware of a servo the sweep found; None (and a warning) if it stopped answering."""
+        number = next((n for n in (self.ping(id) for _ in range(self.retries + 1)) if n is not None), None)
+        model = model_for(self.protocol, number) if number is not None else None
         table = model or MODELS[PROBE_MODEL[self.protocol]]
-        firmware = self._read_reg(self._register(table, "Firmware_Version", id), id, check=False)
+        try:
+            if number is None:
+                raise BusTimeout(self.port, [id], "a ping", self.retries + 1)
+            firmware = self._read_reg(self._register(table, "Firmware_Version", id), id, check=False)
+        except (BusTimeout, BusCorrupt) as exc:  # a glitch, or a late reply to an earlier request
+            log.warning("scan of %s at %d bit/s: servo %d answered a ping once, then not (%s); skipped",
+                        self.port, self.baud, id, exc)
+            return None
         return {"id": id, "model": model.name if model else "unknown", "model_number": number,
                 "firmware": firmware, "protocol": self.protocol, "baud": self.baud}
 

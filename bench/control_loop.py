@@ -74,7 +74,10 @@ def roundtrip(protocol: str, model: str, n: int, ticks: int) -> dict[str, Any]:
         port = parent.recv()
         ids = list(range(1, n + 1))
         times = []
-        with MotorBus(port, protocol, BAUD, models={i: model for i in ids}) as bus:
+        # A generous reply margin: on a loaded machine a late reply should show in the figures, not abort them.
+        with MotorBus(port, protocol, BAUD, models={i: model for i in ids}, timeout_margin_s=0.05) as bus:
+            for i in ids if protocol == "dynamixel" else ():  # as ServoRobot sets them: no reply delay (500 us default)
+                bus.write("Return_Delay_Time", i, 0)
             names = ["Present_Position", "Present_Velocity"]
             for t in range(ticks + 20):
                 start = time.perf_counter()
@@ -82,12 +85,13 @@ def roundtrip(protocol: str, model: str, n: int, ticks: int) -> dict[str, Any]:
                 bus.sync_write("Goal_Position", {i: values["Present_Position"][i] for i in ids})
                 if t >= 20:  # warm-up
                     times.append(time.perf_counter() - start)
+            retries = bus.stats.retries
         codec = codec_for(protocol)
         span = 8 if protocol == "dynamixel" else 4
         wire = (codec.wire_bytes(2 * codec.addr_size + n, False) + n * codec.wire_bytes(span, True)
                 + codec.wire_bytes(2 * codec.addr_size + n * (1 + (4 if protocol == "dynamixel" else 2)), False))
         return {"protocol": protocol, "model": model, "servos": n, "ticks": ticks,
-                "wire_ms": round(wire * 10 / BAUD * 1e3, 3), "tick_ms": quantiles(times, 1e3)}
+                "wire_ms": round(wire * 10 / BAUD * 1e3, 3), "tick_ms": quantiles(times, 1e3), "retries": retries}
     finally:
         parent.send("done")
         proc.join(10)

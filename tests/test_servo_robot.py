@@ -247,16 +247,20 @@ def test_torque_is_off_after_the_robot_process_is_signalled(so101, tmp_path, sig
     assert json.loads(out.strip().splitlines()[-1])["stopped"] == "interrupted"
 
 
-def test_software_estop_file_stops_the_robot_at_once(so101, tmp_path):
+@pytest.mark.parametrize("source", ["file", "signal"])
+def test_software_estop_stops_the_robot_at_once(so101, tmp_path, source):
     stop_file = tmp_path / "ESTOP"
     proc = robot_process(SO101, so101.emulator.port, tmp_path, "--set", f"safety.estop_file={stop_file}")
     try:
         wait_for(lambda: all(so101.torque()) or proc.poll() is not None, "the robot to power up")
         time.sleep(0.5)
-        stop_file.touch()
+        if source == "file":
+            stop_file.touch()
+        else:
+            proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: not any(so101.torque()), "torque off after the e-stop")
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 4, err[-3000:]
-    assert "e-stop" in err and str(stop_file) in err
+    assert "e-stop" in err and (str(stop_file) if source == "file" else "SIGUSR1") in err

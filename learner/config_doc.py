@@ -79,12 +79,30 @@ def block_table(model: type[BaseModel]) -> list[str]:
 def render() -> str:
     lines = [HEADER, "## Top level", "", *block_table(Config), ""]
     for name, info in Config.model_fields.items():
-        sub = info.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            doc = (sub.__doc__ or "").strip().splitlines()
-            intro = doc[0] if doc and not doc[0].startswith("Base of") else ""
-            lines += [f"## `{name}`", "", *( [intro, ""] if intro else [] ), *block_table(sub), ""]
+        lines += _block_section(name, info.annotation)
     return "\n".join(lines)
+
+
+def _block_of(annotation: Any) -> type[BaseModel] | None:
+    """The block model of a field: `Block`, `Block | None` or `list[Block]`; None for plain values."""
+    candidates = get_args(annotation) if get_origin(annotation) in (Union, UnionType, list) else (annotation,)
+    for sub in candidates:
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            return sub
+    return None
+
+
+def _block_section(name: str, annotation: Any) -> list[str]:
+    sub = _block_of(annotation)
+    if sub is None:
+        return []
+    doc = (sub.__doc__ or "").strip().splitlines()
+    intro = doc[0] if doc and not doc[0].startswith("Base of") else ""
+    lines = [f"## `{name}`", "", *([intro, ""] if intro else []), *block_table(sub), ""]
+    for field, info in sub.model_fields.items():  # blocks inside blocks (the servo list of `motors`)
+        if get_origin(info.annotation) is list:
+            lines += _block_section(f"{name}.{field}[]", info.annotation)
+    return lines
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 PROTOCOLS = ("dynamixel", "feetech")
 SCAN_MARGIN_S = 0.004  # per ping; a reply after its window is still caught by the sweep
 SETUP_MARGIN_S = 0.05  # one-off EEPROM writes: patience over speed
+CALIBRATE_MARGIN_S = 0.03  # a person moves the arm: no control loop to keep up with
 SAMPLE_HZ = 50.0
 SCAN_COLUMNS = ("id", "model", "model_number", "firmware", "protocol", "baud")
 NOTHING_FOUND_HINT = ("check that the servos are powered (a USB cable alone does not power them), the bus wiring and "
@@ -300,7 +301,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
     if cfg.motors is None:
         raise ConfigError(["motors: calibrate needs a motors block (a servo robot config)"], args.config)
     m = cfg.motors
-    with MotorBus(m.port, m.protocol, m.baud, models={s.id: s.model for s in m.servos}, retries=m.retries) as bus:
+    with MotorBus(m.port, m.protocol, m.baud, models={s.id: s.model for s in m.servos}, retries=m.retries,
+                  timeout_margin_s=CALIBRATE_MARGIN_S) as bus:
         check_servos(bus, cfg)
         for servo in m.servos:
             bus.write("Torque_Enable", servo.id, 0)

@@ -70,7 +70,7 @@ def test_models_are_learned_from_a_ping(protocol: str) -> None:
     with ServoEmulator(protocol, servos(protocol, 2)) as emu, MotorBus(emu.port, protocol) as bus:
         assert bus.read("ID", 2) == 2
         assert bus.models == {2: MODEL[protocol]}
-        with pytest.raises(BusTimeout, match="servo 9 did not answer a ping"):
+        with pytest.raises(BusTimeout, match="servo 9 did not answer a ping .*3 tries"):
             bus.read("ID", 9)
 
 
@@ -166,7 +166,7 @@ def test_a_silent_servo_is_named_after_the_retries(protocol: str) -> None:
             bus.sync_read(["Present_Position", "Present_Velocity"], list(range(1, 7)))
         assert info.value.ids == [4]
         assert "servo 4 did not answer" in str(info.value) and emu.port in str(info.value)
-        assert emu.stats["sync_reads"] - before == 3  # the first try and two retries
+        assert wait_for(lambda: emu.stats["sync_reads"] - before == 3)  # the first try and two retries
         assert bus.stats.retries == 2 and bus.stats.timeouts >= 3
         with pytest.raises(BusTimeout, match="servo 4"):
             bus.read("Present_Position", 4)

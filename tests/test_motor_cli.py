@@ -103,9 +103,10 @@ def test_setup_motor_refuses_two_servos(capsys: pytest.CaptureFixture[str]) -> N
     specs = [EmulatedServo(1, "sts3215"), EmulatedServo(2, "sts3215", baud=500_000)]
     with ServoEmulator("feetech", specs) as emu:
         rc = main(["setup-motor", "--port", emu.port, "--protocol", "feetech", "--id", "5", "--ids", IDS])
-        assert rc == 2
         err = capsys.readouterr().err
-        assert "2 servos answered" in err and "id 1 (sts3215) at 1000000" in err and "id 2 (sts3215) at 500000" in err
+        assert rc == 2, err
+        for part in ("2 servos answered", "id 1 (sts3215) at 1000000", "id 2 (sts3215) at 500000"):
+            assert part in err, err
         assert emu.register(1, "ID") == 1 and emu.register(2, "ID") == 2  # nothing was written
 
 
@@ -127,9 +128,9 @@ SWEEP = [[-1.95, -1.8, -1.7, -1.8, -2.8, 0.0], [1.95, 1.8, 1.7, 1.8, 2.8, 1.0], 
 class Output(threading.Thread):
     """Collects a child's stdout so the test can wait for a prompt (prompts end without a newline)."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, proc: subprocess.Popen) -> None:
         super().__init__(daemon=True)
-        self.stream, self.text, self.lock = stream, "", threading.Lock()
+        self.proc, self.stream, self.text, self.lock = proc, proc.stdout, "", threading.Lock()
 
     def run(self) -> None:
         while chunk := os.read(self.stream.fileno(), 4096):
@@ -142,6 +143,9 @@ class Output(threading.Thread):
             with self.lock:
                 if marker in self.text:
                     return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exited ({self.proc.returncode}) before {marker!r}:\n{self.text}\n"
+                                     f"{self.proc.stderr.read().decode()}")
             time.sleep(0.02)
         raise AssertionError(f"no {marker!r} in the output within {timeout} s:\n{self.text}")
 
@@ -172,7 +176,7 @@ def test_calibrate_records_zero_and_range_through_a_pipe(tmp_path: Path) -> None
         proc = subprocess.Popen([sys.executable, "-m", "robot.cli", "calibrate", "--config", str(SO101), "--set",
                                  f"motors.port={emu.port}", "--out", str(out)], cwd=ROOT, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        output = Output(proc.stdout)
+        output = Output(proc)
         output.start()
         try:
             output.wait_for(ZERO_PROMPT)

@@ -16,10 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from learner.config import Config, load_config
+from learner.link.protocol import decode
 from robot.interface import RobotError
 from robot.motors.emulator import KinematicPlant
 from robot.motors.errors import MotorError, ServoFault
 from robot.servo_robot import ServoRobot
+from robot.spool import Spool
 from sim.servo_emulation import emulate, true_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,3 +266,7 @@ def test_software_estop_stops_the_robot_at_once(so101, tmp_path, source):
         proc.kill()
     assert proc.returncode == 4, err[-3000:]
     assert "e-stop" in err and (str(stop_file) if source == "file" else "SIGUSR1") in err
+    # No learner was reachable, so everything recorded waits in the spool; its last step ends the episode.
+    spool = Spool(tmp_path / "spool", 2**30)
+    last = decode(spool.load(spool.pending()[-1])).arrays
+    assert last["is_last"][-1] and not last["is_terminal"][-1]

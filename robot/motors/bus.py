@@ -139,9 +139,9 @@ class MotorBus:
         name = self.models.get(id)
         if name is not None:
             return self._model_named(name, id)
-        number = self.ping(id)
+        number = next((n for n in (self.ping(id) for _ in range(self.retries + 1)) if n is not None), None)
         if number is None:
-            raise BusTimeout(self.port, [id], "a ping (needed to learn its model)", 1,
+            raise BusTimeout(self.port, [id], "a ping (needed to learn its model)", self.retries + 1,
                              f"{self.protocol} at {self.baud} bit/s")
         model = model_for(self.protocol, number)
         if model is None:

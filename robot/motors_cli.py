@@ -28,6 +28,7 @@ PROTOCOLS = ("dynamixel", "feetech")
 SCAN_MARGIN_S = 0.004  # per ping; a reply after its window is still caught by the sweep
 SETUP_MARGIN_S = 0.05  # one-off EEPROM writes: patience over speed
 CALIBRATE_MARGIN_S = 0.03  # a person moves the arm: no control loop to keep up with
+CALIBRATE_RETRIES = 4
 SAMPLE_HZ = 50.0
 SCAN_COLUMNS = ("id", "model", "model_number", "firmware", "protocol", "baud")
 NOTHING_FOUND_HINT = ("check that the servos are powered (a USB cable alone does not power them), the bus wiring and "
@@ -198,8 +199,12 @@ def configure(bus: MotorBus, old_id: int, new_id: int, baud: int) -> list[str]:
     if feetech:
         bus.write("Lock", old_id, 0)  # EEPROM writes only stick while unlocked
     if new_id != old_id:
-        bus.write("ID", old_id, new_id)
         bus.models[new_id] = model.name
+        try:
+            bus.write("ID", old_id, new_id)
+        except (BusTimeout, BusCorrupt):
+            if bus.ping(new_id) is None:  # a lost status after the change took effect is no failure
+                raise
         done.append(f"id {old_id} -> {new_id}")
     if baud != bus.baud:
         # Some firmware answers at the new baud already: a lost status is fine, the check below decides.
@@ -301,8 +306,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
     if cfg.motors is None:
         raise ConfigError(["motors: calibrate needs a motors block (a servo robot config)"], args.config)
     m = cfg.motors
-    with MotorBus(m.port, m.protocol, m.baud, models={s.id: s.model for s in m.servos}, retries=m.retries,
-                  timeout_margin_s=CALIBRATE_MARGIN_S) as bus:
+    with MotorBus(m.port, m.protocol, m.baud, models={s.id: s.model for s in m.servos},
+                  retries=max(m.retries, CALIBRATE_RETRIES), timeout_margin_s=CALIBRATE_MARGIN_S) as bus:
         check_servos(bus, cfg)
         for servo in m.servos:
             bus.write("Torque_Enable", servo.id, 0)

@@ -266,11 +266,12 @@ class MotorBus:
         """One instruction to one servo, resent up to `retries` times until a well-formed status arrives.
         `accept`: other ids whose status also counts (a servo answers a change of its ID from the new one)."""
         ids = [id, *[a for a in accept if a != id]]
-        bad: list[int | None] = []
+        bad: list[int | None] = []  # over every try: one garbled reply makes the failure "corrupt"
         for attempt in range(retries + 1):
             if attempt:
                 self.stats.retries += 1
-            got, bad = self._transact(packet, ids, reply_params)
+            got, garbled = self._transact(packet, ids, reply_params)
+            bad += garbled
             if not got:
                 self.stats.timeouts += 1
             for i in ids:
@@ -368,7 +369,8 @@ class MotorBus:
         for attempt in range(self.retries + 1):
             if attempt:
                 self.stats.retries += 1
-            got, bad = self._transact(self.codec.sync_read(start, length, pending), pending, length)
+            got, garbled = self._transact(self.codec.sync_read(start, length, pending), pending, length)
+            bad += garbled
             self.stats.timeouts += len(set(pending) - set(got))
             for id, packet in got.items():
                 if len(packet.params) != length:

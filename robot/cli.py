@@ -28,6 +28,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from robot.backends import BackendError, make_backend
     from robot.link import RobotLink
+    from robot.link_process import LinkProcess
     from robot.runner import ControlLoop, load_initial, step_spec
     from robot.spool import Spool
 
@@ -46,11 +47,14 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     with robot:
         spec, act = step_spec(robot)
-        spool = Spool(spool_dir, int(link_cfg.spool_max_mb * 2**20))
         hello = {"spec": spec, "task": cfg.task or cfg.name, "hz": float(cfg.control.hz), "discrete": act.discrete}
-        link = RobotLink(address, robot_id, spool, hello, keys=keys, heartbeat_s=link_cfg.heartbeat_s,
-                         lost_after_s=link_cfg.lost_after_s, resend_after_s=link_cfg.resend_after_s,
-                         max_bytes=int(link_cfg.max_message_mb * 2**20))
+        timing = {"keys": keys, "heartbeat_s": link_cfg.heartbeat_s, "lost_after_s": link_cfg.lost_after_s,
+                  "resend_after_s": link_cfg.resend_after_s, "max_bytes": int(link_cfg.max_message_mb * 2**20)}
+        spool_max = int(link_cfg.spool_max_mb * 2**20)
+        if link_cfg.process:
+            link = LinkProcess(address, robot_id, (spool_dir, spool_max), hello, **timing)
+        else:
+            link = RobotLink(address, robot_id, Spool(spool_dir, spool_max), hello, **timing)
         loop = ControlLoop(cfg, robot, link, seed=cfg.seed, initial=load_initial(link_cfg.initial_weights),
                            ledger=args.ledger)
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -27,7 +27,8 @@ from learner.dreamer.policy import Policy
 from learner.dreamer.preprocess import ActSpace
 from robot.backends import action_dim
 from robot.interface import ArraySpec, Robot, RobotError
-from robot.link import RobotLink, Weights
+from robot.link import LinkError, RobotLink, Weights
+from robot.link_process import LinkProcess
 from robot.spool import SpoolFull
 
 log = logging.getLogger("reverie.robot")
@@ -45,7 +46,7 @@ class PolicyLoader:
     """Builds a Policy from received weights in a background thread (it takes milliseconds to tens of
     milliseconds, more than a control period can spare); the loop picks up the newest one ready."""
 
-    def __init__(self, link: RobotLink) -> None:
+    def __init__(self, link: RobotLink | LinkProcess) -> None:
         self.link = link
         self.ready: Policy | None = None
         self.failures = 0
@@ -131,7 +132,7 @@ def realtime(priority: int | None) -> bool:
 
 
 class ControlLoop:
-    def __init__(self, cfg: Config, robot: Robot, link: RobotLink, seed: int = 0,
+    def __init__(self, cfg: Config, robot: Robot, link: RobotLink | LinkProcess, seed: int = 0,
                  initial: Policy | None = None, ledger: Path | None = None) -> None:
         self.cfg, self.robot, self.link = cfg, robot, link
         self.spec, self.act_space = step_spec(robot)
@@ -261,10 +262,11 @@ class ControlLoop:
             self.ledger.flush()
         try:
             self.link.submit(arrays)
-        except SpoolFull:
+        except (SpoolFull, LinkError) as exc:
             if not final:
                 raise
-            log.error("spool full: the last %d steps stay queued in memory and are lost at exit", len(arrays["time"]))
+            log.error("the last %d steps stay queued in the link and are spooled at close if there is room (%s)",
+                      len(arrays["time"]), exc)
 
 
 def load_initial(path: str | None) -> Policy | None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from dreamer_helpers import make_cfg
 
@@ -51,13 +52,14 @@ def test_half_precision_weights_on_the_wire_act_like_the_float32_ones():
         np.testing.assert_allclose(a, b, atol=0.02)
 
 
-def test_robot_with_a_full_spool_stops_safely_and_says_why(tmp_path):
+@pytest.mark.parametrize("process", [False, True], ids=["link-thread", "link-process"])
+def test_robot_with_a_full_spool_stops_safely_and_says_why(tmp_path, process):
     """No learner at all and a tiny spool: the robot keeps every chunk it could store, then stops."""
     port = free_port()  # nobody listens there
     cmd = [sys.executable, "-m", "robot.cli", "run", "--config", str(ROOT / "hardware_configs" /
            "sim_arm_reach_proprio.yaml"), "--learner", f"tcp://127.0.0.1:{port}", "--spool", str(tmp_path / "spool"),
            "--duration", "120", "--ledger", str(tmp_path / "ledger.jsonl"), "--set", "control.hz=40",
-           "--set", "link.spool_max_mb=0.02"]
+           "--set", "link.spool_max_mb=0.02", "--set", f"link.process={str(process).lower()}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 3, proc.stderr[-2000:]
     summary = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])

@@ -139,7 +139,7 @@ def control_loop(hz: float, seconds: float, size: str, port: str, calibration: P
     from learner.config import load_config
     from learner.link.protocol import DEFAULT_MAX_BYTES
     from robot.link import RobotLink
-    from robot.runner import ControlLoop, step_spec
+    from robot.runner import ControlLoop, step_spec, warm_up
     from robot.servo_robot import ServoRobot
     from robot.spool import Spool
 
@@ -153,6 +153,7 @@ def control_loop(hz: float, seconds: float, size: str, port: str, calibration: P
                          {"spec": spec, "task": "bench", "hz": float(hz), "discrete": False},
                          max_bytes=DEFAULT_MAX_BYTES)
         link.start()
+        warm_up(policy, spec)  # the loop does this too; here so that the one-off first call is not timed
         act_times: list[float] = []
         original = policy.act
 

@@ -51,7 +51,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     setup = sub.add_parser("setup-motor", help="give the only servo on the bus a new id and baud")
     setup.add_argument("--port", required=True, help="serial port or pyserial URL")
     setup.add_argument("--protocol", choices=PROTOCOLS, required=True)
-    setup.add_argument("--id", type=int, required=True, choices=range(253), metavar="N", help="new id, 0-252")
+    setup.add_argument("--id", type=servo_id, required=True, metavar="N", help="new id, 0-252")
     setup.add_argument("--baud", type=int, default=1_000_000, help="new baud rate, bit/s (default 1000000)")
     setup.add_argument("--ids", type=id_range, default=range(253), help="ids to search, e.g. 0-20 (default 0-252)")
     setup.set_defaults(motor_command=setup_motor_command)
@@ -76,6 +76,14 @@ def run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"reverie-robot {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def servo_id(text: str) -> int:
+    """One servo id, 0-252 (253 and up are broadcast and reserved)."""
+    ids = id_range(text)
+    if len(ids) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one id from 0 to 252")
+    return ids[0]
 
 
 def id_range(text: str) -> range:
@@ -124,6 +132,7 @@ def find_servos(port: str, protocols: list[str], bauds: dict[str, list[int]], id
     """Scan `ids` with each protocol at each of its bauds (progress on stderr)."""
     from robot.motors.bus import MotorBus
 
+    MotorBus(port, protocols[0]).open().close()  # a missing or busy port fails here, before any progress bar
     bar = _progress(sum(len(bauds[p]) for p in protocols) * len(ids))
     found: list[dict[str, Any]] = []
     try:

@@ -42,12 +42,24 @@ def step_spec(robot: Robot) -> tuple[dict[str, list[Any]], ActSpace]:
     return spec, ActSpace(dim, discrete)
 
 
+def warm_up(policy: Policy, spec: dict[str, list[Any]], rounds: int = 3) -> None:
+    """Act a few times on a blank observation, then forget it. A fresh policy's first calls are slow
+    (torch allocates and picks kernels: seconds, once); paying that here keeps it out of a control period,
+    where it would trip the motors' watchdog."""
+    obs = {k: np.zeros(shape, dtype) for k, (dtype, shape) in spec.items() if k != "action"}
+    for i in range(rounds):
+        obs["is_first"] = np.bool_(i == 0)
+        policy.act(obs, mode="sample")
+    policy.state = None
+
+
 class PolicyLoader:
     """Builds a Policy from received weights in a background thread (it takes milliseconds to tens of
     milliseconds, more than a control period can spare); the loop picks up the newest one ready."""
 
-    def __init__(self, link: RobotLink | LinkProcess) -> None:
+    def __init__(self, link: RobotLink | LinkProcess, spec: dict[str, list[Any]]) -> None:
         self.link = link
+        self.spec = spec
         self.ready: Policy | None = None
         self.failures = 0
         self._stop = threading.Event()
@@ -74,6 +86,7 @@ class PolicyLoader:
             try:
                 policy = Policy.from_weights(weights.blob)
                 policy.version = weights.version
+                warm_up(policy, self.spec)
             except Exception as exc:  # noqa: BLE001  (bad weights must never stop the robot)
                 self.failures += 1
                 log.warning("weights v%d could not be turned into a policy (%s); keeping the old one",
@@ -141,7 +154,7 @@ class ControlLoop:
         self.high = np.asarray(action.high, np.float32) if isinstance(action, ArraySpec) else None
         self.policy = initial
         self.rng = np.random.default_rng(seed)
-        self.loader = PolicyLoader(link)
+        self.loader = PolicyLoader(link, self.spec)
         self.chunk_steps = max(1, round(cfg.link.chunk_seconds * cfg.control.hz))
         self.buffer: list[dict[str, np.ndarray]] = []
         self.stats = LoopStats()
@@ -165,6 +178,8 @@ class ControlLoop:
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, period / 100))
         realtime(self.cfg.control.realtime_priority)
+        if self.policy is not None:
+            warm_up(self.policy, self.spec)
         self.loader.start()
         obs = self.robot.reset()
         episode_return = 0.0

@@ -246,7 +246,9 @@ def test_slow_bus_within_and_over_the_timeout(protocol: str) -> None:
         with pytest.raises(BusTimeout) as info:
             bus.read("Firmware_Version", 1)
         assert info.value.ids == [1] and info.value.tries == 2
-        assert wait_for(lambda: emu.stats["answered"] - answered == 2)  # both late replies are in the buffer
+        assert wait_for(lambda: emu.stats["answered"] - answered == 2)  # both late replies were sent
+        reply = bus.codec.wire_bytes(1, True)
+        assert wait_for(lambda: bus.input_waiting() == 2 * reply)  # and wait in the host's input buffer
         emu.faults.delay_s = 0.0
         bus.timeout_margin_s = PATIENT
         assert bus.read("ID", 1) == 1  # not the stale Firmware_Version reply (same size, other value)
@@ -340,3 +342,36 @@ def test_two_threads_share_the_bus(protocol: str) -> None:
         thread.join()
         assert not errors
         assert emu.register(6, "Goal_Position") == 2000 + 35
+
+
+REFUSING_HANDLER = '''
+import serial
+from serial.urlhandler.protocol_loop import Serial as Loop
+
+
+class Serial(Loop):
+    """A URL handler that cannot lock its port (some network handlers cannot)."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("exclusive"):
+            raise ValueError("exclusive access is not supported by refusing://")
+        super().__init__(*args, **kwargs)
+
+    def from_url(self, url):
+        return super().from_url(url.replace("refusing://", "loop://"))
+'''
+
+
+def test_url_handler_without_exclusive_access_opens_shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    import serial
+
+    package = tmp_path / "h2_handlers"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "protocol_refusing.py").write_text(REFUSING_HANDLER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(serial, "protocol_handler_packages", [*serial.protocol_handler_packages, "h2_handlers"])
+    with caplog.at_level("WARNING"), MotorBus("refusing://", "feetech") as bus:
+        assert bus.is_open
+    assert "port refusing://: its URL handler cannot lock the port exclusively" in caplog.text

@@ -77,6 +77,8 @@ class MotorBus:
         self.stats = BusStats()
         self._serial: Any = None
         self._lock = threading.RLock()
+        # (request, time): a request whose replies did not all come; they may still arrive until that time
+        self._unanswered: tuple[bytes, float] | None = None
         for id, name in self.models.items():
             self._model_named(name, id)  # fail early on a bad map
 
@@ -107,6 +109,11 @@ class MotorBus:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+    def input_waiting(self) -> int:
+        """Bytes received and not yet read: a late reply sits here until the next request discards it."""
+        with self._lock:
+            return int(self._port_open().in_waiting)
 
     def set_baud(self, baud: int) -> None:
         """Change the host side's baud (the servos keep theirs: see `write('Baud_Rate', ...)`)."""
@@ -190,9 +197,14 @@ class MotorBus:
 
     def _send(self, packet: bytes, flush_input: bool = True) -> None:
         port = self._port_open()
+        if flush_input and self._unanswered is not None and self._unanswered[0] != packet:
+            # A late reply to another request could pass for this one's: give it time to land, then drop it.
+            # (A retry of the same request may take the late reply as its own.)
+            time.sleep(max(0.0, self._unanswered[1] - time.monotonic()))
         try:
             if flush_input:
-                port.reset_input_buffer()  # a late reply to an earlier request must not pass for this one's
+                self._unanswered = None
+                port.reset_input_buffer()
             port.write(packet)
         except serial.SerialException as exc:
             raise MotorError(f"port {self.port}: write failed: {exc}") from None
@@ -259,7 +271,10 @@ class MotorBus:
         with self._lock:
             self._send(packet)
             reply = len(ids) * self.codec.wire_bytes(reply_params, True)
-            return self._receive(ids, time.monotonic() + self.timeout_s(len(packet), reply, len(ids)))
+            got, bad = self._receive(ids, time.monotonic() + self.timeout_s(len(packet), reply, len(ids)))
+            if len(got) < len(ids):
+                self._unanswered = (packet, time.monotonic() + self.timeout_margin_s)
+            return got, bad
 
     def _request(self, id: int, packet: bytes, reply_params: int, what: str, retries: int,
                  accept: Iterable[int] = ()) -> Packet:
@@ -275,8 +290,8 @@ class MotorBus:
             if not got:
                 self.stats.timeouts += 1
             for i in ids:
-                if i in got and len(got[i].params) == reply_params:
-                    return got[i]
+                if i in got and (len(got[i].params) == reply_params or got[i].code):
+                    return got[i]  # an error status may come without data: the caller reports its fault
                 if i in got:
                     self.stats.corrupt += 1
                     bad.append(i)
@@ -311,7 +326,8 @@ class MotorBus:
     # ----- public operations ----------------------------------------------------------------------
 
     def ping(self, id: int) -> int | None:
-        """The servo's model number, or None when nothing answers (no retries: used to probe)."""
+        """The servo's model number, or None when nothing answers (the ping is not retried: used to probe).
+        Feetech pings carry no model number: it is read after a ping that was answered."""
         with self._lock:
             got, _ = self._transact(self.codec.ping(id), [id], PING_PARAMS[self.protocol])
             packet = got.get(id)
@@ -326,29 +342,33 @@ class MotorBus:
                 return None
 
     def _read_reg(self, reg: Register, id: int, check: bool = True) -> int:
-        self.stats.reads += 1
-        packet = self._request(id, self.codec.read(id, reg.address, reg.size), reg.size,
-                               f"a read of {reg.name}", self.retries)
-        if check:
-            self._check(packet, f"a read of {reg.name}", reg)
-        return self.codec.decode(packet.params, reg)
+        """`check=False` still decodes a value that came with error bits (a Dynamixel hardware alert)."""
+        what = f"a read of {reg.name}"
+        with self._lock:
+            self.stats.reads += 1
+            packet = self._request(id, self.codec.read(id, reg.address, reg.size), reg.size, what, self.retries)
+            if check or len(packet.params) != reg.size:
+                self._check(packet, what, reg)
+            return self.codec.decode(packet.params, reg)
 
     def read(self, name: str, id: int) -> int:
         """Register `name` of servo `id` (signed registers decoded with the protocol's sign convention)."""
-        return self._read_reg(self._register(self.model(id), name, id), id)
+        with self._lock:
+            return self._read_reg(self._register(self.model(id), name, id), id)
 
     def write(self, name: str, id: int, value: int) -> None:
         """Write register `name` of servo `id` and wait for its status; ServoFault if it reports an error."""
-        reg = self._register(self.model(id), name, id)
-        if reg.readonly:
-            raise MotorConfigError(f"servo {id}: register {name} is read-only")
-        data = self._encode(value, reg, id)
-        self.stats.writes += 1
-        # After an ID change the status may come from the new id; accept either.
-        accept = [int(value)] if name == "ID" else []
-        packet = self._request(id, self.codec.write(id, reg.address, data), 0, f"a write of {name}={value}",
-                               self.retries, accept=accept)
-        self._check(packet, f"a write of {name}={value}", reg)
+        with self._lock:
+            reg = self._register(self.model(id), name, id)
+            if reg.readonly:
+                raise MotorConfigError(f"servo {id}: register {name} is read-only")
+            data = self._encode(value, reg, id)
+            self.stats.writes += 1
+            # After an ID change the status may come from the new id; accept either.
+            accept = [int(value)] if name == "ID" else []
+            what = f"a write of {name}={value}"
+            packet = self._request(id, self.codec.write(id, reg.address, data), 0, what, self.retries, accept)
+            self._check(packet, what, reg)
 
     def sync_read(self, names: list[str], ids: list[int]) -> dict[str, dict[int, int]]:
         """Registers `names` of every servo in `ids` with one sync read instruction covering their span.
@@ -358,14 +378,28 @@ class MotorBus:
         every status of the read has been parsed, so the error names every faulty servo.
         """
         ids = list(ids)
-        out: dict[str, dict[int, int]] = {n: {} for n in names}
         if not ids:
+            return {n: {} for n in names}
+        with self._lock:
+            start, length, regs = self._span(names, ids)
+            self.stats.reads += 1
+            out, faults, pending, bad = self._sync_read_tries(start, length, regs, ids)
+            if faults:
+                self.stats.faults += len(faults)
+                missing = f"; no reply from servos {pending}" if pending else ""
+                named = {id: self._fault_names(id, code) for id, code in faults.items()}
+                raise _fault(named, f"a sync read of {names}{missing}", self.port)
+            if pending:
+                raise self._lost(pending, bad, f"a sync read of {names}", self.retries + 1)
             return out
-        start, length, regs = self._span(names, ids)
-        self.stats.reads += 1
-        pending: list[int] = list(ids)
+
+    def _sync_read_tries(self, start: int, length: int, regs: dict[str, Register], ids: list[int]
+                         ) -> tuple[dict[str, dict[int, int]], dict[int, int], list[int], list[int | None]]:
+        """(values, error bytes by id, ids still unanswered, ids of garbled replies) after every try."""
+        out: dict[str, dict[int, int]] = {n: {} for n in regs}
         faults: dict[int, int] = {}
         bad: list[int | None] = []
+        pending = list(ids)
         for attempt in range(self.retries + 1):
             if attempt:
                 self.stats.retries += 1
@@ -373,26 +407,20 @@ class MotorBus:
             bad += garbled
             self.stats.timeouts += len(set(pending) - set(got))
             for id, packet in got.items():
+                if packet.code:
+                    faults[id] = packet.code
                 if len(packet.params) != length:
-                    self.stats.corrupt += 1
-                    bad.append(id)
+                    if not packet.code:  # an error status may come without data; anything else is garbled
+                        self.stats.corrupt += 1
+                        bad.append(id)
                     continue
                 for n, reg in regs.items():
                     offset = reg.address - start
                     out[n][id] = self.codec.decode(packet.params[offset:offset + reg.size], reg)
-                if packet.code:
-                    faults[id] = packet.code
-            pending = [i for i in pending if i not in out[names[0]]]
+            pending = [i for i in pending if i not in faults and i not in out[next(iter(regs))]]
             if not pending:
                 break
-        if faults:
-            self.stats.faults += len(faults)
-            missing = f"; no reply from servos {pending}" if pending else ""
-            named = {id: self._fault_names(id, code) for id, code in faults.items()}
-            raise _fault(named, f"a sync read of {names}{missing}", self.port)
-        if pending:
-            raise self._lost(pending, bad, f"a sync read of {names}", self.retries + 1)
-        return out
+        return out, faults, pending, bad
 
     def sync_write(self, name: str, values: dict[int, int]) -> None:
         """Register `name` of several servos in one instruction. No reply comes, so it is never retried."""

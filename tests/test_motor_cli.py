@@ -90,7 +90,7 @@ def test_setup_motor_changes_id_and_baud(protocol: str, model: str, factory_baud
         assert rc == 0, out
         assert "id 1 -> 7" in out and f"baud {factory_baud} -> {new_baud}" in out and "verified" in out
         assert emu.register(7, "ID") == 7
-        with MotorBus(emu.port, protocol, factory_baud) as bus:
+        with MotorBus(emu.port, protocol, factory_baud, timeout_margin_s=0.3) as bus:
             assert bus.ping(1) is None and bus.ping(7) is None  # gone from the old id and baud
             bus.set_baud(new_baud)
             assert bus.ping(7) is not None and bus.read("ID", 7) == 7

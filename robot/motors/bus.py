@@ -195,9 +195,11 @@ class MotorBus:
             raise MotorError(f"bus on {self.port} is not open (call open() or use it as a context manager)")
         return self._serial
 
-    def _send(self, packet: bytes, flush_input: bool = True) -> None:
+    def _send(self, packet: bytes, flush_input: bool = True) -> bool:
+        """Write one instruction; True if it repeats the last one that went unanswered (a retry)."""
         port = self._port_open()
-        if flush_input and self._unanswered is not None and self._unanswered[0] != packet:
+        retry = self._unanswered is not None and self._unanswered[0] == packet
+        if flush_input and self._unanswered is not None and not retry:
             # A late reply to another request could pass for this one's: give it time to land, then drop it.
             # (A retry of the same request may take the late reply as its own.)
             time.sleep(max(0.0, self._unanswered[1] - time.monotonic()))
@@ -209,6 +211,7 @@ class MotorBus:
         except serial.SerialException as exc:
             raise MotorError(f"port {self.port}: write failed: {exc}") from None
         self.stats.requests += 1
+        return retry
 
     def _wait_readable(self, port: Any, remaining: float) -> None:
         try:
@@ -269,10 +272,10 @@ class MotorBus:
                                                                                     list[int | None]]:
         """Send one instruction and collect the status of each of `ids` (one lock around both)."""
         with self._lock:
-            self._send(packet)
+            retry = self._send(packet)
             reply = len(ids) * self.codec.wire_bytes(reply_params, True)
             got, bad = self._receive(ids, time.monotonic() + self.timeout_s(len(packet), reply, len(ids)))
-            if len(got) < len(ids):
+            if len(got) < len(ids) or retry:  # after a retry, the reply to one of the tries may still come
                 self._unanswered = (packet, time.monotonic() + self.timeout_margin_s)
             return got, bad
 

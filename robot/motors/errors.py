@@ -46,13 +46,15 @@ class BusCorrupt(MotorError):
 
 
 class ServoFault(MotorError):
-    """A servo set error bits in its status; `faults` are their names (e.g. ["overload", "overheating"])."""
+    """A servo set error bits in its status; `faults` are their names (e.g. ["overload", "overheating"]).
+    `servo_faults` has every faulty servo of the same request (the first one is `id`)."""
 
     def __init__(self, port: str, id: int, faults: Sequence[str], what: str = "") -> None:
         self.port = port
         self.id = id
         self.faults = list(faults)
         self.what = what
+        self.servo_faults: dict[int, list[str]] = {id: self.faults}
         during = f" in reply to {what}" if what else ""
         super().__init__(f"{port}: servo {id} reports {', '.join(self.faults) or 'an error'}{during}")
 

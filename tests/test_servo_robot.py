@@ -270,3 +270,21 @@ def test_software_estop_stops_the_robot_at_once(so101, tmp_path, source):
     spool = Spool(tmp_path / "spool", 2**30)
     last = decode(spool.load(spool.pending()[-1])).arrays
     assert last["is_last"][-1] and not last["is_terminal"][-1]
+
+
+def test_exit_can_walk_home_before_torque_off(tmp_path):
+    bench = Bench(SO101, tmp_path, "safety.on_exit=home_then_torque_off")
+    try:
+        home = np.array([s.home for s in bench.cfg.motors.servos])
+        with ServoRobot(bench.cfg) as robot:
+            robot.reset()
+            for _ in range(8):  # walk away from home
+                robot.send(np.ones(6, np.float32))
+                time.sleep(0.02)
+            away = robot.observe()["joint_pos"]
+            assert np.abs(away - home).max() > 0.2
+        positions = bench.plant.state()[0]
+        assert not any(bench.torque())
+        np.testing.assert_allclose(positions, home, atol=0.02)  # it was home when torque went off
+    finally:
+        bench.close()

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from link_helpers import DEADLINE, HELLO, ROBOT
+from link_helpers import DEADLINE, HELLO, ROBOT, wait_for
 
 from learner.checkpoint import weights_to_bytes
 from learner.config_link import LinkConfig
@@ -29,6 +28,7 @@ from learner.link.protocol import Message, ProtocolError, encode
 from learner.link.security import ClientKeys, LinkSecurityError
 from learner.link.server import LinkServer
 from learner.replay import Replay
+from robot.demo import free_port
 from robot.link import LinkError, Weights
 from robot.link_process import LinkProcess
 from robot.spool import Spool, SpoolFull
@@ -52,18 +52,6 @@ def chunk(i: int) -> dict[str, np.ndarray]:
     }
 
 
-def wait_for(cond: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"not within {deadline} s: {what}")
-        time.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

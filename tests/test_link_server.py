@@ -10,7 +10,7 @@ import hashlib
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 import torch
 import zmq
-from link_helpers import DEADLINE, HELLO, ROBOT, SPEC
+from link_helpers import DEADLINE, HELLO, ROBOT, SPEC, wait_for
 
 from learner.checkpoint import weights_from_bytes, weights_to_bytes
 from learner.config_link import LinkConfig
@@ -53,13 +53,6 @@ def chunk(i: int, mark: float = 0.0, steps: int = T) -> dict[str, np.ndarray]:
 def times(*seqs: int) -> np.ndarray:
     return np.concatenate([chunk(i)["time"] for i in seqs])
 
-
-def wait_for(cond: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"not within {deadline} s: {what}")
-        time.sleep(0.02)
 
 
 @contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from link_helpers import DEADLINE, HELLO, ROBOT, SPEC
+from link_helpers import DEADLINE, HELLO, ROBOT, SPEC, wait_for
 
 from learner.checkpoint import weights_to_bytes
 from learner.link.protocol import Message, check_steps, decode, encode, spec_of
+from robot.demo import free_port
 from robot.link import LinkError, RobotLink
 from robot.spool import Spool, SpoolFull
 
@@ -44,18 +44,6 @@ def chunk(i: int, steps: int = T, image: tuple[int, int, int] = (8, 8, 3)) -> di
     }
 
 
-def wait_for(cond: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"not within {deadline} s: {what}")
-        time.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class StandIn:

@@ -95,5 +95,9 @@ class Codec(abc.ABC):
         return self.instruction(self.BROADCAST, self.SYNC_READ, self._field(address) + self._field(size) + bytes(ids))
 
     def sync_write(self, address: int, size: int, data: dict[int, bytes]) -> bytes:
+        wrong = {i: len(d) for i, d in data.items() if len(d) != size}
+        if wrong:  # a short block would shift every later servo's data: refuse rather than send garbage
+            raise ValueError(f"sync write of {size}-byte values at address {address}: servo(s) {wrong} given "
+                             "data of another length")
         body = b"".join(bytes([i]) + d for i, d in data.items())
         return self.instruction(self.BROADCAST, self.SYNC_WRITE, self._field(address) + self._field(size) + body)

@@ -63,6 +63,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                            "calibration/<config name>.json)")
     calibrate.set_defaults(motor_command=calibrate_command)
 
+    check = sub.add_parser("check", help="first safe motion check: move each joint a little and report")
+    check.add_argument("--config", required=True, help="a YAML file from hardware_configs/ with a motors block")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    check.add_argument("--delta", type=float, default=0.15, help="how far each joint moves, rad (default 0.15)")
+    check.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    check.set_defaults(motor_command=check_command)
+
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the motor command `args` names; errors become one readable line and exit status 2."""
@@ -372,3 +379,29 @@ def report(calibration: Any, cfg: Config) -> list[str]:
                      "further, or narrow lower/upper in the config")
         lines.append(line)
     return lines
+
+
+def check_command(args: argparse.Namespace) -> int:
+    """Power up, walk home, then move each joint by --delta toward the middle of its range and back, through
+    the safety layer; report how each followed. Exit 1 if any did not."""
+    from robot.servo_robot import ServoRobot
+
+    cfg = load_config(args.config, args.set)
+    if cfg.motors is None:
+        raise ConfigError([f"no motors block: {args.config} does not describe a servo robot"], args.config)
+    if not 0 < args.delta <= 0.5:
+        raise ConfigError([f"--delta {args.delta}: expected 0 < delta <= 0.5 rad"], "--delta")
+    rows = []
+    with ServoRobot(cfg) as robot:
+        robot.reset()
+        for i, name in enumerate(robot.names):
+            print(f"checking {name} (servo {robot.ids[i]}) ...", file=sys.stderr, flush=True)
+            rows.append(robot.check_joint(i, args.delta))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            verdict = "ok" if row["ok"] else f"PROBLEM: {row['problem']}"
+            print(f"{row['joint']:>16} (id {row['id']:>3}): commanded {row['commanded']:+.3f} rad, moved "
+                  f"{row['moved']:+.3f}, others {row['others_moved']:.3f}  {verdict}")
+    return 0 if all(row["ok"] for row in rows) else 1

@@ -281,12 +281,7 @@ class ServoRobot(Robot):
     def _move_home(self) -> None:
         """Walk every goal to the home pose at the per-step cap, one control period per step."""
         self._hold(self._read()[0])
-        for _ in range(1000):
-            goal = self._command(self.home)
-            self.watchdog.feed()
-            if np.allclose(goal, np.clip(self.home, self.lower, self.upper)):
-                break
-            time.sleep(self.period)
+        self._walk(self.home, settle_s=0.0)
 
     def send(self, action: np.ndarray | int) -> None:
         self._check_fault()
@@ -327,6 +322,41 @@ class ServoRobot(Robot):
         }
         self._last_obs = obs
         return obs
+
+    def check_joint(self, index: int, delta: float = 0.15, settle_s: float = 0.6) -> dict[str, object]:
+        """Move one joint a little toward the middle of its range through the safety layer, then back, and report
+        how it followed: the first-motion check of a freshly wired and calibrated robot."""
+        self._check_fault()
+        start = self._read()[0]
+        self._hold(start)
+        middle = 0.5 * (self.lower[index] + self.upper[index])
+        step = delta if start[index] <= middle else -delta
+        goal = start.copy()
+        goal[index] += step
+        reached = self._walk(goal, settle_s)
+        self._walk(start, settle_s)
+        moved = float(reached[index] - start[index])
+        others = float(np.abs(np.delete(reached - start, index)).max()) if len(start) > 1 else 0.0
+        problem = ""  # the direction can only be judged by eye: the encoder agrees with itself
+        if moved * step < 0 or abs(moved) < 0.5 * abs(step):
+            problem = f"followed only {abs(moved):.3f} of {abs(step):.3f} rad: blocked, too weak, or torque limited"
+        return {"joint": self.names[index], "id": self.ids[index], "commanded": round(step, 4),
+                "moved": round(moved, 4), "others_moved": round(others, 4), "ok": not problem, "problem": problem}
+
+    def _walk(self, goal: np.ndarray, settle_s: float) -> np.ndarray:
+        """Command `goal` at the per-step cap, one control period per step, let it settle; return the position."""
+        for _ in range(1000):
+            sent = self._command(goal)
+            self.watchdog.feed()
+            if np.allclose(sent, np.clip(goal, self.lower, self.upper)):
+                break
+            time.sleep(self.period)
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline:  # keep talking to the servos (bus watchdog) while it settles
+            self._command(goal)
+            self.watchdog.feed()
+            time.sleep(self.period)
+        return self._read()[0]
 
     def success(self) -> bool:
         """Every joint within the task's tolerance of its target (the last observation)."""

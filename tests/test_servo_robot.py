@@ -288,3 +288,24 @@ def test_exit_can_walk_home_before_torque_off(tmp_path):
         np.testing.assert_allclose(positions, home, atol=0.02)  # it was home when torque went off
     finally:
         bench.close()
+
+
+@pytest.mark.parametrize("speed", [6.0, 0.02], ids=["follows", "too-weak"])
+def test_reverie_robot_check_moves_each_joint_and_reports(tmp_path, capsys, speed):
+    from robot.cli import main
+
+    bench = Bench(SO101, tmp_path)
+    bench.plant.max_speed = speed  # a servo that cannot keep up stands for a blocked or torque-limited joint
+    try:
+        code = main(["check", "--config", str(SO101), "--json", "--set", f"motors.port={bench.emulator.port}",
+                     "--set", f"motors.calibration={tmp_path / 'calibration.json'}", "--set", "safety.estop_key=false",
+                     "--set", "motors.timeout_margin_ms=100", "--delta", "0.1"])
+        rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    finally:
+        bench.close()
+    assert [r["joint"] for r in rows] == [s.name for s in bench.cfg.motors.servos]
+    if speed > 1:
+        assert code == 0 and all(r["ok"] and abs(r["moved"] - r["commanded"]) < 0.02 for r in rows), rows
+    else:
+        assert code == 1 and not any(r["ok"] for r in rows) and "followed only" in rows[0]["problem"]
+    assert not any(bench.torque())

@@ -8,11 +8,9 @@ z up). The fused world frame is taken to be PyBullet's (z up; heading 0 along wo
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import pybullet as p
 
 from sim.servo_plant import PyBulletPlant
 
@@ -47,12 +45,9 @@ def pybullet_imu_source(plant: PyBulletPlant,
     if mount_q.shape != (4,) or not norm > 0:
         raise ValueError(f"mount: expected a quaternion (w, x, y, z), got {list(mount)}")
     mount_q = mount_q / norm
-    lock = getattr(plant, "_lock", None) or contextlib.nullcontext()
 
     def source() -> tuple[np.ndarray, np.ndarray]:
-        with lock:
-            x, y, z, w = p.getBasePositionAndOrientation(plant.body, physicsClientId=plant.client)[1]
-            omega_world = np.array(p.getBaseVelocity(plant.body, physicsClientId=plant.client)[1])
+        _, (x, y, z, w), omega_world = plant.base_state()
         chip = quat_multiply(np.array([w, x, y, z]), mount_q)
         chip /= np.linalg.norm(chip)
         if chip[0] < 0:

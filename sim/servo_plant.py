@@ -169,6 +169,21 @@ class PyBulletPlant:
                 return np.array(p.getBasePositionAndOrientation(self.body, physicsClientId=self.client)[0])
             return np.array(p.getLinkState(self.body, link, physicsClientId=self.client)[4])
 
+    def base_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The base's world position (m), orientation (quaternion x, y, z, w) and angular velocity (rad/s)."""
+        with self._lock:
+            pos, quat = p.getBasePositionAndOrientation(self.body, physicsClientId=self.client)
+            omega = p.getBaseVelocity(self.body, physicsClientId=self.client)[1]
+        return np.array(pos), np.array(quat), np.array(omega)
+
+    def set_base(self, position: Sequence[float], quaternion_xyzw: Sequence[float],
+                 angular_velocity: Sequence[float] = (0.0, 0.0, 0.0)) -> None:
+        """Put the base somewhere (tests: tilt the robot, throw it in the air)."""
+        with self._lock:
+            p.resetBasePositionAndOrientation(self.body, list(position), list(quaternion_xyzw),
+                                              physicsClientId=self.client)
+            p.resetBaseVelocity(self.body, (0, 0, 0), list(angular_velocity), physicsClientId=self.client)
+
     def base_up(self) -> float:
         """z component of the base's up axis: 1 upright, 0 on its side, -1 upside down."""
         with self._lock:

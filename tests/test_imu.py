@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pybullet as p
 import pytest
 import serial
 
@@ -245,12 +244,9 @@ def test_emulated_imu_on_the_pybullet_quadruped():
             assert np.linalg.norm(standing.gyro) < 0.2
 
             roll, spin = math.radians(25), np.array([0.0, 0.0, 1.0])  # tilted, turning about world z
-            with plant._lock:
-                x, y, z = p.getBasePositionAndOrientation(plant.body, physicsClientId=plant.client)[0]
-                q = axis_quat((1, 0, 0), roll)
-                p.resetBasePositionAndOrientation(plant.body, (x, y, z + 0.3), (*q[1:], q[0]),
-                                                  physicsClientId=plant.client)
-                p.resetBaseVelocity(plant.body, (0, 0, 0), spin.tolist(), physicsClientId=plant.client)
+            position = plant.base_state()[0]
+            q = axis_quat((1, 0, 0), roll)
+            plant.set_base(position + [0.0, 0.0, 0.3], (*q[1:], q[0]), spin)
             tilted = imu.read()  # in the air: nothing to tip it for a while
             flipped_quat, flipped_gyro = pybullet_imu_source(plant, mount=axis_quat((1, 0, 0), math.pi))()
     assert tilted.euler[1] == pytest.approx(roll, abs=math.radians(2))

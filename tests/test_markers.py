@@ -322,3 +322,29 @@ def test_reward_helpers() -> None:
         in_region([0, 0], [1, 0], [0, 1])
     with pytest.raises(ValueError, match="finite"):
         distance_reward([0, float("nan")], [0, 0])
+
+
+SCENE = [(0, (0.0, 0.0), 0.0), (13, (0.1, 0.06), 0.9), (21, (-0.12, -0.04), -2.4), (37, (0.07, -0.09), 2.9)]
+
+
+@pytest.mark.parametrize("eye", [(0.0, -0.32, 0.40), (0.25, 0.2, 0.38), (0.01, 0.0, 0.5)])
+def test_poses_from_pybullet_renders(eye: tuple[float, float, float]) -> None:
+    """An independent renderer: PyBullet's textured quads on a table, seen from about half a metre."""
+    from sim.marker_scene import LIFT_M, MarkerScene
+
+    with MarkerScene(W, H, FOV, eye, (0.0, 0.0, 0.0), SIZE) as scene:
+        tracker = MarkerTracker(scene.camera, SIZE, table_from_camera=scene.table_from_camera)
+        bodies = {i: scene.add_marker(i, xy, yaw) for i, xy, yaw in SCENE}
+        seen = tracker.detect(scene.render())
+        assert sorted(seen) == sorted(bodies)
+        pos_err = [float(np.linalg.norm(seen[i].position - [*xy, LIFT_M])) for i, xy, _ in SCENE]
+        head_err = [angle_error(seen[i].heading, yaw) for i, _, yaw in SCENE]
+        print(f"\n[pybullet, eye {eye}] 4 markers: position error max {max(pos_err) * 1000:.1f} mm, "
+              f"heading error max {math.degrees(max(head_err)):.2f} deg")
+        assert max(pos_err) < 0.01 and math.degrees(max(head_err)) < 3.0
+        scene.move_marker(bodies[13], (-0.02, 0.1), -0.5)  # an object carried the marker: the tracker follows
+        moved = tracker.detect(scene.render(), time=2.0)[13]
+        assert np.linalg.norm(moved.position - [-0.02, 0.1, LIFT_M]) < 0.01 and moved.time == 2.0
+        assert angle_error(moved.heading, -0.5) < math.radians(3)
+        scene.move_marker(bodies[21], (3.0, 3.0), 0.0)  # off the table, out of view
+        assert sorted(tracker.detect(scene.render())) == [0, 13, 37]

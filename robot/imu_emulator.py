@@ -21,24 +21,18 @@ Choices where the datasheet is silent or the emulator simplifies (the driver mus
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import math
-import os
 import random
-import select
 import threading
 import time
-import tty
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 
 import numpy as np
 
-from robot.motors.emulator import host_baud
+from robot.pty_device import PtyDevice, host_baud
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +85,7 @@ def _words(values: np.ndarray, scale: float) -> bytes:
     return ints.astype("<i2").tobytes()
 
 
-class EmulatedBNO055:
+class EmulatedBNO055(PtyDevice):
     """A BNO055 behind a pseudo-terminal: open `port` at 115200 baud with pyserial and talk to it."""
 
     def __init__(self, source: Source | None = None, seed: int = 0) -> None:
@@ -107,37 +101,9 @@ class EmulatedBNO055:
         self._switched = time.monotonic()
         self._rng = random.Random(seed)
         self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._master, self._slave = os.openpty()
-        tty.setraw(self._slave)
-        os.set_blocking(self._master, False)
-        self.port = os.ttyname(self._slave)
+        super().__init__("bno055-emulator")
 
     # ----- lifecycle --------------------------------------------------------------------------------------------
-    def start(self) -> EmulatedBNO055:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name=f"bno055-emulator {self.port}", daemon=True)
-            self._thread.start()
-        return self
-
-    def close(self) -> None:
-        """Stop the thread and close the pty. Safe to call repeatedly."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-        for fd in (self._master, self._slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._master = self._slave = -1
-
-    def __enter__(self) -> EmulatedBNO055:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
     @property
     def mode(self) -> int:
         """The operating mode in effect (CONFIG while a switch is under way)."""
@@ -166,18 +132,6 @@ class EmulatedBNO055:
                 log.exception("BNO055 emulator on %s: error while serving", self.port)
                 self.stats["internal_errors"] += 1
                 buf.clear()
-
-    def _read_some(self) -> bytes:
-        try:
-            ready, _, _ = select.select([self._master], [], [], POLL_S)
-            return os.read(self._master, 4096) if ready else b""
-        except BlockingIOError:
-            return b""
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
-            self._stop.wait(POLL_S)  # no one has the port open
-            return b""
 
     def _drain(self, buf: bytearray) -> None:
         """Answer every complete request at the front of `buf`."""
@@ -225,8 +179,7 @@ class EmulatedBNO055:
     def _put(self, data: bytes) -> None:
         if data[0] == 0xEE and data[1] != WRITE_OK:
             self.stats["errors"] += 1
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._master, data)  # a few bytes: a pty takes them at once
+        self._write_all(data)
         self.stats["answered"] += 1
 
     # ----- the register file ------------------------------------------------------------------------------------

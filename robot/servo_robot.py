@@ -281,7 +281,7 @@ class ServoRobot(Robot):
     def _move_home(self) -> None:
         """Walk every goal to the home pose at the per-step cap, one control period per step."""
         self._hold(self._read()[0])
-        self._walk(self.home, settle_s=0.0)
+        self._walk(self.home, settle_s=0.25)  # arrive before the first observation of the episode
 
     def send(self, action: np.ndarray | int) -> None:
         self._check_fault()

@@ -20,22 +20,13 @@ Choices where the manuals are silent or the emulator simplifies (the driver must
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import logging
 import math
-import os
 import random
-import select
-import struct
-import termios
 import threading
 import time
-import tty
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Protocol
 
 import numpy as np
@@ -44,6 +35,7 @@ from robot.motors.codec import Codec, CorruptPacket, Packet
 from robot.motors.dynamixel import HARDWARE_ALERT
 from robot.motors.protocols import codec_for
 from robot.motors.tables import DYNAMIXEL_OPERATING_MODES, MODELS, Model, Register
+from robot.pty_device import PtyDevice, host_baud
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +43,6 @@ BITS_PER_BYTE = 10  # 8N1
 POLL_S = 0.005  # longest the serving thread sleeps: how fast watchdogs and close() are noticed
 STALE_S = 0.1  # an incomplete packet older than this is dropped, as a servo's parser times out
 WRITE_GIVE_UP_S = 1.0  # a host that does not read its port for this long loses the reply
-TCGETS2 = 0x802C542A  # Linux: struct termios2 with the integer baud rates (also custom ones)
 
 # Dynamixel status error numbers the emulator produces
 OK, RESULT_FAIL, INSTRUCTION_ERROR, CRC_ERROR, DATA_RANGE, DATA_LENGTH, DATA_LIMIT, ACCESS = range(8)
@@ -161,20 +152,6 @@ class Faults:
     hardware_error: dict[int, int] = field(default_factory=dict)  # Dynamixel: id -> Hardware_Error_Status bits
 
 
-def host_baud(fd: int) -> int:
-    """The baud rate the host set on the pty (bit/s); 0 if unknown."""
-    try:
-        raw = bytearray(44)
-        fcntl.ioctl(fd, TCGETS2, raw)
-        return struct.unpack_from("=I", raw, 40)[0]  # c_ospeed
-    except OSError:
-        speed = termios.tcgetattr(fd)[5]
-        return _TERMIOS_BAUDS.get(speed, 0)
-
-
-_TERMIOS_BAUDS = {getattr(termios, n): int(n[1:]) for n in dir(termios) if n[:1] == "B" and n[1:].isdigit()}
-
-
 @dataclass
 class _Reply:
     """A status packet waiting for its time on the wire; `after` runs once it was (or would have been) sent."""
@@ -271,7 +248,7 @@ def _clip(value: float, reg: Register) -> int:
     return int(min(max(round(value), low), top))
 
 
-class ServoEmulator:
+class ServoEmulator(PtyDevice):
     """Emulated servos behind a pseudo-terminal: open `port` with pyserial and talk to them.
 
     `timing=True` delivers replies no earlier than a real bus would (wire time at the servo's baud,
@@ -293,12 +270,7 @@ class ServoEmulator:
         _check_ids(servos)
         self._rng = random.Random(seed)
         self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._master, self._slave = os.openpty()
-        tty.setraw(self._slave)  # no echo, no line editing: bytes pass as they are
-        os.set_blocking(self._master, False)
-        self.port = os.ttyname(self._slave)
+        super().__init__("servo-emulator")
         self._hold_initial_pose()
 
     def _hold_initial_pose(self) -> None:
@@ -307,31 +279,6 @@ class ServoEmulator:
             s.set("Goal_Position", s.ticks(float(positions[s.index])))  # power-on: goal = present
 
     # ----- lifecycle ------------------------------------------------------------------------------
-
-    def start(self) -> ServoEmulator:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name=f"servo-emulator {self.port}", daemon=True)
-            self._thread.start()
-        return self
-
-    def close(self) -> None:
-        """Stop the thread and close the pty. Safe to call repeatedly."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-            if self._thread.is_alive():
-                log.error("servo emulator on %s: thread did not stop", self.port)
-        for fd in (self._master, self._slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._master = self._slave = -1
-
-    def __enter__(self) -> ServoEmulator:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     # ----- inspection (for tests) ------------------------------------------------------------------
 
@@ -374,18 +321,6 @@ class ServoEmulator:
                 log.exception("servo emulator on %s: error while serving", self.port)
                 self._count("internal_errors")
                 buf.clear()
-
-    def _read_some(self) -> bytes:
-        try:
-            ready, _, _ = select.select([self._master], [], [], POLL_S)
-            return os.read(self._master, 4096) if ready else b""
-        except BlockingIOError:
-            return b""
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
-            self._stop.wait(POLL_S)  # no one has the port open
-            return b""
 
     def _drain(self, buf: bytearray) -> None:
         """Answer every complete instruction in `buf`."""
@@ -437,16 +372,8 @@ class ServoEmulator:
         self._count("answered")
 
     def _put(self, data: bytes) -> None:
-        deadline = time.monotonic() + WRITE_GIVE_UP_S
-        view = memoryview(data)
-        while view and not self._stop.is_set():
-            try:
-                view = view[os.write(self._master, view):]
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    self._count("overflow")
-                    return
-                select.select([], [self._master], [], POLL_S)
+        if not self._write_all(data, WRITE_GIVE_UP_S):
+            self._count("overflow")
 
     # ----- instructions -----------------------------------------------------------------------------
 

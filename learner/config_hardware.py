@@ -106,7 +106,6 @@ class JointReachConfig(Block):
     target: dict[str, float] = Field(
         default_factory=dict, description="target angle per joint name, rad; joints not named aim at their home"
     )
-    tolerance: float = Field(0.05, gt=0, description="every joint within this of its target counts as success, rad")
 
 
 class EmulatorConfig(Block):

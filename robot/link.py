@@ -79,6 +79,14 @@ class LinkStatus:
     spool_error: str = ""  # why the oldest queued chunk cannot be spooled (spool full, disk error); "" when fine
 
 
+def merged_stats(current: dict[str, Any], stats: dict[str, Any], robot_id: str, run_id: str) -> dict[str, Any]:
+    """`current` updated with `stats` (numpy scalars as plain numbers), checked to fit a heartbeat header:
+    a ProtocolError names a bad value here, in the caller, rather than later in the link."""
+    merged = {**current, **{k: v.item() if isinstance(v, np.generic) else v for k, v in stats.items()}}
+    encode(Message("heartbeat", robot_id, run_id, 0, meta=merged))
+    return merged
+
+
 class RobotLink:
     """Robot <-> learner link: spool-first, non-blocking for the caller, resilient to learner restarts.
 
@@ -229,10 +237,9 @@ class RobotLink:
 
     def set_stats(self, **stats: Any) -> None:
         """Merge values (version acting, steps/s, period error...) into the robot's heartbeat meta."""
-        clean = {k: v.item() if isinstance(v, np.generic) else v for k, v in stats.items()}
         with self._lock:
-            merged = {**self._stats, **clean}
-        encode(Message("heartbeat", self.robot_id, self.run_id, 0, meta=merged))  # ProtocolError names a bad value
+            current = self._stats
+        merged = merged_stats(current, stats, self.robot_id, self.run_id)
         with self._lock:
             self._stats = merged
 

@@ -42,7 +42,7 @@ import numpy as np
 
 from learner.link.protocol import DEFAULT_MAX_BYTES, ID_RE, MAX_FRAMES, Message, decode, encode
 from learner.link.security import ClientKeys, LinkSecurityError
-from robot.link import LinkError, LinkStatus, RobotLink, Weights
+from robot.link import LinkError, LinkStatus, RobotLink, Weights, merged_stats
 from robot.spool import Spool, SpoolFull
 
 _CTX = mp.get_context("spawn")
@@ -413,10 +413,9 @@ class LinkProcess:
 
     def set_stats(self, **stats: Any) -> None:
         """Merge values (version acting, steps/s, period error...) into the robot's heartbeat meta."""
-        clean = {k: v.item() if isinstance(v, np.generic) else v for k, v in stats.items()}
         with self._lock:
-            merged = {**self._stats, **clean}
-        encode(Message("heartbeat", self.robot_id, self._check_run, 0, meta=merged))  # ProtocolError names a bad value
+            current = self._stats
+        merged = merged_stats(current, stats, self.robot_id, self._check_run)
         with self._lock:
             self._stats, self._stats_dirty = merged, True
         self._wake.set()

@@ -66,7 +66,6 @@ class ServoRobot(Robot):
         self._bus_open = False
         self._watching = False
         self._goal = self.home.astype(np.float64)
-        self._last_obs: dict[str, np.ndarray] | None = None
         self.observation_spec = self._observation_spec()
         self.action_spec = ArraySpec((len(self.names),), np.float32, -1.0, 1.0, self._action_unit(), tuple(self.names),
                                      f"joint goal {m.action_mode} per servo")
@@ -320,7 +319,6 @@ class ServoRobot(Robot):
             "is_last": np.bool_(not first and (interrupted or self._steps >= self.cfg.control.episode_steps)),
             "is_terminal": np.bool_(False),
         }
-        self._last_obs = obs
         return obs
 
     def check_joint(self, index: int, delta: float = 0.15, settle_s: float = 0.6) -> dict[str, object]:
@@ -357,12 +355,6 @@ class ServoRobot(Robot):
             self.watchdog.feed()
             time.sleep(self.period)
         return self._read()[0]
-
-    def success(self) -> bool:
-        """Every joint within the task's tolerance of its target (the last observation)."""
-        if self._last_obs is None:
-            return False
-        return bool(np.all(np.abs(self._last_obs["joint_pos"] - self.target) <= self.cfg.joint_reach.tolerance))
 
     def _check_fault(self) -> None:
         if self._fault is not None:

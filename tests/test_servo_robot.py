@@ -117,7 +117,9 @@ def test_every_command_that_reaches_the_servos_is_within_limits_and_step_bounds(
 
 
 def test_watchdog_cuts_torque_when_the_policy_stalls(tmp_path):
-    bench = Bench(SO101, tmp_path, "safety.on_watchdog=torque_off", "safety.watchdog_s=0.2")
+    # Long enough that a loaded CI machine pausing this process between the reset's commands does not fire it
+    # again while the test looks at the torque registers.
+    bench = Bench(SO101, tmp_path, "safety.on_watchdog=torque_off", "safety.watchdog_s=0.6")
     try:
         with ServoRobot(bench.cfg) as robot:
             robot.reset()

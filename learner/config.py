@@ -23,6 +23,7 @@ from learner.config_base import Block
 from learner.config_errors import ConfigError, FieldError, describe_errors
 from learner.config_hardware import EmulatorConfig, JointReachConfig, MotorsConfig, SafetyConfig
 from learner.config_link import LinkConfig
+from learner.config_sensors import MarkerReachConfig, MarkersConfig, PickPlaceConfig, SensorsConfig, StandWalkConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "write_resolved"]
 
@@ -178,10 +179,13 @@ class QuadrupedWalkConfig(Block):
         return self
 
 
-TaskName = Literal["arm_reach", "arm_pick", "quadruped_walk", "joint_reach"]
-TASK_BLOCKS: tuple[str, ...] = ("arm_reach", "arm_pick", "quadruped_walk", "joint_reach")
+TaskName = Literal["arm_reach", "arm_pick", "quadruped_walk", "joint_reach", "marker_reach", "pick_place", "stand_walk"]
+TASK_BLOCKS: tuple[str, ...] = (
+    "arm_reach", "arm_pick", "quadruped_walk", "joint_reach", "marker_reach", "pick_place", "stand_walk"
+)
 SIM_TASKS: tuple[str, ...] = ("arm_reach", "arm_pick", "quadruped_walk")
-SERVO_TASKS: tuple[str, ...] = ("joint_reach",)
+SERVO_TASKS: tuple[str, ...] = ("joint_reach", "marker_reach", "pick_place", "stand_walk")
+MARKER_TASKS: tuple[str, ...] = ("marker_reach", "pick_place", "stand_walk")
 
 
 class Config(Block):
@@ -202,8 +206,13 @@ class Config(Block):
     arm_pick: ArmPickConfig = ArmPickConfig()
     quadruped_walk: QuadrupedWalkConfig = QuadrupedWalkConfig()
     joint_reach: JointReachConfig = JointReachConfig()
+    marker_reach: MarkerReachConfig = MarkerReachConfig()
+    pick_place: PickPlaceConfig | None = None
+    stand_walk: StandWalkConfig = StandWalkConfig()
     motors: MotorsConfig | None = None
     safety: SafetyConfig = SafetyConfig()
+    sensors: SensorsConfig = SensorsConfig()
+    markers: MarkersConfig = MarkersConfig()
     emulator: EmulatorConfig = EmulatorConfig()
     dreamer: DreamerConfig = DreamerConfig()
     replay: ReplayConfig = ReplayConfig()
@@ -219,13 +228,30 @@ class Config(Block):
                 raise FieldError("motors", "a motors block (backend servo)", None)
             if self.task not in SERVO_TASKS:
                 raise FieldError("task", f"a servo task, one of {list(SERVO_TASKS)} (backend servo)", self.task)
-            names = {s.name for s in self.motors.servos}
-            unknown = sorted(set(self.joint_reach.target) - names)
-            if unknown:
-                raise FieldError("joint_reach.target", f"joint names from motors.servos {sorted(names)}", unknown)
+            self._check_servo_task()
         if self.backend == "gym" and not self.gym_id:
             raise FieldError("gym_id", "a Gymnasium id (backend gym)", self.gym_id)
         return self
+
+    def _check_servo_task(self) -> None:
+        names = {s.name for s in self.motors.servos}
+        for key, pose in (("joint_reach.target", self.joint_reach.target), ("stand_walk.rest_pose",
+                                                                           self.stand_walk.rest_pose)):
+            unknown = sorted(set(pose) - names)
+            if unknown:
+                raise FieldError(key, f"joint names from motors.servos {sorted(names)}", unknown)
+        if self.task == "pick_place" and self.pick_place is None:
+            raise FieldError("pick_place", "a pick_place block with its two regions (task pick_place)", None)
+        if self.task in MARKER_TASKS:
+            cam = self.sensors.camera
+            if cam is None:
+                raise FieldError("sensors.camera", f"a camera (task {self.task} tracks markers)", None)
+            if cam.intrinsics is None and cam.fov_deg is None:
+                raise FieldError("sensors.camera.intrinsics", "intrinsics or fov_deg (marker poses need them)", None)
+        if self.task == "stand_walk" and self.sensors.imu is None:
+            raise FieldError("sensors.imu", "an IMU (task stand_walk: uprightness comes from it)", None)
+        if self.camera.enabled and self.sensors.camera is None:
+            raise FieldError("camera.enabled", "false, or a sensors.camera to take images from (backend servo)", True)
 
     @model_validator(mode="after")
     def _substeps(self) -> Config:
@@ -254,7 +280,7 @@ class Config(Block):
         if self.backend == "gym":
             unused |= {"camera", "sim", "randomization"}
         if self.backend != "servo":
-            unused |= {"motors", "safety", "emulator"}
+            unused |= {"motors", "safety", "emulator", "sensors", "markers"}
         return self.model_dump(mode="json", exclude=unused)
 
 

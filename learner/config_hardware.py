@@ -6,7 +6,7 @@ Angles are calibrated joint angles in radians (`reverie-robot calibrate` maps ra
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -16,6 +16,7 @@ from learner.config_errors import FieldError
 MotorModel = Literal["xl330-m077", "xl330-m288", "xl430-w250", "xm430-w350", "sts3215"]
 Protocol = Literal["dynamixel", "feetech"]
 FEETECH_MODELS = ("sts3215",)
+Vec3 = Annotated[list[float], Field(min_length=3, max_length=3)]
 
 
 class ServoConfig(Block):
@@ -108,6 +109,35 @@ class JointReachConfig(Block):
     )
 
 
+class EmulatedCameraConfig(Block):
+    """Where the emulated scene's camera is; its frames are what `sensors.camera` reads."""
+
+    eye: Vec3 = Field([0.25, 0.0, 0.9], description="camera position, world frame, m")
+    target: Vec3 = Field([0.25, 0.0, 0.0], description="point looked at, world frame, m")
+    fov_deg: float = Field(60.0, gt=1, lt=170, description="vertical field of view, degrees")
+    width: int = Field(640, ge=16, le=1920, description="image width, pixels")
+    height: int = Field(480, ge=16, le=1080, description="image height, pixels")
+    fps: float = Field(15.0, gt=0, le=60, description="frames rendered per second")
+
+
+class EmulatedMarkerConfig(Block):
+    """An ArUco marker of `markers.dictionary` and `markers.size_m`, lying flat (facing up)."""
+
+    id: int = Field(ge=0, description="marker id")
+    link: str | None = Field(None, description="robot link carrying it (null: the table)")
+    position: Vec3 = Field([0.0, 0.0, 0.0], description="world position (table) or offset in the link frame, m")
+    heading: float = Field(0.0, description="rotation about the vertical axis, rad")
+
+
+class EmulatedObjectConfig(Block):
+    """A cube on the table with a marker on its top face."""
+
+    marker_id: int = Field(ge=0, description="id of the marker on top")
+    size: float = Field(0.035, gt=0.005, le=0.2, description="cube side, m")
+    mass: float = Field(0.03, gt=0, le=2, description="mass, kg")
+    position: Vec3 = Field([0.2, 0.1, 0.0], description="start position of the cube's bottom centre, world frame, m")
+
+
 class EmulatorConfig(Block):
     """The emulated servo bus (`reverie-sim emulate`): PyBullet physics behind the real protocol."""
 
@@ -119,3 +149,12 @@ class EmulatorConfig(Block):
         "so that calibration has something to find"
     )
     physics_hz: float = Field(240.0, gt=0, le=2000, description="physics rate, Hz, stepped in real time")
+    camera: EmulatedCameraConfig | None = Field(
+        None, description="a fixed camera rendering the emulated scene, served as an MJPEG stream over HTTP"
+    )
+    markers: list[EmulatedMarkerConfig] = Field(
+        default_factory=list, description="printed ArUco markers in the scene (on the table or on robot links)"
+    )
+    object: EmulatedObjectConfig | None = Field(None, description="a cube with a marker on top (pick and place)")
+    imu: bool = Field(False, description="an emulated BNO055 on its own pseudo-terminal, driven by the robot's base")
+

@@ -9,11 +9,14 @@ Sources, so the same code path runs on the robot, in tests and in simulation:
 - a V4L2 device: an index or a path (stable names like /dev/v4l/by-id/... are resolved in messages).
   Pixel format, size and fps are set, then read back: a camera that does not honour them fails loudly;
 - a video file, paced at its own fps so it behaves like a live camera; at its end it loops or goes dead;
+- a network stream (http(s):// MJPEG as IP cameras and the emulator serve it, rtsp://), read as fast as it
+  comes; only its frame size is checked (a stream's reported fps and format are FFmpeg's guesses);
 - an object like cv2.VideoCapture (`read() -> (ok, bgr)`, optional `get`/`set`), read as fast as it gives;
 - a callable `render() -> HxWx3 RGB uint8` (the simulator's renderer), paced at `fps`.
 
 Every frame is cropped to `crop` (x, y, w, h), resized (INTER_AREA) to `out_size` (width, height) and
-converted to RGB.
+converted to RGB. With `keep_full`, each frame also carries the cropped image at full resolution, for
+marker tracking (a 64x64 model image is far too coarse to find a marker's corners in).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 JOIN_S = 1.0  # longest close() waits for the reader thread (a blocked driver must not hang shutdown)
 RETRY_S = 0.005  # pause after a failed read before the next try (intermittent USB hiccups)
 FPS_TOLERANCE = 0.01  # relative fps difference accepted as "honoured" (29.97 for 30)
+STREAM_URL = re.compile(r"^(https?|rtsp)://", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class Frame:
     image: np.ndarray  # HxWx3 uint8 RGB, already cropped/resized to the model's size
     time: float  # time.monotonic() when it was captured
     index: int
+    full: np.ndarray | None = None  # the cropped RGB image before resizing (keep_full=True)
 
 
 class CameraError(RobotError):
@@ -59,7 +65,7 @@ class _Source:
 
     capture: Any
     name: str
-    kind: str  # "device", "file", "reader" or "render"
+    kind: str  # "device", "file", "stream", "reader" or "render"
     pace_fps: float | None = None  # frames are spaced at this rate by the thread (files, render callables)
     owned: bool = True  # release() it on close (not for an object the caller passed in)
 
@@ -128,6 +134,13 @@ def _open_file(path: str, fps: float | None) -> _Source:
     return _Source(capture, f"video file {path}", "file", pace_fps=file_fps)
 
 
+def _open_stream(url: str) -> _Source:
+    capture = cv2.VideoCapture(url, cv2.CAP_FFMPEG)
+    if not capture.isOpened():
+        raise CameraError(f"could not open the stream {url}: nothing serves it, or not a video stream")
+    return _Source(capture, f"stream {url}", "stream")
+
+
 def _open(source: Any, fps: float | None) -> _Source:
     """Open `source` as one of the four kinds (see the module docstring)."""
     if hasattr(source, "read"):
@@ -137,11 +150,14 @@ def _open(source: Any, fps: float | None) -> _Source:
         if not fps:
             raise CameraError(f"render source {name} needs fps: the rate its frames are produced at")
         return _Source(_RenderCapture(source, name, fps), name, "render", pace_fps=fps)
+    if isinstance(source, str) and STREAM_URL.match(source):
+        return _open_stream(source)
     if isinstance(source, int) or os.path.realpath(str(source)).startswith("/dev/"):
         return _open_device(source)
     if os.path.isfile(source):
         return _open_file(str(source), fps)
-    raise CameraError(f"camera source {source!r} is neither a device (/dev/...), a video file nor a reader")
+    raise CameraError(f"camera source {source!r} is neither a device (/dev/...), a video file, a stream URL "
+                      "(http://, https://, rtsp://) nor a reader")
 
 
 class Camera:
@@ -159,12 +175,14 @@ class Camera:
         max_age_s: float = 0.2,
         dead_after_s: float = 2.0,
         loop: bool = False,
+        keep_full: bool = False,
     ) -> None:
         self.source, self.width, self.height, self.fps = source, int(width), int(height), fps
         self.pixel_format = pixel_format.upper() if pixel_format else None
         self.out_size = (int(out_size[0]), int(out_size[1]))
         self.crop = crop or (0, 0, self.width, self.height)
         self.max_age_s, self.dead_after_s, self.loop = max_age_s, dead_after_s, loop
+        self.keep_full = keep_full
         self.settings: dict[str, Any] = {}  # what the source reported back after setting: width, height, fps, fourcc
         self.name = str(source)
         self._check_crop()
@@ -277,8 +295,9 @@ class Camera:
         got = self.settings
         size_known = got["width"] > 0 and got["height"] > 0  # 0: a reader that does not report its size
         bad_size = size_known and (got["width"], got["height"]) != (self.width, self.height)
-        bad_fps = bool(self.fps) and abs(got["fps"] - self.fps) > FPS_TOLERANCE * self.fps
-        bad_format = bool(self.pixel_format) and got["fourcc"] != self.pixel_format
+        stream = self._src.kind == "stream"  # FFmpeg guesses a stream's fps (25) and reports no fourcc
+        bad_fps = bool(self.fps) and not stream and abs(got["fps"] - self.fps) > FPS_TOLERANCE * self.fps
+        bad_format = bool(self.pixel_format) and not stream and got["fourcc"] != self.pixel_format
         if bad_size or bad_fps or bad_format:
             asked = _describe(self.width, self.height, self.fps, self.pixel_format)
             offered = _describe(got["width"], got["height"], got["fps"], got["fourcc"])
@@ -302,8 +321,7 @@ class Camera:
                         return
                     self._stop.wait(RETRY_S)  # intermittent failure: retry; a lasting one shows as a dead camera
                     continue
-                frame = Frame(self._process(image), time.monotonic(), index)
-                frame.image.setflags(write=False)  # shared with every caller of latest()
+                frame = self._frame(image, time.monotonic(), index)
                 with self._lock:
                     self._latest = frame
                 self._first.set()
@@ -325,18 +343,23 @@ class Camera:
         self._src.capture = cv2.VideoCapture(str(self.source))
         return True
 
-    def _process(self, image: np.ndarray) -> np.ndarray:
-        """Crop, resize to out_size and convert to RGB; a frame of the wrong size is an error."""
+    def _frame(self, image: np.ndarray, at: float, index: int) -> Frame:
+        """Crop, convert to RGB, resize to out_size; a frame of the wrong size is an error."""
         if image.shape[:2] != (self.height, self.width):
             height, width = image.shape[:2]
             raise CameraError(f"{self.name} gave a {width}x{height} frame; expected {self.width}x{self.height}")
         x, y, w, h = self.crop
         image = image[y : y + h, x : x + w]
-        if (w, h) != self.out_size:
-            image = cv2.resize(image, self.out_size, interpolation=cv2.INTER_AREA)
-        if self._src.kind == "render":
-            return image.copy()  # never hand out (and freeze) the renderer's own buffer
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        # A render source already gives RGB: copy it, never hand out (and freeze) the renderer's own buffer.
+        rgb = image.copy() if self._src.kind == "render" else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        small = rgb if (w, h) == self.out_size else cv2.resize(rgb, self.out_size, interpolation=cv2.INTER_AREA)
+        if small is rgb:
+            small = rgb.copy()
+        full = rgb if self.keep_full else None
+        for array in (small, full):
+            if array is not None:
+                array.setflags(write=False)  # shared with every caller of latest()
+        return Frame(small, at, index, full)
 
     def _release(self) -> None:
         src = self._src

@@ -96,7 +96,7 @@ class _RenderCapture:
         return image
 
 
-def _fourcc_text(code: float) -> str:
+def fourcc_text(code: float) -> str:
     value = int(code) if math.isfinite(code) else 0
     return "".join(chr((value >> (8 * i)) & 0xFF) for i in range(4)).strip("\0 ") if value > 0 else ""
 
@@ -287,7 +287,7 @@ class Camera:
                 "width": int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
                 "height": int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
                 "fps": float(cap.get(cv2.CAP_PROP_FPS)),
-                "fourcc": _fourcc_text(cap.get(cv2.CAP_PROP_FOURCC)) if self._src.kind != "render" else "RGB",
+                "fourcc": fourcc_text(cap.get(cv2.CAP_PROP_FOURCC)) if self._src.kind != "render" else "RGB",
             }
             self._check_settings()
 

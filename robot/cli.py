@@ -20,7 +20,7 @@ from typing import Any
 
 from learner.config import ConfigError, load_config
 from learner.link.security import ClientKeys, LinkSecurityError
-from robot import motors_cli
+from robot import device_cli, motors_cli
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--ledger", type=Path, help="append a line per sent chunk: step times and content hashes "
                      "(to check later that the learner stored every step exactly once)")
     motors_cli.add_commands(sub)
+    device_cli.add_commands(sub)
     args = parser.parse_args(argv)
+    if hasattr(args, "device_command"):
+        return device_cli.run_command(args)
     if args.command != "run":
         return motors_cli.run_command(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

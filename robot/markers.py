@@ -34,6 +34,7 @@ class MarkerPose:
     heading: float  # rad, rotation of the marker's x axis about the table normal (or the optical axis)
     corners: np.ndarray  # (4, 2) pixel corners: top-left, top-right, bottom-right, bottom-left of the print
     time: float
+    rotation: np.ndarray | None = None  # (3, 3) the marker's axes as columns, in the frame of `position`
 
 
 @dataclass(frozen=True)
@@ -203,12 +204,12 @@ class MarkerTracker:
         if not ok:
             return None
         rot, _ = cv2.Rodrigues(rvec)
-        position, x_axis = tvec.reshape(3), rot[:, 0]
+        position = tvec.reshape(3)
         if self.table_from_camera is not None:
             position = self.table_from_camera[:3, :3] @ position + self.table_from_camera[:3, 3]
-            x_axis = self.table_from_camera[:3, :3] @ x_axis
-        heading = math.atan2(x_axis[1], x_axis[0])
-        return MarkerPose(id=marker_id, position=position, heading=heading, corners=quad, time=time)
+            rot = self.table_from_camera[:3, :3] @ rot
+        heading = math.atan2(rot[1, 0], rot[0, 0])
+        return MarkerPose(id=marker_id, position=position, heading=heading, corners=quad, time=time, rotation=rot)
 
 
 class ColorDetector:

@@ -5,7 +5,8 @@
 - `Watchdog` fires from its own thread when fresh commands stop arriving (a stalled policy, a hung
   link), so the backend can put the motors in a safe state without the control loop's help.
 - `EStop` is a software e-stop fed by a signal, a file appearing, or a key press; it is no substitute
-  for a physical switch that cuts servo power.
+  for a physical switch that cuts servo power. Keys may first go to an operator prompt
+  (`robot.operator.OperatorPrompt`): the few it knows pause or reset, every other key stops.
 - `SafetyLog` keeps every safety event until the control loop takes it (for episode metadata).
 
 The servo backend reads `cfg.safety` and passes plain values here, so this module imports no config.
@@ -240,6 +241,11 @@ def _tty_fileno(stream: IO | None) -> int | None:
 class EStop:
     """A software e-stop that works at any time: a signal (SIGUSR1 by default), a file appearing, or a key press.
 
+    With `keys`, each character typed is first offered to `keys(ch)` (an operator prompt's few
+    commands); a character it does not take (returns False, or raises) stops the robot, so a
+    stray key errs on the side of stopping. Without `keys` any key stops. Once stopped, keys are
+    no longer offered: a late "continue" must not look as if it undid the stop.
+
     One daemon thread watches all sources. The signal handler only writes a byte to a pipe that the
     thread selects on: running `on_trigger` (which cuts torque over the bus) inside a handler on the
     main thread could deadlock on a lock the main thread already holds mid-transaction.
@@ -255,12 +261,14 @@ class EStop:
         signum: int | None = signal.SIGUSR1,
         on_trigger: Callable[[str], None] | None = None,
         stdin: IO | None = None,
+        keys: Callable[[str], bool] | None = None,
     ) -> None:
         self.file = Path(file) if file is not None else None
         self.key = key
         self.signum = signum
         self._on_trigger = on_trigger
         self._stdin = stdin
+        self._keys = keys
         self.triggered = threading.Event()
         self.reason = ""
         self._once = threading.Lock()  # acquired by the first trigger and never released
@@ -373,7 +381,10 @@ class EStop:
         self._tty_fd = fd
         atexit.register(self._restore_tty)  # a crash that skips close() must not leave the terminal raw
         tty.setcbreak(fd)  # keys arrive one by one without Enter; Ctrl-C still sends SIGINT
-        log.info("e-stop: press any key to stop the robot")
+        if self._keys is None:
+            log.info("e-stop: press any key to stop the robot")
+        else:
+            log.info("e-stop: press p/c/r for the prompt (h: help); any other key stops the robot")
 
     def _restore_tty(self) -> None:
         saved, self._tty_saved = self._tty_saved, None
@@ -385,17 +396,31 @@ class EStop:
             log.warning("e-stop: could not restore the terminal settings of fd %d: %s", self._tty_fd, e)
 
     def _read_key(self) -> bool:
-        """Trigger on any key; False when the terminal is gone (the key source turns off)."""
+        """Offer each key to `keys`, trigger on the first it does not take; False when the terminal is gone."""
         assert self._tty_fd is not None
         try:
             data = os.read(self._tty_fd, 64)
         except OSError:
             data = b""
-        if data:
-            self.trigger("e-stop key pressed")
-            return True
-        log.warning("e-stop: the terminal closed, so the key source is off")
-        return False
+        if not data:
+            log.warning("e-stop: the terminal closed, so the key source is off")
+            return False
+        for ch in data.decode("utf-8", errors="replace"):  # an arrow key's escape sequence starts with ESC: stops
+            if self.triggered.is_set():
+                break  # stopped: later keys are not commands any more
+            if not self._offer_key(ch):
+                self.trigger(f"e-stop key pressed: {ch!r}")
+        return True
+
+    def _offer_key(self, ch: str) -> bool:
+        """True when `keys` took the character as an operator command."""
+        if self._keys is None:
+            return False
+        try:
+            return bool(self._keys(ch))
+        except Exception:  # a broken prompt must not swallow a key meant to stop the robot
+            log.exception("e-stop: the key handler raised on %r; treating the key as an e-stop", ch)
+            return False
 
     # watch thread
 

@@ -23,7 +23,11 @@ from robot.motors.bus import MotorBus
 from robot.motors.calibration import Calibration, default_path
 from robot.motors.errors import MotorConfigError, MotorError, ServoFault
 from robot.motors.tables import MODELS
+from robot.operator import OperatorPrompt
+from robot.real_tasks import Reading, gravity_in_body, make_task, upright
 from robot.safety import CommandFilter, EStop, SafetyLog, Watchdog
+from robot.sensors import SensorFrame, Sensors
+from robot.usb_latency import warn_if_slow
 
 log = logging.getLogger("reverie.servo")
 
@@ -37,7 +41,10 @@ def make_robot(cfg: Config) -> ServoRobot:
 
 
 class ServoRobot(Robot):
-    def __init__(self, cfg: Config, stdin: object | None = None) -> None:
+    """`stdin`: the operator's terminal (default sys.stdin); `camera_source` replaces `sensors.camera.device`
+    (a render callable or a cv2-like reader, for tests)."""
+
+    def __init__(self, cfg: Config, stdin: object | None = None, camera_source: object | None = None) -> None:
         if cfg.motors is None:
             raise RobotError(f"config {cfg.name!r}: backend servo needs a motors block")
         self.cfg = cfg
@@ -48,14 +55,18 @@ class ServoRobot(Robot):
         self.calibration = self._load_calibration()
         self.lower, self.upper = self._limits()
         self.home = np.array([sv.home for sv in self.servos])
-        self.target = np.array([cfg.joint_reach.target.get(n, h) for n, h in zip(self.names, self.home)])
+        self.task = make_task(cfg, self.names, self.home)
         self.period = 1.0 / cfg.control.hz
         self.bus = MotorBus(m.port, m.protocol, m.baud, models={sv.id: sv.model for sv in self.servos},
                             retries=m.retries, timeout_margin_s=m.timeout_margin_ms / 1000)
         self.filter = CommandFilter(self.lower, self.upper, s.max_step, self.names)
         self.events = SafetyLog()
         self.watchdog = Watchdog(s.watchdog_s, self._on_watchdog, name=f"{cfg.name}-watchdog")
-        self.estop = EStop(file=s.estop_file, key=s.estop_key, on_trigger=self._on_estop, stdin=stdin)
+        self.operator = OperatorPrompt.for_stdin(stdin) if s.estop_key else OperatorPrompt(interactive=False)
+        self.estop = EStop(file=s.estop_file, key=s.estop_key, on_trigger=self._on_estop, stdin=stdin,
+                           keys=self.operator.handle_key)
+        self.sensors = Sensors(cfg, camera_source) if cfg.sensors.camera or cfg.sensors.imu else None
+        self.info: dict[str, object] = {}
         self._read_names = ["Present_Position"] + (["Present_Velocity"] if m.read_velocity else [])
         self._lock = threading.Lock()  # the watchdog and e-stop threads act on the bus too
         self._torque = False
@@ -106,6 +117,18 @@ class ServoRobot(Robot):
         if "Present_Velocity" in self._read_names:
             spec["joint_vel"] = ArraySpec((len(names),), np.float32, unit="rad/s", names=names,
                                           description="servo velocities")
+        if self.sensors is not None and self.sensors.camera is not None and self.cfg.camera.enabled:
+            c = self.cfg.camera
+            spec["image"] = ArraySpec((c.height, c.width, 3), np.uint8, 0, 255, description="camera, RGB")
+        if self.sensors is not None and self.sensors.imu is not None:
+            axes = ("x", "y", "z")
+            spec["imu_gravity"] = ArraySpec((3,), np.float32, -1.0, 1.0, "unit vector", axes,
+                                            "gravity direction in the body frame (IMU)")
+            spec["imu_gyro"] = ArraySpec((3,), np.float32, unit="rad/s", names=axes,
+                                         description="angular rate about the body axes (IMU)")
+        spec |= self.task.observation_spec()
+        if self.task.name != "joint_reach":
+            spec["log/success"] = ArraySpec((), np.bool_, 0, 1, description="task success (not a policy input)")
         return spec | flag_specs()
 
     def _action_unit(self) -> str:
@@ -115,8 +138,11 @@ class ServoRobot(Robot):
     def _open(self) -> None:
         self.bus.open()
         self._bus_open = True
+        warn_if_slow(self.cfg.motors.port)  # a 16 ms FTDI latency timer ruins the control rate: say so
         self._check_servos()
         self._configure()
+        if self.sensors is not None:
+            self.sensors.start()
         self._power_up()
         self.estop.start()
 
@@ -272,15 +298,34 @@ class ServoRobot(Robot):
         if not self._torque:  # after a watchdog torque-off: hold where it is, then power up again
             self._power_up()
         self._move_home()
+        self._ready_scene()
         self._steps = 0
         self._interrupted = False
         self.events.take()
         return self._observation(first=True)
 
     def _move_home(self) -> None:
-        """Walk every goal to the home pose at the per-step cap, one control period per step."""
+        """Walk every goal to the task's reset pose at the per-step cap, one control period per step."""
         self._hold(self._read()[0])
-        self._walk(self.home, settle_s=0.25)  # arrive before the first observation of the episode
+        self._walk(self.task.reset_pose(self.home), settle_s=0.25)  # arrive before the first observation
+
+    def _ready_scene(self) -> None:
+        """Until the task can begin: show what a person must do and wait (holding still) for `c` or `r`.
+        An operator pause (`p`) waits here too. Without a terminal the episode starts anyway."""
+        while True:
+            request = self.task.begin(self._reading(self._sense(fresh=True)))
+            if request is not None:
+                log.warning("%s: a person is needed: %s", self.cfg.name, request)
+                self.operator.request(request)
+            answer = self.operator.wait(self._hold_still, self.period, stopped=lambda: self._fault is not None)
+            self._check_fault()
+            if request is None or answer == "running":  # ready, or nobody to ask (no terminal): begin
+                return
+            self._move_home()  # a person answered: back to the reset pose (they may have moved it), look again
+
+    def _hold_still(self) -> None:
+        self._command(self._goal)
+        self.watchdog.feed()
 
     def send(self, action: np.ndarray | int) -> None:
         self._check_fault()
@@ -306,20 +351,54 @@ class ServoRobot(Robot):
             self.events.record("servo_fault", str(exc))
             self._torque_off_best_effort()
             raise
-        error = np.abs(pos - self.target)
+        sensed = self._sense()
+        outcome = self.task.step(self._reading(sensed, pos), first)
         events = self.events.take()
         interrupted = self._interrupted or bool(events)
         self._interrupted = False
         obs = {"joint_pos": pos.astype(np.float32)}
         if vel is not None:
             obs["joint_vel"] = vel.astype(np.float32)
+        obs |= self._sensor_entries(sensed) | outcome.extras
+        if "log/success" in self.observation_spec:
+            obs["log/success"] = np.bool_(outcome.success)
+        ended = None if first else (outcome.end or self.operator.take_episode_end())
+        if ended:
+            log.info("%s: episode ends: %s", self.cfg.name, ended)
+        self.info = {"success": outcome.success, "end": ended}
         obs |= {
-            "reward": np.float32(0.0 if first else -float(error.mean())),
+            "reward": np.float32(outcome.reward),
             "is_first": np.bool_(first),
-            "is_last": np.bool_(not first and (interrupted or self._steps >= self.cfg.control.episode_steps)),
-            "is_terminal": np.bool_(False),
+            "is_last": np.bool_(not first and (interrupted or bool(ended) or outcome.terminal
+                                               or self._steps >= self.cfg.control.episode_steps)),
+            "is_terminal": np.bool_(not first and outcome.terminal),
         }
         return obs
+
+    def _sense(self, fresh: bool = False) -> SensorFrame | None:
+        if self.sensors is None:
+            return None
+        return self.sensors.fresh() if fresh else self.sensors.read()
+
+    def _reading(self, sensed: SensorFrame | None, pos: np.ndarray | None = None) -> Reading:
+        if pos is None:
+            pos = self._read()[0]
+        if sensed is None:
+            return Reading(pos, time.monotonic())
+        up = upright(sensed.imu.quaternion) if sensed.imu is not None else None
+        tracker = self.sensors.tracker if self.sensors is not None else None
+        return Reading(pos, sensed.time, tracker, up)
+
+    def _sensor_entries(self, sensed: SensorFrame | None) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if sensed is None:
+            return out
+        if "image" in self.observation_spec and sensed.image is not None:
+            out["image"] = sensed.image
+        if sensed.imu is not None:
+            out["imu_gravity"] = gravity_in_body(sensed.imu.quaternion)
+            out["imu_gyro"] = np.asarray(sensed.imu.gyro, dtype=np.float32)
+        return out
 
     def check_joint(self, index: int, delta: float = 0.15, settle_s: float = 0.6) -> dict[str, object]:
         """Move one joint a little toward the middle of its range through the safety layer, then back, and report
@@ -380,6 +459,8 @@ class ServoRobot(Robot):
         self._closed = True
         self.watchdog.stop()
         self.estop.close()
+        if self.sensors is not None:
+            self.sensors.close()
         if self._bus_open:
             if self.cfg.safety.on_exit == "home_then_torque_off" and self._fault is None and self._torque:
                 self._exit_move()

@@ -47,6 +47,46 @@ def view_up(forward: np.ndarray) -> np.ndarray:
     return np.array([0.0, 1.0, 0.0]) if abs(forward[2]) > 0.999 else np.array([0.0, 0.0, 1.0])
 
 
+def print_quad(client: int, directory: str, marker_id: int, size_m: float, dictionary: str = "DICT_4X4_50",
+               paper: float = PAPER) -> int:
+    """A printed marker as a visual-only textured quad (a body of no mass), facing +z, centred on its origin.
+
+    The black square is `size_m` wide; the white paper around it adds `paper` times that on each side. The
+    texture is written to `directory` (PyBullet loads textures from files).
+    """
+    margin = round(PRINT_PX * paper)
+    path = os.path.join(directory, f"{dictionary}_{marker_id}_{margin}.png")
+    cv2.imwrite(path, generate_marker(marker_id, PRINT_PX, dictionary, margin_px=margin))
+    texture = p.loadTexture(path, physicsClientId=client)
+    half = size_m / 2 * (1 + 2 * paper)
+    quad = p.createVisualShape(
+        p.GEOM_MESH, vertices=[[-half, half, 0], [half, half, 0], [half, -half, 0], [-half, -half, 0]],
+        indices=[0, 2, 1, 0, 3, 2], uvs=[[0, 1], [1, 1], [1, 0], [0, 0]], normals=[[0, 0, 1]] * 4,
+        physicsClientId=client,
+    )
+    body = p.createMultiBody(baseMass=0, baseVisualShapeIndex=quad, physicsClientId=client)
+    p.changeVisualShape(body, -1, textureUniqueId=texture, rgbaColor=[1, 1, 1, 1], physicsClientId=client)
+    return body
+
+
+def render_view(client: int, width: int, height: int, supersample: int, view: Sequence[float],
+                proj: Sequence[float]) -> np.ndarray:
+    """RGB uint8 image of `client` through the `view` and `proj` matrices (PyBullet's CPU renderer).
+
+    The renderer samples one point per pixel; a camera sensor integrates over the pixel. Rendering at
+    `supersample` times the size and averaging blocks gives the sensor's soft edges, which sub-pixel
+    corner refinement relies on.
+    """
+    w, h = width * supersample, height * supersample
+    _, _, rgba, _, _ = p.getCameraImage(
+        w, h, view, proj, renderer=p.ER_TINY_RENDERER, flags=p.ER_NO_SEGMENTATION_MASK, physicsClientId=client
+    )
+    rgb = np.asarray(rgba, np.uint8).reshape(h, w, 4)[..., :3]
+    if supersample == 1:
+        return np.ascontiguousarray(rgb)
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
+
+
 class MarkerScene:
     """A table, markers on it and one camera; a context manager that frees the PyBullet client."""
 
@@ -77,18 +117,7 @@ class MarkerScene:
     def add_marker(self, marker_id: int, position: Sequence[float], heading: float,
                    dictionary: str = "DICT_4X4_50") -> int:
         """Lays marker `marker_id` flat at table `position` (x, y[, z]) turned by `heading` rad; its body id."""
-        margin = round(PRINT_PX * PAPER)
-        path = os.path.join(self._textures.name, f"{dictionary}_{marker_id}.png")
-        cv2.imwrite(path, generate_marker(marker_id, PRINT_PX, dictionary, margin_px=margin))
-        texture = p.loadTexture(path, physicsClientId=self.client)
-        half = self.marker_size_m / 2 * (1 + 2 * PAPER)
-        quad = p.createVisualShape(
-            p.GEOM_MESH, vertices=[[-half, half, 0], [half, half, 0], [half, -half, 0], [-half, -half, 0]],
-            indices=[0, 2, 1, 0, 3, 2], uvs=[[0, 1], [1, 1], [1, 0], [0, 0]], normals=[[0, 0, 1]] * 4,
-            physicsClientId=self.client,
-        )
-        body = p.createMultiBody(baseMass=0, baseVisualShapeIndex=quad, physicsClientId=self.client)
-        p.changeVisualShape(body, -1, textureUniqueId=texture, rgbaColor=[1, 1, 1, 1], physicsClientId=self.client)
+        body = print_quad(self.client, self._textures.name, marker_id, self.marker_size_m, dictionary)
         self.move_marker(body, position, heading)
         return body
 
@@ -100,18 +129,8 @@ class MarkerScene:
         p.resetBasePositionAndOrientation(body, at, turn, physicsClientId=self.client)
 
     def render(self) -> np.ndarray:
-        """The camera's RGB uint8 view (PyBullet's CPU renderer).
-
-        The renderer samples one point per pixel; a camera sensor integrates over the pixel. Rendering at
-        `supersample` times the size and averaging blocks gives the sensor's soft edges, which sub-pixel
-        corner refinement relies on.
-        """
-        w, h = self.width * self.supersample, self.height * self.supersample
-        _, _, rgba, _, _ = p.getCameraImage(
-            w, h, self._view, self._proj, renderer=p.ER_TINY_RENDERER, physicsClientId=self.client
-        )
-        rgb = np.asarray(rgba, np.uint8).reshape(h, w, 4)[..., :3]
-        return cv2.resize(rgb, (self.width, self.height), interpolation=cv2.INTER_AREA)
+        """The camera's RGB uint8 view (PyBullet's CPU renderer, supersampled: see `render_view`)."""
+        return render_view(self.client, self.width, self.height, self.supersample, self._view, self._proj)
 
     def close(self) -> None:
         if self.client >= 0:

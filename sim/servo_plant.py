@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -136,6 +137,15 @@ class PyBulletPlant:
             self._dirty[index] = True
 
     # ----- tests and tools ----------------------------------------------------------------------
+    @contextmanager
+    def locked(self) -> Iterator[int]:
+        """Hold the physics lock and get the pybullet client: other code adding bodies to the world or
+        reading poses (`sim.scene_render`) must never call pybullet while the physics thread steps."""
+        with self._lock:
+            if self._stop.is_set():
+                raise PlantError(f"the {self.model.name} plant is closed: its pybullet world is gone")
+            yield self.client
+
     @property
     def sim_time(self) -> float:
         """Simulated seconds since the start (steps taken times the physics period)."""

@@ -380,10 +380,44 @@ def test_estop_key_press_on_a_pty_triggers_and_close_restores_the_terminal(pty_s
     assert not estop.triggered.wait(0.3)
     os.write(master, b"q")  # one key, no Enter
     assert estop.triggered.wait(5)
-    assert estop.reason == "e-stop key pressed"
-    assert _wait_until(lambda: calls.calls == [("e-stop key pressed", "estop")])
+    assert estop.reason == "e-stop key pressed: 'q'"  # names the key
+    assert _wait_until(lambda: calls.calls == [("e-stop key pressed: 'q'", "estop")])
     _close_within(estop)
     assert termios.tcgetattr(slave) == before
+
+
+def test_estop_offers_keys_to_the_handler_first_and_stops_on_the_rest(pty_stdin) -> None:
+    master, _, stream = pty_stdin
+    offered: list[tuple[str, str]] = []
+
+    def keys(ch: str) -> bool:
+        offered.append((ch, threading.current_thread().name))
+        return ch in "ab"
+
+    with EStop(key=True, signum=None, stdin=stream, keys=keys) as estop:
+        os.write(master, b"ab")
+        assert _wait_until(lambda: [c for c, _ in offered] == ["a", "b"])
+        assert not estop.triggered.wait(0.3), "a key the handler took stopped the robot"
+        os.write(master, b"z")
+        assert estop.triggered.wait(5)
+        assert estop.reason == "e-stop key pressed: 'z'"
+        os.write(master, b"a")  # after the stop keys are no longer commands
+        time.sleep(0.3)
+    assert offered == [("a", "estop"), ("b", "estop"), ("z", "estop")]
+
+
+def test_estop_stops_when_the_key_handler_raises(pty_stdin, caplog: pytest.LogCaptureFixture) -> None:
+    master, _, stream = pty_stdin
+
+    def keys(ch: str) -> bool:
+        raise RuntimeError("prompt bug")
+
+    with caplog.at_level(logging.ERROR, logger="robot.safety"), \
+            EStop(key=True, signum=None, stdin=stream, keys=keys) as estop:
+        os.write(master, b"p")
+        assert estop.triggered.wait(5)
+        assert estop.reason == "e-stop key pressed: 'p'"
+    assert any("key handler raised on 'p'" in r.getMessage() for r in caplog.records)
 
 
 def test_estop_close_restores_the_terminal_without_a_key(pty_stdin) -> None:

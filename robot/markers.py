@@ -174,8 +174,15 @@ class MarkerTracker:
         params.cornerRefinementMethod = cv2.aruco.CORNER_REFINE_SUBPIX
         self._detector.setDetectorParameters(params)
 
-    def detect(self, image_rgb: np.ndarray, time: float = 0.0) -> dict[int, MarkerPose]:
+    def detect(
+        self, image_rgb: np.ndarray, time: float = 0.0, facing: np.ndarray | None = None
+    ) -> dict[int, MarkerPose]:
         """Poses of the markers fully in view, by id. Ids seen twice are ambiguous and left out.
+
+        A flat square seen from afar has two poses that fit its corners almost equally well (mirror images
+        about the line of sight); the wrong one tilts the marker by tens of degrees and shifts its position
+        by centimetres. `facing`, a camera-frame direction the markers' normals are known to be near (the
+        table's up axis, for markers lying or mounted facing up), picks the solution nearest to it.
 
         A marker cut by the image edge is not decoded: ArUco rejects candidates closer than
         `minDistanceToBorder` (3 px) to it, so a half-seen marker never yields a skewed pose.
@@ -192,18 +199,21 @@ class MarkerTracker:
             if len(quads) > 1:
                 log.warning("marker %d seen %d times in one image: not reported", marker_id, len(quads))
                 continue
-            pose = self._pose(marker_id, quads[0], time)
+            pose = self._pose(marker_id, quads[0], time, facing)
             if pose is not None:
                 poses[marker_id] = pose
         return poses
 
-    def _pose(self, marker_id: int, quad: np.ndarray, time: float) -> MarkerPose | None:
-        ok, rvec, tvec = cv2.solvePnP(
+    def _pose(self, marker_id: int, quad: np.ndarray, time: float, facing: np.ndarray | None) -> MarkerPose | None:
+        count, rvecs, tvecs, _ = cv2.solvePnPGeneric(
             self._object, quad, self.camera.matrix, self.camera.distortion, flags=cv2.SOLVEPNP_IPPE_SQUARE
         )
-        if not ok:
+        if not count:
             return None
-        rot, _ = cv2.Rodrigues(rvec)
+        solutions = [(cv2.Rodrigues(r)[0], t) for r, t in zip(rvecs, tvecs)]  # best reprojection first
+        if facing is not None:
+            solutions.sort(key=lambda sol: -float(sol[0][:, 2] @ facing))
+        rot, tvec = solutions[0]
         position = tvec.reshape(3)
         if self.table_from_camera is not None:
             position = self.table_from_camera[:3, :3] @ position + self.table_from_camera[:3, 3]

@@ -142,7 +142,7 @@ class OperatorPrompt:
         if not self.interactive:
             log.warning("operator help needed but no terminal to ask on (stdin is not a TTY); going on: %s", reason)
             return
-        log.warning("operator help needed: %s", reason)
+        log.info("operator help needed: %s", reason)
         self._say(self._prompt_line(reason))
 
     def wait(self, hold: Callable[[], None], period_s: float, stopped: Callable[[], bool] | None = None) -> str:

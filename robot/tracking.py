@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -64,6 +64,8 @@ class TableTracker:
 
     def __init__(self, camera: CameraModel, markers: MarkersConfig) -> None:
         self.table_id = markers.table_id
+        # A pinhole sees a marker twice as big at the same pixels twice as far: scale the table marker's position.
+        self._table_scale = (markers.table_size_m or markers.size_m) / markers.size_m
         self._tracker = MarkerTracker(camera, markers.size_m, markers.dictionary)
         self._rot = np.eye(3)  # camera_from_table, averaged
         self._origin = np.zeros(3)
@@ -78,7 +80,9 @@ class TableTracker:
     def update(self, image_rgb: np.ndarray, time: float) -> dict[int, Sighting]:
         """Detect markers in one frame; returns those seen in it (empty until the table marker was seen once)."""
         self.frames += 1
-        poses = self._tracker.detect(image_rgb, time)
+        # markers face up from the table: once its frame is known, that picks each marker's pose (see detect)
+        facing = self._rot[:, 2] if self.table_found else None
+        poses = self._tracker.detect(image_rgb, time, facing)
         table = poses.pop(self.table_id, None)
         if table is not None:
             self._update_table(table)
@@ -89,6 +93,7 @@ class TableTracker:
         return seen
 
     def _update_table(self, pose: MarkerPose) -> None:
+        pose = replace(pose, position=pose.position * self._table_scale)
         if self.table_found and np.linalg.norm(pose.position - self._origin) > JUMP_M:
             log.warning("table marker %d moved %.3f m in the image: the camera moved? restarting the table frame",
                         self.table_id, float(np.linalg.norm(pose.position - self._origin)))

@@ -115,9 +115,10 @@ class MarkerScene:
                           physicsClientId=self.client)
 
     def add_marker(self, marker_id: int, position: Sequence[float], heading: float,
-                   dictionary: str = "DICT_4X4_50") -> int:
-        """Lays marker `marker_id` flat at table `position` (x, y[, z]) turned by `heading` rad; its body id."""
-        body = print_quad(self.client, self._textures.name, marker_id, self.marker_size_m, dictionary)
+                   dictionary: str = "DICT_4X4_50", size_m: float | None = None) -> int:
+        """Lays marker `marker_id` flat at table `position` (x, y[, z]) turned by `heading` rad; its body id.
+        `size_m` overrides the scene's marker size (a larger table marker)."""
+        body = print_quad(self.client, self._textures.name, marker_id, size_m or self.marker_size_m, dictionary)
         self.move_marker(body, position, heading)
         return body
 

@@ -145,7 +145,10 @@ def control_loop(hz: float, seconds: float, size: str, port: str, calibration: P
 
     torch.set_num_threads(1)  # as reverie-robot run does
     cfg = load_config(QUADRUPED, [f"motors.port={port}", f"motors.calibration={calibration}", f"control.hz={hz}",
-                                  f"dreamer.size={size}", "safety.estop_key=false", "control.episode_steps=100000"])
+                                  f"dreamer.size={size}", "safety.estop_key=false", "control.episode_steps=100000",
+                                  # the bus and the policy are measured: proprioception only
+                                  "task=joint_reach", "camera.enabled=false", "sensors.camera=null",
+                                  "sensors.imu=null"])
     with ServoRobot(cfg) as robot:
         spec, act = step_spec(robot)
         policy = random_policy(cfg, spec, act.dim)

@@ -392,7 +392,7 @@ def check_command(args: argparse.Namespace) -> int:
     if not 0 < args.delta <= 0.5:
         raise ConfigError([f"--delta {args.delta}: expected 0 < delta <= 0.5 rad"], "--delta")
     rows = []
-    with ServoRobot(cfg) as robot:
+    with ServoRobot(cfg, sensors=False) as robot:  # a motion check needs no camera or IMU
         robot.reset()
         for i, name in enumerate(robot.names):
             print(f"checking {name} (servo {robot.ids[i]}) ...", file=sys.stderr, flush=True)

@@ -24,7 +24,7 @@ from robot.motors.calibration import Calibration, default_path
 from robot.motors.errors import MotorConfigError, MotorError, ServoFault
 from robot.motors.tables import MODELS
 from robot.operator import OperatorPrompt
-from robot.real_tasks import Reading, gravity_in_body, make_task, upright
+from robot.real_tasks import JointReach, Reading, gravity_in_body, make_task, upright
 from robot.safety import CommandFilter, EStop, SafetyLog, Watchdog
 from robot.sensors import SensorFrame, Sensors
 from robot.usb_latency import warn_if_slow
@@ -42,9 +42,11 @@ def make_robot(cfg: Config) -> ServoRobot:
 
 class ServoRobot(Robot):
     """`stdin`: the operator's terminal (default sys.stdin); `camera_source` replaces `sensors.camera.device`
-    (a render callable or a cv2-like reader, for tests)."""
+    (a render callable or a cv2-like reader, for tests); `sensors=False` leaves camera and IMU closed (motion
+    checks, which never observe)."""
 
-    def __init__(self, cfg: Config, stdin: object | None = None, camera_source: object | None = None) -> None:
+    def __init__(self, cfg: Config, stdin: object | None = None, camera_source: object | None = None,
+                 sensors: bool = True) -> None:
         if cfg.motors is None:
             raise RobotError(f"config {cfg.name!r}: backend servo needs a motors block")
         self.cfg = cfg
@@ -55,7 +57,8 @@ class ServoRobot(Robot):
         self.calibration = self._load_calibration()
         self.lower, self.upper = self._limits()
         self.home = np.array([sv.home for sv in self.servos])
-        self.task = make_task(cfg, self.names, self.home)
+        # without sensors (motion checks) no task can be judged: the proprioceptive one stands in
+        self.task = make_task(cfg, self.names, self.home) if sensors else JointReach(cfg, self.names, self.home)
         self.period = 1.0 / cfg.control.hz
         self.bus = MotorBus(m.port, m.protocol, m.baud, models={sv.id: sv.model for sv in self.servos},
                             retries=m.retries, timeout_margin_s=m.timeout_margin_ms / 1000)
@@ -65,7 +68,8 @@ class ServoRobot(Robot):
         self.operator = OperatorPrompt.for_stdin(stdin) if s.estop_key else OperatorPrompt(interactive=False)
         self.estop = EStop(file=s.estop_file, key=s.estop_key, on_trigger=self._on_estop, stdin=stdin,
                            keys=self.operator.handle_key)
-        self.sensors = Sensors(cfg, camera_source) if cfg.sensors.camera or cfg.sensors.imu else None
+        wanted = sensors and (cfg.sensors.camera is not None or cfg.sensors.imu is not None)
+        self.sensors = Sensors(cfg, camera_source) if wanted else None
         self.info: dict[str, object] = {}
         self._read_names = ["Present_Position"] + (["Present_Velocity"] if m.read_velocity else [])
         self._lock = threading.Lock()  # the watchdog and e-stop threads act on the bus too

@@ -30,8 +30,13 @@ KOCH = ROOT / "hardware_configs" / "koch_arm.yaml"
 DEADLINE = 30.0  # generous wait for something to happen (not a speed assertion)
 
 
+# These tests are about the bus and the safety layer: the proprioceptive task, no camera or IMU.
+PROPRIO = ("task=joint_reach", "camera.enabled=false", "sensors.camera=null", "sensors.imu=null")
+
+
 def servo_cfg(path: Path, tmp: Path, *extra: str) -> Config:
-    cfg = load_config(path, ["safety.estop_key=false", f"motors.calibration={tmp / 'calibration.json'}", *extra])
+    cfg = load_config(path, ["safety.estop_key=false", f"motors.calibration={tmp / 'calibration.json'}", *PROPRIO,
+                             *extra])
     true_calibration(cfg).save(tmp / "calibration.json")
     return cfg
 
@@ -48,7 +53,7 @@ class Bench:
         self.plant = KinematicPlant(len(home), initial=home)
         self.emulator = emulate(base, plant=self.plant).start()
         self.cfg = load_config(path, ["safety.estop_key=false", f"motors.calibration={tmp / 'calibration.json'}",
-                                      f"motors.port={self.emulator.port}", *extra])
+                                      f"motors.port={self.emulator.port}", *PROPRIO, *extra])
         self.ids = [s.id for s in self.cfg.motors.servos]
 
     def goals(self, robot: ServoRobot) -> np.ndarray:
@@ -231,7 +236,8 @@ def test_feetech_gripper_torque_is_limited(so101):
 def robot_process(cfg_path: Path, port: str, tmp: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "robot.cli", "run", "--config", str(cfg_path), "--learner", "tcp://127.0.0.1:9",
            "--spool", str(tmp / "spool"), "--duration", "120", "--set", f"motors.port={port}",
-           "--set", f"motors.calibration={tmp / 'calibration.json'}", "--set", "safety.estop_key=false", *extra]
+           "--set", f"motors.calibration={tmp / 'calibration.json'}", "--set", "safety.estop_key=false",
+           *[word for item in PROPRIO for word in ("--set", item)], *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -98,7 +98,10 @@ class SafetyConfig(Block):
         "a safe stop; each failure ends the episode"
     )
     estop_file: str | None = Field(None, description="software e-stop: the robot stops when this file exists")
-    estop_key: bool = Field(True, description="software e-stop: a key press stops the robot (when stdin is a TTY)")
+    estop_key: bool = Field(
+        True, description="software e-stop: a key press stops the robot, except p/c/r/h which drive the operator "
+        "prompt (when stdin is a TTY)"
+    )
 
 
 class JointReachConfig(Block):

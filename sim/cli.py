@@ -111,13 +111,15 @@ def _positive(text: str) -> float:
     return value
 
 
-def _robot_command(args: argparse.Namespace, port: str) -> str:
-    """The `reverie-robot run` line that drives this emulated bus."""
+def _robot_command(args: argparse.Namespace, overrides: list[str]) -> str:
+    """The `reverie-robot run` line that drives this emulated rig (`overrides`: the rig's own `--set`s)."""
     words = ["reverie-robot", "run", "--config", str(args.config)]
+    ours = {item.split("=", 1)[0] for item in overrides}
     for item in args.set:
-        if not item.startswith("motors.port="):
+        if item.split("=", 1)[0] not in ours:
             words += ["--set", item]
-    words += ["--set", f"motors.port={port}"]
+    for item in overrides:
+        words += ["--set", item]
     if args.write_calibration:
         words += ["--set", f"motors.calibration={args.write_calibration}"]
     return shlex.join(words)
@@ -138,8 +140,9 @@ def _status_line(cfg: Config, emulator: ServoEmulator, calibration: Calibration,
 
 
 def emulate_bus(cfg: Config, args: argparse.Namespace) -> int:
-    """Serve an emulated servo bus until Ctrl-C, SIGTERM or --duration; print the port and status lines."""
-    from sim.servo_emulation import emulate, true_calibration
+    """Serve an emulated servo bus (and the camera and IMU the config's emulator block asks for) until Ctrl-C,
+    SIGTERM or --duration; print the ports and status lines."""
+    from sim.servo_emulation import EmulatedRig, true_calibration
 
     calibration = true_calibration(cfg)
     if args.write_calibration:
@@ -154,14 +157,21 @@ def emulate_bus(cfg: Config, args: argparse.Namespace) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with emulate(cfg, timing=not args.no_timing) as emulator:
+        with EmulatedRig(cfg, timing=not args.no_timing) as rig:
+            emulator = rig.bus
             emulator.faults.drop_rate = args.drop_rate
             emulator.faults.corrupt_rate = args.corrupt_rate
             model = cfg.emulator.model or "kinematic (no physics: emulator.model is null)"
             print(f"emulated {cfg.motors.protocol} bus of {len(cfg.motors.servos)} servos at {cfg.motors.baud} "
                   f"bit/s, model {model}", flush=True)
             print(f"serial port: {emulator.port}", flush=True)
-            print(f"run the robot with:\n  {_robot_command(args, emulator.port)}", flush=True)
+            if rig.camera_url:
+                cam = cfg.emulator.camera
+                print(f"camera: {rig.camera_url} ({cam.width}x{cam.height} MJPEG at {cam.fps:g} fps, rendered "
+                      "while a client streams)", flush=True)
+            if rig.imu_port:
+                print(f"IMU port: {rig.imu_port} (BNO055 on the robot's base)", flush=True)
+            print(f"run the robot with:\n  {_robot_command(args, rig.overrides())}", flush=True)
             if not args.write_calibration:
                 print("  (it needs a calibration: run `reverie-robot calibrate` against this port, or restart this "
                       "with --write-calibration FILE and add --set motors.calibration=FILE)", flush=True)

@@ -25,12 +25,16 @@ table-frame position, the ground truth a tracker's estimate is checked against.
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
+import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import Any
 
@@ -104,8 +108,8 @@ class SceneRenderer:
         self._object = cfg.emulator.object
         self.cube: int | None = None
         self._lock = threading.Lock()  # one frame in flight on the pipe at a time
-        self._conn: Connection | None = None
-        self._process: mp.process.BaseProcess | None = None
+        self._down = self._up = -1  # pipes to and from the render worker
+        self._process: subprocess.Popen[bytes] | None = None
         if self._object is not None:
             self._add_cube()
         self._start_worker(supersample)
@@ -147,9 +151,10 @@ class SceneRenderer:
         obj = self._object
         assert obj is not None
         cells = aruco_dictionary(self.cfg.markers.dictionary).markerSize + 2
-        if obj.size < self.size_m * (1 + 2 / cells):
+        least = self.size_m * (1 + 2 / cells)
+        if obj.size < least:
             raise SceneError(f"emulator.object.size: {obj.size} m leaves no white quiet zone (one cell) around a "
-                             f"{self.size_m} m marker (markers.size_m); use at least {self.size_m * (1 + 2 / cells):.3f}")
+                             f"{self.size_m} m marker (markers.size_m); use at least {least:.3f}")
         half = obj.size / 2
         with self.plant.locked() as c:
             shape = p.createCollisionShape(p.GEOM_BOX, halfExtents=[half] * 3, physicsClientId=c)
@@ -174,14 +179,24 @@ class SceneRenderer:
             "dictionary": self.cfg.markers.dictionary, "prints": [(m.id, m.paper) for m in self._prints()],
             "cube": self._object.size if self._object else None,
         }
-        # spawn, not fork: the parent runs threads (physics, serial) whose locks a fork would copy held.
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self._process = ctx.Process(target=_worker, args=(child, spec), name="scene-render", daemon=True)
-        self._process.start()
-        child.close()
-        self._conn = parent
+        # A fresh interpreter (not fork: the parent runs threads whose locks a fork would copy held), talking
+        # over its own pipes: pybullet prints to stdout, which is sent to /dev/null.
+        down_r, down_w = os.pipe()
+        up_r, up_w = os.pipe()
         try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "sim.scene_render", str(down_r), str(up_w)], pass_fds=(down_r, up_w),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=_ROOT,
+            )
+        except BaseException:
+            for fd in (down_r, down_w, up_r, up_w):
+                os.close(fd)
+            raise
+        os.close(down_r)
+        os.close(up_w)
+        self._down, self._up = down_w, up_r
+        try:
+            _send(self._down, spec)
             self._receive(START_S, "starting")
         except BaseException:
             self.close()
@@ -260,39 +275,42 @@ class SceneRenderer:
         """The camera's view now: HxWx3 uint8 RGB at `emulator.camera` width x height."""
         snap = self._snapshot()
         with self._lock:
-            if self._conn is None:
+            if self._process is None:
                 raise SceneError("SceneRenderer is closed")
-            self._conn.send(snap)
+            try:
+                _send(self._down, snap)
+            except OSError as exc:
+                raise SceneError(f"scene render worker is gone (exit code {self._process.poll()}): {exc}") from None
             return self._receive(FRAME_S, "rendering")
 
     def _receive(self, timeout: float, doing: str) -> Any:
-        assert self._conn is not None and self._process is not None
-        if not self._conn.poll(timeout):
-            alive = "is stuck" if self._process.is_alive() else f"died (exit code {self._process.exitcode})"
-            raise SceneError(f"scene render worker {alive}: nothing back within {timeout:g} s of {doing}")
+        assert self._process is not None
+        ready, _, _ = select.select([self._up], [], [], timeout)
+        if not ready:
+            raise SceneError(f"scene render worker is stuck: nothing back within {timeout:g} s of {doing}")
         try:
-            kind, value = self._conn.recv()
+            kind, value = _receive(self._up)
         except EOFError:
-            raise SceneError(f"scene render worker died while {doing} (exit code {self._process.exitcode})") from None
+            code = self._process.wait(timeout=5)
+            raise SceneError(f"scene render worker died while {doing} (exit code {code}; its error is above "
+                             "on stderr)") from None
         if kind == "error":
             raise SceneError(f"scene render worker failed while {doing}: {value}")
         return value
 
     def close(self) -> None:
         """Stop the render worker. Safe to call repeatedly."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
+        process, self._process = self._process, None
+        for fd in (self._down, self._up):
+            if fd >= 0:
+                os.close(fd)  # the worker reads end-of-file and exits
+        self._down = self._up = -1
+        if process is not None:
             try:
-                conn.send(None)
-            except OSError:
-                pass
-            conn.close()
-        if self._process is not None:
-            self._process.join(timeout=10)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join(timeout=5)
-            self._process = None
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
 
     def __enter__(self) -> SceneRenderer:
         return self
@@ -343,26 +361,61 @@ class _RenderWorld:
         self._textures.cleanup()
 
 
-def _worker(conn: Connection, spec: dict[str, Any]) -> None:
-    """The render process: build the scene copy, then answer each snapshot with an image until None."""
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # so the worker imports this checkout
+
+
+def _send(fd: int, message: Any) -> None:
+    """One length-prefixed pickle on a pipe (both ends are this module: no untrusted data)."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(struct.pack("<Q", len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("pipe closed")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _receive(fd: int) -> Any:
+    (size,) = struct.unpack("<Q", _read_exact(fd, 8))
+    return pickle.loads(_read_exact(fd, size))
+
+
+def _worker(down: int, up: int) -> None:
+    """The render process: build the scene copy from the first message, then answer each snapshot with an
+    image until the parent closes the pipe."""
     try:
-        world = _RenderWorld(spec)
+        world = _RenderWorld(_receive(down))
+    except EOFError:
+        return
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it with context
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        _send(up, ("error", f"{type(exc).__name__}: {exc}"))
         return
     try:
-        conn.send(("ready", None))
+        _send(up, ("ready", None))
         while True:
             try:
-                snap = conn.recv()
+                snap = _receive(down)
             except EOFError:
                 return
-            if snap is None:
-                return
             try:
-                conn.send(("image", world.draw(snap)))
+                reply = ("image", world.draw(snap))
             except Exception as exc:  # noqa: BLE001
-                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                reply = ("error", f"{type(exc).__name__}: {exc}")
+            try:
+                _send(up, reply)
+            except BrokenPipeError:
+                return
     finally:
         world.close()
 
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]))

@@ -4,11 +4,17 @@ with PyBullet physics (`sim.servo_plant`) behind them when `emulator.model` name
 Each emulated servo's raw zero is 2048 plus a seeded offset within +-`emulator.offset_spread`, as if
 the horns were mounted a little off; `true_calibration` gives the calibration that undoes exactly
 those offsets, so the robot side can run without the interactive `reverie-robot calibrate` step.
+
+`EmulatedRig` adds the other sensors of a real-robot task on the same PyBullet world: a camera streaming the
+scene with its ArUco markers and cube, and a BNO055 IMU.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +24,13 @@ from robot.motors.calibration import Calibration, JointCalibration
 from robot.motors.emulator import EmulatedServo, Plant, ServoEmulator
 from robot.motors.tables import MODELS
 from sim.servo_plant import PlantError, PyBulletPlant
+
+if TYPE_CHECKING:  # the camera and IMU modules load only for a rig that has them
+    from robot.imu_emulator import EmulatedBNO055
+    from sim.camera_server import MjpegServer
+    from sim.scene_render import SceneRenderer
+
+log = logging.getLogger(__name__)
 
 MID_TICKS = 2048
 
@@ -81,3 +94,93 @@ def emulate(cfg: Config, plant: Plant | None = None, timing: bool = True) -> Ser
     except BaseException:
         physics.close()
         raise
+
+
+class EmulatedRig:
+    """Everything `reverie-sim emulate` stands in for, from one config: the servo bus on a pseudo-terminal,
+    and on the same PyBullet world the fixed camera (`emulator.camera`: `sim.scene_render` served as MJPEG
+    over HTTP by `sim.camera_server`) and a BNO055 on the robot's base (`emulator.imu`, its own pty).
+
+    A context manager; `overrides()` are the `--set` values that point the robot's config at all of it.
+    """
+
+    def __init__(self, cfg: Config, timing: bool = True, host: str = "127.0.0.1") -> None:
+        em = cfg.emulator
+        wanted = [key for key, on in (("emulator.camera", em.camera is not None), ("emulator.imu", em.imu)) if on]
+        if wanted and em.model is None:
+            raise PlantError(f"{' and '.join(wanted)}: need the PyBullet world of emulator.model, which is null; "
+                             "name the model (so101, koch or quadruped12) or drop them")
+        self.cfg, self.timing, self.host = cfg, timing, host
+        self.bus: ServoEmulator | None = None
+        self.scene: SceneRenderer | None = None
+        self.server: MjpegServer | None = None
+        self.imu: EmulatedBNO055 | None = None
+
+    def start(self) -> EmulatedRig:
+        from robot.imu_emulator import EmulatedBNO055
+        from sim.camera_server import MjpegServer
+        from sim.imu_plant import pybullet_imu_source
+        from sim.scene_render import SceneRenderer
+
+        try:
+            self.bus = emulate(self.cfg, timing=self.timing).start()
+            cam = self.cfg.emulator.camera
+            if cam is not None:
+                self.scene = SceneRenderer(self.plant, self.cfg)
+                self.server = MjpegServer(self.scene.render, cam.fps, host=self.host).start()
+            if self.cfg.emulator.imu:
+                self.imu = EmulatedBNO055(pybullet_imu_source(self.plant), seed=self.cfg.seed).start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @property
+    def plant(self) -> PyBulletPlant:
+        """The PyBullet world behind the servos (tests drive it directly)."""
+        if not isinstance(self.bus, PhysicsEmulator):
+            raise PlantError("emulator.model: null, so this rig has no PyBullet world (the servos are kinematic)")
+        return self.bus.owned_plant
+
+    @property
+    def port(self) -> str:
+        """The servo bus's pseudo-terminal (`motors.port`)."""
+        if self.bus is None:
+            raise RuntimeError("EmulatedRig: not started")
+        return self.bus.port
+
+    @property
+    def camera_url(self) -> str | None:
+        """The MJPEG stream (`sensors.camera.device`), or None without `emulator.camera`."""
+        return self.server.url if self.server is not None else None
+
+    @property
+    def imu_port(self) -> str | None:
+        """The BNO055's pseudo-terminal (`sensors.imu.port`), or None without `emulator.imu`."""
+        return self.imu.port if self.imu is not None else None
+
+    def overrides(self) -> list[str]:
+        """`--set` values that point the robot's config at this rig's bus, camera and IMU."""
+        sets = [f"motors.port={self.port}"]
+        if self.camera_url is not None:
+            sets.append(f"sensors.camera.device={self.camera_url}")
+        if self.imu_port is not None:
+            sets.append(f"sensors.imu.port={self.imu_port}")
+        return sets
+
+    def close(self) -> None:
+        """Stop everything, the IMU and camera before the bus that owns the plant they read. Safe to repeat."""
+        for part in ("imu", "server", "scene", "bus"):
+            device = getattr(self, part)
+            setattr(self, part, None)
+            if device is not None:
+                try:
+                    device.close()
+                except Exception:
+                    log.exception("EmulatedRig: closing the %s failed", part)
+
+    def __enter__(self) -> EmulatedRig:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()

@@ -118,7 +118,7 @@ def latency_command(args: argparse.Namespace) -> int:
         after = usb_latency.latency_timer(port, args.sysfs)
         result.update(latency_ms=after, ok=after <= usb_latency.RECOMMENDED_MS, set=True, before_ms=before)
         _say(args.json, result, f"{port} ({tty}): latency timer {before} ms -> {after} ms "
-             f"({'OK' if result['ok'] else 'still above the recommended ' + str(usb_latency.RECOMMENDED_MS)} ms)")
+             f"({'OK' if result['ok'] else f'still above the recommended {usb_latency.RECOMMENDED_MS} ms'})")
         return 0
     ok = before <= usb_latency.RECOMMENDED_MS
     result.update(ok=ok, set=False)

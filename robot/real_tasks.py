@@ -111,8 +111,8 @@ class MarkerReach(Task):
         target = self._position(r, self.c.target_id)
         effector = self._position(r, self.c.effector_id)
         out = Outcome(extras={"target_pos": (target if target is not None else np.zeros(3)).astype(np.float32)})
-        if not first:
-            out.end = self._lost(r, self.c.effector_id, "gripper") or self._lost(r, self.c.target_id, "target")
+        if not first:  # the target lies still: the gripper may cover it once it was seen at the start
+            out.end = self._lost(r, self.c.effector_id, "gripper")
         if target is None or effector is None:
             return out
         distance = float(np.linalg.norm(effector - target))

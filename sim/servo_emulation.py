@@ -96,6 +96,9 @@ def emulate(cfg: Config, plant: Plant | None = None, timing: bool = True) -> Ser
         raise
 
 
+EMULATED_MAX_AGE_MS = 1000
+
+
 class EmulatedRig:
     """Everything `reverie-sim emulate` stands in for, from one config: the servo bus on a pseudo-terminal,
     and on the same PyBullet world the fixed camera (`emulator.camera`: `sim.scene_render` served as MJPEG
@@ -126,7 +129,7 @@ class EmulatedRig:
             self.bus = emulate(self.cfg, timing=self.timing).start()
             cam = self.cfg.emulator.camera
             if cam is not None:
-                self.scene = SceneRenderer(self.plant, self.cfg)
+                self.scene = SceneRenderer(self.plant, self.cfg, supersample=self.cfg.emulator.camera.supersample)
                 self.server = MjpegServer(self.scene.render, cam.fps, host=self.host).start()
             if self.cfg.emulator.imu:
                 self.imu = EmulatedBNO055(pybullet_imu_source(self.plant), seed=self.cfg.seed).start()
@@ -163,7 +166,9 @@ class EmulatedRig:
         """`--set` values that point the robot's config at this rig's bus, camera and IMU."""
         sets = [f"motors.port={self.port}"]
         if self.camera_url is not None:
-            sets.append(f"sensors.camera.device={self.camera_url}")
+            # A rendered stream on a machine that also runs physics (and often the learner) delivers frames
+            # later than a webcam does: allow them a second before calling them stale.
+            sets += [f"sensors.camera.device={self.camera_url}", f"sensors.camera.max_age_ms={EMULATED_MAX_AGE_MS}"]
         if self.imu_port is not None:
             sets.append(f"sensors.imu.port={self.imu_port}")
         return sets

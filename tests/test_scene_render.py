@@ -31,7 +31,8 @@ REACH = {"so101_arm": {"shoulder_lift": 0.4, "elbow_flex": -0.1, "wrist_flex": 1
 
 
 def config(name: str) -> Config:
-    return load_config(ROOT / "hardware_configs" / f"{name}.yaml")
+    # supersampled renders: the accuracy a real lens gives (the live default renders plainly, for speed)
+    return load_config(ROOT / "hardware_configs" / f"{name}.yaml", ["emulator.camera.supersample=2"])
 
 
 @pytest.fixture(scope="module", params=CONFIGS)

@@ -156,7 +156,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     data = yaml.safe_load(out.read_text())
     assert set(data) & set(TASK_BLOCKS) == {cfg.task}
     again = load_config(out)
-    assert again == cfg
+    assert again.to_dict() == cfg.to_dict()  # unused task blocks are not written, so compare what is
     assert isinstance(again, Config)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from robot import usb_latency
+from robot.cli_errors import run_guarded
 from robot.interface import RobotError
 
 V4L_BY_ID = "/dev/v4l/by-id"
@@ -69,14 +70,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the device command `args` names; errors become one readable line and exit status 2."""
-    try:
-        return args.device_command(args)
-    except (RobotError, OSError, ValueError) as exc:
-        print(f"reverie-robot {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"reverie-robot {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(args.device_command, args, (RobotError, OSError, ValueError))
 
 
 def positive(text: str) -> int:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from learner.config import Config, ConfigError, load_config
+from robot.cli_errors import run_guarded
 
 if TYPE_CHECKING:
     from robot.motors.bus import MotorBus
@@ -75,14 +76,7 @@ def run_command(args: argparse.Namespace) -> int:
     """Run the motor command `args` names; errors become one readable line and exit status 2."""
     from robot.motors.errors import MotorError
 
-    try:
-        return args.motor_command(args)
-    except (MotorError, ConfigError, OSError) as exc:
-        print(f"reverie-robot {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"reverie-robot {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_guarded(args.motor_command, args, (MotorError, ConfigError, OSError))
 
 
 def servo_id(text: str) -> int:

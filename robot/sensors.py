@@ -69,7 +69,7 @@ class Sensors:
         reading = self.imu.read() if self.imu is not None else None
         return SensorFrame(image, reading, time.monotonic())
 
-    def fresh(self, frames: int = 2, timeout_s: float = 2.0) -> SensorFrame:
+    def fresh(self, frames: int = 2, timeout_s: float = 5.0) -> SensorFrame:
         """Wait until `frames` new camera frames were tracked (after a reset motion: see the scene as it is now)."""
         start = self._last_index
         deadline = time.monotonic() + timeout_s

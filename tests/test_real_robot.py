@@ -76,6 +76,28 @@ def test_arm_reach_to_a_marker_rewards_and_success_on_a_scripted_reach(so101) ->
     assert success[-1] and not success[0]
 
 
+class Person(threading.Thread):
+    """The operator at the robot's terminal: answers every request for help with `c` after `fix()` (the
+    scene put right). A loaded machine may make the robot lose sight of the cube and ask when the test did
+    not expect it: a patient person answers that too, and a test waiting on a person never hangs."""
+
+    def __init__(self, robot: ServoRobot, master: int, fix) -> None:
+        super().__init__(daemon=True)
+        self.robot, self.master, self.fix = robot, master, fix
+        self.answered = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.1):
+            if self.robot.operator.paused and self.answered < 10:
+                self.fix()
+                time.sleep(0.3)
+                os.write(self.master, b"c")
+                self.answered += 1
+                while self.robot.operator.paused and not self.stop.wait(0.05):
+                    pass
+
+
 def test_pick_place_goal_alternates_and_a_person_is_asked_through_the_prompt(tmp_path) -> None:
     base, extra = configs("koch_arm", tmp_path)
     master, slave = os.openpty()
@@ -83,44 +105,42 @@ def test_pick_place_goal_alternates_and_a_person_is_asked_through_the_prompt(tmp
         cfg = load_config(ROOT / "hardware_configs" / "koch_arm.yaml",
                           [*rig.overrides(), "safety.estop_key=true", *extra])
         regions = cfg.pick_place.regions
+        size = base.emulator.object.size
+        centre = [np.mean([r.low, r.high], axis=0) for r in regions]
+        spot = {"cube": centre[0]}  # where the person puts the cube when asked
         with ServoRobot(cfg, stdin=terminal) as robot:
-            first = robot.reset()
-            np.testing.assert_allclose(first["goal"], np.mean([regions[1].low, regions[1].high], axis=0))
-            assert not first["log/success"]
-            before = float(robot.observe()["reward"])
-            # a person (or a grasp the model cannot do) carries the cube into region B
-            rig.scene.set_object([*np.mean([regions[1].low, regions[1].high], axis=0), base.emulator.object.size])
-            placed = wait_for_obs(robot, lambda o: bool(o["log/success"]), "success in region B")
-            assert float(placed["reward"]) > before + cfg.pick_place.success_bonus
-            # next episode: the goal is region A, with no person needed
-            second = robot.reset()
-            np.testing.assert_allclose(second["goal"], np.mean([regions[0].low, regions[0].high], axis=0))
-            # the cube is knocked off both regions: the reset waits for a person, who puts it back and presses c
-            rig.scene.set_object([-0.1, 0.35, base.emulator.object.size])
-            robot.observe()
-            answered: list[str] = []
-
-            def person() -> None:
-                deadline = time.monotonic() + 20
-                while robot.operator.counts.get("requests", 0) == 0 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                answered.append("asked")
-                rig.scene.set_object([*np.mean([regions[0].low, regions[0].high], axis=0), base.emulator.object.size])
-                time.sleep(0.5)
-                os.write(master, b"c")
-
-            helper = threading.Thread(target=person, daemon=True)
-            helper.start()
-            third = robot.reset()
-            helper.join(30)
-            assert answered == ["asked"] and robot.operator.counts["requests"] >= 1
-            np.testing.assert_allclose(third["goal"], np.mean([regions[1].low, regions[1].high], axis=0))
-            assert not robot.estop.triggered.is_set()
-            os.write(master, b"x")  # any other key: the e-stop
-            deadline = time.monotonic() + 10
-            while not robot.estop.triggered.is_set() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert robot.estop.triggered.is_set()
+            person = Person(robot, master, lambda: rig.scene.set_object([*spot["cube"], size]))
+            person.start()
+            try:
+                first = robot.reset()
+                np.testing.assert_allclose(first["goal"], centre[1])
+                assert not first["log/success"]
+                before = float(robot.observe()["reward"])
+                # a person (or a grasp the model cannot do) carries the cube into region B
+                spot["cube"] = centre[1]
+                rig.scene.set_object([*centre[1], size])
+                placed = wait_for_obs(robot, lambda o: bool(o["log/success"]), "success in region B")
+                assert float(placed["reward"]) > before + cfg.pick_place.success_bonus
+                # next episode: the goal is region A, with no person needed
+                second = robot.reset()
+                np.testing.assert_allclose(second["goal"], centre[0])
+                # the cube is knocked off both regions: the reset asks; the person puts it in A and presses c
+                spot["cube"] = centre[0]
+                asked = robot.operator.counts.get("requests", 0)
+                rig.scene.set_object([-0.1, 0.35, size])
+                robot.observe()
+                third = robot.reset()
+                assert robot.operator.counts["requests"] > asked and person.answered >= 1
+                np.testing.assert_allclose(third["goal"], centre[1])
+                assert not robot.estop.triggered.is_set()
+                os.write(master, b"x")  # any other key: the e-stop
+                deadline = time.monotonic() + 10
+                while not robot.estop.triggered.is_set() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert robot.estop.triggered.is_set()
+            finally:
+                person.stop.set()
+                person.join(5)
         assert not any(rig.bus.torque_enabled().values())
     os.close(master)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -97,6 +98,7 @@ def emulate(cfg: Config, plant: Plant | None = None, timing: bool = True) -> Ser
 
 
 EMULATED_MAX_AGE_MS = 1000
+SLOW_CLOSE_S = 2.0
 
 
 class EmulatedRig:
@@ -179,10 +181,14 @@ class EmulatedRig:
             device = getattr(self, part)
             setattr(self, part, None)
             if device is not None:
+                started = time.monotonic()
                 try:
                     device.close()
                 except Exception:
                     log.exception("EmulatedRig: closing the %s failed", part)
+                took = time.monotonic() - started
+                if took > SLOW_CLOSE_S:  # a shutdown that drags says where
+                    log.warning("EmulatedRig: closing the %s took %.1f s", part, took)
 
     def __enter__(self) -> EmulatedRig:
         return self.start()

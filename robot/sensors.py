@@ -59,25 +59,29 @@ class Sensors:
 
     def read(self) -> SensorFrame:
         """The latest camera frame (tracked when new) and one IMU reading."""
-        image = None
-        if self.camera is not None:
-            frame = self.camera.latest()
-            if self.tracker is not None and frame.index != self._last_index and frame.full is not None:
-                self.tracker.update(frame.full, frame.time)
-            self._last_index = frame.index
-            image = frame.image
+        image = self._track() if self.camera is not None else None
         reading = self.imu.read() if self.imu is not None else None
         return SensorFrame(image, reading, time.monotonic())
 
+    def _track(self) -> np.ndarray:
+        """The model's image of the newest frame, after running the tracker on it if it is new."""
+        frame = self.camera.latest()
+        if self.tracker is not None and frame.index != self._last_index and frame.full is not None:
+            self.tracker.update(frame.full, frame.time)
+        self._last_index = frame.index
+        return frame.image
+
     def fresh(self, frames: int = 2, timeout_s: float = 5.0) -> SensorFrame:
-        """Wait until `frames` new camera frames were tracked (after a reset motion: see the scene as it is now)."""
-        start = self._last_index
-        deadline = time.monotonic() + timeout_s
-        reading = self.read()
-        while self.camera is not None and self._last_index < start + frames and time.monotonic() < deadline:
-            time.sleep(0.01)
-            reading = self.read()
-        return reading
+        """Wait until `frames` new camera frames were tracked (after a reset motion: see the scene as it is now),
+        then read everything once."""
+        if self.camera is not None:
+            start = self._last_index
+            deadline = time.monotonic() + timeout_s
+            self._track()
+            while self._last_index < start + frames and time.monotonic() < deadline:
+                time.sleep(0.01)
+                self._track()
+        return self.read()
 
     def close(self) -> None:
         if self.camera is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -71,7 +70,6 @@ class TableTracker:
         self._origin = np.zeros(3)
         self._table_sightings = 0
         self._seen: dict[int, Sighting] = {}
-        self.frames = 0
 
     @property
     def table_found(self) -> bool:
@@ -79,7 +77,6 @@ class TableTracker:
 
     def update(self, image_rgb: np.ndarray, time: float) -> dict[int, Sighting]:
         """Detect markers in one frame; returns those seen in it (empty until the table marker was seen once)."""
-        self.frames += 1
         # markers face up from the table: once its frame is known, that picks each marker's pose (see detect)
         facing = self._rot[:, 2] if self.table_found else None
         poses = self._tracker.detect(image_rgb, time, facing)
@@ -117,8 +114,3 @@ class TableTracker:
         """Seconds since `marker_id` was last seen (inf: never)."""
         seen = self._seen.get(marker_id)
         return math.inf if seen is None else now - seen.time
-
-    def forget(self, marker_ids: Iterable[int]) -> None:
-        """Drop remembered positions (a new episode must not start from a stale sighting)."""
-        for marker_id in marker_ids:
-            self._seen.pop(marker_id, None)

@@ -21,7 +21,6 @@ Choices where the datasheet is silent or the emulator simplifies (the driver mus
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 import threading
@@ -34,13 +33,10 @@ import numpy as np
 
 from robot.pty_device import PtyDevice, host_baud
 
-log = logging.getLogger(__name__)
-
 Source = Callable[[], tuple[np.ndarray, np.ndarray]]  # -> (quaternion w, x, y, z; gyro rad/s in the chip frame)
 
 BAUD = 115200
 POLL_S = 0.005
-STALE_S = 0.1  # an incomplete request older than this is answered EE 0A (receive character timeout)
 SWITCH_S = 0.02  # time an OPR_MODE change takes
 GRAVITY = 9.80665
 WRITE_OK, WRITE_FAIL, INVALID_ADDRESS, WRITE_DISABLED = 0x01, 0x03, 0x04, 0x05
@@ -113,25 +109,15 @@ class EmulatedBNO055(PtyDevice):
             return self.mem[OPR_MODE] & 0x0F
 
     # ----- serving ----------------------------------------------------------------------------------------------
-    def _serve(self) -> None:
-        buf = bytearray()
-        last_rx = time.monotonic()
-        while not self._stop.is_set():
-            data = self._read_some()
-            now = time.monotonic()
-            if data and not self.faults.silent:
-                buf += data
-                last_rx = now
-            elif buf and now - last_rx > STALE_S:
-                buf.clear()
-                if not self.faults.silent:
-                    self._put(_error(CHAR_TIMEOUT))
-            try:
-                self._drain(buf)
-            except Exception:  # a bug must not silently kill the chip: log it, count it, keep serving
-                log.exception("BNO055 emulator on %s: error while serving", self.port)
-                self.stats["internal_errors"] += 1
-                buf.clear()
+    def _hears(self) -> bool:
+        return not self.faults.silent
+
+    def _on_stale(self) -> None:
+        if not self.faults.silent:
+            self._put(_error(CHAR_TIMEOUT))
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.stats[key] += n
 
     def _drain(self, buf: bytearray) -> None:
         """Answer every complete request at the front of `buf`."""

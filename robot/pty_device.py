@@ -24,6 +24,7 @@ from typing import Self
 log = logging.getLogger(__name__)
 
 POLL_S = 0.005  # longest the serving thread sleeps: how fast it notices close() and its own timers
+STALE_S = 0.1  # an incomplete request older than this is dropped, as a device's parser times out
 TCGETS2 = 0x802C542A  # Linux ioctl: termios2, whose c_ospeed holds any baud rate as a number
 
 
@@ -42,7 +43,8 @@ _TERMIOS_BAUDS = {getattr(termios, n): int(n[1:]) for n in dir(termios) if n[:1]
 
 
 class PtyDevice:
-    """A pseudo-terminal and the thread that serves it. Subclasses implement `_serve`."""
+    """A pseudo-terminal and the thread that serves it. Subclasses implement `_drain` (answer every whole
+    request at the front of the buffer) and may hook `_hears`, `_on_stale`, `_on_tick` and `_count`."""
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -54,7 +56,42 @@ class PtyDevice:
         self.port = os.ttyname(self._slave)
 
     def _serve(self) -> None:
+        """Gather the host's bytes and answer whole requests. An incomplete request left for STALE_S is
+        dropped (`_on_stale`). A bug while answering is logged and counted, never fatal to the device."""
+        buf = bytearray()
+        last_rx = time.monotonic()
+        while not self._stop.is_set():
+            data = self._read_some()
+            now = time.monotonic()
+            if data and self._hears():
+                buf += data
+                last_rx = now
+            elif buf and now - last_rx > STALE_S:
+                buf.clear()
+                self._on_stale()
+            try:
+                self._on_tick(now)
+                self._drain(buf)
+            except Exception:
+                log.exception("%s on %s: error while serving", self._name, self.port)
+                self._count("internal_errors")
+                buf.clear()
+
+    def _drain(self, buf: bytearray) -> None:
         raise NotImplementedError
+
+    def _hears(self) -> bool:
+        """False while the device ignores the line (a silent-device fault)."""
+        return True
+
+    def _on_stale(self) -> None:
+        """An incomplete request timed out (after the buffer was cleared)."""
+
+    def _on_tick(self, now: float) -> None:
+        """Timers of the device, run on every pass of the serving loop."""
+
+    def _count(self, key: str, n: int = 1) -> None:
+        """Count an event in the subclass's statistics."""
 
     def start(self) -> Self:
         if self._thread is None:

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 BITS_PER_BYTE = 10  # 8N1
 POLL_S = 0.005  # longest the serving thread sleeps: how fast watchdogs and close() are noticed
-STALE_S = 0.1  # an incomplete packet older than this is dropped, as a servo's parser times out
 WRITE_GIVE_UP_S = 1.0  # a host that does not read its port for this long loses the reply
 
 # Dynamixel status error numbers the emulator produces
@@ -301,26 +300,12 @@ class ServoEmulator(PtyDevice):
 
     # ----- serving --------------------------------------------------------------------------------
 
-    def _serve(self) -> None:
-        buf = bytearray()
-        last_rx = time.monotonic()
-        while not self._stop.is_set():
-            data = self._read_some()
-            now = time.monotonic()
-            if data:
-                buf += data
-                last_rx = now
-            elif buf and now - last_rx > STALE_S:
-                buf.clear()
-                self._count("stale_dropped")
-            try:
-                with self._lock:
-                    self._tick(now)
-                self._drain(buf)
-            except Exception:  # a bug must not silently kill the bus: log it, count it, keep serving
-                log.exception("servo emulator on %s: error while serving", self.port)
-                self._count("internal_errors")
-                buf.clear()
+    def _on_stale(self) -> None:
+        self._count("stale_dropped")
+
+    def _on_tick(self, now: float) -> None:
+        with self._lock:
+            self._tick(now)
 
     def _drain(self, buf: bytearray) -> None:
         """Answer every complete instruction in `buf`."""

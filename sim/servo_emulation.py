@@ -131,7 +131,7 @@ class EmulatedRig:
             self.bus = emulate(self.cfg, timing=self.timing).start()
             cam = self.cfg.emulator.camera
             if cam is not None:
-                self.scene = SceneRenderer(self.plant, self.cfg, supersample=self.cfg.emulator.camera.supersample)
+                self.scene = SceneRenderer(self.plant, self.cfg, supersample=cam.supersample)
                 self.server = MjpegServer(self.scene.render, cam.fps, host=self.host).start()
             if self.cfg.emulator.imu:
                 self.imu = EmulatedBNO055(pybullet_imu_source(self.plant), seed=self.cfg.seed).start()

@@ -266,16 +266,19 @@ def _weights_robot(address: str, idx: int, spool_dir: str, ready: Any, stop: Any
         link.close(10.0)
 
 
-PIN_ENV = "REVERIE_BENCH_PIN"  # set by --pin; inherited by the child processes
+PIN_ENV = "REVERIE_BENCH_PIN"  # set by --pin to the CPUs the benchmark started with; inherited by the children
 RT_ENV = "REVERIE_BENCH_RT"  # set by --realtime: control.realtime_priority of the control robot
+SPIN_ENV = "REVERIE_BENCH_SPIN_MS"  # set by --spin-ms: control.spin_ms of the control robot
 LP_ENV = "REVERIE_BENCH_LINK_PROCESS"  # set by --link-process: the control robot's link runs in a child process
 
 
 def _pin(role: str) -> None:
     """--pin: the control robot gets CPU 0 to itself, the learner and flooding robots share the rest,
     as when the robot has its own computer (only where the OS supports CPU affinity)."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if os.environ.get(PIN_ENV) != "1" or len(cpus) < 2:
+    # The CPUs come from the environment, not from this process's affinity: a child inherits the
+    # parent's pinning (the parent hosts the learner on the "other" CPUs) and would see only those.
+    cpus = sorted(int(c) for c in os.environ.get(PIN_ENV, "").split(",") if c)
+    if len(cpus) < 2 or not hasattr(os, "sched_setaffinity"):
         return
     os.sched_setaffinity(0, {cpus[0]} if role == "control" else set(cpus[1:]))
 
@@ -353,7 +356,8 @@ def _control_robot(address: str, hz: float, seconds: float, spool_dir: str, read
 
     rt = int(os.environ.get(RT_ENV, "0")) or None
     cfg = Config.model_validate({"name": "link-bench", "task": "arm_reach",
-                                 "control": {"hz": hz, "realtime_priority": rt},
+                                 "control": {"hz": hz, "realtime_priority": rt,
+                                             "spin_ms": float(os.environ.get(SPIN_ENV, "2.0"))},
                                  "sim": {"physics_hz": 1000.0}, "link": {"chunk_seconds": 1.0}})
     robot = BenchRobot()
     spec, act = step_spec(robot)
@@ -768,6 +772,8 @@ def main() -> None:
     parser.add_argument("--realtime", type=int, default=0, metavar="PRIO",
                         help="control-loop part: run the control robot's loop SCHED_FIFO at this priority "
                              "(control.realtime_priority; needs CAP_SYS_NICE)")
+    parser.add_argument("--spin-ms", type=float, default=2.0,
+                        help="control-loop part: control.spin_ms of the control robot (0: sleep to each tick)")
     parser.add_argument("--link-process", action="store_true",
                         help="control-loop part: the control robot runs its link in a child process "
                              "(robot.link_process.LinkProcess) instead of a thread (RobotLink)")
@@ -795,7 +801,7 @@ def main() -> None:
                      "transport_steps_per_robot": args.transport_steps, "chunk_steps": CHUNK,
                      "step_bytes": step_bytes(), "control_seconds": args.seconds, "flood_robots": args.flood,
                      "flood_nice": args.flood_nice, "quick": args.quick, "realtime_priority": args.realtime,
-                     "link_process": args.link_process},
+                     "link_process": args.link_process, "spin_ms": args.spin_ms},
         "targets": TARGETS,
     }
     try:
@@ -832,11 +838,13 @@ def main() -> None:
         if "control" in args.parts:
             say(f"control loop at 20 and 50 Hz for {args.seconds:g} s each, {args.flood} robots flooding")
             if args.pin:
-                os.environ[PIN_ENV] = "1"
+                os.environ[PIN_ENV] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))) if hasattr(
+                    os, "sched_getaffinity") else ""
             if args.realtime:
                 os.environ[RT_ENV] = str(args.realtime)
             if args.link_process:
                 os.environ[LP_ENV] = "1"
+            os.environ[SPIN_ENV] = str(args.spin_ms)
             results["control_loop"] = bench_control(base, args.flood, [20.0, 50.0], args.seconds, args.flood_nice)
     finally:
         results["machine"]["loadavg_end"] = _load()

@@ -53,6 +53,10 @@ class ControlConfig(Block):
         None, ge=1, le=99, description="robot: run the control loop thread SCHED_FIFO at this priority (Linux, "
         "needs CAP_SYS_NICE; warns and carries on without); null = normal scheduling"
     )
+    spin_ms: float = Field(
+        2.0, ge=0, le=50, description="robot: sleep to this many ms before each tick, then spin to it: a sleeping "
+        "CPU can wake several ms late when the machine is busy; spinning costs spin_ms * hz / 1000 of one core"
+    )
 
 
 class CameraConfig(Block):

@@ -27,8 +27,9 @@ class LinkConfig(Block):
         5.0, gt=0, le=600, description="learner: a silent robot is lost after this, s; its episode closes as abandoned"
     )
     process: bool = Field(
-        False, description="robot: run the link (sockets, spool, weight checks) in a child process so that it never "
-        "holds the control loop's interpreter lock (for real-time kernels); false = a thread in the robot process"
+        True, description="robot: run the link (sockets, spool, weight checks) in a child process, so that its disk "
+        "and network work never stalls the control loop (which it does from a thread when the machine is busy); "
+        "false = a thread in the robot process"
     )
     spool_dir: str | None = Field(None, description="robot: unacknowledged chunks on disk; null = spool/<robot_id>")
     spool_max_mb: float = Field(1024.0, gt=0, description="robot: spool size limit, MiB; full = the robot stops")

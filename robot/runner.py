@@ -144,6 +144,16 @@ def realtime(priority: int | None) -> bool:
     return True
 
 
+def wait_until(deadline: float, spin: float) -> None:
+    """Sleep until `spin` seconds before `deadline`, then spin to it: waking from sleep can be late by
+    milliseconds on a loaded machine (or a virtual CPU that the host parked), a spinning thread is not."""
+    now = time.monotonic()
+    if deadline - now > spin:
+        time.sleep(deadline - now - spin)
+    while time.monotonic() < deadline:
+        time.sleep(0)  # releases the GIL, so the link thread still runs while we spin
+
+
 class ControlLoop:
     def __init__(self, cfg: Config, robot: Robot, link: RobotLink | LinkProcess, seed: int = 0,
                  initial: Policy | None = None, ledger: Path | None = None) -> None:
@@ -173,6 +183,7 @@ class ControlLoop:
     def run(self, duration: float | None = None, max_steps: int | None = None) -> LoopStats:
         """Run until `stop()`, `duration` seconds, `max_steps` steps, or a full spool."""
         period = 1.0 / self.cfg.control.hz
+        spin = min(self.cfg.control.spin_ms / 1000.0, period / 2)
         # The link and loader threads share the GIL with this loop; by default a thread waiting for
         # it can wait 5 ms (a quarter of a 50 Hz period). Hand it over more often while we run.
         switch = sys.getswitchinterval()
@@ -211,9 +222,7 @@ class ControlLoop:
                     self.stop("time limit reached")
                 # Hold the rate: sleep to the next tick; when late, start the next period now rather
                 # than bursting to catch up (a burst of commands is worse than a late one).
-                now = time.monotonic()
-                if now < deadline:
-                    time.sleep(deadline - now)
+                wait_until(deadline, spin)
                 now = time.monotonic()
                 self.stats.period_errors.append(abs((now - last) - period) / period)
                 last = now

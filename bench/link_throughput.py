@@ -11,10 +11,14 @@ Figures and targets:
   durable_ingest    RobotLink + Spool -> LinkServer + Replay, first send to last ack: >= 5000 steps/s
   weights_push      size12m policy blob, LinkServer.publish -> every RobotLink verified: < 1 s for 8
   control_loop      |period - nominal| / nominal at 20 and 50 Hz beside 8 flooding robots: p99 < 10 %
+                    By default the control robot has CPU 0 to itself (as on its own computer; the learner
+                    and the flooding robots share the rest) and runs as `reverie-robot run` does by
+                    default: link in a child process, control.spin_ms = 2. --no-pin shares every CPU.
 
     python bench/link_throughput.py [--robots 1 8] [--steps 5000] [--transport-steps 20000] [--seconds 10]
                                     [--parts raw transport ingest weights control] [--quick] [--json]
-                                    [--realtime PRIO] [--link-process] [--pin] [--flood-nice N]
+                                    [--realtime PRIO] [--link-thread] [--no-pin] [--spin-ms MS]
+                                    [--flood-nice N]
 """
 
 from __future__ import annotations
@@ -198,7 +202,7 @@ def _robot_link(address: str, robot: str, spool_dir: str, hello: dict | None = N
 
 
 def _link_process(address: str, robot: str, spool_dir: str, hello: dict) -> Any:
-    """--link-process: the same link, run in a child process of the robot (robot.link_process.LinkProcess)."""
+    """The product default (link.process): the link in a child process of the robot (robot.link_process)."""
     from learner.config_link import LinkConfig
     from robot.link_process import LinkProcess
 
@@ -269,7 +273,7 @@ def _weights_robot(address: str, idx: int, spool_dir: str, ready: Any, stop: Any
 PIN_ENV = "REVERIE_BENCH_PIN"  # set by --pin to the CPUs the benchmark started with; inherited by the children
 RT_ENV = "REVERIE_BENCH_RT"  # set by --realtime: control.realtime_priority of the control robot
 SPIN_ENV = "REVERIE_BENCH_SPIN_MS"  # set by --spin-ms: control.spin_ms of the control robot
-LP_ENV = "REVERIE_BENCH_LINK_PROCESS"  # set by --link-process: the control robot's link runs in a child process
+LP_ENV = "REVERIE_BENCH_LINK_PROCESS"  # "1" unless --link-thread: the control robot's link runs in a child process
 
 
 def _pin(role: str) -> None:
@@ -729,11 +733,12 @@ def table(results: dict[str, Any]) -> str:
         for dtype, r in by_dtype.items():
             label = f"weights {dtype} ({r['blob_MB']} MB) -> {n} robot(s), max s"
             lines.append(f"{label:48} {r['latency_s_max']:>14.3f}  < {TARGETS['weights_push_8_robots_s']} (8 robots)")
+    cpus = "own CPU" if results["settings"].get("pinned") else "shared CPUs"
     for hz, by_load in results.get("control_loop", {}).items():
         for load in ("idle", "busy"):
             if load in by_load:
                 r = by_load[load]
-                lines.append(f"{f'control {hz} Hz, link {load}: period error p50 / p99':48} "
+                lines.append(f"{f'control {hz} Hz ({cpus}), link {load}: p50 / p99':48} "
                              f"{r['period_error_p50']:>6.1%} /{r['period_error_p99']:>6.1%}"
                              f"{'  p99 < 10%' if load == 'busy' else ''}")
     return "\n".join(lines)
@@ -766,17 +771,17 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["raw", "transport", "ingest", "weights", "control"],
                         choices=["raw", "transport", "ingest", "weights", "control"])
     parser.add_argument("--flood", type=int, default=8, help="robots flooding the learner during the control loop")
-    parser.add_argument("--pin", action="store_true",
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                         help="control-loop part: give the control robot its own CPU (as on its own computer); "
-                             "the learner and the flooding robots share the other CPU(s)")
+                             "the learner and the flooding robots share the other CPU(s); --no-pin: all share all")
     parser.add_argument("--realtime", type=int, default=0, metavar="PRIO",
                         help="control-loop part: run the control robot's loop SCHED_FIFO at this priority "
                              "(control.realtime_priority; needs CAP_SYS_NICE)")
     parser.add_argument("--spin-ms", type=float, default=2.0,
                         help="control-loop part: control.spin_ms of the control robot (0: sleep to each tick)")
-    parser.add_argument("--link-process", action="store_true",
-                        help="control-loop part: the control robot runs its link in a child process "
-                             "(robot.link_process.LinkProcess) instead of a thread (RobotLink)")
+    parser.add_argument("--link-thread", action="store_true",
+                        help="control-loop part: the control robot runs its link in a thread (RobotLink, "
+                             "link.process=false) instead of a child process (the default)")
     parser.add_argument("--flood-nice", type=int, default=0,
                         help="nice increment of the flooding robots (e.g. 10: they stand in for other machines)")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a new temp dir, removed at exit)")
@@ -801,7 +806,7 @@ def main() -> None:
                      "transport_steps_per_robot": args.transport_steps, "chunk_steps": CHUNK,
                      "step_bytes": step_bytes(), "control_seconds": args.seconds, "flood_robots": args.flood,
                      "flood_nice": args.flood_nice, "quick": args.quick, "realtime_priority": args.realtime,
-                     "link_process": args.link_process, "spin_ms": args.spin_ms},
+                     "link_process": not args.link_thread, "pinned": args.pin, "spin_ms": args.spin_ms},
         "targets": TARGETS,
     }
     try:
@@ -842,8 +847,7 @@ def main() -> None:
                     os, "sched_getaffinity") else ""
             if args.realtime:
                 os.environ[RT_ENV] = str(args.realtime)
-            if args.link_process:
-                os.environ[LP_ENV] = "1"
+            os.environ[LP_ENV] = "0" if args.link_thread else "1"
             os.environ[SPIN_ENV] = str(args.spin_ms)
             results["control_loop"] = bench_control(base, args.flood, [20.0, 50.0], args.seconds, args.flood_nice)
     finally:

@@ -53,10 +53,20 @@ class ControlConfig(Block):
         None, ge=1, le=99, description="robot: run the control loop thread SCHED_FIFO at this priority (Linux, "
         "needs CAP_SYS_NICE; warns and carries on without); null = normal scheduling"
     )
+    cpus: list[int] | None = Field(
+        None, description="robot: pin the control loop thread to these CPUs (Linux; e.g. one kept free with "
+        "isolcpus); the link process stays where it started; null = wherever the OS puts it"
+    )
     spin_ms: float = Field(
         2.0, ge=0, le=50, description="robot: sleep to this many ms before each tick, then spin to it: a sleeping "
         "CPU can wake several ms late when the machine is busy; spinning costs spin_ms * hz / 1000 of one core"
     )
+
+    @model_validator(mode="after")
+    def _cpu_list(self) -> ControlConfig:
+        if self.cpus is not None and (not self.cpus or min(self.cpus) < 0):
+            raise FieldError("cpus", "a non-empty list of CPU numbers (0, 1, ...) or null", self.cpus)
+        return self
 
 
 class CameraConfig(Block):

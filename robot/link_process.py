@@ -1,8 +1,8 @@
 """The robot <-> learner link run in a child process, so that it never holds the control loop's GIL.
 
-Why a process: `RobotLink`'s thread shares the interpreter lock with the control loop. On a loaded
-machine that thread is preempted by other processes while it holds the lock, and the loop waits for
-it, even under SCHED_FIFO (measured: p99 period error 31-38 % at 20/50 Hz beside 8 flooding robots).
+Why a process: from a thread, the link's disk and socket work stalls the control loop's process
+now and then when the machine's disk is busy (measured with the robot on its own CPU beside 8
+flooding robots: p99 period error 74 % at 50 Hz with the link in a thread, 2.4-2.9 % in a process).
 Here a child process (multiprocessing 'spawn': the parent has torch threads and must never be
 forked) owns the `Spool` and a `RobotLink`; this side keeps RobotLink's API and only moves bytes
 through two one-way pipes, with two threads that spend their time blocked in I/O (GIL released).

@@ -154,6 +154,23 @@ def wait_until(deadline: float, spin: float) -> None:
         time.sleep(0)  # releases the GIL, so the link thread still runs while we spin
 
 
+def pin_cpus(cpus: list[int] | None) -> bool:
+    """Pin the calling thread (the control loop) to `cpus`, so the work of other processes runs elsewhere;
+    threads it starts later inherit the set, processes started before keep theirs."""
+    if cpus is None:
+        return False
+    if not hasattr(os, "sched_setaffinity"):
+        log.warning("control.cpus: this OS has no CPU affinity; running unpinned")
+        return False
+    try:
+        os.sched_setaffinity(0, set(cpus))
+    except OSError as exc:
+        allowed = sorted(os.sched_getaffinity(0))
+        log.warning("control.cpus %s refused (%s); this process may use CPUs %s; running unpinned", cpus, exc, allowed)
+        return False
+    return True
+
+
 class ControlLoop:
     def __init__(self, cfg: Config, robot: Robot, link: RobotLink | LinkProcess, seed: int = 0,
                  initial: Policy | None = None, ledger: Path | None = None) -> None:
@@ -188,6 +205,7 @@ class ControlLoop:
         # it can wait 5 ms (a quarter of a 50 Hz period). Hand it over more often while we run.
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, period / 100))
+        pin_cpus(self.cfg.control.cpus)
         realtime(self.cfg.control.realtime_priority)
         if self.policy is not None:
             warm_up(self.policy, self.spec)

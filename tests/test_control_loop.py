@@ -1,0 +1,136 @@
+"""The robot's control loop on its own: waiting for each tick, CPU pinning, chunks to a real link.
+
+The learner is absent (nothing listens on the port): the link spools every chunk to disk, as it does
+while a learner is down. No timing is asserted beyond "never before the deadline", which cannot
+depend on machine load.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from learner.config import Config
+from robot.demo import free_port
+from robot.interface import ArraySpec, Robot, flag_specs
+from robot.link import RobotLink
+from robot.runner import ControlLoop, pin_cpus, step_spec, wait_until
+from robot.spool import Spool
+
+
+class ThreadProbe(Robot):
+    """A trivial backend that records, from the loop's thread, when each command came and on which CPUs."""
+
+    def __init__(self) -> None:
+        self.observation_spec = {"proprio": ArraySpec((3,), np.float32), **flag_specs()}
+        self.action_spec = ArraySpec((2,), np.float32, -1.0, 1.0)
+        self.sent: list[tuple[float, frozenset[int]]] = []
+
+    def _obs(self, first: bool) -> dict[str, np.ndarray]:
+        return {"proprio": np.zeros(3, np.float32), "reward": np.float32(0.0), "is_first": np.bool_(first),
+                "is_last": np.bool_(False), "is_terminal": np.bool_(False)}
+
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        return self._obs(True)
+
+    def send(self, action: np.ndarray | int) -> None:
+        cpus = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+        self.sent.append((time.monotonic(), cpus))
+
+    def observe(self) -> dict[str, np.ndarray]:
+        return self._obs(False)
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("spin", [0.0, 0.002, 0.5])
+def test_wait_until_never_returns_before_the_deadline(spin: float) -> None:
+    for ahead in (0.0, 0.001, 0.004, 0.02):
+        deadline = time.monotonic() + ahead
+        wait_until(deadline, spin)
+        assert time.monotonic() >= deadline
+
+
+def test_spinning_still_lets_other_threads_of_the_process_run() -> None:
+    """The spin releases the interpreter lock: the link thread of the robot process is not starved."""
+    counts = [0]
+    stop = threading.Event()
+
+    def other() -> None:
+        while not stop.is_set():
+            counts[0] += 1
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    time.sleep(0.05)
+    before = counts[0]
+    try:
+        wait_until(time.monotonic() + 0.3, spin=0.3)  # spins the whole time
+        during = counts[0] - before
+    finally:
+        stop.set()
+        thread.join()
+    assert during > 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_pin_cpus_pins_the_calling_thread_and_warns_on_a_cpu_it_may_not_use(caplog) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    result: dict = {}
+
+    def worker() -> None:  # a thread of its own: the test process keeps its CPUs
+        result["bad"] = pin_cpus([max(allowed) + 4096])
+        result["applied"] = pin_cpus([allowed[-1]])
+        result["cpus"] = os.sched_getaffinity(0)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert result["applied"] and result["cpus"] == {allowed[-1]}
+    assert result["bad"] is False and "control.cpus" in caplog.text and str(allowed) in caplog.text
+    assert os.sched_getaffinity(0) == set(allowed)
+    assert pin_cpus(None) is False
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_loop_runs_on_its_configured_cpu_at_its_rate_and_spools_while_no_learner_listens(tmp_path: Path) -> None:
+    mine = os.sched_getaffinity(0)
+    cpu = sorted(mine)[-1]
+    hz, steps = 100.0, 60
+    cfg = Config.model_validate({"name": "loop-test", "task": "arm_reach",
+                                 "control": {"hz": hz, "cpus": [cpu], "spin_ms": 3.0},
+                                 "sim": {"physics_hz": 1000.0}, "link": {"chunk_seconds": 0.2}})
+    robot = ThreadProbe()
+    spec, act = step_spec(robot)
+    link = RobotLink(f"tcp://127.0.0.1:{free_port()}", "loop-test", Spool(tmp_path / "spool", 1 << 24),
+                     {"spec": spec, "task": "loop-test", "hz": hz, "discrete": act.discrete})
+    link.start()
+    result: dict = {}
+
+    def run() -> None:  # a thread of its own, so the pinning does not follow the test process
+        result["stats"] = ControlLoop(cfg, robot, link).run(max_steps=steps)
+
+    try:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+    finally:
+        link.close(5.0)
+    stats = result["stats"]
+    assert stats.steps == steps and len(robot.sent) == steps
+    assert {cpus for _, cpus in robot.sent} == {frozenset({cpu})}
+    times = np.array([t for t, _ in robot.sent])
+    # Ticks sit on a grid from the start, never bursting to catch up: step k comes no earlier than
+    # k periods after step 0 (less the time step 0 took to act and send, well under half a period).
+    assert np.all(times[1:] - times[0] >= (np.arange(1, steps) - 0.5) / hz)
+    assert link.status().spool_count == steps // round(0.2 * hz)  # every chunk on disk, none sent
+    assert os.sched_getaffinity(0) == mine

@@ -50,6 +50,7 @@ def warm_up(policy: Policy, spec: dict[str, list[Any]], rounds: int = 3) -> None
     for i in range(rounds):
         obs["is_first"] = np.bool_(i == 0)
         policy.act(obs, mode="sample")
+        policy.prepare()
     policy.state = None
 
 
@@ -210,11 +211,11 @@ class ControlLoop:
         if self.policy is not None:
             warm_up(self.policy, self.spec)
         self.loader.start()
-        obs = self.robot.reset()
         episode_return = 0.0
-        start = last = time.monotonic()
-        deadline = start + period
         try:
+            obs = self.robot.reset()  # inside the try: an e-stop or fault here is a safety stop too
+            start = last = time.monotonic()
+            deadline = start + period
             while not self._stop.is_set():
                 self._swap_policy()
                 action = self._act(obs)
@@ -233,6 +234,8 @@ class ControlLoop:
                     obs = self.robot.reset()
                 else:
                     obs = self.robot.observe()
+                if self.policy is not None:
+                    self.policy.prepare()  # the recurrent update, off the next act()'s path
                 self.stats.steps += 1
                 if max_steps is not None and self.stats.steps >= max_steps:
                     self.stop("step limit reached")

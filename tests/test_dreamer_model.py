@@ -424,6 +424,44 @@ def test_exported_policy_acts_like_the_trainer_policy(discrete):
         assert any(not np.allclose(a, b) for a, b in zip(sampled, mode_actions))
 
 
+@pytest.mark.parametrize("discrete", [True, False], ids=["discrete", "continuous"])
+def test_prepare_between_steps_gives_the_same_actions_and_is_used(discrete):
+    """The control loop calls prepare() after each step: the GRU update runs then, not in act()."""
+    cfg, space, act = make_cfg(), SPACES["mixed"], make_act(discrete)
+    torch.manual_seed(0)
+    agent = Dreamer(cfg, space, act)
+    with torch.no_grad():
+        agent.behavior.actor.out.weight.mul_(100.0)
+    policy = Policy.from_weights(export_policy(agent.model, version=1))
+    obs = observations(space, 9, firsts=(0, 4))
+
+    def rollout(prepare: bool) -> tuple[list, list]:
+        torch.manual_seed(3)
+        policy.reset()
+        actions, deters = [], []
+        for o in obs:
+            policy.act(o, mode="sample")
+            actions.append(policy.last_action.copy())
+            deters.append(policy.state["deter"].clone())
+            if prepare:
+                policy.prepare()
+        return actions, deters
+
+    plain, prepared = rollout(False), rollout(True)
+    for a, b in zip(plain[0], prepared[0]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(plain[1], prepared[1]):
+        assert torch.equal(a, b)
+    # act() really takes the prepared deter: a wrong one changes the next state.
+    policy.reset()
+    policy.act(obs[0], mode="mode")
+    policy.prepare()
+    assert policy._advanced is not None
+    policy._advanced = torch.zeros_like(policy._advanced)
+    policy.act(obs[1], mode="mode")
+    assert not bool(policy.state["deter"].any())
+
+
 def test_policy_import_is_light(tmp_path):
     """A robot imports the policy (and acts) without optimiser, loss, agent or replay code."""
     cfg, space, act = make_cfg(), SPACES["mixed"], make_act(False)

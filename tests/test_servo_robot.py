@@ -21,7 +21,7 @@ from robot.interface import RobotError
 from robot.motors.emulator import KinematicPlant
 from robot.motors.errors import MotorError, ServoFault
 from robot.servo_robot import ServoRobot
-from robot.spool import Spool
+from robot.spool import SUFFIX, Spool
 from sim.servo_emulation import emulate, true_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,7 +265,9 @@ def test_software_estop_stops_the_robot_at_once(so101, tmp_path, source):
     proc = robot_process(SO101, so101.emulator.port, tmp_path, "--set", f"safety.estop_file={stop_file}")
     try:
         wait_for(lambda: all(so101.torque()) or proc.poll() is not None, "the robot to power up")
-        time.sleep(0.5)
+        # Acting, not just powered up: a chunk of recorded steps is in the spool (no learner listens).
+        wait_for(lambda: any((tmp_path / "spool").glob(f"*{SUFFIX}")) or proc.poll() is not None,
+                 "the robot to record its first chunk")
         if source == "file":
             stop_file.touch()
         else:

@@ -44,6 +44,7 @@ class Policy:
     `obs` is one observation (no batch axis) with `is_first`, or a batch when `batched=True`.
     Returns the environment action: an int (discrete) or float32 in [-1, 1] (continuous).
     `last_action` holds the same action as the model sees it (one-hot when discrete).
+    `prepare()`, called between control steps, takes the recurrent update off the next act()'s path.
     """
 
     def __init__(self, cfg: DreamerConfig, space: ObsSpace, act: ActSpace, net: nn.Module,
@@ -55,6 +56,7 @@ class Policy:
         self.generator = np.random.default_rng(0)
         self.state: dict[str, Tensor] | None = None
         self.last_action: np.ndarray | None = None
+        self._advanced: Tensor | None = None  # the next step's deter, from prepare()
 
     # --- construction
     @classmethod
@@ -84,6 +86,19 @@ class Policy:
     def reset(self, batch: int = 1) -> None:
         self.state = self.rssm.initial(batch, self.device)
         self.state["action"] = torch.zeros(batch, self.act_space.dim, device=self.device)
+        self._advanced = None
+
+    @torch.inference_mode()
+    def prepare(self) -> None:
+        """Run the recurrent update for the next act() now, while the robot waits for its next tick.
+
+        The GRU step needs only the state and the action just taken, not the next observation, so
+        act() is left with the encoder, the posterior and the actor: the latency that counts, from
+        observation to command. The actions are the same as without it (tested). Call it only
+        between act() calls of the same weights; a step that starts an episode recomputes anyway.
+        """
+        if self.state is not None and self._advanced is None:
+            self._advanced = self.rssm.advance(self.state, self.state["action"])
 
     @torch.inference_mode()
     def act(self, obs: Mapping[str, Any], mode: str = "sample", noise: float = 0.0,
@@ -99,7 +114,8 @@ class Policy:
         data = preprocess(obs, self.keys, self.device)
         embed = self.encoder({k: v[:, None] for k, v in data.items()})[:, 0]
         is_first = data["is_first"].reshape(batch)
-        post = self.rssm.post_step(self.state, self.state["action"], embed, is_first)
+        advanced, self._advanced = self._advanced, None
+        post = self.rssm.post_step(self.state, self.state["action"], embed, is_first, advanced)
         dist = self.actor(self.rssm.feat(post))
         action = dist.rsample() if mode == "sample" else dist.mode()
         action = self._explore(action.float(), noise)

@@ -103,9 +103,21 @@ class RSSM(nn.Module):
         prior = {"deter": deter, "logp": self._logp(self.prior_out(self.prior_net(deter)))}
         return self._posterior(deter, embed), prior
 
-    def post_step(self, state: State, prev_action: Tensor, embed: Tensor, is_first: Tensor) -> State:
-        """The posterior alone: what acting needs (the prior head is skipped)."""
-        return self._posterior(self._observed_deter(state, prev_action, is_first), embed)
+    def post_step(self, state: State, prev_action: Tensor, embed: Tensor, is_first: Tensor,
+                  advanced: Tensor | None = None) -> State:
+        """The posterior alone: what acting needs (the prior head is skipped).
+
+        `advanced`: this step's deter computed ahead by `advance` (the GRU does not need the
+        observation); used unless a row starts an episode, which resets the state first.
+        """
+        if advanced is None or bool(is_first.any()):
+            advanced = self._observed_deter(state, prev_action, is_first)
+        return self._posterior(advanced, embed)
+
+    def advance(self, state: State, action: Tensor) -> Tensor:
+        """The next deter from the state and the action taken, before the next observation exists:
+        the same arithmetic as an observed step that does not start an episode."""
+        return self._gru(state["deter"], state["stoch"], action)
 
     # --- sequences
     def observe(self, embed: Tensor, prev_action: Tensor, is_first: Tensor, state: State) -> tuple[State, State]:

@@ -138,10 +138,9 @@ def control_loop(hz: float, seconds: float, size: str, port: str, calibration: P
 
     from learner.config import load_config
     from learner.link.protocol import DEFAULT_MAX_BYTES
-    from robot.link import RobotLink
+    from robot.link_process import LinkProcess
     from robot.runner import ControlLoop, step_spec, warm_up
     from robot.servo_robot import ServoRobot
-    from robot.spool import Spool
 
     torch.set_num_threads(1)  # as reverie-robot run does
     cfg = load_config(QUADRUPED, [f"motors.port={port}", f"motors.calibration={calibration}", f"control.hz={hz}",
@@ -152,9 +151,9 @@ def control_loop(hz: float, seconds: float, size: str, port: str, calibration: P
     with ServoRobot(cfg) as robot:
         spec, act = step_spec(robot)
         policy = random_policy(cfg, spec, act.dim)
-        link = RobotLink("tcp://127.0.0.1:9", f"bench-{int(hz)}", Spool(spool / f"{hz}", 2**30),
-                         {"spec": spec, "task": "bench", "hz": float(hz), "discrete": False},
-                         max_bytes=DEFAULT_MAX_BYTES)
+        link = LinkProcess("tcp://127.0.0.1:9", f"bench-{int(hz)}", (spool / f"{hz}", 2**30),  # as link.process
+                           {"spec": spec, "task": "bench", "hz": float(hz), "discrete": False},
+                           max_bytes=DEFAULT_MAX_BYTES)
         link.start()
         warm_up(policy, spec)  # the loop does this too; here so that the one-off first call is not timed
         act_times: list[float] = []

@@ -57,6 +57,10 @@ class ControlConfig(Block):
         None, description="robot: pin the control loop thread to these CPUs (Linux; e.g. one kept free with "
         "isolcpus); the link process stays where it started; null = wherever the OS puts it"
     )
+    status_every_s: float = Field(
+        10.0, ge=0, description="robot: print a status line (steps, rate, episodes, weights, period error, link) "
+        "this often, s; 0 = never"
+    )
     spin_ms: float = Field(
         2.0, ge=0, le=50, description="robot: sleep to this many ms before each tick, then spin to it: a sleeping "
         "CPU can wake several ms late when the machine is busy; spinning costs spin_ms * hz / 1000 of one core"

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return motors_cli.run_command(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("reverie.robot.status").setLevel(logging.INFO)  # progress is shown without -v
     try:
         return _run(args)
     except (ConfigError, LinkSecurityError, OSError) as exc:

@@ -134,3 +134,35 @@ def test_loop_runs_on_its_configured_cpu_at_its_rate_and_spools_while_no_learner
     assert np.all(times[1:] - times[0] >= (np.arange(1, steps) - 0.5) / hz)
     assert link.status().spool_count == steps // round(0.2 * hz)  # every chunk on disk, none sent
     assert os.sched_getaffinity(0) == mine
+
+
+def test_status_line_and_run_summary(tmp_path: Path, caplog) -> None:
+    """Every status_every_s the loop logs its progress; quantiles cover the run (summary) or the recent window."""
+    import logging
+
+    import robot.runner as runner
+
+    cfg = Config.model_validate({"name": "loop-test", "task": "arm_reach",
+                                 "control": {"hz": 100.0, "status_every_s": 0.1},
+                                 "sim": {"physics_hz": 1000.0}, "link": {"chunk_seconds": 0.2}})
+    robot = ThreadProbe()
+    spec, act = step_spec(robot)
+    link = RobotLink(f"tcp://127.0.0.1:{free_port()}", "status-test", Spool(tmp_path / "spool", 1 << 24),
+                     {"spec": spec, "task": "loop-test", "hz": 100.0, "discrete": act.discrete})
+    link.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="reverie.robot.status"):
+            stats = ControlLoop(cfg, robot, link).run(max_steps=50)
+    finally:
+        link.close(5.0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "reverie.robot.status"]
+    assert len(lines) >= 2, lines  # 50 steps at 100 Hz: about 0.5 s
+    assert all(line.startswith("status-test: ") and "weights v0" in line and "learner not reachable" in line
+               for line in lines)
+    steps = [int(line.split(": ")[1].split(" steps")[0]) for line in lines]
+    assert steps == sorted(steps) and 0 < steps[0] < 50
+    # The summary covers every step; the live window only the last RECENT_STEPS.
+    assert len(stats.period_errors) == stats.steps == 50
+    for e in range(10 + runner.RECENT_STEPS):
+        stats.add_period_error(1.0 if e < 10 else 0.0)
+    assert stats.recent_period_error(1.0) == 0.0 and stats.period_error(1.0) == 1.0

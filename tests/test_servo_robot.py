@@ -131,13 +131,13 @@ def test_watchdog_cuts_torque_when_the_policy_stalls(tmp_path):
         with ServoRobot(bench.cfg) as robot:
             robot.reset()
             robot.send(np.zeros(6, np.float32))
-            assert all(bench.torque())
+            assert all(bench.torque(robot))
             wait_for(lambda: not any(bench.torque()), "the watchdog to cut torque")  # the policy "stalls" here
             assert robot.events.counts.get("watchdog", 0) == 1 or robot.watchdog.fired == 1
             obs = robot.observe()
             assert obs["is_last"]  # the safety event ends the episode: the learner sees the boundary
             robot.reset()  # a new episode powers the servos up again
-            assert all(bench.torque())
+            assert all(bench.torque(robot))
     finally:
         bench.close()
 
@@ -152,7 +152,7 @@ def test_watchdog_holds_position_and_ends_the_episode(tmp_path):
         wait_for(lambda: robot.watchdog.fired >= 1, "the watchdog to fire")
         time.sleep(0.1)
         np.testing.assert_allclose(so101.goals(robot), robot.observe()["joint_pos"], atol=0.02)  # holding here
-        assert all(so101.torque())
+        assert all(so101.torque(robot))
         robot.reset()
         obs = robot.observe()
         assert not obs["is_first"]
@@ -163,7 +163,7 @@ def test_an_exception_in_the_control_code_leaves_torque_off(so101):
     with pytest.raises(ZeroDivisionError), ServoRobot(so101.cfg) as robot:
         robot.reset()
         robot.send(np.zeros(6, np.float32))
-        assert all(so101.torque())
+        assert all(so101.torque(robot))
         _ = 1 / 0
     assert not any(so101.torque())
 

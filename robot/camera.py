@@ -353,13 +353,10 @@ class Camera:
         # A render source already gives RGB: copy it, never hand out (and freeze) the renderer's own buffer.
         rgb = image.copy() if self._src.kind == "render" else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         small = rgb if (w, h) == self.out_size else cv2.resize(rgb, self.out_size, interpolation=cv2.INTER_AREA)
-        if small is rgb:
-            small = rgb.copy()
-        full = rgb if self.keep_full else None
-        for array in (small, full):
-            if array is not None:
-                array.setflags(write=False)  # shared with every caller of latest()
-        return Frame(small, at, index, full)
+        # Both are frozen (shared with every caller of latest()), so they may be the same array.
+        rgb.setflags(write=False)
+        small.setflags(write=False)
+        return Frame(small, at, index, rgb if self.keep_full else None)
 
     def _release(self) -> None:
         src = self._src

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import select
 import struct
 import subprocess
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import msgpack
 import numpy as np
 import pybullet as p
 
@@ -289,14 +289,14 @@ class SceneRenderer:
         if not ready:
             raise SceneError(f"scene render worker is stuck: nothing back within {timeout:g} s of {doing}")
         try:
-            kind, value = _receive(self._up)
+            (kind, value), payload = _receive(self._up)
         except EOFError:
             code = self._process.wait(timeout=5)
             raise SceneError(f"scene render worker died while {doing} (exit code {code}; its error is above "
                              "on stderr)") from None
         if kind == "error":
             raise SceneError(f"scene render worker failed while {doing}: {value}")
-        return value
+        return np.frombuffer(payload, np.uint8).reshape(value) if kind == "image" else value
 
     def close(self) -> None:
         """Stop the render worker. Safe to call repeatedly."""
@@ -364,12 +364,14 @@ class _RenderWorld:
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # so the worker imports this checkout
 
 
-def _send(fd: int, message: Any) -> None:
-    """One length-prefixed pickle on a pipe (both ends are this module: no untrusted data)."""
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(struct.pack("<Q", len(data)) + data)
-    while view:
-        view = view[os.write(fd, view):]
+def _send(fd: int, message: Any, payload: bytes | memoryview = b"") -> None:
+    """One message on a pipe: sizes, a msgpack header, then raw bytes (an image); nothing pickled."""
+    header = msgpack.packb(message)
+    body = memoryview(payload).cast("B")
+    for part in (struct.pack("<QQ", len(header), body.nbytes) + header, body):
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view):]
 
 
 def _read_exact(fd: int, n: int) -> bytes:
@@ -383,34 +385,40 @@ def _read_exact(fd: int, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _receive(fd: int) -> Any:
-    (size,) = struct.unpack("<Q", _read_exact(fd, 8))
-    return pickle.loads(_read_exact(fd, size))
+def _receive(fd: int) -> tuple[Any, bytes]:
+    """The header and the raw bytes of one message."""
+    header_size, payload_size = struct.unpack("<QQ", _read_exact(fd, 16))
+    return msgpack.unpackb(_read_exact(fd, header_size)), _read_exact(fd, payload_size)
+
+
+def _send_image(fd: int, image: np.ndarray) -> None:
+    _send(fd, ["image", list(image.shape)], np.ascontiguousarray(image, dtype=np.uint8).data)
 
 
 def _worker(down: int, up: int) -> None:
     """The render process: build the scene copy from the first message, then answer each snapshot with an
     image until the parent closes the pipe."""
     try:
-        world = _RenderWorld(_receive(down))
+        world = _RenderWorld(_receive(down)[0])
     except EOFError:
         return
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it with context
-        _send(up, ("error", f"{type(exc).__name__}: {exc}"))
+        _send(up, ["error", f"{type(exc).__name__}: {exc}"])
         return
     try:
-        _send(up, ("ready", None))
+        _send(up, ["ready", None])
         while True:
             try:
-                snap = _receive(down)
+                snap = _receive(down)[0]
             except EOFError:
                 return
             try:
-                reply = ("image", world.draw(snap))
-            except Exception as exc:  # noqa: BLE001
-                reply = ("error", f"{type(exc).__name__}: {exc}")
-            try:
-                _send(up, reply)
+                try:
+                    image = world.draw(snap)
+                except Exception as exc:  # noqa: BLE001
+                    _send(up, ["error", f"{type(exc).__name__}: {exc}"])
+                else:
+                    _send_image(up, image)
             except BrokenPipeError:
                 return
     finally:

@@ -14,20 +14,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from link_helpers import wait_for
 
 from robot.operator import OperatorPrompt
 from robot.safety import EStop
 
 TIMEOUT = 10.0  # generous: the test machine is small and shared
-
-
-def _wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 @dataclass
@@ -115,7 +107,7 @@ def test_pause_holds_until_continue(term: Terminal) -> None:
 
     waiter = Waiter(term.prompt, stopped=term.estop.triggered.is_set)
     term.read_until("[paused] paused by operator. c: continue, r: scene reset, any other key: E-STOP")
-    assert _wait_until(lambda: waiter.holds > 3), "wait() did not keep calling hold() while paused"
+    wait_for(lambda: waiter.holds > 3, "wait() did not keep calling hold() while paused")
     assert waiter.result is None  # still waiting
     term.type(b"c")
     assert waiter.join() == "continue"
@@ -131,7 +123,7 @@ def test_reset_mid_episode_ends_it_and_marks_a_reset(term: Terminal) -> None:
     term.read_until("reset the scene, then press c")
     assert term.prompt.take_episode_end() == "reset marked by operator"
     waiter = Waiter(term.prompt)
-    assert _wait_until(lambda: waiter.holds > 1)
+    wait_for(lambda: waiter.holds > 1, "waiter.holds > 1")
     term.type(b"c")  # the scene is reset: go on
     assert waiter.join() == "reset"  # the next episode starts from a reset scene
     assert term.prompt.counts["resets"] == 1
@@ -140,10 +132,10 @@ def test_reset_mid_episode_ends_it_and_marks_a_reset(term: Terminal) -> None:
 
 def test_reset_while_paused_continues_with_a_reset(term: Terminal) -> None:
     term.type(b"P")  # upper case too
-    assert _wait_until(lambda: term.prompt.paused)
+    wait_for(lambda: term.prompt.paused, "term.prompt.paused")
     assert term.prompt.take_episode_end() == "paused by operator"
     waiter = Waiter(term.prompt)
-    assert _wait_until(lambda: waiter.holds > 1)
+    wait_for(lambda: waiter.holds > 1, "waiter.holds > 1")
     term.type(b"R")
     assert waiter.join() == "reset"
     assert term.prompt.counts == {"pauses": 1, "resets": 1, "requests": 0}
@@ -167,7 +159,7 @@ def test_any_other_key_fires_the_estop_naming_it(term: Terminal, keys: bytes, na
     term.type(keys)  # x, Enter (the tty turns CR into NL), an arrow key's escape sequence, a non-ASCII key
     assert term.estop.triggered.wait(TIMEOUT)
     assert term.estop.reason == f"e-stop key pressed: {named}"
-    assert _wait_until(lambda: term.stops == [term.estop.reason])
+    wait_for(lambda: term.stops == [term.estop.reason], "term.stops == [term.estop.reason]")
 
 
 def test_commands_in_one_read_are_handled_until_a_stray_key(term: Terminal) -> None:
@@ -189,9 +181,9 @@ def test_keys_after_the_estop_are_not_commands(term: Terminal) -> None:
 
 def test_wait_returns_stopped_when_the_estop_fires_mid_pause(term: Terminal) -> None:
     term.type(b"p")
-    assert _wait_until(lambda: term.prompt.paused)
+    wait_for(lambda: term.prompt.paused, "term.prompt.paused")
     waiter = Waiter(term.prompt, stopped=term.estop.triggered.is_set)
-    assert _wait_until(lambda: waiter.holds > 1)
+    wait_for(lambda: waiter.holds > 1, "waiter.holds > 1")
     term.type(b"q")
     assert waiter.join() == "stopped"
     assert term.estop.reason == "e-stop key pressed: 'q'"
@@ -204,7 +196,7 @@ def test_request_prints_the_reason_and_waits_for_the_person(term: Terminal) -> N
     term.read_until(f"[paused] {reason}. c: continue")
     assert term.prompt.take_episode_end() == f"operator help requested: {reason}"
     waiter = Waiter(term.prompt)
-    assert _wait_until(lambda: waiter.holds > 1)
+    wait_for(lambda: waiter.holds > 1, "waiter.holds > 1")
     term.type(b"c")
     assert waiter.join() == "continue"
     assert term.screen.count(reason) == 1  # wait() did not print the prompt a second time
@@ -213,13 +205,13 @@ def test_request_prints_the_reason_and_waits_for_the_person(term: Terminal) -> N
 
 def test_request_while_paused_replaces_the_reason_and_an_early_continue(term: Terminal) -> None:
     term.type(b"p")
-    assert _wait_until(lambda: term.prompt.paused)
+    wait_for(lambda: term.prompt.paused, "term.prompt.paused")
     term.type(b"c")  # answered before the robot looked at the scene ...
     term.read_until("[continue]")
     term.prompt.request("robot upside down: set it on its feet")  # ... which needs a person after all
     term.read_until("[paused] robot upside down: set it on its feet.")
     waiter = Waiter(term.prompt)
-    assert _wait_until(lambda: waiter.holds > 1), "the continue typed before the request answered it"
+    wait_for(lambda: waiter.holds > 1, "the continue typed before the request answered it")
     term.type(b"c")
     assert waiter.join() == "continue"
 
@@ -236,9 +228,9 @@ def test_continue_before_the_episode_ended_returns_at_once(term: Terminal) -> No
 
 def test_an_episode_end_not_taken_does_not_end_the_next_episode(term: Terminal) -> None:
     term.type(b"p")  # pressed between episodes: the robot waits without taking the end
-    assert _wait_until(lambda: term.prompt.paused)
+    wait_for(lambda: term.prompt.paused, "term.prompt.paused")
     waiter = Waiter(term.prompt)
-    assert _wait_until(lambda: waiter.holds > 1)
+    wait_for(lambda: waiter.holds > 1, "waiter.holds > 1")
     term.type(b"c")
     assert waiter.join() == "continue"
     assert term.prompt.take_episode_end() is None

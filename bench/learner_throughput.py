@@ -155,9 +155,10 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from learner.compute import configure_compute
     from learner.config_agent import DreamerConfig
     from learner.dreamer.agent import Dreamer, autocast_dtype, resolve_device
-    from learner.dreamer.policy import Policy, export_policy
+    from learner.dreamer.policy import export_policy
     from learner.dreamer.preprocess import ActSpace
 
     if case["threads"]:
@@ -166,14 +167,15 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     device = resolve_device(opts["device"])
     cfg = DreamerConfig(recipe=case["recipe"], size=case["preset"], device=device.type, compile=case["compile"],
-                        precision=case["precision"], **case["overrides"])
+                        precision=case["precision"], keep_heap=opts["keep_heap"], **case["overrides"])
+    configure_compute(cfg)  # as the learner does: dreamer.keep_heap
     out: dict[str, Any] = {"dims": {k: getattr(cfg, k) for k in DIM_FIELDS},
                            "arch": {"norm": cfg.norm, "gru_blocks": cfg.gru_blocks, "encoder": cfg.encoder,
                                     "optimizer": cfg.optimizer,
                                     "actor_grad": cfg.actor_grad_continuous, "repval": cfg.repval_scale > 0,
                                     "cnn_channels": [cfg.cnn_depth * m for m in cfg.cnn_mults]},
                            "autocast": str(autocast_dtype(cfg.precision, device) or "off"),
-                           "device": str(device), "threads": torch.get_num_threads()}
+                           "device": str(device), "threads": torch.get_num_threads(), "keep_heap": cfg.keep_heap}
     agent = Dreamer(cfg, _spaces(case["obs"], opts["image"]), ActSpace(ACT_DIM, False), device)
     out["params_m"] = {"world_model": round(sum(p.numel() for p in agent.wm.parameters()) / 1e6, 2),
                        "actor": round(sum(p.numel() for p in agent.behavior.actor.parameters()) / 1e6, 2),
@@ -259,44 +261,64 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
         out["profile_top_ops"] = _top_ops(prof, opts["profile"])
 
     if opts["act_calls"] > 0:
-        out.update(_act_latency(agent, case["obs"], opts, Policy, export_policy, rng))
+        out.update(_act_latency(agent, case["obs"], opts, export_policy))
     return out
 
 
-def _act_latency(agent, obs: str, opts: dict[str, Any], policy_cls, export, rng) -> dict[str, Any]:
-    """act() latency of the exported policy rebuilt on CPU, one thread, one observation per call.
+def _act_latency(agent, obs: str, opts: dict[str, Any], export) -> dict[str, Any]:
+    """act() latency of the exported policy, timed in a fresh process as a robot runs it.
 
-    As the robot's control loop runs it: prepare() (the recurrent update) between calls, off the
-    observation-to-command path (act_ms), and its cost (prepare_ms). act_alone_ms: act() with no
-    prepare() before it, doing the recurrent update itself.
+    The weights blob goes through a file to a new interpreter that imports only the policy: a
+    robot's process never trains, so timing act() in the worker, whose heap and caches the updates
+    just churned through, would measure the benchmark rather than the robot.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        blob = Path(tmp) / "policy.safetensors"
+        blob.write_bytes(export(agent.model, agent.updates))
+        spec = {"blob": str(blob), "obs": obs, "image": opts["image"], "calls": opts["act_calls"]}
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_act", json.dumps(spec)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"act_error": f"act worker exited with {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+    return json.loads(lines[-1])
+
+
+def act_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time act() on one thread, one observation per call, as the robot's control loop runs it.
+
+    prepare() (the recurrent update and the deter halves of the next step's first layers) runs
+    between calls, off the observation-to-command path (act_ms); prepare_ms is its cost and
+    act_alone_ms an act() with no prepare() before it, doing that work itself.
     """
     import numpy as np
     import torch
 
-    policy = policy_cls.from_weights(export(agent.model, agent.updates), "cpu")
-    threads = torch.get_num_threads()
+    from learner.dreamer.policy import Policy
+
     torch.set_num_threads(1)
-    try:
-        pool = [_observation(rng, obs, opts["image"], first=False) for _ in range(16)]
-        policy.act(_observation(rng, obs, opts["image"], first=True))
-        for i in range(10):
-            policy.act(pool[i % len(pool)])
-            policy.prepare()
-        act, prep, alone = [], [], []
-        for i in range(opts["act_calls"]):
-            start = time.perf_counter()
-            policy.act(pool[i % len(pool)])
-            mid = time.perf_counter()
-            policy.prepare()
-            act.append(mid - start)
-            prep.append(time.perf_counter() - mid)
-        for i in range(opts["act_calls"]):
-            start = time.perf_counter()
-            policy.act(pool[i % len(pool)])
-            alone.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    out: dict[str, Any] = {"act_calls": len(act), "act_threads": 1}
+    policy = Policy.from_weights(Path(spec["blob"]).read_bytes(), "cpu")
+    rng = np.random.default_rng(0)
+    pool = [_observation(rng, spec["obs"], spec["image"], first=False) for _ in range(16)]
+    policy.act(_observation(rng, spec["obs"], spec["image"], first=True))
+    for i in range(10):
+        policy.act(pool[i % len(pool)])
+        policy.prepare()
+    act, prep, alone = [], [], []
+    for i in range(spec["calls"]):
+        start = time.perf_counter()
+        policy.act(pool[i % len(pool)])
+        mid = time.perf_counter()
+        policy.prepare()
+        act.append(mid - start)
+        prep.append(time.perf_counter() - mid)
+    for i in range(spec["calls"]):
+        start = time.perf_counter()
+        policy.act(pool[i % len(pool)])
+        alone.append(time.perf_counter() - start)
+    out: dict[str, Any] = {"act_calls": len(act), "act_threads": 1, "act_process": "fresh, policy blob only"}
     for name, lat in (("act", act), ("prepare", prep), ("act_alone", alone)):
         ms = np.asarray(lat) * 1e3
         out |= {f"{name}_ms_p50": round(float(np.percentile(ms, 50)), 3),
@@ -447,7 +469,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="before each timed update wait up to S s for other processes to go idle")
     parser.add_argument("--timeout", type=float, default=None, help="hard wall-clock limit per case, seconds")
     parser.add_argument("--json", action="store_true", help="print only the JSON document")
+    parser.add_argument("--system-malloc", dest="keep_heap", action="store_false",
+                        help="dreamer.keep_heap off: glibc returns freed memory to the kernel (the old behaviour)")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    parser.add_argument("--_act", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.compile is None:
         args.compile = "auto"
@@ -459,6 +484,9 @@ def main(argv: list[str] | None = None) -> None:
     if args._worker:  # noqa: SLF001
         spec = json.loads(args._worker)  # noqa: SLF001
         print(json.dumps(run_case(spec["case"], spec["opts"])), flush=True)
+        return
+    if args._act:  # noqa: SLF001
+        print(json.dumps(act_worker(json.loads(args._act))), flush=True)  # noqa: SLF001
         return
     import torch
 
@@ -477,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
             notes.append(f"compiled cases skipped: {why}")
             args.compile = "off"
     opts = {k: getattr(args, k) for k in ("batch", "length", "image", "device", "warmup", "iters",
-                                          "act_calls", "profile", "compile_timeout", "wait_idle")}
+                                          "act_calls", "profile", "compile_timeout", "wait_idle", "keep_heap")}
     rows = []
     for case in build_cases(args):
         label = (f"{case['name']} {case['obs']} recipe={case['recipe']} compile={case['compile']} "
@@ -501,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
                     "threads": [t or torch.get_num_threads() for t in args.threads],
                     "cuda": torch.cuda.get_device_name() if device == "cuda" else None},
         "settings": {"batch": args.batch, "length": args.length, "image": args.image, "act_dim": ACT_DIM,
-                     "vector_dim": VECTOR_DIM, "warmup": args.warmup, "iters": args.iters,
+                     "vector_dim": VECTOR_DIM, "keep_heap": args.keep_heap, "warmup": args.warmup, "iters": args.iters,
                      "act_calls": args.act_calls, "compile": args.compile, "compile_timeout_s": args.compile_timeout},
         "cases": rows,
         "targets": [{"case": f"{r['name']} {r['obs']} compile={r['compile']} threads={r['threads']}", **r["port"]}

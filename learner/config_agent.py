@@ -155,6 +155,11 @@ class DreamerConfig(Block):
     )
     compile: bool = Field(False, description="torch.compile the update (slow first step; worth it on long runs)")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    keep_heap: bool = Field(
+        True, description="keep freed memory in the learner process for reuse (glibc malloc: no mmap, no trim), so "
+        "an update's large tensors are not page-faulted in afresh each time (2x faster updates on CPU); the "
+        "process's resident memory stays at its peak. Linux only"
+    )
 
     @model_validator(mode="before")
     @classmethod

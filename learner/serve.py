@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights, weights_to_bytes
+from learner.compute import configure_compute
 from learner.config import Config, write_resolved
 from learner.dreamer.agent import Dreamer
 from learner.dreamer.policy import policy_weights
@@ -63,8 +64,7 @@ class Server:
         self.cfg, self.logdir, self.progress = cfg, Path(logdir), progress
         self.logdir.mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, self.logdir)
-        if cfg.dreamer.threads:
-            torch.set_num_threads(cfg.dreamer.threads)
+        configure_compute(cfg.dreamer)
         torch.manual_seed(cfg.seed)
         self.replay = Replay.from_config(self.logdir / "replay", cfg.replay, seed=cfg.seed)
         self.link = LinkServer(cfg.link, self.replay, self.logdir, address=bind)

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from learner.compute import configure_compute
 from learner.config import Config, ConfigError, write_resolved
 from learner.dreamer.agent import Dreamer
 from learner.dreamer.policy import Policy, policy_weights
@@ -55,8 +56,7 @@ class Trainer:
         self.logdir.mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, self.logdir)
         dcfg = cfg.dreamer
-        if dcfg.threads:
-            torch.set_num_threads(dcfg.threads)
+        configure_compute(dcfg)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.env = Env(cfg, env, seed=cfg.seed)

@@ -456,8 +456,8 @@ def test_prepare_between_steps_gives_the_same_actions_and_is_used(discrete):
     policy.reset()
     policy.act(obs[0], mode="mode")
     policy.prepare()
-    assert policy._advanced is not None
-    policy._advanced = torch.zeros_like(policy._advanced)
+    assert policy._prepared is not None
+    policy._prepared = policy._parts(torch.zeros_like(policy._prepared.deter))
     policy.act(obs[1], mode="mode")
     assert not bool(policy.state["deter"].any())
 

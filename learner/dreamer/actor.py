@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learner.config_agent import DreamerConfig
@@ -19,5 +20,21 @@ class Actor(nn.Module):
         self.out = scaled_linear(cfg.units, out, cfg.policy_out_scale)
 
     def forward(self, feat: Tensor) -> OneHotDist | BoundedNormal:
-        out = self.out(self.net(feat))
+        return self._dist(self.out(self.net(feat)))
+
+    # --- acting: the first layer split in two, so the deter part can run before the observation
+    def deter_part(self, deter: Tensor) -> Tensor:
+        """The first layer applied to the deter part of the features alone."""
+        return F.linear(deter, self.net[0][0].weight[:, : deter.shape[-1]])
+
+    def from_part(self, deter_part: Tensor, stoch: Tensor) -> OneHotDist | BoundedNormal:
+        """The distribution from `deter_part(deter)` and the flat stoch: `forward(feat)` up to
+        float rounding (the first layer's sum is split in two)."""
+        linear, norm, act = self.net[0]
+        x = act(norm(deter_part + F.linear(stoch, linear.weight[:, linear.in_features - stoch.shape[-1]:])))
+        for layer in list(self.net)[1:]:
+            x = layer(x)
+        return self._dist(self.out(x))
+
+    def _dist(self, out: Tensor) -> OneHotDist | BoundedNormal:
         return OneHotDist(out, self.unimix) if self.act.discrete else BoundedNormal(out)

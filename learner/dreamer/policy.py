@@ -10,7 +10,7 @@ The trainer acts through the same class, sharing its live modules (`Policy.from_
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +25,14 @@ from learner.dreamer.rssm import RSSM
 
 PREFIXES = {"encoder": "wm.encoder.", "rssm": "wm.rssm.", "actor": "behavior.actor."}
 FORMAT = "reverie-policy-1"
+
+
+class Prepared(NamedTuple):
+    """A step's deter and the deter halves of the posterior's and the actor's first layers."""
+
+    deter: Tensor
+    post: Tensor
+    actor: Tensor
 
 
 class PolicyNet(nn.Module):
@@ -56,7 +64,7 @@ class Policy:
         self.generator = np.random.default_rng(0)
         self.state: dict[str, Tensor] | None = None
         self.last_action: np.ndarray | None = None
-        self._advanced: Tensor | None = None  # the next step's deter, from prepare()
+        self._prepared: Prepared | None = None  # the next step's deter and its layer parts, from prepare()
 
     # --- construction
     @classmethod
@@ -86,19 +94,24 @@ class Policy:
     def reset(self, batch: int = 1) -> None:
         self.state = self.rssm.initial(batch, self.device)
         self.state["action"] = torch.zeros(batch, self.act_space.dim, device=self.device)
-        self._advanced = None
+        self._prepared = None
 
     @torch.inference_mode()
     def prepare(self) -> None:
-        """Run the recurrent update for the next act() now, while the robot waits for its next tick.
+        """Run what the next act() needs before its observation now, while the robot waits for its
+        next tick: the GRU step (it needs only the state and the action just taken) and the deter
+        halves of the posterior's and the actor's first layers.
 
-        The GRU step needs only the state and the action just taken, not the next observation, so
-        act() is left with the encoder, the posterior and the actor: the latency that counts, from
-        observation to command. The actions are the same as without it (tested). Call it only
-        between act() calls of the same weights; a step that starts an episode recomputes anyway.
+        act() is left with the encoder, the observation half of the posterior and the actor: the
+        latency that counts, from observation to command. The actions are the same as without it
+        (tested). Call it only between act() calls of the same weights; a step that starts an
+        episode recomputes anyway.
         """
-        if self.state is not None and self._advanced is None:
-            self._advanced = self.rssm.advance(self.state, self.state["action"])
+        if self.state is not None and self._prepared is None:
+            self._prepared = self._parts(self.rssm.advance(self.state, self.state["action"]))
+
+    def _parts(self, deter: Tensor) -> Prepared:
+        return Prepared(deter, self.rssm.post_deter_part(deter), self.actor.deter_part(deter))
 
     @torch.inference_mode()
     def act(self, obs: Mapping[str, Any], mode: str = "sample", noise: float = 0.0,
@@ -114,9 +127,11 @@ class Policy:
         data = preprocess(obs, self.keys, self.device)
         embed = self.encoder({k: v[:, None] for k, v in data.items()})[:, 0]
         is_first = data["is_first"].reshape(batch)
-        advanced, self._advanced = self._advanced, None
-        post = self.rssm.post_step(self.state, self.state["action"], embed, is_first, advanced)
-        dist = self.actor(self.rssm.feat(post))
+        prepared, self._prepared = self._prepared, None
+        if prepared is None or bool(is_first.any()):  # an episode start resets the state first
+            prepared = self._parts(self.rssm.observed_deter(self.state, self.state["action"], is_first))
+        post = self.rssm.post_from_part(prepared.deter, prepared.post, embed)
+        dist = self.actor.from_part(prepared.actor, post["stoch"].flatten(1))
         action = dist.rsample() if mode == "sample" else dist.mode()
         action = self._explore(action.float(), noise)
         self.state = {"deter": post["deter"], "stoch": post["stoch"], "action": action}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learner.config_agent import DreamerConfig
@@ -103,21 +104,29 @@ class RSSM(nn.Module):
         prior = {"deter": deter, "logp": self._logp(self.prior_out(self.prior_net(deter)))}
         return self._posterior(deter, embed), prior
 
-    def post_step(self, state: State, prev_action: Tensor, embed: Tensor, is_first: Tensor,
-                  advanced: Tensor | None = None) -> State:
-        """The posterior alone: what acting needs (the prior head is skipped).
-
-        `advanced`: this step's deter computed ahead by `advance` (the GRU does not need the
-        observation); used unless a row starts an episode, which resets the state first.
-        """
-        if advanced is None or bool(is_first.any()):
-            advanced = self._observed_deter(state, prev_action, is_first)
-        return self._posterior(advanced, embed)
-
+    # --- acting: the posterior split in two, so the part that needs no observation runs early
     def advance(self, state: State, action: Tensor) -> Tensor:
         """The next deter from the state and the action taken, before the next observation exists:
         the same arithmetic as an observed step that does not start an episode."""
         return self._gru(state["deter"], state["stoch"], action)
+
+    def observed_deter(self, state: State, prev_action: Tensor, is_first: Tensor) -> Tensor:
+        """This step's deter when it was not computed ahead (or a row starts an episode)."""
+        return self._observed_deter(state, prev_action, is_first)
+
+    def post_deter_part(self, deter: Tensor) -> Tensor:
+        """The posterior's first layer applied to `deter` alone (its weights' deter columns)."""
+        return F.linear(deter, self.post_net[0].weight[:, : self.deter])
+
+    def post_from_part(self, deter: Tensor, deter_part: Tensor, embed: Tensor) -> State:
+        """The posterior from `post_deter_part(deter)` and the embedding: acting's posterior.
+
+        Equal to `_posterior` up to float rounding (the first layer's sum is split in two).
+        """
+        linear, norm, act = self.post_net
+        x = deter_part + F.linear(embed.to(deter.dtype), linear.weight[:, self.deter:])
+        logp = self._logp(self.post_out(act(norm(x))))
+        return {"deter": deter, "stoch": sample_onehot(logp), "logp": logp}
 
     # --- sequences
     def observe(self, embed: Tensor, prev_action: Tensor, is_first: Tensor, state: State) -> tuple[State, State]:

@@ -462,6 +462,34 @@ def test_prepare_between_steps_gives_the_same_actions_and_is_used(discrete):
     assert not bool(policy.state["deter"].any())
 
 
+@pytest.mark.parametrize("recipe", ["2024", "2023"])
+@pytest.mark.parametrize("discrete", [True, False], ids=["discrete", "continuous"])
+def test_split_first_layers_match_the_training_forward(recipe, discrete):
+    """Acting splits the posterior's and the actor's first layers into a deter half (computed in
+    prepare()) and the rest; the two halves must add up to the layer the trainer trains."""
+    cfg, space, act = make_cfg(recipe=recipe), SPACES["mixed"], make_act(discrete)
+    torch.manual_seed(0)
+    model = Dreamer(cfg, space, act).model
+    rssm, actor = model.wm.rssm, model.behavior.actor
+    with torch.no_grad():
+        actor.out.weight.mul_(100.0)
+        deter = torch.randn(5, cfg.deter)
+        embed = torch.randn(5, model.wm.encoder.out_dim)
+        torch.manual_seed(1)
+        whole = rssm._posterior(deter, embed)
+        torch.manual_seed(1)
+        split = rssm.post_from_part(deter, rssm.post_deter_part(deter), embed)
+        torch.testing.assert_close(split["logp"], whole["logp"], rtol=1e-5, atol=1e-5)
+        stoch = whole["stoch"]
+        feat = rssm.feat({"deter": deter, "stoch": stoch})
+        expected = actor(feat).mode()
+        got = actor.from_part(actor.deter_part(deter), stoch.flatten(1)).mode()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        # Either half alone is not the layer: a wrong deter half changes the result.
+        wrong = actor.from_part(actor.deter_part(torch.zeros_like(deter)), stoch.flatten(1)).mode()
+        assert not torch.allclose(wrong, expected)
+
+
 def test_policy_import_is_light(tmp_path):
     """A robot imports the policy (and acts) without optimiser, loss, agent or replay code."""
     cfg, space, act = make_cfg(), SPACES["mixed"], make_act(False)

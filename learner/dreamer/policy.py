@@ -52,7 +52,7 @@ class Policy:
     `obs` is one observation (no batch axis) with `is_first`, or a batch when `batched=True`.
     Returns the environment action: an int (discrete) or float32 in [-1, 1] (continuous).
     `last_action` holds the same action as the model sees it (one-hot when discrete).
-    `prepare()`, called between control steps, takes the recurrent update off the next act()'s path.
+    `prepare()`, called between control steps, takes what needs no observation off the next act()'s path.
     """
 
     def __init__(self, cfg: DreamerConfig, space: ObsSpace, act: ActSpace, net: nn.Module,

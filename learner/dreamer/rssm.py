@@ -89,7 +89,7 @@ class RSSM(nn.Module):
         logp = self._logp(self.prior_out(self.prior_net(deter)))
         return {"deter": deter, "stoch": sample_onehot(logp), "logp": logp}
 
-    def _observed_deter(self, state: State, prev_action: Tensor, is_first: Tensor) -> Tensor:
+    def observed_deter(self, state: State, prev_action: Tensor, is_first: Tensor) -> Tensor:
         """The GRU step of an observed step; `is_first` resets state and previous action first."""
         keep = (1.0 - is_first.float())[:, None]
         return self._gru(state["deter"] * keep, state["stoch"] * keep[..., None], prev_action * keep)
@@ -100,7 +100,7 @@ class RSSM(nn.Module):
 
     def obs_step(self, state: State, prev_action: Tensor, embed: Tensor, is_first: Tensor) -> tuple[State, State]:
         """Posterior and prior (its log-probabilities, for the KL; no sample) of one observed step."""
-        deter = self._observed_deter(state, prev_action, is_first)
+        deter = self.observed_deter(state, prev_action, is_first)
         prior = {"deter": deter, "logp": self._logp(self.prior_out(self.prior_net(deter)))}
         return self._posterior(deter, embed), prior
 
@@ -109,10 +109,6 @@ class RSSM(nn.Module):
         """The next deter from the state and the action taken, before the next observation exists:
         the same arithmetic as an observed step that does not start an episode."""
         return self._gru(state["deter"], state["stoch"], action)
-
-    def observed_deter(self, state: State, prev_action: Tensor, is_first: Tensor) -> Tensor:
-        """This step's deter when it was not computed ahead (or a row starts an episode)."""
-        return self._observed_deter(state, prev_action, is_first)
 
     def post_deter_part(self, deter: Tensor) -> Tensor:
         """The posterior's first layer applied to `deter` alone (its weights' deter columns)."""

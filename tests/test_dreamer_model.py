@@ -350,6 +350,39 @@ def test_full_update_with_repval_adds_world_model_gradient():
     assert sum(diff) > 0
 
 
+@pytest.mark.parametrize(("recipe", "discrete"), [("2024", False), ("2024", True), ("2023", False)],
+                         ids=["2024-reinforce-continuous", "2024-reinforce-discrete", "2023-dynamics"])
+def test_update_reuses_imagination_actor_outputs_exactly(recipe, discrete):
+    """The update hands the actor outputs of imagination to the loss instead of running the actor
+    again: the loss and every gradient must equal those of a second actor pass on sg(feat)
+    (imagination's actor must see the stop-gradient states, and the outputs of s_0..s_{H-1})."""
+    # A large entropy bonus: a gradient of it leaking into the dynamics would show in the actor's.
+    cfg, space, act = make_cfg(recipe, entropy=1.0), SPACES["vector"], make_act(discrete)
+    torch.manual_seed(0)
+    agent = Dreamer(cfg, space, act)
+    _move_critic_off_zero_init(agent)
+    batch = make_batch(space, act)
+    data, start = agent.to_inputs(batch), agent.context_from_batch(batch)
+    again = copy.deepcopy(agent)  # the return normaliser is stateful: each run gets its own
+    loss_fn = again.behavior.loss
+    again.behavior.loss = lambda *args, policy=None: loss_fn(*args)  # drops the handed-over outputs
+
+    def grads(a: Dreamer) -> tuple[torch.Tensor, dict, list[torch.Tensor]]:
+        torch.manual_seed(1)
+        total, _, metrics = a._update(data, start)
+        params = [p for p in a.model.parameters() if p.requires_grad]
+        got = torch.autograd.grad(total, params, allow_unused=True)
+        return total, metrics, [torch.zeros_like(p) if g is None else g for p, g in zip(params, got)]
+
+    (t1, m1, g1), (t2, m2, g2) = grads(agent), grads(again)
+    assert float(m1["ac/actor_loss"]) != 0.0 and agent.behavior.uses_dynamics_grad() == (recipe == "2023")
+    torch.testing.assert_close(t1, t2)
+    torch.testing.assert_close(m1["ac/entropy"], m2["ac/entropy"])
+    names = [n for n, p in agent.model.named_parameters() if p.requires_grad]
+    for name, a, b in zip(names, g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Seeded determinism on CPU.
 

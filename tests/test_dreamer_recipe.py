@@ -293,7 +293,7 @@ def test_small_returns_are_not_divided_up_in_behavior_loss():
     beh = Behavior(cfg, 12, ActSpace(3, True))
     h, n = 5, 8
     feat = torch.randn(h + 1, n, 12)
-    action = F.one_hot(torch.randint(0, 3, (h + 1, n)), 3).float()
+    action = F.one_hot(torch.randint(0, 3, (h, n)), 3).float()
     _, _, metrics = beh.loss(feat, action, 1e-3 * torch.rand(h + 1, n), torch.ones(h + 1, n))
     assert float(metrics["ac/return_scale"]) == 1.0
 
@@ -305,7 +305,7 @@ def test_small_returns_are_not_divided_up_in_behavior_loss():
 def _imagined(h: int = 6, n: int = 5, f: int = 12, dim: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     feat = torch.randn(h + 1, n, f, generator=g)
-    action = F.one_hot(torch.randint(0, dim, (h + 1, n), generator=g), dim).float()
+    action = F.one_hot(torch.randint(0, dim, (h, n), generator=g), dim).float()  # taken in s_0..s_{h-1}
     reward = torch.randn(h + 1, n, generator=g)
     cont = 0.5 + 0.5 * torch.rand(h + 1, n, generator=g)
     return feat, action, reward, cont
@@ -333,7 +333,7 @@ def test_actor_loss_weights_are_cumprod_of_cont_times_gamma():
     weight = torch.cumprod(disc, 0)
     with torch.no_grad():
         dist = beh.actor(feat[:-1])
-        per_step = -dist.log_prob(action[:-1]) * ret / scale - cfg.entropy * dist.entropy()
+        per_step = -dist.log_prob(action) * ret / scale - cfg.entropy * dist.entropy()
     expected = (weight[:-1] * per_step).mean()
     torch.testing.assert_close(start_ret, ret[0])
     torch.testing.assert_close(metrics["ac/return_scale"], scale)

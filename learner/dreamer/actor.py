@@ -20,7 +20,11 @@ class Actor(nn.Module):
         self.out = scaled_linear(cfg.units, out, cfg.policy_out_scale)
 
     def forward(self, feat: Tensor) -> OneHotDist | BoundedNormal:
-        return self._dist(self.out(self.net(feat)))
+        return self.dist(self.params(feat))
+
+    def params(self, feat: Tensor) -> Tensor:
+        """The network's raw output: the distribution's parameters (logits, or mean and std)."""
+        return self.out(self.net(feat))
 
     # --- acting: the first layer split in two, so the deter part can run before the observation
     def deter_part(self, deter: Tensor) -> Tensor:
@@ -34,7 +38,8 @@ class Actor(nn.Module):
         x = act(norm(deter_part + F.linear(stoch, linear.weight[:, linear.in_features - stoch.shape[-1]:])))
         for layer in list(self.net)[1:]:
             x = layer(x)
-        return self._dist(self.out(x))
+        return self.dist(self.out(x))
 
-    def _dist(self, out: Tensor) -> OneHotDist | BoundedNormal:
+    def dist(self, out: Tensor) -> OneHotDist | BoundedNormal:
+        """The action distribution of raw outputs `params(feat)` (any leading shape)."""
         return OneHotDist(out, self.unimix) if self.act.discrete else BoundedNormal(out)

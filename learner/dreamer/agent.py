@@ -135,12 +135,20 @@ class Dreamer:
         b, t = data["action"].shape[:2]
         flat = {k: post[k].detach().reshape(b * t, *post[k].shape[2:]) for k in ("deter", "stoch")}
         dynamics = beh.uses_dynamics_grad()
-        grad_ctx = frozen(wm) if dynamics else torch.no_grad()
-        with grad_ctx:
-            def policy(state: State) -> Tensor:
-                feat = wm.rssm.feat(state)
-                return beh.actor(feat if dynamics else feat.detach()).rsample()
+        outs: list[Tensor] = []
 
+        def policy(state: State) -> Tensor:
+            # The actor sees sg(state), as in the reference implementations, so its outputs here are
+            # the very ones its loss needs: kept with their graph instead of a second actor pass.
+            out = beh.actor.params(wm.rssm.feat(state).detach())
+            outs.append(out)
+            action = beh.actor.dist(out).rsample()
+            # Backprop through the dynamics needs the sample's gradient; REINFORCE must not have it.
+            return action if dynamics else action.detach()
+
+        # World-model weights are constants here. Under REINFORCE no input of the dynamics or heads
+        # carries a gradient, so they build no graph; only the actor's steps do.
+        with frozen(wm):
             states, actions = wm.rssm.imagine(flat, policy, cfg.imag_horizon)
             feat = wm.rssm.feat(states)
             # Heads on imagined states only: the start state is real, its continuation comes from the
@@ -149,7 +157,8 @@ class Dreamer:
             cont = torch.sigmoid(wm.cont_logit(feat[1:]))
         reward = torch.cat([torch.zeros_like(reward[:1]), reward], 0)
         cont = torch.cat([(1.0 - data["is_terminal"]).reshape(1, -1), cont], 0)
-        ac_loss, start_return, ac_metrics = beh.loss(feat.float(), actions, reward, cont)
+        ac_loss, start_return, ac_metrics = beh.loss(feat.float(), actions, reward, cont,
+                                                     policy=beh.actor.dist(torch.stack(outs).float()))
         metrics.update(ac_metrics)
         loss = wm_loss.mean() + ac_loss
         if cfg.repval_scale > 0:

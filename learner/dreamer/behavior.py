@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from learner.config_agent import DreamerConfig
 from learner.dreamer.actor import Actor
-from learner.dreamer.dists import TwoHot, make_bins
+from learner.dreamer.dists import BoundedNormal, OneHotDist, TwoHot, make_bins
 from learner.dreamer.layers import MLP, zero_linear
 from learner.dreamer.preprocess import ActSpace
 
@@ -85,13 +85,16 @@ class Behavior(nn.Module):
         return not self.act_space.discrete and self.cfg.actor_grad_continuous == "dynamics"
 
     def loss(
-        self, feat: Tensor, action: Tensor, reward: Tensor, cont: Tensor
+        self, feat: Tensor, action: Tensor, reward: Tensor, cont: Tensor,
+        policy: OneHotDist | BoundedNormal | None = None,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Losses on an imagined trajectory (H+1, N, ...).
+        """Losses on an imagined trajectory: `feat`/`reward`/`cont` over s_0..s_H (H+1, N, ...),
+        `action` the actions taken in s_0..s_{H-1} (H, N, A).
 
-        `reward`/`cont` are the world model's predictions (cont[0] from the data); returns the
-        total actor+critic loss (scalar), the lambda-returns of s_0 (for replay value targets)
-        and metrics.
+        `reward`/`cont` are the world model's predictions (cont[0] from the data). `policy` is the
+        actor's distribution in s_0..s_{H-1} given sg(feat), with its graph (imagination computes
+        it anyway); without it the actor is run here. Returns the total actor+critic loss (scalar),
+        the lambda-returns of s_0 (for replay value targets) and metrics.
         """
         cfg = self.cfg
         disc = cfg.gamma * cont
@@ -111,12 +114,13 @@ class Behavior(nn.Module):
         ret = lambda_return(reward, disc, boot, cfg.lam)
         self.retnorm.update(ret)
         scale = self.retnorm.scale()
-        policy = self.actor(sg_feat[:-1])
+        if policy is None:
+            policy = self.actor(sg_feat[:-1])
         if self.uses_dynamics_grad():
             actor_loss = -ret / scale  # gradient flows back through the imagined dynamics
         else:
             adv = ((ret - value[:-1]) / scale).detach()
-            actor_loss = -policy.log_prob(action[:-1].detach()) * adv
+            actor_loss = -policy.log_prob(action.detach()) * adv
         entropy = policy.entropy()
         actor_loss = (weight[:-1] * (actor_loss - cfg.entropy * entropy)).mean()
         dist = TwoHot(critic.logits[:-1], critic.bins, critic.kind)

@@ -136,14 +136,14 @@ class RSSM(nn.Module):
         return stack(posts), stack(priors)
 
     def imagine(self, state: State, policy: Callable[[State], Tensor], horizon: int) -> tuple[State, Tensor]:
-        """Roll the prior forward under `policy`; returns states (H+1, N, ...) and actions (H+1, N, A)."""
+        """Roll the prior forward under `policy`; returns states s_0..s_H (H+1, N, ...) and the
+        actions taken in s_0..s_{H-1} (H, N, A). No action is drawn in s_H: no loss uses one."""
         states, actions = [state], []
         for _ in range(horizon):
             action = policy(state)
             actions.append(action)
             state = self.img_step(state, action)
             states.append(state)
-        actions.append(policy(state))
         keys = ("deter", "stoch")
         return {k: torch.stack([s[k] for s in states]) for k in keys}, torch.stack(actions)
 

@@ -65,7 +65,7 @@ class DreamerModel(nn.Module):
         self.cfg, self.space, self.act_space = cfg, dict(space), act
         self.keys = ObsKeys.select(space, cfg.image_keys, cfg.vector_keys)
         self.wm = WorldModel(cfg, space, self.keys, act)
-        self.behavior = Behavior(cfg, self.wm.feat_dim, act)
+        self.behavior = Behavior(cfg, self.wm.feat_dim, act, self.wm.rssm.feat_cols)
 
 
 class Dreamer:

@@ -11,14 +11,15 @@ from learner.config_agent import DreamerConfig
 from learner.dreamer.actor import Actor
 from learner.dreamer.dists import BoundedNormal, OneHotDist, TwoHot, make_bins
 from learner.dreamer.layers import MLP, zero_linear
+from learner.dreamer.onehot import OneHotCols
 from learner.dreamer.preprocess import ActSpace
 
 
 class Critic(nn.Module):
-    def __init__(self, cfg: DreamerConfig, feat_dim: int) -> None:
+    def __init__(self, cfg: DreamerConfig, feat_dim: int, onehot: OneHotCols | None = None) -> None:
         super().__init__()
         self.kind = cfg.bins
-        self.net = MLP(feat_dim, cfg.ac_layers, cfg.units, cfg.norm)
+        self.net = MLP(feat_dim, cfg.ac_layers, cfg.units, cfg.norm, onehot)
         self.out = zero_linear(cfg.units, cfg.num_bins)
         self.register_buffer("bins", make_bins(cfg.bins, cfg.num_bins, cfg.bin_limit), persistent=False)
 
@@ -68,11 +69,11 @@ def lambda_return(reward: Tensor, disc: Tensor, value: Tensor, lam: float) -> Te
 class Behavior(nn.Module):
     """Actor, critic, slow critic and return normaliser, with their losses in imagination."""
 
-    def __init__(self, cfg: DreamerConfig, feat_dim: int, act: ActSpace) -> None:
+    def __init__(self, cfg: DreamerConfig, feat_dim: int, act: ActSpace, onehot: OneHotCols | None = None) -> None:
         super().__init__()
         self.cfg, self.act_space = cfg, act
-        self.actor = Actor(cfg, feat_dim, act)
-        self.critic = Critic(cfg, feat_dim)
+        self.actor = Actor(cfg, feat_dim, act, onehot)
+        self.critic = Critic(cfg, feat_dim, onehot)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.retnorm = ReturnNorm(cfg)
 

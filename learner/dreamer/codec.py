@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from learner.config_agent import DreamerConfig
 from learner.dreamer.dists import symlog
 from learner.dreamer.layers import MLP, ConvDecoder, ConvEncoder, cnn_channels
+from learner.dreamer.onehot import OneHotCols
 from learner.dreamer.preprocess import ObsKeys, ObsSpace, vector_widths
 
 
@@ -54,16 +55,17 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Features -> images (mean in [-0.5, 0.5] space) and vectors (in symlog space)."""
 
-    def __init__(self, cfg: DreamerConfig, space: ObsSpace, keys: ObsKeys, feat_dim: int) -> None:
+    def __init__(self, cfg: DreamerConfig, space: ObsSpace, keys: ObsKeys, feat_dim: int,
+                 onehot: OneHotCols | None = None) -> None:
         super().__init__()
         self.keys, self.space = keys, space
         self.dims = vector_widths(space, keys)
         if keys.images:
             h, w, c = _image_shape(space, keys, len(cfg.cnn_mults))
             chans = cnn_channels(cfg.cnn_depth, cfg.cnn_mults)
-            self.cnn = ConvDecoder(feat_dim, c, chans, cfg.encoder, cfg.norm, (h, w))
+            self.cnn = ConvDecoder(feat_dim, c, chans, cfg.encoder, cfg.norm, (h, w), onehot)
         if keys.vectors:
-            self.mlp = MLP(feat_dim, cfg.mlp_layers, cfg.units, cfg.norm)
+            self.mlp = MLP(feat_dim, cfg.mlp_layers, cfg.units, cfg.norm, onehot)
             self.vec_out = nn.Linear(cfg.units, sum(self.dims.values()))
 
     def forward(self, feat: Tensor) -> dict[str, Tensor]:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from learner.dreamer.onehot import OneHotCols, OneHotLinear
+
 
 class Norm(nn.Module):
     """RMSNorm (2024) or LayerNorm (2023) over the last axis, computed in float32."""
@@ -42,16 +44,24 @@ class ChannelNorm(Norm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def linear(inp: int, out: int, onehot: OneHotCols | None = None, bias: bool = True) -> nn.Linear:
+    """nn.Linear, or its one-hot-gathering twin when input columns `onehot` hold latent samples."""
+    return nn.Linear(inp, out, bias=bias) if onehot is None else OneHotLinear(inp, out, onehot, bias=bias)
+
+
 class Dense(nn.Sequential):
     """Linear -> Norm -> SiLU: the unit every MLP of DreamerV3 is made of."""
 
-    def __init__(self, inp: int, out: int, norm: str) -> None:
-        super().__init__(nn.Linear(inp, out, bias=False), Norm(out, norm), nn.SiLU())
+    def __init__(self, inp: int, out: int, norm: str, onehot: OneHotCols | None = None) -> None:
+        super().__init__(linear(inp, out, onehot, bias=False), Norm(out, norm), nn.SiLU())
 
 
 class MLP(nn.Sequential):
-    def __init__(self, inp: int, layers: int, units: int, norm: str) -> None:
-        super().__init__(*[Dense(inp if i == 0 else units, units, norm) for i in range(layers)])
+    """`layers` Dense units; `onehot` marks latent-sample columns of the input (first layer)."""
+
+    def __init__(self, inp: int, layers: int, units: int, norm: str, onehot: OneHotCols | None = None) -> None:
+        super().__init__(*[Dense(inp if i == 0 else units, units, norm, onehot if i == 0 else None)
+                           for i in range(layers)])
         self.out_dim = units if layers else inp
 
 
@@ -126,12 +136,13 @@ class ConvEncoder(nn.Module):
 class ConvDecoder(nn.Module):
     """Flat features -> images (N, C, H, W), mirroring the encoder (nearest upsampling + conv)."""
 
-    def __init__(self, inp: int, out_ch: int, chans: list[int], kind: str, norm: str, size: tuple[int, int]) -> None:
+    def __init__(self, inp: int, out_ch: int, chans: list[int], kind: str, norm: str, size: tuple[int, int],
+                 onehot: OneHotCols | None = None) -> None:
         super().__init__()
         chans = chans[::-1]
         h, w = size[0] >> len(chans), size[1] >> len(chans)
         self.start = (chans[0], h, w)
-        self.linear = nn.Linear(inp, chans[0] * h * w)
+        self.linear = linear(inp, chans[0] * h * w, onehot)
         layers: list[nn.Module] = []
         outs = [*chans[1:], out_ch]
         for i, (cin, cout) in enumerate(zip(chans, outs)):

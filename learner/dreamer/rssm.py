@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from learner.config_agent import DreamerConfig
 from learner.dreamer.dists import categorical_kl, sample_onehot, unimix_logits
 from learner.dreamer.layers import BlockLinear, Dense, Norm
+from learner.dreamer.onehot import OneHotCols
 
 State = dict[str, Tensor]
 
@@ -28,9 +29,12 @@ class RSSM(nn.Module):
         self.deter, self.stoch, self.classes, self.blocks = d, cfg.stoch, cfg.classes, g
         self.stoch_dim = cfg.stoch * cfg.classes
         self.act_dim = act_dim
+        # feat() = [deter, flat stoch]: where layers fed by it find the one-hot latent samples
+        self.feat_cols = OneHotCols(d, d + self.stoch_dim, cfg.classes)
+        stoch_cols = OneHotCols(0, self.stoch_dim, cfg.classes)
         if cfg.gru_input_layers:  # 2024: each input through its own Linear+Norm+SiLU
             self.in_deter = Dense(d, h, cfg.norm)
-            self.in_stoch = Dense(self.stoch_dim, h, cfg.norm)
+            self.in_stoch = Dense(self.stoch_dim, h, cfg.norm, stoch_cols)
             self.in_action = Dense(act_dim, h, cfg.norm)
             self.core_hidden = BlockLinear(3 * h + d // g, d // g, g)
             self.core_norm = Norm(d // g, cfg.norm)
@@ -38,7 +42,7 @@ class RSSM(nn.Module):
             self.gates_norm = None
             img_layers = 2
         else:  # 2023: one input layer, then a LayerNorm GRU
-            self.in_joint = Dense(self.stoch_dim + act_dim, h, cfg.norm)
+            self.in_joint = Dense(self.stoch_dim + act_dim, h, cfg.norm, stoch_cols)
             self.gates = BlockLinear(h + d // g, 3 * d // g, g)
             self.gates_norm = Norm(3 * d, cfg.norm)
             img_layers = 1

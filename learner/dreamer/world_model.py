@@ -20,11 +20,12 @@ class WorldModel(nn.Module):
         self.cfg, self.keys, self.act = cfg, keys, act
         self.encoder = Encoder(cfg, space, keys)
         self.rssm = RSSM(cfg, act.dim, self.encoder.out_dim)
-        self.feat_dim = cfg.deter + cfg.stoch * cfg.classes
-        self.decoder = Decoder(cfg, space, keys, self.feat_dim)
-        self.reward_net = MLP(self.feat_dim, cfg.head_layers, cfg.units, cfg.norm)
+        self.feat_dim = self.rssm.feat_cols.hi
+        cols = self.rssm.feat_cols
+        self.decoder = Decoder(cfg, space, keys, self.feat_dim, cols)
+        self.reward_net = MLP(self.feat_dim, cfg.head_layers, cfg.units, cfg.norm, cols)
         self.reward_out = zero_linear(cfg.units, cfg.num_bins)
-        self.cont_net = MLP(self.feat_dim, cfg.head_layers, cfg.units, cfg.norm)
+        self.cont_net = MLP(self.feat_dim, cfg.head_layers, cfg.units, cfg.norm, cols)
         self.cont_out = nn.Linear(cfg.units, 1)
         self.register_buffer("bins", make_bins(cfg.bins, cfg.num_bins, cfg.bin_limit), persistent=False)
 

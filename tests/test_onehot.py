@@ -168,3 +168,13 @@ def test_full_update_with_gathering_equals_the_dense_update(recipe, monkeypatch,
     for a, b in zip(grads_fast, grads_dense, strict=True):  # equal up to float rounding, tensor by tensor
         assert float((a - b).norm()) <= 1e-4 * float(b.norm()) + 1e-9
 
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports warn
+def test_compiled_layer_traces_into_one_graph():
+    """Under torch.compile the layer multiplies: the data-dependent check would split the graph
+    (fullgraph=True raises on any break)."""
+    fast, ref = pair("feat", True)
+    x = onehot_input(onehot.MIN_ROWS + 10, "feat")
+    compiled = torch.compile(fast, fullgraph=True)
+    torch.testing.assert_close(compiled(x), ref(x))

@@ -8,9 +8,10 @@ a sum of 32 weight columns per row (`embedding_bag`), about 10x cheaper, and the
 32 row additions per row instead of a matrix product. The input gradient stays the dense `g @ W`:
 the straight-through estimator needs it at every class, not only the sampled one.
 
-The result equals `F.linear` up to float rounding, for any input: rows that are not one-hot-or-zero
-in every group take the dense path. It is used only where it pays: float32 on CPU outside autocast
-(bf16 and CUDA multiply faster than they gather) and for batches of at least `MIN_ROWS` rows.
+The result equals `F.linear` up to float rounding, for any input: an input with any group that is
+not one-hot-or-zero takes the dense path whole. The gather is used only where it pays: float32 on
+CPU outside autocast (bf16 and CUDA multiply faster than they gather), in eager mode (not while
+torch.compile traces), and for batches of at least `MIN_ROWS` rows.
 """
 
 from __future__ import annotations
@@ -111,5 +112,7 @@ class OneHotLinear(nn.Linear):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _gathers(self, flat: Tensor) -> bool:
+        # Not while torch.compile traces: the data-dependent check would break its graph apart.
         return (flat.device.type == "cpu" and flat.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and flat.shape[0] >= MIN_ROWS and not torch.is_autocast_enabled("cpu"))
+                and flat.shape[0] >= MIN_ROWS and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling())

@@ -3,9 +3,9 @@
 The stochastic latent is `stoch` categoricals of `classes` each, and every sample is exactly one-hot
 (the straight-through term `probs - probs.detach()` adds exactly 0.0) or all-zero (a reset state).
 A layer fed [deter, stoch] (every head, the actor, the critic, the GRU input) spends most of its
-multiply on those 1024 columns, of which only 32 are non-zero per row. On CPU the product is
-a sum of 32 weight columns per row (`embedding_bag`), about 10x cheaper, and the weight gradient is
-32 row additions per row instead of a matrix product. The input gradient stays the dense `g @ W`:
+multiply on those columns (1024 at 32x32 latents), of which only `stoch` (32) are non-zero per row.
+On CPU the product is a sum of 32 weight columns per row (`embedding_bag`), about 10x cheaper, and
+the weight gradient 32 row additions per row instead of a matrix product. The input gradient stays the dense `g @ W`:
 the straight-through estimator needs it at every class, not only the sampled one.
 
 The result equals `F.linear` up to float rounding, for any input: an input with any group that is

@@ -391,8 +391,17 @@ def _receive(fd: int) -> tuple[Any, bytes]:
     return msgpack.unpackb(_read_exact(fd, header_size)), _read_exact(fd, payload_size)
 
 
-def _send_image(fd: int, image: np.ndarray) -> None:
-    _send(fd, ["image", list(image.shape)], np.ascontiguousarray(image, dtype=np.uint8).data)
+def _error(exc: Exception) -> list[Any]:
+    return ["error", f"{type(exc).__name__}: {exc}"]
+
+
+def _draw_reply(world: _RenderWorld, snap: Any) -> tuple[list[Any], bytes | memoryview]:
+    """The answer to one snapshot: its image (shape in the header, raw pixels after), or the error."""
+    try:
+        image = np.ascontiguousarray(world.draw(snap), dtype=np.uint8)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it with context
+        return _error(exc), b""
+    return ["image", list(image.shape)], image.data
 
 
 def _worker(down: int, up: int) -> None:
@@ -403,7 +412,7 @@ def _worker(down: int, up: int) -> None:
     except EOFError:
         return
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it with context
-        _send(up, ["error", f"{type(exc).__name__}: {exc}"])
+        _send(up, _error(exc))
         return
     try:
         _send(up, ["ready", None])
@@ -413,12 +422,7 @@ def _worker(down: int, up: int) -> None:
             except EOFError:
                 return
             try:
-                try:
-                    image = world.draw(snap)
-                except Exception as exc:  # noqa: BLE001
-                    _send(up, ["error", f"{type(exc).__name__}: {exc}"])
-                else:
-                    _send_image(up, image)
+                _send(up, *_draw_reply(world, snap))
             except BrokenPipeError:
                 return
     finally:

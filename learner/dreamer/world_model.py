@@ -20,8 +20,8 @@ class WorldModel(nn.Module):
         self.cfg, self.keys, self.act = cfg, keys, act
         self.encoder = Encoder(cfg, space, keys)
         self.rssm = RSSM(cfg, act.dim, self.encoder.out_dim)
-        self.feat_dim = self.rssm.feat_cols.hi
-        cols = self.rssm.feat_cols
+        cols = self.rssm.feat_cols  # feat = [deter, stoch]: its one-hot columns end it
+        self.feat_dim = cols.hi
         self.decoder = Decoder(cfg, space, keys, self.feat_dim, cols)
         self.reward_net = MLP(self.feat_dim, cfg.head_layers, cfg.units, cfg.norm, cols)
         self.reward_out = zero_linear(cfg.units, cfg.num_bins)

@@ -215,3 +215,17 @@ def test_rig_without_a_model_refuses_camera_and_imu() -> None:
     cfg = load_config(ROOT / "hardware_configs" / "servo_quadruped.yaml", ["emulator.model=null"])
     with pytest.raises(RuntimeError, match="emulator.camera and emulator.imu: need the PyBullet world"):
         EmulatedRig(cfg)
+
+
+def test_render_worker_reports_a_bad_snapshot_and_keeps_rendering(rig: EmulatedRig, monkeypatch) -> None:
+    """A snapshot the worker cannot draw comes back as a SceneError naming the failure; the worker lives on."""
+    from sim.scene_render import SceneError
+
+    scene = rig.scene
+    assert scene is not None
+    good = scene.render()
+    monkeypatch.setattr(scene, "_snapshot", lambda: {"base": "not a pose"})
+    with pytest.raises(SceneError, match="failed while rendering: .*Error"):
+        scene.render()
+    monkeypatch.undo()
+    assert scene.render().shape == good.shape

@@ -508,12 +508,11 @@ def test_split_first_layers_match_the_training_forward(recipe, discrete):
         actor.out.weight.mul_(100.0)
         deter = torch.randn(5, cfg.deter)
         embed = torch.randn(5, model.wm.encoder.out_dim)
+        whole = rssm._logp(rssm.post_out(rssm.post_net(torch.cat([deter, embed], -1))))
         torch.manual_seed(1)
-        whole = rssm._posterior(deter, embed)
-        torch.manual_seed(1)
-        split = rssm.post_from_part(deter, rssm.post_deter_part(deter), embed)
-        torch.testing.assert_close(split["logp"], whole["logp"], rtol=1e-5, atol=1e-5)
-        stoch = whole["stoch"]
+        split = rssm.post_from_parts(deter, rssm.post_deter_part(deter), rssm.post_embed_part(embed))
+        torch.testing.assert_close(split["logp"], whole, rtol=1e-5, atol=1e-5)
+        stoch = split["stoch"]
         feat = rssm.feat({"deter": deter, "stoch": stoch})
         expected = actor(feat).mode()
         got = actor.from_part(actor.deter_part(deter), stoch.flatten(1)).mode()
@@ -521,6 +520,52 @@ def test_split_first_layers_match_the_training_forward(recipe, discrete):
         # Either half alone is not the layer: a wrong deter half changes the result.
         wrong = actor.from_part(actor.deter_part(torch.zeros_like(deter)), stoch.flatten(1)).mode()
         assert not torch.allclose(wrong, expected)
+
+
+@pytest.mark.parametrize("recipe", ["2024", "2023"])
+def test_observe_equals_stepping_the_posterior_one_step_at_a_time(recipe):
+    """observe() runs the posterior's embedding half over the whole sequence and the prior after
+    the loop; posts, priors, samples and every gradient must equal obs_step() run step by step."""
+    cfg, space, act = make_cfg(recipe=recipe), SPACES["mixed"], make_act(False)
+    torch.manual_seed(0)
+    rssm = Dreamer(cfg, space, act).model.wm.rssm
+    b, t = 3, 7
+    embed = torch.randn(b, t, rssm.post_net[0].in_features - cfg.deter, requires_grad=True)
+    action = torch.randn(b, t, act.dim)
+    is_first = torch.zeros(b, t)
+    is_first[1, 3] = is_first[2, 0] = 1.0
+    start = {"deter": torch.randn(b, cfg.deter), "stoch": rssm.initial(b, torch.device("cpu"))["stoch"]}
+
+    def run(whole: bool) -> tuple[dict, dict, dict]:
+        rssm.zero_grad()
+        embed.grad = None
+        torch.manual_seed(1)
+        if whole:
+            post, prior = rssm.observe(embed, action, is_first, start)
+        else:
+            state, posts, priors = start, [], []
+            for i in range(t):
+                state, prior = rssm.obs_step(state, action[:, i], embed[:, i], is_first[:, i])
+                posts.append(state)
+                priors.append(prior)
+            post, prior = ({k: torch.stack([s[k] for s in seq], 1) for k in seq[0]} for seq in (posts, priors))
+        loss = (post["logp"].exp() * torch.linspace(-1, 1, cfg.classes)).sum() + prior["logp"].square().mean()
+        feat = rssm.feat(post)
+        loss = loss + (feat * torch.randn(feat.shape, generator=torch.Generator().manual_seed(2))).sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in rssm.named_parameters() if p.grad is not None}
+        grads["embed"] = embed.grad.clone()
+        return post, prior, grads
+
+    post, prior, grads = run(True)
+    ref_post, ref_prior, ref_grads = run(False)
+    assert torch.equal(post["stoch"], ref_post["stoch"])  # same samples from the same seed
+    for key in ("deter", "logp"):
+        torch.testing.assert_close(post[key], ref_post[key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(prior[key], ref_prior[key], rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and "post_net.0.weight" in grads and "prior_out.weight" in grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_policy_import_is_light(tmp_path):

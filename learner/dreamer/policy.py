@@ -130,7 +130,7 @@ class Policy:
         prepared, self._prepared = self._prepared, None
         if prepared is None or bool(is_first.any()):  # an episode start resets the state first
             prepared = self._parts(self.rssm.observed_deter(self.state, self.state["action"], is_first))
-        post = self.rssm.post_from_part(prepared.deter, prepared.post, embed)
+        post = self.rssm.post_from_parts(prepared.deter, prepared.post, self.rssm.post_embed_part(embed))
         dist = self.actor.from_part(prepared.actor, post["stoch"].flatten(1))
         action = dist.rsample() if mode == "sample" else dist.mode()
         action = self._explore(action.float(), noise)

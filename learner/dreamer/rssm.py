@@ -90,25 +90,27 @@ class RSSM(nn.Module):
     def img_step(self, state: State, action: Tensor) -> State:
         """Prior: the next state predicted from the state and action alone."""
         deter = self._gru(state["deter"], state["stoch"], action)
-        logp = self._logp(self.prior_out(self.prior_net(deter)))
+        logp = self.prior_logp(deter)
         return {"deter": deter, "stoch": sample_onehot(logp), "logp": logp}
+
+    def prior_logp(self, deter: Tensor) -> Tensor:
+        """The prior's log-probabilities given the deterministic state (any leading axes)."""
+        return self._logp(self.prior_out(self.prior_net(deter)))
 
     def observed_deter(self, state: State, prev_action: Tensor, is_first: Tensor) -> Tensor:
         """The GRU step of an observed step; `is_first` resets state and previous action first."""
         keep = (1.0 - is_first.float())[:, None]
         return self._gru(state["deter"] * keep, state["stoch"] * keep[..., None], prev_action * keep)
 
-    def _posterior(self, deter: Tensor, embed: Tensor) -> State:
-        logp = self._logp(self.post_out(self.post_net(torch.cat([deter, embed.to(deter.dtype)], -1))))
-        return {"deter": deter, "stoch": sample_onehot(logp), "logp": logp}
-
     def obs_step(self, state: State, prev_action: Tensor, embed: Tensor, is_first: Tensor) -> tuple[State, State]:
         """Posterior and prior (its log-probabilities, for the KL; no sample) of one observed step."""
         deter = self.observed_deter(state, prev_action, is_first)
-        prior = {"deter": deter, "logp": self._logp(self.prior_out(self.prior_net(deter)))}
-        return self._posterior(deter, embed), prior
+        post = self.post_from_parts(deter, self.post_deter_part(deter), self.post_embed_part(embed))
+        return post, {"deter": deter, "logp": self.prior_logp(deter)}
 
-    # --- acting: the posterior split in two, so the part that needs no observation runs early
+    # --- the posterior's first layer split into its deter and embedding columns. Acting computes
+    # the deter half before the observation arrives; observe() computes the embedding half of a
+    # whole sequence in one product (the embeddings do not depend on the recurrence).
     def advance(self, state: State, action: Tensor) -> Tensor:
         """The next deter from the state and the action taken, before the next observation exists:
         the same arithmetic as an observed step that does not start an episode."""
@@ -118,26 +120,36 @@ class RSSM(nn.Module):
         """The posterior's first layer applied to `deter` alone (its weights' deter columns)."""
         return F.linear(deter, self.post_net[0].weight[:, : self.deter])
 
-    def post_from_part(self, deter: Tensor, deter_part: Tensor, embed: Tensor) -> State:
-        """The posterior from `post_deter_part(deter)` and the embedding: acting's posterior.
+    def post_embed_part(self, embed: Tensor) -> Tensor:
+        """The posterior's first layer applied to the embedding alone (any leading axes)."""
+        return F.linear(embed, self.post_net[0].weight[:, self.deter :])
 
-        Equal to `_posterior` up to float rounding (the first layer's sum is split in two).
-        """
-        linear, norm, act = self.post_net
-        x = deter_part + F.linear(embed.to(deter.dtype), linear.weight[:, self.deter:])
-        logp = self._logp(self.post_out(act(norm(x))))
+    def post_from_parts(self, deter: Tensor, deter_part: Tensor, embed_part: Tensor) -> State:
+        """The posterior from the two halves of its first layer; equal to the layer applied to
+        [deter, embed] up to float rounding (the sum is split in two)."""
+        _, norm, act = self.post_net
+        logp = self._logp(self.post_out(act(norm(deter_part + embed_part))))
         return {"deter": deter, "stoch": sample_onehot(logp), "logp": logp}
 
     # --- sequences
     def observe(self, embed: Tensor, prev_action: Tensor, is_first: Tensor, state: State) -> tuple[State, State]:
-        """Roll the posterior over (B, T) inputs; returns stacked (B, T, ...) posts and priors."""
-        posts, priors = [], []
-        for t in range(embed.shape[1]):
-            state, prior = self.obs_step(state, prev_action[:, t], embed[:, t], is_first[:, t])
+        """Roll the posterior over (B, T) inputs; returns stacked (B, T, ...) posts and priors.
+
+        Only the GRU and the posterior run step by step (the next step needs the sample). The
+        embedding half of the posterior's first layer runs once over the sequence, and the prior
+        (nothing in the recurrence reads it) once over all T deters after the loop: large
+        products instead of T small ones. unbind() hands the per-step slices to the loop so that
+        their gradients are stacked once instead of T zero-padded copies being summed.
+        """
+        embed_parts = self.post_embed_part(embed).unbind(1)
+        actions, firsts = prev_action.unbind(1), is_first.unbind(1)
+        posts = []
+        for t in range(len(embed_parts)):
+            deter = self.observed_deter(state, actions[t], firsts[t])
+            state = self.post_from_parts(deter, self.post_deter_part(deter), embed_parts[t])
             posts.append(state)
-            priors.append(prior)
-        stack = lambda seq: {k: torch.stack([s[k] for s in seq], 1) for k in seq[0]}  # noqa: E731
-        return stack(posts), stack(priors)
+        post = {k: torch.stack([s[k] for s in posts], 1) for k in posts[0]}
+        return post, {"deter": post["deter"], "logp": self.prior_logp(post["deter"])}
 
     def imagine(self, state: State, policy: Callable[[State], Tensor], horizon: int) -> tuple[State, Tensor]:
         """Roll the prior forward under `policy`; returns states s_0..s_H (H+1, N, ...) and the

@@ -637,3 +637,40 @@ def test_block_linear_is_a_block_diagonal_linear_map_at_any_batch(batch):
     dense = torch.block_diag(*layer.weight.detach())  # (3*4, 3*6)
     expected = (x.reshape(batch, -1) @ dense.T + layer.bias.detach().reshape(-1)).reshape(batch, 3, 4)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_hand_written_backward_matches_the_formula():
+    """RMSNorm's forward/backward are written out for speed; both must be those of
+    x * rsqrt(mean(x^2) + eps) * scale, for any layout (ChannelNorm passes a permuted view)."""
+    from learner.dreamer.layers import ChannelNorm, Norm, RMSNormFn
+
+    def formula(x, scale, eps):
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * scale
+
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: RMSNormFn.apply(a, b, 1e-4), (x, scale))
+
+    torch.manual_seed(0)
+    norm = ChannelNorm(5, "rms")
+    with torch.no_grad():
+        norm.scale.uniform_(0.5, 1.5)
+    image = (3 * torch.randn(2, 5, 4, 3)).requires_grad_()  # NCHW: the norm sees a strided view
+    grad = torch.randn(2, 5, 4, 3)
+    for needs_x in (True, False):
+        image.requires_grad_(needs_x)
+        outs = []
+        by_formula = lambda v: formula(v.permute(0, 2, 3, 1), norm.scale, norm.eps).permute(0, 3, 1, 2)  # noqa: E731
+        for fn in (norm, by_formula):
+            image.grad, norm.scale.grad = None, None
+            out = fn(image)
+            out.backward(grad)
+            outs.append((out.detach(), None if image.grad is None else image.grad.clone(), norm.scale.grad.clone()))
+        (out, gx, gs), (ref, ref_gx, ref_gs) = outs
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gs, ref_gs, rtol=1e-5, atol=1e-5)
+        if needs_x:
+            torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-5)
+        else:
+            assert gx is None
+    assert type(Norm(5, "rms")(torch.randn(2, 5).requires_grad_()).grad_fn).__name__ == "RMSNormFnBackward"

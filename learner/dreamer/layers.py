@@ -34,7 +34,39 @@ class Norm(nn.Module):
     def _norm(self, x: Tensor) -> Tensor:
         if self.kind == "layer":
             return F.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.scale
+        return RMSNormFn.apply(x, self.scale, self.eps)
+
+
+class RMSNormFn(torch.autograd.Function):
+    """y = x * rsqrt(mean(x^2, -1) + eps) * scale, with the backward written out.
+
+    torch has no fused CPU kernel for it: the composite records ~10 elementwise ops whose autograd
+    backward is ~20 passes over x, 6x slower than LayerNorm's fused kernel on the 15k x 512
+    activations of imagination. Here the forward is three passes (a norm reduction, two scalings)
+    and the backward five, with the same result up to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, eps: float) -> Tensor:  # noqa: ANN001
+        d = x.shape[-1]
+        r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d).add_(eps))
+        ctx.save_for_backward(x, scale, r)
+        return (x * r).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        x, scale, r = ctx.saved_tensors
+        d = x.shape[-1]
+        grad_x = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            # d/dx [x r] = r (g s) - x r^3 mean(g s x): r depends on every entry of the row.
+            gs = grad * scale
+            coef = torch.linalg.vecdot(gs, x, dim=-1).unsqueeze(-1).mul_(r.pow(3)).div_(-d)
+            grad_x = torch.addcmul(gs.mul_(r), x, coef)
+        if ctx.needs_input_grad[1]:
+            # sum over rows of g * x * r, as one (1, N) @ (N, d) product
+            grad_scale = (r.reshape(1, -1) @ (grad * x).reshape(-1, d)).reshape(d)
+        return grad_x, grad_scale, None
 
 
 class ChannelNorm(Norm):

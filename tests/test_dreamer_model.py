@@ -668,6 +668,8 @@ def test_rms_norm_hand_written_backward_matches_the_formula():
             outs.append((out.detach(), None if image.grad is None else image.grad.clone(), norm.scale.grad.clone()))
         (out, gx, gs), (ref, ref_gx, ref_gs) = outs
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        with torch.inference_mode():  # acting's path, without the autograd.Function
+            torch.testing.assert_close(norm(image.detach()), out, rtol=0, atol=0)
         torch.testing.assert_close(gs, ref_gs, rtol=1e-5, atol=1e-5)
         if needs_x:
             torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-5)

@@ -34,7 +34,15 @@ class Norm(nn.Module):
     def _norm(self, x: Tensor) -> Tensor:
         if self.kind == "layer":
             return F.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)
-        return RMSNormFn.apply(x, self.scale, self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad):
+            return RMSNormFn.apply(x, self.scale, self.eps)
+        return _rms_norm(x, self.scale, self.eps)[0]  # acting: no autograd.Function overhead
+
+
+def _rms_norm(x: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x * r * scale, r) with r = rsqrt(mean(x^2, -1) + eps) (keepdim)."""
+    r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
+    return (x * r).mul_(scale), r
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -48,10 +56,9 @@ class RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, eps: float) -> Tensor:  # noqa: ANN001
-        d = x.shape[-1]
-        r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d).add_(eps))
+        out, r = _rms_norm(x, scale, eps)
         ctx.save_for_backward(x, scale, r)
-        return (x * r).mul_(scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001

@@ -104,9 +104,13 @@ class RSSM(nn.Module):
 
     def obs_step(self, state: State, prev_action: Tensor, embed: Tensor, is_first: Tensor) -> tuple[State, State]:
         """Posterior and prior (its log-probabilities, for the KL; no sample) of one observed step."""
+        post = self._post_step(state, prev_action, self.post_embed_part(embed), is_first)
+        return post, {"deter": post["deter"], "logp": self.prior_logp(post["deter"])}
+
+    def _post_step(self, state: State, prev_action: Tensor, embed_part: Tensor, is_first: Tensor) -> State:
+        """The posterior of one observed step, given its embedding half `post_embed_part(embed)`."""
         deter = self.observed_deter(state, prev_action, is_first)
-        post = self.post_from_parts(deter, self.post_deter_part(deter), self.post_embed_part(embed))
-        return post, {"deter": deter, "logp": self.prior_logp(deter)}
+        return self.post_from_parts(deter, self.post_deter_part(deter), embed_part)
 
     # --- the posterior's first layer split into its deter and embedding columns. Acting computes
     # the deter half before the observation arrives; observe() computes the embedding half of a
@@ -145,8 +149,7 @@ class RSSM(nn.Module):
         actions, firsts = prev_action.unbind(1), is_first.unbind(1)
         posts = []
         for t in range(len(embed_parts)):
-            deter = self.observed_deter(state, actions[t], firsts[t])
-            state = self.post_from_parts(deter, self.post_deter_part(deter), embed_parts[t])
+            state = self._post_step(state, actions[t], embed_parts[t], firsts[t])
             posts.append(state)
         post = {k: torch.stack([s[k] for s in posts], 1) for k in posts[0]}
         return post, {"deter": post["deter"], "logp": self.prior_logp(post["deter"])}

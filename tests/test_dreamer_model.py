@@ -676,3 +676,38 @@ def test_rms_norm_hand_written_backward_matches_the_formula():
         else:
             assert gx is None
     assert type(Norm(5, "rms")(torch.randn(2, 5).requires_grad_()).grad_fn).__name__ == "RMSNormFnBackward"
+
+
+@pytest.mark.parametrize("recipe", ["2024", "2023"])
+@pytest.mark.parametrize("rows", [6, 80])  # below and above onehot.MIN_ROWS: multiplied or gathered
+def test_heads_in_one_product_equal_the_separate_heads(recipe, rows):
+    """`WorldModel.heads` runs the reward and continuation heads' first layers as one product; its
+    outputs and every gradient (to the input and to each head's weights) are those of the two heads
+    run one after the other."""
+    torch.manual_seed(0)
+    agent = Dreamer(make_cfg(recipe), SPACES["vector"], make_act(False))
+    wm = agent.wm
+    for p in wm.parameters():  # off the zero-initialised output layers, so every gradient is non-zero
+        p.data.add_(0.1 * torch.randn_like(p))
+    cols = wm.rssm.feat_cols
+    deter = torch.randn(rows, cols.lo)
+    groups = (cols.hi - cols.lo) // cols.classes
+    stoch = torch.nn.functional.one_hot(torch.randint(0, cols.classes, (rows, groups)), cols.classes).float()
+    feat = torch.cat([deter, stoch.reshape(rows, -1)], -1)
+    heads = list(wm.reward_net.parameters()) + list(wm.reward_out.parameters()) \
+        + list(wm.cont_net.parameters()) + list(wm.cont_out.parameters())
+    target = torch.randn(rows)
+
+    def run(fn):
+        x = feat.clone().requires_grad_()
+        reward, cont = fn(x)
+        loss = (reward.mean() * target).sum() + (cont * target.flip(0)).sum()
+        return reward.mean(), cont, torch.autograd.grad(loss, [x, *heads])
+
+    fused = run(wm.heads)
+    separate = run(lambda x: (wm.reward(x), wm.cont_logit(x)))
+    torch.testing.assert_close(fused[0], separate[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused[1], separate[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused[2], separate[2], strict=True):
+        assert float(b.norm()) > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

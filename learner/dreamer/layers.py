@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from learner.dreamer.onehot import OneHotCols, OneHotLinear
+from learner.dreamer.onehot import OneHotCols, OneHotLinear, onehot_linear
 
 
 class Norm(nn.Module):
@@ -102,6 +103,31 @@ class MLP(nn.Sequential):
         super().__init__(*[Dense(inp if i == 0 else units, units, norm, onehot if i == 0 else None)
                            for i in range(layers)])
         self.out_dim = units if layers else inp
+
+
+def mlps_on(x: Tensor, mlps: Sequence[MLP]) -> list[Tensor]:
+    """[mlp(x) for mlp in mlps], with the first layers of all of them as one matrix product.
+
+    The same results up to float rounding. Why: heads that read one input (reward and continuation
+    on every imagined state) then read it, and check its one-hot columns, once, and its gradient is
+    summed inside one product instead of arriving as one full-size tensor per head to be added up.
+    """
+    firsts = [mlp[0][0] for mlp in mlps] if all(len(mlp) for mlp in mlps) else []
+    if len(firsts) < 2 or any(f.bias is not None or type(f) is not type(firsts[0]) for f in firsts):
+        return [mlp(x) for mlp in mlps]
+    weight = torch.cat([f.weight for f in firsts])
+    if isinstance(firsts[0], OneHotLinear):
+        if any(f.cols != firsts[0].cols for f in firsts):
+            return [mlp(x) for mlp in mlps]
+        hidden = onehot_linear(x, weight, None, firsts[0].cols)
+    else:
+        hidden = F.linear(x, weight)
+    outs = []
+    for mlp, h in zip(mlps, hidden.split([f.out_features for f in firsts], -1)):
+        for layer in [*list(mlp[0])[1:], *list(mlp)[1:]]:  # the first unit's norm and SiLU, then the rest
+            h = layer(h)
+        outs.append(h)
+    return outs
 
 
 class BlockLinear(nn.Module):

@@ -100,19 +100,26 @@ class OneHotLinear(nn.Linear):
         self.cols = cols
 
     def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if not self._gathers(flat):
-            return F.linear(x, self.weight, self.bias)
-        idx = onehot_index(flat, self.cols)
-        if idx is None:
-            return F.linear(x, self.weight, self.bias)
-        out = _OneHotLinear.apply(flat, self.weight, idx, self.cols)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return onehot_linear(x, self.weight, self.bias, self.cols)
 
-    def _gathers(self, flat: Tensor) -> bool:
-        # Not while torch.compile traces: the data-dependent check would break its graph apart.
-        return (flat.device.type == "cpu" and flat.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and flat.shape[0] >= MIN_ROWS and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling())
+
+def onehot_linear(x: Tensor, weight: Tensor, bias: Tensor | None, cols: OneHotCols) -> Tensor:
+    """F.linear(x, weight, bias) for an `x` whose columns `cols` may hold one-hot groups: gathered
+    where that pays and every group is one-hot or zero, multiplied otherwise."""
+    flat = x.reshape(-1, x.shape[-1])
+    if not _gathers(flat, weight):
+        return F.linear(x, weight, bias)
+    idx = onehot_index(flat, cols)
+    if idx is None:
+        return F.linear(x, weight, bias)
+    out = _OneHotLinear.apply(flat, weight, idx, cols)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _gathers(flat: Tensor, weight: Tensor) -> bool:
+    # Not while torch.compile traces: the data-dependent check would break its graph apart.
+    return (flat.device.type == "cpu" and flat.dtype == torch.float32 and weight.dtype == torch.float32
+            and flat.shape[0] >= MIN_ROWS and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())

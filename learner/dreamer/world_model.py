@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from learner.config_agent import DreamerConfig
 from learner.dreamer.codec import Decoder, Encoder
 from learner.dreamer.dists import TwoHot, categorical_kl, make_bins, symlog
-from learner.dreamer.layers import MLP, zero_linear
+from learner.dreamer.layers import MLP, mlps_on, zero_linear
 from learner.dreamer.preprocess import ActSpace, ObsKeys, ObsSpace
 from learner.dreamer.rssm import RSSM, State
 
@@ -35,6 +35,11 @@ class WorldModel(nn.Module):
     def cont_logit(self, feat: Tensor) -> Tensor:
         return self.cont_out(self.cont_net(feat)).squeeze(-1).float()
 
+    def heads(self, feat: Tensor) -> tuple[TwoHot, Tensor]:
+        """(reward(feat), cont_logit(feat)), their first layers as one product (`mlps_on`)."""
+        rew, cont = mlps_on(feat, [self.reward_net, self.cont_net])
+        return TwoHot(self.reward_out(rew), self.bins, self.cfg.bins), self.cont_out(cont).squeeze(-1).float()
+
     def loss(self, data: dict[str, Tensor], state: State) -> tuple[Tensor, State, dict[str, Tensor]]:
         """Per-(B, T) world-model loss, the posterior states, and metrics.
 
@@ -55,10 +60,9 @@ class WorldModel(nn.Module):
             target = symlog(data[key].reshape(*data[key].shape[:2], -1))
             losses[f"vector/{key}"] = (recon[key].float() - target).square().sum(-1)
         dec = sum(losses.values())
-        rew = -self.reward(feat).log_prob(data["reward"])
-        cont = F.binary_cross_entropy_with_logits(
-            self.cont_logit(feat), 1.0 - data["is_terminal"], reduction="none"
-        )
+        reward, cont_logit = self.heads(feat)
+        rew = -reward.log_prob(data["reward"])
+        cont = F.binary_cross_entropy_with_logits(cont_logit, 1.0 - data["is_terminal"], reduction="none")
         total = (cfg.dec_scale * dec + cfg.reward_scale * rew + cfg.cont_scale * cont
                  + cfg.kl_dyn * dyn + cfg.kl_rep * rep)
         with torch.no_grad():

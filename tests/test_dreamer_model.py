@@ -704,10 +704,39 @@ def test_heads_in_one_product_equal_the_separate_heads(recipe, rows):
         loss = (reward.mean() * target).sum() + (cont * target.flip(0)).sum()
         return reward.mean(), cont, torch.autograd.grad(loss, [x, *heads])
 
+    calls = []  # the first layers as modules: skipped when their product is shared
+    for net in (wm.reward_net, wm.cont_net):
+        net[0][0].register_forward_hook(lambda *_: calls.append(1))
     fused = run(wm.heads)
+    assert not calls
     separate = run(lambda x: (wm.reward(x), wm.cont_logit(x)))
+    assert len(calls) == 2
     torch.testing.assert_close(fused[0], separate[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused[1], separate[1], rtol=1e-5, atol=1e-6)
     for a, b in zip(fused[2], separate[2], strict=True):
         assert float(b.norm()) > 0
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+
+def test_mlps_with_unlike_first_layers_give_what_each_gives_alone():
+    """`mlps_on` on MLPs that differ in their first layer (plain or one-hot, other one-hot columns,
+    a bias, no layers at all) gives each MLP's own output."""
+    from learner.dreamer.layers import MLP, Norm, mlps_on
+    from learner.dreamer.onehot import OneHotCols
+
+    torch.manual_seed(0)
+    rows = 80  # above onehot.MIN_ROWS: one-hot layers gather
+    hot = torch.nn.functional.one_hot(torch.randint(0, 4, (rows, 2)), 4).float().flatten(1)
+    x = torch.cat([torch.randn(rows, 4), hot], -1)
+    plain, onehot = MLP(12, 2, 8, "layer"), MLP(12, 2, 8, "layer", OneHotCols(4, 12, 4))
+    other_cols = MLP(12, 2, 8, "layer", OneHotCols(0, 8, 4))
+    biased = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(12, 8), Norm(8, "layer"), torch.nn.SiLU()))
+    with torch.no_grad():
+        biased[0][0].bias.uniform_(1.0, 3.0)  # unequal: the norm would cancel a constant
+    empty = MLP(12, 0, 8, "layer")
+    for mlps in ([plain, onehot], [onehot, other_cols], [onehot, biased], [plain, onehot, empty], [plain]):
+        outs = mlps_on(x, mlps)
+        assert len(outs) == len(mlps)
+        for out, ref in zip(outs, [m(x) for m in mlps], strict=True):
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -156,7 +156,8 @@ class Dreamer:
             # still run on it: slicing their 16 x 1024 x 1536 input instead costs more (its gradient is
             # a zero-filled full-size copy) than the 1024 extra rows.
             reward, cont_logit = wm.heads(feat)
-        reward = torch.cat([torch.zeros_like(reward.logits[:1, ..., 0]), reward.mean()[1:]], 0)
+        reward = reward.mean()
+        reward = torch.cat([torch.zeros_like(reward[:1]), reward[1:]], 0)
         cont = torch.cat([(1.0 - data["is_terminal"]).reshape(1, -1), torch.sigmoid(cont_logit[1:])], 0)
         ac_loss, start_return, ac_metrics = beh.loss(feat.float(), actions, reward, cont,
                                                      policy=beh.actor.dist(torch.stack(outs).float()))

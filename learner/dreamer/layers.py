@@ -112,16 +112,15 @@ def mlps_on(x: Tensor, mlps: Sequence[MLP]) -> list[Tensor]:
     on every imagined state) then read it, and check its one-hot columns, once, and its gradient is
     summed inside one product instead of arriving as one full-size tensor per head to be added up.
     """
-    firsts = [mlp[0][0] for mlp in mlps] if all(len(mlp) for mlp in mlps) else []
-    if len(firsts) < 2 or any(f.bias is not None or type(f) is not type(firsts[0]) for f in firsts):
-        return [mlp(x) for mlp in mlps]
+    firsts = [mlp[0][0] for mlp in mlps if len(mlp)]
+    if len(firsts) < max(2, len(mlps)) or any(f.bias is not None for f in firsts):
+        return [mlp(x) for mlp in mlps]  # nothing to share: one MLP, an empty one, or biases
     weight = torch.cat([f.weight for f in firsts])
-    if isinstance(firsts[0], OneHotLinear):
-        if any(f.cols != firsts[0].cols for f in firsts):
-            return [mlp(x) for mlp in mlps]
-        hidden = onehot_linear(x, weight, None, firsts[0].cols)
-    else:
-        hidden = F.linear(x, weight)
+    # One-hot columns shared by all (OneHotLinear), else a plain product: both are exact, as the
+    # gather checks its input.
+    cols = {getattr(f, "cols", None) for f in firsts}
+    shared = cols.pop() if len(cols) == 1 else None
+    hidden = F.linear(x, weight) if shared is None else onehot_linear(x, weight, None, shared)
     outs = []
     for mlp, h in zip(mlps, hidden.split([f.out_features for f in firsts], -1)):
         for layer in [*list(mlp[0])[1:], *list(mlp)[1:]]:  # the first unit's norm and SiLU, then the rest

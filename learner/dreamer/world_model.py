@@ -30,15 +30,21 @@ class WorldModel(nn.Module):
         self.register_buffer("bins", make_bins(cfg.bins, cfg.num_bins, cfg.bin_limit), persistent=False)
 
     def reward(self, feat: Tensor) -> TwoHot:
-        return TwoHot(self.reward_out(self.reward_net(feat)), self.bins, self.cfg.bins)
+        return self._reward_from(self.reward_net(feat))
 
     def cont_logit(self, feat: Tensor) -> Tensor:
-        return self.cont_out(self.cont_net(feat)).squeeze(-1).float()
+        return self._cont_from(self.cont_net(feat))
 
     def heads(self, feat: Tensor) -> tuple[TwoHot, Tensor]:
         """(reward(feat), cont_logit(feat)), their first layers as one product (`mlps_on`)."""
         rew, cont = mlps_on(feat, [self.reward_net, self.cont_net])
-        return TwoHot(self.reward_out(rew), self.bins, self.cfg.bins), self.cont_out(cont).squeeze(-1).float()
+        return self._reward_from(rew), self._cont_from(cont)
+
+    def _reward_from(self, hidden: Tensor) -> TwoHot:
+        return TwoHot(self.reward_out(hidden), self.bins, self.cfg.bins)
+
+    def _cont_from(self, hidden: Tensor) -> Tensor:
+        return self.cont_out(hidden).squeeze(-1).float()
 
     def loss(self, data: dict[str, Tensor], state: State) -> tuple[Tensor, State, dict[str, Tensor]]:
         """Per-(B, T) world-model loss, the posterior states, and metrics.

@@ -168,10 +168,11 @@ class DreamerConfig(Block):
             return data
         if isinstance(data.get("recipe"), int):  # YAML reads `recipe: 2024` as a number
             data = {**data, "recipe": str(data["recipe"])}
-        recipe = data.get("recipe", "2024")
-        size = data.get("size", "size1m")
-        filled = dict(RECIPES.get(recipe, {}))
-        filled.update(SIZES.get(size, {}))
+        # An unknown (or non-string) name fills from the default, so that the field's own error is
+        # the only one reported, not a missing key for every value the preset would have supplied.
+        recipe, size = data.get("recipe", "2024"), data.get("size", "size1m")
+        filled = dict(RECIPES[recipe] if isinstance(recipe, str) and recipe in RECIPES else RECIPES["2024"])
+        filled.update(SIZES[size] if isinstance(size, str) and size in SIZES else SIZES["size1m"])
         filled.update(data)
         return filled
 

@@ -172,3 +172,17 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
     # YAML 1.1 reads 3e-4 as a string; learning rates are written that way all the time.
     cfg = load_config(_write(tmp_path, "name: r\ntask: arm_reach\ndreamer: {lr: 3e-4}\n"), ["dreamer.ac_lr=1e-4"])
     assert cfg.dreamer.lr == 3e-4 and cfg.dreamer.ac_lr == 1e-4
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("size", "size7m", "'size1m'"),
+    ("size", "[1]", "found [1]"),
+    ("recipe", "2022", "'2024' or '2023'"),
+    ("recipe", "{a: 1}", "found {'a': 1}"),
+])
+def test_unknown_preset_name_is_the_only_error(tmp_path: Path, key: str, value: str, expected: str) -> None:
+    # The presets fill the dimensions: a bad name (or a list/mapping where a name belongs) must be
+    # reported as itself, not as a crash or a missing key for every value it would have filled.
+    msg = _error(_write(tmp_path, f"name: r\ntask: arm_reach\ndreamer: {{{key}: {value}}}\n"))
+    assert f"dreamer.{key}: expected" in msg and expected in msg
+    assert "missing required key" not in msg

@@ -140,7 +140,9 @@ def _info(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(f"{directory}: cannot list it ({exc.strerror})")
     if INDEX_NAME not in names and not any(is_chunk_name(n) for n in names):
-        return _fail(f"{directory}: not a replay directory (no {INDEX_NAME} and no chunk files)")
+        # A run's logdir keeps its store in replay/: name it rather than leave the user guessing.
+        hint = f"; its replay store is {directory / 'replay'}" if (directory / "replay").is_dir() else ""
+        return _fail(f"{directory}: not a replay directory (no {INDEX_NAME} and no chunk files){hint}")
     report = summarize(directory)
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0

@@ -454,7 +454,11 @@ def test_cli_bad_directories_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert str(missing) in err and "no such directory" in err and "Traceback" not in err
     (tmp_path / "empty").mkdir()
     assert cli_main(["info", str(tmp_path / "empty")]) == 2
-    assert "not a replay directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a replay directory" in err and "its replay store is" not in err
+    (tmp_path / "run" / "replay").mkdir(parents=True)  # a run's logdir: point at its store
+    assert cli_main(["info", str(tmp_path / "run")]) == 2
+    assert f"its replay store is {tmp_path / 'run' / 'replay'}" in capsys.readouterr().err
     assert cli_main([]) == 2  # a subcommand is required
 
 

@@ -27,7 +27,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from robot.backends import BackendError, make_backend
-    from robot.link import RobotLink
+    from robot.link import LinkError, RobotLink
     from robot.link_process import LinkProcess
     from robot.runner import ControlLoop, load_initial, step_spec
     from robot.spool import Spool
@@ -59,7 +59,11 @@ def _run(args: argparse.Namespace) -> int:
                            ledger=args.ledger)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: loop.stop("interrupted"))
-        link.start()
+        try:
+            link.start()
+        except LinkError as exc:  # the robot closes (torque off) on the way out of `with`
+            print(f"reverie-robot: {exc}", file=sys.stderr)
+            return 2
         try:
             stats = loop.run(duration=args.duration, max_steps=args.steps)
             wait_acked(link, 2 * link_cfg.lost_after_s)

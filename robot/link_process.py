@@ -30,7 +30,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, fields, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -183,6 +183,22 @@ class _Child:
         self.last, self.reported_at = status, now
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while a child is spawned: an ignored signal stays ignored across exec and Python
+    then installs no KeyboardInterrupt handler, so a Ctrl-C while the child is still importing
+    (before `_child_main` can ignore it) does not kill it. Only the main thread may set handlers;
+    elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _child_main(down: Connection, up: Connection, cfg: dict[str, Any]) -> None:
     """Entry point of the link process ('spawn' imports this module and calls it by name)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C hits the whole group: the parent decides
@@ -326,7 +342,8 @@ class LinkProcess:
         proc = _CTX.Process(target=_child_main, args=(down_r, up_w, self._child_config()),
                             name=f"robot-link-{self.robot_id}", daemon=True)
         try:
-            proc.start()
+            with _sigint_ignored():
+                proc.start()
         finally:
             down_r.close()  # only the child holds these ends now, so either side's death is EOF for the other
             up_w.close()

@@ -6,6 +6,7 @@ Timings are shortened (heartbeat 0.1 s); every wait is for an event with a gener
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -135,6 +136,62 @@ def take(link: LinkProcess, what: str) -> Weights:
 
 def _blob(value: float) -> bytes:
     return weights_to_bytes({"x": torch.full((3,), value), "b": torch.zeros(2)}, {"source": "test"})
+
+
+class _BornInterrupted(multiprocessing.get_context("spawn").Process):
+    """A spawned child that gets SIGINT the moment it exists: still importing, long before its own
+    code could ignore the signal (a Ctrl-C while the robot starts)."""
+
+    def start(self) -> None:
+        super().start()
+        os.kill(self.pid, signal.SIGINT)
+
+
+class _BornKilled(multiprocessing.get_context("spawn").Process):
+    """A spawned child killed outright the moment it exists (out of memory, a crash at import)."""
+
+    def start(self) -> None:
+        super().start()
+        os.kill(self.pid, signal.SIGKILL)
+
+
+class _CtrlCAtBirth:
+    """The spawn context with children of the given class."""
+
+    def __init__(self, ctx: Any, process: type = _BornInterrupted) -> None:
+        self.ctx = ctx
+        self.Process = process
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ctx, name)
+
+
+def test_ctrl_c_while_the_child_starts_leaves_it_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import robot.link_process as link_process
+
+    monkeypatch.setattr(link_process, "_CTX", _CtrlCAtBirth(link_process._CTX))
+    handler = signal.getsignal(signal.SIGINT)
+    with learner(tmp_path) as server, started(server.endpoint, tmp_path / "spool") as link:
+        assert signal.getsignal(signal.SIGINT) is handler  # ours is back once the child exists
+        link.submit(chunk(0))
+        wait_for(lambda: link.status().acked == 0, "the chunk acknowledged")
+        assert delivered(server, 1)
+    assert link.exitcode == 0
+
+
+def test_reverie_robot_run_reports_a_link_that_cannot_start_and_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import robot.link_process as link_process
+    from robot.cli import main as robot_main
+
+    monkeypatch.setattr(link_process, "_CTX", _CtrlCAtBirth(link_process._CTX, _BornKilled))
+    config = Path(__file__).resolve().parents[1] / "hardware_configs" / "sim_arm_reach.yaml"
+    code = robot_main(["run", "--config", str(config), "--learner", f"tcp://127.0.0.1:{free_port()}",
+                       "--spool", str(tmp_path / "spool"), "--steps", "5", "--set", "camera.enabled=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "link process died while starting (exit code -9" in err, err
+    assert "Traceback" not in err
 
 
 def test_weights_published_by_the_learner_arrive_through_take_weights(tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from learner.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, parse_overrides
 from learner.envs import GYM_PREFIX, EnvError
@@ -30,10 +32,31 @@ def _config(args: argparse.Namespace) -> Config:
     return config_from_dict(raw, f"--env {args.env}", overrides)
 
 
+def _fail(message: str) -> int:
+    print(f"reverie-learner: {message}", file=sys.stderr)
+    return 2
+
+
+def _logdir_problem(logdir: str) -> str | None:
+    """Why --logdir cannot hold a run (created here if missing), else None: found before any work starts."""
+    path = Path(logdir)
+    if path.exists() and not path.is_dir():
+        return f"--logdir {logdir}: exists and is not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"--logdir {logdir}: cannot create it ({exc.strerror or exc})"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"--logdir {logdir}: not writable"
+    return None
+
+
 def _train(args: argparse.Namespace) -> int:
     from learner.train import Trainer  # torch loads only when a command needs it
 
     cfg = _config(args)
+    if problem := _logdir_problem(args.logdir):
+        return _fail(problem)
     trainer = Trainer(cfg, args.logdir, env=args.env, progress=not args.quiet)
     summary = trainer.run()
     print(json.dumps(summary))
@@ -46,12 +69,13 @@ def _serve(args: argparse.Namespace) -> int:
     from learner.serve import Server
 
     cfg = load_config(args.config, args.set)
+    if problem := _logdir_problem(args.logdir):
+        return _fail(problem)
     try:
         server = Server(cfg, args.logdir, bind=args.bind, progress=not args.quiet)
         summary = server.run(duration=args.duration)
     except (LinkSecurityError, LinkServerError) as exc:
-        print(f"reverie-learner: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
     print(json.dumps(summary))
     out = server.logdir
     print(f"run directory {out}: learning curve {out / 'learning_curve.png'}, metrics {out / 'metrics.jsonl'}, "
@@ -79,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _serve(args) if args.command == "serve" else _train(args)
     except (ConfigError, EnvError) as exc:
-        print(f"reverie-learner: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
 
 
 if __name__ == "__main__":

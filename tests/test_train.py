@@ -81,6 +81,20 @@ def test_cli_reports_bad_config_and_env(tmp_path: Path, capsys: pytest.CaptureFi
     assert "--config" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["train", "serve"])
+def test_cli_reports_a_logdir_it_cannot_use(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("not a run")
+    for logdir, why in [(a_file, "exists and is not a directory"), (a_file / "run", "cannot create it")]:
+        assert learner_main([command, "--config", str(CONFIG), "--logdir", str(logdir)]) == 2
+        err = capsys.readouterr().err
+        assert f"--logdir {logdir}: {why}" in err and "Traceback" not in err, err
+    # A bad config is reported before the logdir is made, so no empty run directory is left behind.
+    fresh = tmp_path / "fresh"
+    assert learner_main([command, "--config", str(CONFIG), "--logdir", str(fresh), "--set", "train.steps=-1"]) == 2
+    assert not fresh.exists()
+
+
 def test_trains_on_a_gymnasium_env(tmp_path: Path) -> None:
     code = learner_main([
         "train", "--env", "gymnasium:Pendulum-v1", "--logdir", str(tmp_path), "--quiet",

@@ -26,6 +26,7 @@ from robot import device_cli, motors_cli
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from learner.checkpoint import CheckpointError
     from robot.backends import BackendError, make_backend
     from robot.link import LinkError, RobotLink
     from robot.link_process import LinkProcess
@@ -40,6 +41,11 @@ def _run(args: argparse.Namespace) -> int:
     spool_dir = Path(args.spool or link_cfg.spool_dir or Path("spool") / robot_id)
     keys = (ClientKeys(Path(link_cfg.client_secret), Path(link_cfg.server_public))
             if link_cfg.client_secret and link_cfg.server_public else None)
+    try:  # before the robot opens: a bad weights file must not get as far as the motors
+        initial = load_initial(link_cfg.initial_weights)
+    except CheckpointError as exc:
+        print(f"reverie-robot: link.initial_weights: {exc}", file=sys.stderr)
+        return 2
     try:
         robot = make_backend(cfg)
     except BackendError as exc:
@@ -55,8 +61,11 @@ def _run(args: argparse.Namespace) -> int:
             link = LinkProcess(address, robot_id, (spool_dir, spool_max), hello, **timing)
         else:
             link = RobotLink(address, robot_id, Spool(spool_dir, spool_max), hello, **timing)
-        loop = ControlLoop(cfg, robot, link, seed=cfg.seed, initial=load_initial(link_cfg.initial_weights),
-                           ledger=args.ledger)
+        try:
+            loop = ControlLoop(cfg, robot, link, seed=cfg.seed, initial=initial, ledger=args.ledger)
+        except ValueError as exc:  # initial weights of another task: nothing has moved yet
+            print(f"reverie-robot: link.initial_weights {link_cfg.initial_weights}: {exc}", file=sys.stderr)
+            return 2
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: loop.stop("interrupted"))
         try:

@@ -46,6 +46,23 @@ def step_spec(robot: Robot) -> tuple[dict[str, list[Any]], ActSpace]:
     return spec, ActSpace(dim, discrete)
 
 
+def _act_kind(act: ActSpace) -> str:
+    return f"{act.dim} {'discrete choices' if act.discrete else 'continuous dimensions'}"
+
+
+def policy_misfit(policy: Policy, spec: dict[str, list[Any]], act: ActSpace) -> str | None:
+    """Why `policy` cannot drive a robot with this step layout (another task's weights), else None."""
+    if (policy.act_space.dim, policy.act_space.discrete) != (act.dim, act.discrete):
+        return f"the policy acts in {_act_kind(policy.act_space)}, the robot in {_act_kind(act)}"
+    for key in (*policy.keys.images, *policy.keys.vectors):
+        shape = tuple(policy.space[key][0])
+        if key not in spec:
+            return f"the policy reads observation {key!r}, which the robot does not have"
+        if tuple(spec[key][1]) != shape:
+            return f"observation {key!r}: the policy expects shape {shape}, the robot gives {tuple(spec[key][1])}"
+    return None
+
+
 def warm_up(policy: Policy, spec: dict[str, list[Any]], rounds: int = 3) -> None:
     """Act a few times on a blank observation, then forget it. A fresh policy's first calls are slow
     (torch allocates and picks kernels: seconds, once); paying that here keeps it out of a control period,
@@ -62,9 +79,9 @@ class PolicyLoader:
     """Builds a Policy from received weights in a background thread (it takes milliseconds to tens of
     milliseconds, more than a control period can spare); the loop picks up the newest one ready."""
 
-    def __init__(self, link: RobotLink | LinkProcess, spec: dict[str, list[Any]]) -> None:
+    def __init__(self, link: RobotLink | LinkProcess, spec: dict[str, list[Any]], act: ActSpace) -> None:
         self.link = link
-        self.spec = spec
+        self.spec, self.act = spec, act
         self.ready: Policy | None = None
         self.failures = 0
         self._stop = threading.Event()
@@ -91,6 +108,8 @@ class PolicyLoader:
             try:
                 policy = Policy.from_weights(weights.blob)
                 policy.version = weights.version
+                if why := policy_misfit(policy, self.spec, self.act):
+                    raise ValueError(why)
                 warm_up(policy, self.spec)
             except Exception as exc:  # noqa: BLE001  (bad weights must never stop the robot)
                 self.failures += 1
@@ -197,9 +216,11 @@ class ControlLoop:
         action = robot.action_spec
         self.low = np.asarray(action.low, np.float32) if isinstance(action, ArraySpec) else None
         self.high = np.asarray(action.high, np.float32) if isinstance(action, ArraySpec) else None
+        if initial is not None and (why := policy_misfit(initial, self.spec, self.act_space)):
+            raise ValueError(f"initial policy v{initial.version}: {why}")
         self.policy = initial
         self.rng = np.random.default_rng(seed)
-        self.loader = PolicyLoader(link, self.spec)
+        self.loader = PolicyLoader(link, self.spec, self.act_space)
         self.chunk_steps = max(1, round(cfg.link.chunk_seconds * cfg.control.hz))
         self.buffer: list[dict[str, np.ndarray]] = []
         self.stats = LoopStats()
@@ -350,7 +371,7 @@ class ControlLoop:
 def load_initial(path: str | None) -> Policy | None:
     if path is None:
         return None
-    policy = Policy.from_weights(Path(path).read_bytes())
+    policy = Policy.from_file(path)
     log.info("acting with initial weights %s (v%d) until the learner's arrive", path, policy.version)
     return policy
 

@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"reverie-sim: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the video or its config beside it cannot be written there
+        print(f"reverie-sim: --out {args.out}: cannot write it ({exc.strerror or exc})", file=sys.stderr)
+        return 2
     print(json.dumps(result))
     print(f"video written to {args.out.resolve()}")
     return 0

@@ -67,12 +67,16 @@ def make_policy(name: str, robot: Any, seed: int = 0) -> Policy:
 
 def learned_policy(path: Path, robot: Any) -> Policy:
     """A trained policy file (the learner's policy.safetensors) acting with its mode actions."""
+    from learner.checkpoint import CheckpointError
     from learner.dreamer.policy import Policy as LearnedPolicy  # torch loads only when asked for
     from robot.backends import action_dim
 
     if not path.is_file():
         raise ValueError(f"policy file {path} does not exist")
-    policy = LearnedPolicy.from_weights(path.read_bytes())
+    try:
+        policy = LearnedPolicy.from_file(path)
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from exc
     spec = robot.action_spec
     low, high = (None, None) if isinstance(spec, DiscreteSpec) else (spec.low, spec.high)
     if policy.act_space.dim != action_dim(spec)[0]:

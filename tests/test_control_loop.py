@@ -14,8 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from dreamer_helpers import FLAG_SPACE, make_cfg
+from link_helpers import wait_for
 
+from learner.checkpoint import CheckpointError, weights_to_bytes
 from learner.config import Config
+from learner.config_link import LinkConfig
+from learner.dreamer.agent import DreamerModel
+from learner.dreamer.policy import Policy, policy_weights
+from learner.dreamer.preprocess import ActSpace
+from learner.link.server import LinkServer
+from learner.replay import Replay
 from robot.demo import free_port
 from robot.interface import ArraySpec, Robot, flag_specs
 from robot.link import RobotLink
@@ -166,3 +176,79 @@ def test_status_line_and_run_summary(tmp_path: Path, caplog) -> None:
     for e in range(10 + runner.RECENT_STEPS):
         stats.add_period_error(1.0 if e < 10 else 0.0)
     assert stats.recent_period_error(1.0) == 0.0 and stats.period_error(1.0) == 1.0
+
+
+def _policy_file(tmp_path: Path, name: str, obs_dim: int, act_dim: int, version: int) -> Path:
+    """A policy file as a learner writes it, for a robot with a `proprio` vector of obs_dim and act_dim actions."""
+    model = DreamerModel(make_cfg(), {"proprio": ((obs_dim,), "float32"), **FLAG_SPACE}, ActSpace(act_dim, False))
+    path = tmp_path / name
+    path.write_bytes(weights_to_bytes(*policy_weights(model, version)))
+    return path
+
+
+def test_policy_files_that_cannot_be_read_name_the_file(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(300))
+    not_a_policy = tmp_path / "other.safetensors"
+    not_a_policy.write_bytes(weights_to_bytes({"x": torch.zeros(2)}, {"format": "something else"}))
+    for path, why in [(tmp_path / "missing.safetensors", "cannot read it"), (garbage, "cannot read"),
+                      (not_a_policy, "not a Reverie policy blob")]:
+        with pytest.raises(CheckpointError, match=f"policy file {path}: .*{why}"):
+            Policy.from_file(path)
+    assert Policy.from_file(_policy_file(tmp_path, "ok.safetensors", 3, 2, 4)).version == 4
+
+
+def test_a_policy_for_another_robot_is_refused_initially_and_on_the_wire(tmp_path: Path) -> None:
+    """ThreadProbe reads a 3-D `proprio` and takes 2-D actions: weights of another task must not drive it."""
+    cfg = Config.model_validate({"name": "loop-test", "task": "arm_reach", "control": {"hz": 50.0},
+                                 "sim": {"physics_hz": 1000.0}, "link": {"chunk_seconds": 0.2}})
+    robot = ThreadProbe()
+    spec, act = step_spec(robot)
+    wrong_act = Policy.from_file(_policy_file(tmp_path, "a.safetensors", 3, 1, 1))
+    wrong_obs = Policy.from_file(_policy_file(tmp_path, "o.safetensors", 4, 2, 2))
+    replay = Replay(tmp_path / "replay", chunk_length=16)
+    server = LinkServer(LinkConfig(bind="tcp://127.0.0.1:*", heartbeat_s=0.1), replay, tmp_path / "run")
+    server.start()
+    link = RobotLink(server.endpoint, "loop-test", Spool(tmp_path / "spool", 1 << 24),
+                     {"spec": spec, "task": "loop-test", "hz": 50.0, "discrete": act.discrete})
+    link.start()
+    try:
+        with pytest.raises(ValueError, match="acts in 1 continuous dimensions, the robot in 2"):
+            ControlLoop(cfg, robot, link, initial=wrong_act)
+        with pytest.raises(ValueError, match=r"'proprio': the policy expects shape \(4,\), the robot gives \(3,\)"):
+            ControlLoop(cfg, robot, link, initial=wrong_obs)
+        assert robot.sent == []  # refused before anything moved
+        loop = ControlLoop(cfg, robot, link)
+        wait_for(lambda: link.status().connected, "connected")
+        runner = threading.Thread(target=loop.run)
+        runner.start()
+        try:
+            server.publish(_policy_file(tmp_path, "w.safetensors", 3, 1, 5).read_bytes(), version=5, step=5)
+            wait_for(lambda: loop.loader.failures == 1, "the other task's weights refused")
+            assert loop.version == 0 and loop.stats.swaps == 0  # still acting randomly
+            server.publish(_policy_file(tmp_path, "r.safetensors", 3, 2, 6).read_bytes(), version=6, step=6)
+            wait_for(lambda: loop.version == 6, "fitting weights swapped in")
+        finally:
+            loop.stop()
+            runner.join()
+        assert loop.stats.swaps == 1 and loop.loader.failures == 1
+    finally:
+        link.close(5.0)
+        server.close()
+        replay.close()
+
+
+def test_reverie_robot_run_refuses_initial_weights_it_cannot_use(tmp_path: Path, capsys) -> None:
+    from robot.cli import main as robot_main
+
+    config = Path(__file__).resolve().parents[1] / "hardware_configs" / "sim_arm_reach_proprio.yaml"
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\xff" * 64)
+    other_task = _policy_file(tmp_path, "other.safetensors", 3, 1, 1)
+    for weights, why in [(corrupt, f"policy file {corrupt}: "), (other_task, "the policy acts in 1 continuous")]:
+        code = robot_main(["run", "--config", str(config), "--learner", f"tcp://127.0.0.1:{free_port()}",
+                           "--spool", str(tmp_path / "spool"), "--steps", "5",
+                           "--set", f"link.initial_weights={weights}"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "link.initial_weights" in err and why in err and "Traceback" not in err

@@ -80,6 +80,17 @@ def test_bad_arguments_give_clear_errors(tmp_path: Path, capsys: pytest.CaptureF
     assert "control.hz: expected a value greater than 0" in err and "sim_arm_reach.yaml" in err
     assert main(["view", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "file not found" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\xff" * 64)
+    assert main(["view", "--config", cfg, "--policy", str(corrupt), "--out", str(tmp_path / "v.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert f"policy file {corrupt}: " in err and "Traceback" not in err
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    out = a_file / "v.mp4"  # inside a plain file: cannot be written
+    assert main(["view", "--config", cfg, "--steps", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: cannot write it" in err and "Traceback" not in err
 
 
 def test_specs_lists_every_observation(capsys: pytest.CaptureFixture[str]) -> None:

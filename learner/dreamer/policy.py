@@ -10,13 +10,14 @@ The trainer acts through the same class, sharing its live modules (`Policy.from_
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from learner.checkpoint import weights_from_bytes, weights_to_bytes
+from learner.checkpoint import CheckpointError, weights_from_bytes, weights_to_bytes
 from learner.config_agent import DreamerConfig
 from learner.dreamer.actor import Actor
 from learner.dreamer.codec import Encoder
@@ -89,6 +90,20 @@ class Policy:
         # Images arrive as NHWC memory; channels-last conv weights avoid layout reorders per call.
         net.encoder.to(memory_format=torch.channels_last)
         return cls(cfg, space, act, net, torch.device(device), int(meta["version"]))
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> Policy:
+        """A policy file (a run's policy.safetensors). Whatever is wrong with it (unreadable, not
+        safetensors, another format, weights that do not fit their config) is a CheckpointError
+        naming the file."""
+        try:
+            blob = Path(path).read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"policy file {path}: cannot read it ({exc.strerror or exc})") from exc
+        try:
+            return cls.from_weights(blob, device)
+        except (CheckpointError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"policy file {path}: {exc}") from exc
 
     # --- acting
     def reset(self, batch: int = 1) -> None:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from learner.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, parse_overrides
-from learner.envs import GYM_PREFIX, EnvError
+from learner.envs import GYM_PREFIX, EnvError, env_id
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -55,6 +55,7 @@ def _train(args: argparse.Namespace) -> int:
     from learner.train import Trainer  # torch loads only when a command needs it
 
     cfg = _config(args)
+    env_id(cfg, args.env)  # a config that names nothing `train` can step fails here, before the logdir is made
     if problem := _logdir_problem(args.logdir):
         return _fail(problem)
     trainer = Trainer(cfg, args.logdir, env=args.env, progress=not args.quiet)

@@ -36,6 +36,13 @@ def env_id(cfg: Config, override: str | None = None) -> str:
         return override[len(GYM_PREFIX):]
     if cfg.backend == "gym":
         return str(cfg.gym_id)
+    if cfg.backend != "sim" or cfg.task not in SIM_IDS:
+        # A real robot is not stepped from here: it streams its experience to a serving learner.
+        raise EnvError(
+            f"{cfg.name}: `train` steps a simulated task or a Gymnasium env, and this config is a "
+            f"{cfg.backend} robot (task {cfg.task!r}); train it with `reverie-learner serve --config ...` here "
+            "and `reverie-robot run --config ...` on the robot"
+        )
     return SIM_PREFIX + SIM_IDS[str(cfg.task)]
 
 

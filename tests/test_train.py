@@ -79,6 +79,11 @@ def test_cli_reports_bad_config_and_env(tmp_path: Path, capsys: pytest.CaptureFi
     assert "NoSuchEnv-v0" in capsys.readouterr().err
     assert learner_main(["train", "--logdir", str(tmp_path)]) == 2
     assert "--config" in capsys.readouterr().err
+    servo = CONFIG.parent / "so101_arm.yaml"  # a real robot: it streams to `serve`, nothing here steps it
+    assert learner_main(["train", "--config", str(servo), "--logdir", str(tmp_path / "servo")]) == 2
+    err = capsys.readouterr().err
+    assert "so101_arm: `train` steps a simulated task or a Gymnasium env" in err and "reverie-learner serve" in err
+    assert "Traceback" not in err and not (tmp_path / "servo").exists()
 
 
 @pytest.mark.parametrize("command", ["train", "serve"])

@@ -84,6 +84,7 @@ class Trainer:
         self.rng.bit_generator.state = meta["numpy_rng"]
         torch.set_rng_state(parts["rng"]["torch"])
         self.random_returns = list(meta.get("random_returns", []))
+        self.episode_returns = list(meta.get("episode_returns", []))  # the progress bar and summary go on
         tqdm.write(f"resumed from {path} at {self.counters.env_steps} env steps, {self.agent.updates} updates")
 
     def save(self) -> Path:
@@ -92,7 +93,8 @@ class Trainer:
                  "rng": {"torch": torch.get_rng_state()}}
         meta = {"counters": dataclasses.asdict(self.counters), "updates": self.agent.updates,
                 "replay": self.replay.save(), "numpy_rng": self.rng.bit_generator.state,
-                "random_returns": self.random_returns, "config": self.cfg.to_dict()}
+                "random_returns": self.random_returns, "episode_returns": self.episode_returns,
+                "config": self.cfg.to_dict()}
         path = save_checkpoint(self.logdir / "checkpoints", self.counters.env_steps, parts, meta)
         self.export_policy()
         return path

@@ -62,10 +62,13 @@ def _weights(logdir: Path) -> dict[str, np.ndarray]:
 def test_resumed_run_continues_identically(tmp_path: Path) -> None:
     # Replay-context latents live in RAM only, so identity is checked with them off (2023 style).
     extra = ("train.eval_every=0", "train.checkpoint_every=1000", "dreamer.replay_context=false")
-    _run(tmp_path / "straight", "train.steps=80", *extra)
+    straight = _run(tmp_path / "straight", "train.steps=80", *extra)
     _run(tmp_path / "resumed", "train.steps=40", *extra)
     summary = _run(tmp_path / "resumed", "train.steps=80", *extra)
     assert summary["env_steps"] == 80
+    # The summary's returns span the episodes before the restart too (it took the last 10).
+    assert summary["train_return_last10"] == straight["train_return_last10"]
+    assert summary["random_return"] == straight["random_return"]
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for key in a:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from learner.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, parse_overrides
+from learner.config_link import address_problem
 from learner.envs import GYM_PREFIX, EnvError, env_id
 
 
@@ -70,6 +71,8 @@ def _serve(args: argparse.Namespace) -> int:
     from learner.serve import Server
 
     cfg = load_config(args.config, args.set)
+    if args.bind and (expected := address_problem(args.bind, bind=True)):
+        return _fail(f"--bind {args.bind!r}: expected {expected}")
     if problem := _logdir_problem(args.logdir):
         return _fail(problem)
     try:

@@ -7,12 +7,34 @@ an address is not loopback.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from learner.config_base import Block
 from learner.config_errors import FieldError
+
+# tcp://[SOURCE;]HOST:PORT, HOST a name, an IPv4 address, [IPv6] or * (bind only); PORT a number or * (bind only).
+_TCP = re.compile(r"tcp://(?:[^;]+;)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^:;/\[\]]+):(?P<port>\*|\d+)")
+
+
+def address_problem(address: str, *, bind: bool) -> str | None:
+    """What a link address should have been (the "expected" part of an error), or None when it is usable.
+
+    ZeroMQ takes some bad addresses without complaint (a port above 65535 binds another port), so they
+    are checked here, for the config keys and for the --bind / --learner flags alike."""
+    if re.fullmatch(r"(ipc|inproc)://.+", address):
+        return None
+    match = _TCP.fullmatch(address)
+    wanted = "tcp://HOST:PORT" + (" (HOST and PORT may be *)" if bind else "") + " or ipc://PATH"
+    if match is None:
+        return wanted
+    if "*" in (match["host"], match["port"]) and not bind:
+        return "a host and port to connect to (* only in a learner's bind address)"
+    if match["port"] != "*" and not 1 <= int(match["port"]) <= 65535:
+        return f"{wanted}, with PORT in 1..65535"
+    return None
 
 
 class LinkConfig(Block):
@@ -47,9 +69,12 @@ class LinkConfig(Block):
 
     @model_validator(mode="after")
     def _checks(self) -> LinkConfig:
+        for key, value, bind in (("bind", self.bind, True), ("learner", self.learner, False)):
+            if problem := address_problem(value, bind=bind):
+                raise FieldError(key, problem, value)
         if (self.server_secret is None) != (self.allow_dir is None):
-            raise FieldError("link.allow_dir", "set together with link.server_secret (or neither)", self.allow_dir)
+            raise FieldError("allow_dir", "set together with link.server_secret (or neither)", self.allow_dir)
         if (self.client_secret is None) != (self.server_public is None):
-            raise FieldError("link.server_public", "set together with link.client_secret (or neither)",
+            raise FieldError("server_public", "set together with link.client_secret (or neither)",
                              self.server_public)
         return self

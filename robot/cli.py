@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from learner.config import ConfigError, load_config
+from learner.config_link import address_problem
 from learner.link.security import ClientKeys, LinkSecurityError
 from robot import device_cli, motors_cli
 
@@ -38,6 +39,9 @@ def _run(args: argparse.Namespace) -> int:
     link_cfg = cfg.link
     robot_id = args.robot_id or link_cfg.robot_id or cfg.name
     address = args.learner or link_cfg.learner
+    if args.learner and (expected := address_problem(args.learner, bind=False)):
+        print(f"reverie-robot: --learner {args.learner!r}: expected {expected}", file=sys.stderr)
+        return 2
     spool_dir = Path(args.spool or link_cfg.spool_dir or Path("spool") / robot_id)
     keys = (ClientKeys(Path(link_cfg.client_secret), Path(link_cfg.server_public))
             if link_cfg.client_secret and link_cfg.server_public else None)

@@ -186,3 +186,24 @@ def test_unknown_preset_name_is_the_only_error(tmp_path: Path, key: str, value: 
     msg = _error(_write(tmp_path, f"name: r\ntask: arm_reach\ndreamer: {{{key}: {value}}}\n"))
     assert f"dreamer.{key}: expected" in msg and expected in msg
     assert "missing required key" not in msg
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("bind", "tcp://127.0.0.1:99999", "with PORT in 1..65535"),  # zmq would quietly bind another port
+    ("bind", "nonsense", "tcp://HOST:PORT (HOST and PORT may be *) or ipc://PATH"),
+    ("learner", "tcp://*:5555", "* only in a learner's bind address"),
+    ("learner", "tcp://10.0.0.2", "tcp://HOST:PORT or ipc://PATH"),
+    ("allow_dir", None, "set together with link.server_secret"),
+])
+def test_link_errors_name_the_key_once(tmp_path: Path, key: str, value: str | None, expected: str) -> None:
+    link = {key: value} if value is not None else {"server_secret": "learner.key_secret"}
+    text = yaml.safe_dump({"name": "r", "task": "arm_reach", "link": link})
+    msg = _error(_write(tmp_path, text))
+    assert f"- link.{key}: expected" in msg and expected in msg and "link.link" not in msg, msg
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:5555", "tcp://[::1]:5555", "tcp://robot.local:1",
+                                     "tcp://10.0.0.1;10.0.0.2:5555", "ipc:///tmp/reverie.sock"])
+def test_usable_link_addresses_load(tmp_path: Path, address: str) -> None:
+    text = yaml.safe_dump({"name": "r", "task": "arm_reach", "link": {"bind": address, "learner": address}})
+    assert load_config(_write(tmp_path, text)).link.learner == address

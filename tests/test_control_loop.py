@@ -252,3 +252,13 @@ def test_reverie_robot_run_refuses_initial_weights_it_cannot_use(tmp_path: Path,
         err = capsys.readouterr().err
         assert code == 2, err
         assert "link.initial_weights" in err and why in err and "Traceback" not in err
+
+
+def test_reverie_robot_run_refuses_a_learner_flag_it_cannot_connect_to(tmp_path: Path, capsys) -> None:
+    from robot.cli import main as robot_main
+
+    config = Path(__file__).resolve().parents[1] / "hardware_configs" / "sim_arm_reach_proprio.yaml"
+    code = robot_main(["run", "--config", str(config), "--learner", "tcp://*:5555", "--spool", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--learner 'tcp://*:5555': expected a host and port to connect to" in err, err
+    assert not (tmp_path / "s").exists()  # refused before anything was set up

@@ -103,6 +103,14 @@ def test_cli_reports_a_logdir_it_cannot_use(tmp_path: Path, capsys: pytest.Captu
     assert not fresh.exists()
 
 
+def test_serve_refuses_a_bind_flag_zeromq_would_misread(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = learner_main(["serve", "--config", str(CONFIG), "--logdir", str(tmp_path / "run"),
+                         "--bind", "tcp://127.0.0.1:70000", "--duration", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--bind 'tcp://127.0.0.1:70000': expected" in err and "1..65535" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_trains_on_a_gymnasium_env(tmp_path: Path) -> None:
     code = learner_main([
         "train", "--env", "gymnasium:Pendulum-v1", "--logdir", str(tmp_path), "--quiet",

@@ -44,7 +44,8 @@ LONG = [
     # The 2023 recipe on the quadruped, from its back, proprioception only: ~67 min here. Evaluation
     # 0.00 / 0.00 / 0.01 / 1.10 at 5k / 7.5k / 10k / 12.5k steps and 0.80 at 14k (random 0.037); the
     # training return climbs from 0.12 at 10k to 0.54 at 14k, where the 2024 recipe stays at random.
-    # Resumed with train.steps=22000: evaluation 4.15 at 15.3k and 4.53 at 17.8k, training return ~1.2.
+    # Resumed with train.steps=22000 (~56 min more): evaluation 4.15 / 4.53 / 3.08 / 6.03 at 15.3k / 17.8k /
+    # 20.3k / 22k, training return (last 10 episodes) 3.1.
     ("quadruped_walk_2023", ["--config", str(CONFIGS / "sim_quadruped_walk.yaml"), "--set", "camera.enabled=false",
                              "--set", "dreamer.recipe=2023", "--set", "train.steps=14000",
                              "--set", "train.prefill=2500", "--set", "train.train_ratio=256",

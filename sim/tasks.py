@@ -69,19 +69,16 @@ def learned_policy(path: Path, robot: Any) -> Policy:
     """A trained policy file (the learner's policy.safetensors) acting with its mode actions."""
     from learner.checkpoint import CheckpointError
     from learner.dreamer.policy import Policy as LearnedPolicy  # torch loads only when asked for
-    from robot.backends import action_dim
+    from robot.runner import policy_misfit, step_spec
 
-    if not path.is_file():
-        raise ValueError(f"policy file {path} does not exist")
     try:
         policy = LearnedPolicy.from_file(path)
     except CheckpointError as exc:
         raise ValueError(str(exc)) from exc
+    if why := policy_misfit(policy, *step_spec(robot)):  # the same check the robot process makes
+        raise ValueError(f"{path}: {why}")
     spec = robot.action_spec
     low, high = (None, None) if isinstance(spec, DiscreteSpec) else (spec.low, spec.high)
-    if policy.act_space.dim != action_dim(spec)[0]:
-        raise ValueError(f"{path}: the policy acts in {policy.act_space.dim} dimensions, the robot in "
-                         f"{action_dim(spec)[0]}")
 
     def act(obs: dict[str, np.ndarray]) -> Any:
         policy.act(obs, mode="mode")

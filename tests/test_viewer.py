@@ -10,8 +10,12 @@ from pathlib import Path
 import imageio.v2 as imageio
 import pytest
 import yaml
+from dreamer_helpers import FLAG_SPACE, make_cfg
 from PIL import Image
 
+from learner.dreamer.agent import DreamerModel
+from learner.dreamer.policy import export_policy
+from learner.dreamer.preprocess import ActSpace
 from sim.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +89,11 @@ def test_bad_arguments_give_clear_errors(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["view", "--config", cfg, "--policy", str(corrupt), "--out", str(tmp_path / "v.mp4")]) == 2
     err = capsys.readouterr().err
     assert f"policy file {corrupt}: " in err and "Traceback" not in err
+    other = tmp_path / "other.safetensors"  # weights of a 1-D task: ArmReach takes 3-D actions
+    model = DreamerModel(make_cfg(), {"joint_pos": ((6,), "float32"), **FLAG_SPACE}, ActSpace(1, False))
+    other.write_bytes(export_policy(model, 1))
+    assert main(["view", "--config", cfg, "--policy", str(other), "--out", str(tmp_path / "v.mp4")]) == 2
+    assert f"{other}: the policy acts in 1 continuous dimensions, the robot in 3" in capsys.readouterr().err
     a_file = tmp_path / "file"
     a_file.write_text("")
     out = a_file / "v.mp4"  # inside a plain file: cannot be written

@@ -68,6 +68,8 @@ def _run(args: argparse.Namespace) -> int:
         try:
             loop = ControlLoop(cfg, robot, link, seed=cfg.seed, initial=initial, ledger=args.ledger)
         except ValueError as exc:  # initial weights of another task: nothing has moved yet
+            if initial is None:
+                raise
             print(f"reverie-robot: link.initial_weights {link_cfg.initial_weights}: {exc}", file=sys.stderr)
             return 2
         for sig in (signal.SIGINT, signal.SIGTERM):

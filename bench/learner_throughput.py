@@ -251,6 +251,9 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
         out["peak_mem_kind"] = "cpu peak RSS delta over the updates"
         out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
 
+    if not case["compile"]:
+        out.update(_arithmetic(agent, batch, device, autocast_dtype(cfg.precision, device), mean))
+
     if opts["profile"]:
         from torch.profiler import ProfilerActivity, profile
 
@@ -263,6 +266,45 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     if opts["act_calls"] > 0:
         out.update(_act_latency(agent, case["obs"], opts, export_policy))
     return out
+
+
+def _update_gflop(agent, batch) -> float:
+    """GFLOP of one update (forward, backward, optimiser), counted op by op by torch's FlopCounterMode.
+
+    Why: it turns a time into a rate that can be set against the machine's matrix-product peak, so
+    a target can be checked for feasibility (time >= FLOP / peak) on whatever machine runs this.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        agent.train(batch)
+    return counter.get_total_flops() / 1e9
+
+
+def _matmul_peak_gflops(device, dtype, n: int = 2048, reps: int = 5) -> float:
+    """Best rate of an n x n x n matrix product in `dtype` with the case's threads: the machine's practical peak."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(reps + 1):  # the first is a warm-up
+        sync()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def _arithmetic(agent, batch, device, autocast, sec_per_update: float) -> dict[str, Any]:
+    """FLOP per update, the rate reached, and the matrix-product peak of this machine to compare it with."""
+    import torch
+
+    gflop = _update_gflop(agent, batch)
+    peak = _matmul_peak_gflops(device, autocast or torch.float32)
+    return {"gflop_per_update": round(gflop, 1), "gflops_reached": round(gflop / sec_per_update, 1),
+            "matmul_peak_gflops": round(peak, 1), "share_of_matmul_peak": round(gflop / sec_per_update / peak, 3)}
 
 
 def _act_latency(agent, obs: str, opts: dict[str, Any], export) -> dict[str, Any]:
@@ -398,6 +440,12 @@ def summarise(case: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
                        "target_speedup": PORT_SPEEDUP_TARGET,
                        "speedup": round(base / result["sec_per_update_mean"], 2),
                        "reached": result["sec_per_update_mean"] <= base / PORT_SPEEDUP_TARGET}
+        if "gflop_per_update" in result:
+            # The rate the target asks for, before any time for memory-bound work (norms, activations,
+            # optimiser): a share of the matrix-product peak near or above 1 cannot be reached.
+            need = result["gflop_per_update"] / (base / PORT_SPEEDUP_TARGET)
+            row["port"]["target_needs_gflops"] = round(need, 1)
+            row["port"]["target_needs_share_of_matmul_peak"] = round(need / result["matmul_peak_gflops"], 3)
     return row
 
 
@@ -408,7 +456,7 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'case':<22}{'obs':<8}{'recipe':<7}{'prec':<6}{'comp':<6}{'thr':>4}{'s/upd':>8}{'min':>8}{'upd/s':>8}"
             f"{'compile':>9}"
-            f"{'peakMB':>9}{'act p50':>9}{'act p99':>9}{'vs port':>9}{'others':>8}")
+            f"{'peakMB':>9}{'GF/s':>7}{'%peak':>7}{'act p50':>9}{'act p99':>9}{'vs port':>9}{'others':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -422,6 +470,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{_fmt(r['threads'], 'd'):>4}"
             f"{_fmt(r['sec_per_update_mean']):>8}{_fmt(r['sec_per_update_min']):>8}{_fmt(r['updates_per_s']):>8}"
             f"{_fmt(r.get('compile_s'), '.1f'):>9}{_fmt(r.get('peak_mem_mb'), '.0f'):>9}"
+            f"{_fmt(r.get('gflops_reached'), '.0f'):>7}{_fmt(r.get('share_of_matmul_peak'), '.0%'):>7}"
             f"{_fmt(r.get('act_ms_p50'), '.2f'):>9}{_fmt(r.get('act_ms_p99'), '.2f'):>9}"
             f"{ratio:>9}{_fmt(r.get('others_cpu_share'), '.0%'):>8}")
     return "\n".join(lines)

@@ -31,6 +31,7 @@ from learner.link.server import LinkServer, RunSpec
 from learner.metrics import Mean, MetricsLogger
 from learner.plots import plot_learning_curve
 from learner.replay import Replay
+from learner.replay.context import CONTEXT_PART, restore_context
 
 STATUS_EVERY_S = 10.0
 
@@ -91,7 +92,9 @@ class Server:
             agent.load_state_dict({"model": parts["model"], "optimizer": parts["optimizer"],
                                    "updates": meta["updates"]})
             self.counters = ServeCounters(**meta["counters"])
-            tqdm.write(f"resumed from {path}: {agent.updates} updates, {self.counters.received} steps received")
+            restored = restore_context(self.replay, parts, path)
+            tqdm.write(f"resumed from {path}: {agent.updates} updates, {self.counters.received} steps received, "
+                       f"replay context for {restored} steps")
         return agent
 
     def _wait_for_spec(self, deadline: float | None) -> RunSpec | None:
@@ -221,7 +224,8 @@ class Server:
         if self.agent is None:
             return None
         self.replay.flush()
-        parts = {"model": self.agent.model.state_dict(), "optimizer": self.agent.optimizer.state_dict()}
+        parts = {"model": self.agent.model.state_dict(), "optimizer": self.agent.optimizer.state_dict(),
+                 CONTEXT_PART: self.replay.context_state()}
         meta = {"counters": dataclasses.asdict(self.counters), "updates": self.agent.updates,
                 "config": self.cfg.to_dict()}
         path = save_checkpoint(self.logdir / "checkpoints", self.counters.received, parts, meta)

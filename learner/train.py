@@ -30,6 +30,7 @@ from learner.metrics import Mean, MetricsLogger
 from learner.openloop import write_openloop
 from learner.plots import plot_learning_curve
 from learner.replay import Replay
+from learner.replay.context import CONTEXT_PART, restore_context
 from learner.video import side_by_side, write_video
 
 STREAM = "0"
@@ -83,14 +84,16 @@ class Trainer:
         self.replay.load(meta["replay"])
         self.rng.bit_generator.state = meta["numpy_rng"]
         torch.set_rng_state(parts["rng"]["torch"])
+        restored = restore_context(self.replay, parts, path)
         self.random_returns = list(meta.get("random_returns", []))
         self.episode_returns = list(meta.get("episode_returns", []))  # the progress bar and summary go on
-        tqdm.write(f"resumed from {path} at {self.counters.env_steps} env steps, {self.agent.updates} updates")
+        tqdm.write(f"resumed from {path} at {self.counters.env_steps} env steps, {self.agent.updates} updates, "
+                   f"replay context for {restored} steps")
 
     def save(self) -> Path:
         self.replay.flush()
         parts = {"model": self.agent.model.state_dict(), "optimizer": self.agent.optimizer.state_dict(),
-                 "rng": {"torch": torch.get_rng_state()}}
+                 "rng": {"torch": torch.get_rng_state()}, CONTEXT_PART: self.replay.context_state()}
         meta = {"counters": dataclasses.asdict(self.counters), "updates": self.agent.updates,
                 "replay": self.replay.save(), "numpy_rng": self.rng.bit_generator.state,
                 "random_returns": self.random_returns, "episode_returns": self.episode_returns,

@@ -23,7 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from learner.checkpoint import latest_checkpoint, load_checkpoint
+from learner.replay import Replay
 from learner.replay.chunk import ChunkError, read_chunk
+from learner.replay.context import restore_context
 from robot.demo import free_port
 from robot.runner import ledger_keys, step_digests
 
@@ -135,6 +138,11 @@ def test_learner_killed_and_restarted_keeps_every_step_once_and_the_robot_keeps_
     assert n == summary["steps"]
     assert server["received_steps"] == n  # counted across the restart, no duplicate counted
     assert summary["acting_version"] > 0 and summary["weights_swaps"] >= 1  # weights came back
+    # The stop's checkpoint keeps the replay-context latents training wrote back (2024 recipe), and
+    # they fit the replay directory a restarted learner reopens.
+    parts, _ = load_checkpoint(latest_checkpoint(logdir / "checkpoints"))
+    with Replay(logdir / "replay") as replay:
+        assert restore_context(replay, parts, "stop checkpoint") > 0
     # The control rate while the learner was away, from the robot's own step times.
     times = np.array(ledger(tmp_path, "arm1")[0])
     away = times[(times >= killed_at + 0.5) & (times <= restarted_at)]

@@ -19,6 +19,7 @@ import pytest
 from learner.config_agent import ReplayConfig
 from learner.replay import Replay, read_chunk
 from learner.replay.chunk import INDEX_NAME, is_chunk_name
+from learner.replay.context import CONTEXT_PART, restore_context
 from learner.replay_cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,6 +344,62 @@ def test_replay_context_valid_flags_and_is_first(tmp_path: Path) -> None:
     replay.close()
     reloaded = Replay(tmp_path, chunk_length=8, online=False)
     assert not reloaded.sample(32, 5)["context/valid"].any()
+
+
+def _write_step_latents(replay: Replay, rounds: int) -> None:
+    """Latents whose deter is the step's index, written back as training does after each update."""
+    for _ in range(rounds):
+        b = replay.sample(8, 5)
+        counts = b["count"][:, :, 1]
+        replay.write_context(b["ids"], {"deter": np.repeat(counts[..., None], 3, -1).astype(np.float32),
+                                        "stoch": np.zeros((*counts.shape, 2, 2), np.float32)})
+
+
+def test_replay_context_survives_a_reload_through_its_state(tmp_path: Path) -> None:
+    replay = Replay(tmp_path, chunk_length=8, online=False, seed=0)
+    fill(replay, 37, streams=2)  # the last chunk of each stream is still open (partly filled)
+    _write_step_latents(replay, 20)
+    state = replay.context_state()
+    replay.close()
+
+    reloaded = Replay(tmp_path, chunk_length=8, online=False, seed=1)
+    assert not reloaded.sample(64, 5)["context/valid"].any()  # latents live in RAM: none after a reload
+    assert reloaded.load_context(state) == len(state["row"]) > 0
+    batch = reloaded.sample(256, 5)
+    valid = batch["context/valid"]
+    assert valid.any()
+    first = batch["count"][:, 0, 1]
+    np.testing.assert_array_equal(batch["context/deter"][valid, 0], first[valid] - 1)  # the step just before
+    after = reloaded.context_state()
+    assert after["uuids"] == state["uuids"]
+    for key in ("chunk", "row"):
+        np.testing.assert_array_equal(after[key], state[key])
+    for key, value in state["latents"].items():
+        np.testing.assert_array_equal(after["latents"][key], value)
+
+
+def test_replay_context_state_that_does_not_fit_is_refused_whole(tmp_path: Path) -> None:
+    replay = Replay(tmp_path, chunk_length=8, online=False, seed=0)
+    assert replay.context_state() == {} and replay.load_context({}) == 0
+    fill(replay, 30)
+    _write_step_latents(replay, 10)
+    state = replay.context_state()
+    n = len(state["row"])
+    wrong = {**state, "latents": {**state["latents"], "deter": np.zeros((n, 5), np.float32)}}
+    with pytest.raises(ValueError, match="'deter'"):
+        replay.load_context(wrong)
+    with pytest.raises(ValueError, match="'row'"):
+        replay.load_context({**state, "row": state["row"][:-1]})
+    with pytest.raises(ValueError, match="missing or malformed"):
+        replay.load_context({"uuids": state["uuids"]})
+    elsewhere = {**state, "uuids": [f"gone-{u}" for u in state["uuids"]]}
+    assert replay.load_context(elsewhere) == 0  # chunks no longer in RAM: nothing to restore
+    np.testing.assert_array_equal(replay.context_state()["latents"]["deter"], state["latents"]["deter"])
+    # From a checkpoint: a misfit is a warning naming the checkpoint, and the resume goes on.
+    with pytest.warns(UserWarning, match=r"ckpt-7: replay context not restored.*'deter'"):
+        assert restore_context(replay, {CONTEXT_PART: wrong}, "run/checkpoints/ckpt-7") == 0
+    assert restore_context(replay, {"model": {}}, "ckpt-old") == 0  # written before the part existed
+    assert restore_context(replay, {CONTEXT_PART: state}, "ckpt-8") == n
 
 
 def test_context_invalid_when_previous_step_left_ram(tmp_path: Path) -> None:

@@ -719,6 +719,52 @@ class Replay:
             self._ctx[key][rows[ok]] = value[ok]
         self._ctx_ok[rows[ok]] = True
 
+    @_locked
+    def context_state(self) -> dict[str, Any]:
+        """The replay-context latents of the steps in RAM that have them, addressed by chunk uuid and
+        row (stable across a reload): what a checkpoint keeps so that a resumed run starts its
+        sequences from the same latents as a run that never stopped. Empty when none were written."""
+        if not self._ctx:
+            return {}
+        chunks = [c for c in self._chunks.values() if c.meta.length]
+        parts = [np.flatnonzero(self._ctx_ok[c.slot * self._slot_size : c.slot * self._slot_size + c.meta.length])
+                 for c in chunks]
+        rows = np.concatenate([np.zeros(0, np.int64), *parts])
+        chunk = np.repeat(np.arange(len(chunks), dtype=np.int64), [len(p) for p in parts])
+        slab = np.array([c.slot * self._slot_size for c in chunks], np.int64)[chunk] + rows
+        return {"uuids": [c.meta.uuid for c in chunks], "chunk": chunk, "row": rows,
+                "latents": {key: arr[slab] for key, arr in self._ctx.items()}}
+
+    @_locked
+    def load_context(self, state: dict[str, Any]) -> int:
+        """Restore `context_state()` (after reopening the directory); rows of chunks no longer in RAM
+        are dropped. Returns how many steps got their latents back. Raises ValueError, naming the
+        field, on a state that does not fit this store (then nothing is changed)."""
+        if not state:
+            return 0
+        try:
+            uuids, latents = list(state["uuids"]), dict(state["latents"])
+            chunk, row = (np.asarray(state[k], np.int64) for k in ("chunk", "row"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"replay context state: missing or malformed field ({exc})") from exc
+        n = chunk.shape[0]
+        if chunk.shape != (n,) or row.shape != (n,) or (n and (chunk.min() < 0 or chunk.max() >= len(uuids))):
+            raise ValueError("replay context state: 'chunk' and 'row' must be equal-length index vectors into 'uuids'")
+        arrays = {key: np.asarray(value) for key, value in latents.items()}
+        for key, value in arrays.items():
+            if value.shape[:1] != (n,):
+                raise ValueError(f"replay context state: latent {key!r} has {value.shape[:1]} rows, expected {n}")
+        if not arrays:
+            raise ValueError("replay context state: no latents")
+        by_uuid = {c.meta.uuid: c for c in self._chunks.values()}
+        found = [by_uuid.get(u) for u in uuids]
+        seqs = np.array([c.meta.seq if c else -1 for c in found], np.int64)[chunk]
+        lengths = np.array([c.meta.length if c else 0 for c in found], np.int64)[chunk]
+        ok = (seqs >= 0) & (row >= 0) & (row < lengths)
+        # Through write_context, whose checks (keys, per-step shapes) come before it changes anything.
+        self.write_context((seqs * self._slot_size + row)[ok], {key: value[ok] for key, value in arrays.items()})
+        return int(ok.sum())
+
     def _rows_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Slab rows of step ids, and which ids still name a step in RAM."""
         seqs, offsets = np.divmod(ids, self._slot_size)

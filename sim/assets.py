@@ -61,14 +61,28 @@ def make_render_proxy(urdf_text: str, urdf_dir: Path) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def _meshes_missing(urdf: Path) -> bool:
+    """True when a cached proxy cannot be loaded as is: unreadable, or a mesh it names is gone."""
+    try:
+        root = ET.parse(urdf).getroot()
+    except (OSError, ET.ParseError):
+        return True
+    return any(not os.path.isfile(m.get("filename", "")) for m in root.iter("mesh"))
+
+
 @cache
 def render_proxy(relative: str) -> str:
-    """Path of the (cached) render proxy of a pybullet_data URDF."""
+    """Path of the (cached) render proxy of a pybullet_data URDF.
+
+    A proxy holds the absolute mesh paths of the pybullet_data that made it, and the cache outlives
+    that install (it sits in the temp dir, shared by every clone and venv of this user). So the key
+    includes where this pybullet_data lives, and a cached file whose meshes are gone is written again.
+    """
     source = Path(asset(relative))
     text = source.read_text()
-    digest = hashlib.sha1((relative + text).encode()).hexdigest()[:12]
+    digest = hashlib.sha1("\0".join((str(DATA.resolve()), relative, text)).encode()).hexdigest()[:12]
     target = _cache_dir() / f"{source.stem}-proxy-{digest}.urdf"
-    if not target.exists():
+    if not target.exists() or _meshes_missing(target):
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(make_render_proxy(text, source.parent))

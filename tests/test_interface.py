@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pybullet as p
 import pytest
@@ -68,3 +70,51 @@ def test_render_proxy_keeps_physics(urdf: str) -> None:
 def test_missing_asset_is_named() -> None:
     with pytest.raises(FileNotFoundError, match="no_such/robot.urdf"):
         asset("no_such/robot.urdf")
+
+
+def test_render_proxy_cache_from_a_vanished_install_is_rebuilt(tmp_path, monkeypatch) -> None:
+    """Cached proxies embed absolute mesh paths of the pybullet_data that made them. A cache made by
+    another install (another clone's venv, since removed) must not break this one's ArmReach."""
+    from sim import assets
+    from sim.arm_reach import ArmReach
+    from sim.tasks import default_config
+
+    monkeypatch.setenv("REVERIE_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "other-venv" / "pybullet_data"
+    other.mkdir(parents=True)
+    (other / "xarm").symlink_to(assets.DATA / "xarm", target_is_directory=True)
+    monkeypatch.setattr(assets, "DATA", other)
+    assets.render_proxy.cache_clear()
+    stale = assets.render_proxy("xarm/xarm6_robot.urdf")  # the other install fills the shared cache
+    assert str(other) in Path(stale).read_text()
+    (other / "xarm").unlink()  # ... and goes away
+    monkeypatch.undo()
+    monkeypatch.setenv("REVERIE_CACHE", str(tmp_path / "cache"))
+    assets.render_proxy.cache_clear()
+    try:
+        with ArmReach(default_config("arm_reach", ["camera.enabled=false"])) as robot:
+            robot.reset(seed=0)
+    finally:
+        assets.render_proxy.cache_clear()
+
+
+def test_render_proxy_with_missing_meshes_is_regenerated(tmp_path, monkeypatch) -> None:
+    """Whatever the key, a cached proxy whose meshes are gone is written again, not loaded."""
+    from sim import assets
+
+    monkeypatch.setenv("REVERIE_CACHE", str(tmp_path))
+    assets.render_proxy.cache_clear()
+    try:
+        path = Path(assets.render_proxy("xarm/xarm6_robot.urdf"))
+        source = Path(assets.asset("xarm/xarm6_robot.urdf"))
+        path.write_text(assets.make_render_proxy(source.read_text(), tmp_path / "gone" / "xarm"))
+        assets.render_proxy.cache_clear()
+        again = Path(assets.render_proxy("xarm/xarm6_robot.urdf"))
+        assert "gone" not in again.read_text()
+        client = p.connect(p.DIRECT)
+        try:
+            p.loadURDF(str(again), useFixedBase=True, physicsClientId=client)
+        finally:
+            p.disconnect(client)
+    finally:
+        assets.render_proxy.cache_clear()

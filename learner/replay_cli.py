@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from learner.replay.chunk import INDEX_NAME, ChunkError, EpisodeTracker, is_chunk_name, read_chunk
+from learner.replay.chunk import INDEX_NAME, ChunkError, EpisodeTracker, is_chunk_name, read_chunk, verify_crc
 
 PROG = "reverie-replay"
 LAST_RETURNS = 5
@@ -28,19 +28,22 @@ def _fail(message: str) -> int:
 
 def summarize(directory: Path) -> dict[str, Any]:
     """Per stream and in total: steps, chunks, completed episodes and returns, time span, policy versions.
-    Unreadable chunk files are listed under `skipped` (and reported on stderr)."""
+    Unreadable or corrupt chunk files (every member's CRC-32 is checked, as a learner loading the file
+    would) are not counted: they are listed under `skipped`, with the reason under `problems`, and
+    reported on stderr."""
     paths = sorted(p for p in directory.iterdir() if is_chunk_name(p.name))
     streams: dict[str, dict[str, Any]] = {}
     trackers: dict[str, EpisodeTracker] = {}
     last_uuid: dict[str, str] = {}
-    skipped = []
+    problems: dict[str, str] = {}
     total_bytes = 0
     for path in paths:  # names sort by creation order
         try:
+            verify_crc(path)
             meta, steps, times, versions = read_chunk(path, keys=("reward", "is_first", "is_last"))
         except ChunkError as exc:
             print(f"{PROG}: warning: skipping chunk file {path}: {exc}", file=sys.stderr)
-            skipped.append(path.name)
+            problems[path.name] = str(exc).removeprefix(f"{path.name}: ")
             continue
         total_bytes += path.stat().st_size
         s = streams.setdefault(
@@ -67,7 +70,8 @@ def summarize(directory: Path) -> dict[str, Any]:
         "episodes": sum(s["episodes"] for s in out.values()),
         "bytes": total_bytes,
     }
-    return {"directory": str(directory), "streams": out, "totals": totals, "skipped": skipped}
+    return {"directory": str(directory), "streams": out, "totals": totals, "skipped": list(problems),
+            "problems": problems}
 
 
 def _stream_report(s: dict[str, Any], tracker: EpisodeTracker) -> dict[str, Any]:
@@ -125,7 +129,8 @@ def render(report: dict[str, Any]) -> str:
         if s["gaps"]:
             lines.append(f"    {s['gaps']} gap(s) between chunks (deleted or unreadable files)")
     if report["skipped"]:
-        lines.append(f"skipped {len(report['skipped'])} unreadable chunk file(s): {', '.join(report['skipped'])}")
+        named = ", ".join(f"{name} ({why})" for name, why in report["problems"].items())
+        lines.append(f"skipped {len(report['skipped'])} unreadable or corrupt chunk file(s), not counted: {named}")
     return "\n".join(lines)
 
 

@@ -536,3 +536,38 @@ def test_cli_as_module_subprocess(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and str(tmp_path / "x") in bad.stderr
+
+
+def _flip_member_byte(path: Path, member: str) -> None:
+    """Flip one data byte of one array inside a chunk file: same size, valid zip, only the CRC can tell."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{member}.npy")
+    with path.open("rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = np.frombuffer(f.read(4), "<u2")
+    offset = info.header_offset + 30 + int(name_len) + int(extra_len) + info.file_size - 1  # last data byte
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_cli_info_does_not_count_a_chunk_whose_data_fails_its_crc(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _cli_fixture(tmp_path)
+    files = [p for p in chunk_files(tmp_path) if read_chunk(p)[0].stream == "a"]
+    damaged = files[1]  # 8 steps of stream a; the flipped byte is in 'image', which info does not itself read
+    _flip_member_byte(damaged, "image")
+    assert cli_main(["info", str(tmp_path), "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["streams"]["a"]["steps"] == 12 and report["streams"]["a"]["chunks"] == 2
+    assert report["streams"]["a"]["gaps"] == 1  # the chunk after it no longer continues the stream
+    assert report["skipped"] == [damaged.name]
+    assert "CRC" in report["problems"][damaged.name] and "'image'" in report["problems"][damaged.name]
+    assert damaged.name in captured.err and "corrupt" in captured.err
+    assert cli_main(["info", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "18 steps" in text and f"{damaged.name} (corrupt" in text

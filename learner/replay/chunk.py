@@ -176,6 +176,25 @@ def read_chunk(
     return meta, steps, times, versions
 
 
+def verify_crc(path: Path) -> None:
+    """Check the CRC-32 of every member, including arrays a reader did not ask for (numpy checks only the
+    members it reads, to their end). Raises ChunkError naming the first corrupt member."""
+    member = ""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                member = info.filename.removesuffix(".npy")
+                with zf.open(info) as f:
+                    while f.read(1 << 20):
+                        pass
+    except zipfile.BadZipFile as exc:
+        if member and "CRC" in str(exc):
+            raise ChunkError(f"{path.name}: corrupt: the data of {member!r} fails its CRC-32 check") from exc
+        raise ChunkError(f"{path.name}: unreadable chunk file ({type(exc).__name__}: {exc})") from exc
+    except READ_ERRORS as exc:
+        raise ChunkError(f"{path.name}: unreadable chunk file ({type(exc).__name__}: {exc})") from exc
+
+
 class DiskWorker:
     """Runs file writes and deletions in submission order on one background thread, so that ingest does
     not wait for the disk (fsync). The queue is bounded (backpressure when the disk is slower than the

@@ -29,6 +29,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from learner.checkpoint import CheckpointError
     from robot.backends import BackendError, make_backend
+    from robot.interface import RobotError
     from robot.link import LinkError, RobotLink
     from robot.link_process import LinkProcess
     from robot.runner import ControlLoop, load_initial, step_spec
@@ -52,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     try:
         robot = make_backend(cfg)
-    except BackendError as exc:
+    except (BackendError, RobotError) as exc:  # e.g. a servo missing or in alarm at start: torque is off
         print(f"reverie-robot: {exc}", file=sys.stderr)
         return 2
     with robot:

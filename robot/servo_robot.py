@@ -162,6 +162,16 @@ class ServoRobot(Robot):
             if number != expected:
                 raise MotorConfigError(f"{self.cfg.motors.port}: servo {sv.id} ({sv.name}) is model number {number}, "
                                        f"the config says {sv.model} ({expected})")
+            self._check_status(sv.id, sv.name)
+
+    def _check_status(self, id: int, name: str) -> None:
+        """A servo that answers but reports an error (overheating, overload, voltage) must not be powered up:
+        say which one and what it reports, before any setting is written or torque comes on."""
+        try:
+            self.bus.read("Present_Position", id)
+        except ServoFault as exc:
+            raise ServoFault(exc.port, id, exc.faults, f"{exc.what} at start-up (joint {name}); torque stays off: "
+                             "clear the cause, then power-cycle the servo") from None
 
     def _configure(self) -> None:
         """Torque off, then the settings that keep the servos safe: torque limits, the bus watchdog."""
@@ -267,9 +277,20 @@ class ServoRobot(Robot):
             try:
                 with self._lock:
                     self.bus.write("Torque_Enable", sv.id, 0)
+            except ServoFault as exc:  # it answered, with error bits: a hardware alarm still takes the write
+                if not self._torque_reads_off(sv.id):
+                    log.error("servo %d (%s): torque off failed (%s): CUT SERVO POWER", sv.id, sv.name, exc)
             except Exception as exc:  # noqa: BLE001
                 log.error("servo %d (%s): torque off failed (%s): CUT SERVO POWER", sv.id, sv.name, exc)
         self._torque = False
+
+    def _torque_reads_off(self, id: int) -> bool:
+        """Whether servo `id` reads back torque off, whatever error bits come with the reply."""
+        try:
+            with self._lock:
+                return self.bus.read("Torque_Enable", id, check=False) == 0
+        except MotorError:
+            return False
 
     # --- safety callbacks (other threads) ------------------------------------------------------------------
     def _on_watchdog(self) -> None:

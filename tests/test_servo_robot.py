@@ -4,6 +4,7 @@ the safety layer in between. The emulator's own registers say what reached the m
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -321,3 +322,26 @@ def test_reverie_robot_check_moves_each_joint_and_reports(tmp_path, capsys, spee
     else:
         assert code == 1 and not any(r["ok"] for r in rows) and "followed only" in rows[0]["problem"]
     assert not any(bench.torque())
+
+
+@pytest.mark.parametrize("fault", ["missing", "error_bit"])
+def test_a_servo_fault_at_start_is_one_line_naming_the_servo_and_torque_stays_off(so101, tmp_path, fault):
+    """`reverie-robot run` on a bus with a servo missing, or one reporting an error bit, at start: a
+    one-line error naming the servo (and what the bit means), a non-zero exit, torque off."""
+    if fault == "missing":
+        so101.emulator.faults.silent = {4}
+        named = r"servo 4 \(\w+\) does not answer"
+    else:
+        so101.emulator.faults.error_bits = {5: 4}  # STS bit 2: overheating
+        named = r"servo 5 reports overheating"
+    proc = robot_process(SO101, so101.emulator.port, tmp_path)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    so101.emulator.faults.silent, so101.emulator.faults.error_bits = set(), {}
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("reverie-robot:")]
+    assert len(lines) == 1 and re.search(named, lines[0]), err[-3000:]
+    assert not any(so101.torque())

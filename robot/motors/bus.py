@@ -351,13 +351,14 @@ class MotorBus:
             self.stats.reads += 1
             packet = self._request(id, self.codec.read(id, reg.address, reg.size), reg.size, what, self.retries)
             if check or len(packet.params) != reg.size:
-                self._check(packet, what, reg)
+                self._check(packet, what)  # (no register: the EEPROM hint is about writes)
             return self.codec.decode(packet.params, reg)
 
-    def read(self, name: str, id: int) -> int:
-        """Register `name` of servo `id` (signed registers decoded with the protocol's sign convention)."""
+    def read(self, name: str, id: int, check: bool = True) -> int:
+        """Register `name` of servo `id` (signed registers decoded with the protocol's sign convention).
+        `check=False` returns the value even when the reply carries error bits (a servo in alarm)."""
         with self._lock:
-            return self._read_reg(self._register(self.model(id), name, id), id)
+            return self._read_reg(self._register(self.model(id), name, id), id, check)
 
     def write(self, name: str, id: int, value: int) -> None:
         """Write register `name` of servo `id` and wait for its status; ServoFault if it reports an error."""

@@ -47,7 +47,9 @@ def _check_box(key_low: str, low: list[float], high: list[float]) -> None:
 
 
 class ControlConfig(Block):
-    hz: float = Field(10.0, gt=0, le=1000, description="policy (control) rate, Hz")
+    hz: float = Field(
+        10.0, ge=0.1, le=1000, description="policy (control) rate, Hz (slower than one step per 10 s is a mistake)"
+    )
     episode_steps: int = Field(100, ge=1, description="policy steps before is_last is set")
     realtime_priority: int | None = Field(
         None, ge=1, le=99, description="robot: run the control loop thread SCHED_FIFO at this priority (Linux, "
@@ -215,7 +217,9 @@ class Config(Block):
     )
     task: TaskName | None = Field(None, description="which task runs (backend sim or servo)")
     gym_id: str | None = Field(None, description="Gymnasium id, for example Pendulum-v1 (backend gym)")
-    seed: int = Field(0, ge=0, description="seed of the first episode")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="seed of the first episode (0 .. 2^32-1: every seeded generator takes it)"
+    )
     control: ControlConfig = ControlConfig()
     camera: CameraConfig = CameraConfig()
     sim: SimConfig = SimConfig()
@@ -302,8 +306,44 @@ class Config(Block):
         return self.model_dump(mode="json", exclude=unused)
 
 
+MAX_DEPTH = 16  # a config nests a few levels; far deeper is a mistake or an attack, not a config
+
+
+class ShapeError(yaml.MarkedYAMLError):
+    """Valid YAML that no config file has: a duplicated key, or nesting deeper than MAX_DEPTH."""
+
+
 class _Loader(yaml.SafeLoader):
-    """Safe YAML that also reads `3e-4` as a number (YAML 1.1 wants a dot: `3.0e-4`)."""
+    """Safe YAML that also reads `3e-4` as a number (YAML 1.1 wants a dot: `3.0e-4`), refuses a key given
+    twice in one mapping (YAML keeps the last silently: a second `control:` block would replace the first)
+    and refuses deep nesting before the recursive composer runs out of stack."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ShapeError(problem=f"nested more than {MAX_DEPTH} levels deep", problem_mark=mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges are meant to be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if first is not key_node.start_mark:
+                raise ShapeError(problem=f"duplicate key {key!r} (first at line {first.line + 1}; YAML would keep "
+                                 "only the last)", problem_mark=key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -311,6 +351,15 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line L, column C: what was wrong` for a YAML error."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if not isinstance(exc, ShapeError):
+        problem = f"not valid YAML ({problem})"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def _yaml_scalar(text: str) -> Any:
@@ -330,7 +379,8 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
         try:
             out[key] = _yaml_scalar(text) if text.strip() else None
         except yaml.YAMLError as exc:
-            raise ConfigError([f"{key}: value {text!r} is not valid YAML ({exc})"], "--set") from None
+            shown = text if len(text) <= 40 else text[:40] + "..."
+            raise ConfigError([f"{key}: value {shown!r}: {_yaml_problem(exc)}"], "--set") from None
     return out
 
 
@@ -352,11 +402,19 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"file not found (looked for {path.resolve()})"], str(path))
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"cannot read it ({exc.strerror or exc})"], str(path)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        problem = f"line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        raise ConfigError([problem], str(path)) from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError([f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"], str(path)) from None
+        raise ConfigError([_yaml_problem(exc)], str(path)) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

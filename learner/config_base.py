@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Block(BaseModel):
-    """Base of every config block: strict types, unknown keys rejected, immutable."""
+    """Base of every config block: strict types, unknown keys rejected, immutable, numbers finite
+    (a `.nan` or `.inf` slips past every range check and then stalls or crashes the process using it)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)

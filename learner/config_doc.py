@@ -21,7 +21,9 @@ HEADER = """# Configuration reference
 Generated from `learner/config.py` by `python -m learner.config_doc > docs/configuration.md`;
 a test fails when this file and the schema disagree.
 
-A config file has the top-level keys below; each block is a mapping. Unknown keys are errors.
+A config file has the top-level keys below; each block is a mapping. Unknown keys are errors, and
+so are a key given twice in one mapping, a number that is not finite (`.nan`, `.inf`) and nesting
+deeper than 16 levels.
 Override any key on the command line with `--set block.key=value` (the value is read as YAML).
 Only the block named by `task` is used (and written to the resolved config).
 """

@@ -7,7 +7,9 @@ an address is not loopback.
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -17,6 +19,26 @@ from learner.config_errors import FieldError
 
 # tcp://[SOURCE;]HOST:PORT, HOST a name, an IPv4 address, [IPv6] or * (bind only); PORT a number or * (bind only).
 _TCP = re.compile(r"tcp://(?:[^;]+;)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^:;/\[\]]+):(?P<port>\*|\d+)")
+
+
+# A robot id names the robot on the wire (learner.link.protocol.ID_RE is the same rule, checked by a test).
+ROBOT_ID_PATTERN = r"[A-Za-z0-9_.\-]{1,64}"
+ROBOT_ID_RULE = "1..64 of letters, digits, '_', '.', '-'"
+
+
+def robot_id_problem(robot_id: str) -> str | None:
+    """What a robot id should have been (the "expected" part of an error), or None when it is usable."""
+    return None if re.fullmatch(ROBOT_ID_PATTERN, robot_id) else ROBOT_ID_RULE
+
+
+def default_spool_dir(robot_id: str) -> Path:
+    """Where a robot keeps its unacknowledged chunks when neither --spool nor link.spool_dir says:
+    $XDG_STATE_HOME/reverie/spool/<robot id>, else ~/.local/state/reverie/spool/<robot id>. Per user and
+    machine, not per working directory: a robot started from another directory must find its unsent
+    experience again (and keep its chunk numbers), and it must not land in a source checkout."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    root = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"  # XDG: ignore relative
+    return root / "reverie" / "spool" / robot_id
 
 
 def address_problem(address: str, *, bind: bool) -> str | None:
@@ -40,7 +62,9 @@ def address_problem(address: str, *, bind: bool) -> str | None:
 class LinkConfig(Block):
     bind: str = Field("tcp://127.0.0.1:5555", description="learner: address its server binds (tcp://HOST:PORT)")
     learner: str = Field("tcp://127.0.0.1:5555", description="robot: address of the learner to connect to")
-    robot_id: str | None = Field(None, description="robot: id on the link (letters, digits, _.-); null = config name")
+    robot_id: str | None = Field(
+        None, description=f"robot: id on the link ({ROBOT_ID_RULE}); null = the config's name"
+    )
     chunk_seconds: float = Field(1.0, gt=0, le=60, description="robot: experience sent in chunks of this many seconds")
     heartbeat_s: float = Field(0.5, gt=0, le=10, description="heartbeat period, both ways, s")
     lost_after_s: float = Field(2.0, gt=0, le=60, description="robot: learner counts as lost after this silence, s")
@@ -53,7 +77,10 @@ class LinkConfig(Block):
         "and network work never stalls the control loop (which it does from a thread when the machine is busy); "
         "false = a thread in the robot process"
     )
-    spool_dir: str | None = Field(None, description="robot: unacknowledged chunks on disk; null = spool/<robot_id>")
+    spool_dir: str | None = Field(
+        None, description="robot: unacknowledged chunks on disk; null = $XDG_STATE_HOME/reverie/spool/<robot_id> "
+        "(~/.local/state/reverie/spool/<robot_id> when XDG_STATE_HOME is unset)"
+    )
     spool_max_mb: float = Field(1024.0, gt=0, description="robot: spool size limit, MiB; full = the robot stops")
     max_message_mb: float = Field(256.0, gt=0, description="largest message either side accepts, MiB")
     weights_every_updates: int = Field(20, ge=1, description="learner: publish weights after this many updates")
@@ -72,6 +99,8 @@ class LinkConfig(Block):
         for key, value, bind in (("bind", self.bind, True), ("learner", self.learner, False)):
             if problem := address_problem(value, bind=bind):
                 raise FieldError(key, problem, value)
+        if self.robot_id is not None and (problem := robot_id_problem(self.robot_id)):
+            raise FieldError("robot_id", problem, self.robot_id)
         if (self.server_secret is None) != (self.allow_dir is None):
             raise FieldError("allow_dir", "set together with link.server_secret (or neither)", self.allow_dir)
         if (self.client_secret is None) != (self.server_public is None):

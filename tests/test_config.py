@@ -61,7 +61,7 @@ def test_bool_is_not_a_number(tmp_path: Path) -> None:
 
 def test_out_of_range_value(tmp_path: Path) -> None:
     msg = _error(_write(tmp_path, "name: r\ntask: arm_reach\ncontrol: {hz: -5}\n"))
-    assert "control.hz: expected a value greater than 0, found -5" in msg
+    assert "control.hz: expected a value greater than or equal to 0.1, found -5" in msg
 
 
 def test_bad_choice_lists_choices(tmp_path: Path) -> None:
@@ -207,3 +207,83 @@ def test_link_errors_name_the_key_once(tmp_path: Path, key: str, value: str | No
 def test_usable_link_addresses_load(tmp_path: Path, address: str) -> None:
     text = yaml.safe_dump({"name": "r", "task": "arm_reach", "link": {"bind": address, "learner": address}})
     assert load_config(_write(tmp_path, text)).link.learner == address
+
+
+# --- issue 20: values that used to be accepted (or crash the loader) -----------------------------------------
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("control: {hz: 1e-300}", "control.hz: expected a value greater than or equal to 0.1, found 1e-300"),
+    ("control: {hz: .nan}", "control.hz: expected a finite number, found nan"),
+    ("control: {status_every_s: .inf}", "control.status_every_s: expected a finite number, found inf"),
+    ("link: {spool_max_mb: .inf}", "link.spool_max_mb: expected a finite number, found inf"),
+    ("seed: 1180591620717411303424", "seed: expected a value less than or equal to 4294967295"),
+    ("link: {robot_id: 'arm 1'}", "link.robot_id: expected 1..64 of letters, digits, '_', '.', '-', found 'arm 1'"),
+    ("link: {robot_id: ''}", "link.robot_id: expected 1..64 of letters, digits"),
+])
+def test_values_that_would_run_forever_or_crash_later_are_refused(tmp_path: Path, text: str, expected: str) -> None:
+    # control.hz 1e-300 is one step per 1e300 s: the robot ran forever; a seed of 2**70 crashed torch's seeding;
+    # an infinite spool limit overflowed int(); a robot id with a space crashed the link after the motors started.
+    msg = _error(_write(tmp_path, f"name: r\ntask: arm_reach\n{text}\n"))
+    assert expected in msg, msg
+    assert len(msg.splitlines()) == 2, msg  # the file line and this one problem
+
+
+def test_the_config_robot_id_rule_is_the_wire_protocols() -> None:
+    from learner.config_link import ROBOT_ID_PATTERN
+    from learner.link.protocol import ID_RE
+
+    assert ID_RE.pattern == ROBOT_ID_PATTERN
+
+
+@pytest.mark.parametrize("text,line,first", [
+    ("name: r\ntask: arm_reach\ncontrol: {hz: 10}\ncontrol: {hz: 20}\n", 4, 3),
+    ("name: r\ntask: arm_reach\ncontrol:\n  hz: 10\n  episode_steps: 50\n  hz: 20\n", 6, 4),
+])
+def test_a_duplicated_key_is_an_error_naming_key_and_lines(tmp_path: Path, text: str, line: int, first: int) -> None:
+    # YAML lets the second block silently replace the first: a config that says two things means neither.
+    path = _write(tmp_path, text)
+    msg = _error(path)
+    key = "control" if line == 4 else "hz"
+    assert str(path) in msg and f"line {line}, column" in msg, msg
+    assert f"duplicate key {key!r} (first at line {first}" in msg, msg
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
+    text = "name: r\ntask: arm_reach\nbase: &b {hz: 10, episode_steps: 50}\ncontrol: {<<: *b, hz: 20}\n"
+    msg = _error(_write(tmp_path, text))
+    assert "base: unknown key" in msg and "duplicate" not in msg  # the merge itself is fine
+
+
+def test_a_config_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "robot.yaml"
+    raw = b"name: r\ntask: arm_reach\ncontrol: {hz: 1\xff}\n"
+    path.write_bytes(raw)
+    msg = _error(path)
+    assert str(path) in msg and f"line 3: not UTF-8 text (byte 0xff at offset {raw.index(0xff)})" in msg, msg
+
+
+@pytest.mark.parametrize("depth", [40, 5000])
+def test_deeply_nested_yaml_is_refused_not_a_recursion_crash(tmp_path: Path, depth: int) -> None:
+    path = _write(tmp_path, "name: r\ntask: arm_reach\nsim: " + "[" * depth + "]" * depth + "\n")
+    msg = _error(path)
+    assert str(path) in msg and "line 3, column 21: nested more than 16 levels deep" in msg, msg
+    assert len(msg) < 300
+
+
+def test_deeply_nested_override_is_refused(tmp_path: Path) -> None:
+    msg = _error(_write(tmp_path, "name: r\ntask: arm_reach\n"), ["sim=" + "[" * 5000 + "]" * 5000])
+    assert "--set" in msg and "sim: " in msg and "nested more than 16 levels deep" in msg, msg
+    assert len(msg) < 300
+
+
+def test_default_spool_is_in_the_users_state_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not the working directory: a robot started from elsewhere must find its unsent experience again.
+    from learner.config_link import default_spool_dir
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert default_spool_dir("arm1") == tmp_path / "state" / "reverie" / "spool" / "arm1"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for unusable in ("", "relative/state"):  # the XDG spec: a relative path is to be ignored
+        monkeypatch.setenv("XDG_STATE_HOME", unusable)
+        assert default_spool_dir("arm1") == tmp_path / "home" / ".local" / "state" / "reverie" / "spool" / "arm1"

@@ -2,8 +2,10 @@
 
 A checkpoint is a directory `ckpt-{step:09d}/` holding one `{part}.safetensors` per named state
 (agent, optimizer, ...) and `meta.json` (user metadata, the JSON skeletons that rebuild each nested
-state, sizes and sha256 of every file). It is written into a hidden temp directory beside it, fsynced
-and renamed, so a run killed mid-save leaves either the old set or the new one, never half of one.
+state, sizes and sha256 of every file, and a sha256 of its own other fields). It is written into a
+hidden temp directory beside it, fsynced and renamed, so a run killed mid-save leaves either the old
+set or the new one, never half of one. `load_latest_checkpoint` verifies every checksum and falls
+back past a damaged newest checkpoint to the previous intact one.
 
 Nested state is split by `flatten_state` into {dotted key: tensor} and a JSON skeleton with tagged
 nodes for what JSON cannot say itself (int dict keys, tuples, big ints, NaN, numpy values, bytes).
@@ -40,6 +42,7 @@ VERSION = 1
 WEIGHTS_FORMAT = "reverie-weights"
 WEIGHTS_VERSION = 1
 TAG = "__t__"  # marks a skeleton node that is not a plain JSON value
+DIGEST = "header_sha256"  # meta.json's digest of itself (every other field)
 MAX_JSON_INT = 2**53  # beyond this other JSON readers lose digits, so such ints are written as strings
 STALE_TMP_S = 3600.0  # a temp dir this old belongs to a save that died
 _DIR_RE = re.compile(r"^ckpt-(\d+)$")
@@ -53,6 +56,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_latest_checkpoint",
     "load_weights",
     "save_checkpoint",
     "save_weights",
@@ -295,6 +299,7 @@ def save_checkpoint(
             "meta": meta_json,
             "skeletons": skeletons,
         }
+        header[DIGEST] = _header_digest(header)
         _write_synced(tmp / "meta.json", json.dumps(header, allow_nan=False, indent=1).encode())
         fsync_dir(tmp)
         old = _move_to_trash(final) if final.exists() else None
@@ -329,6 +334,29 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
         if problem is None:
             return path
         warnings.warn(f"skipping checkpoint {path}: {problem}", CheckpointWarning, stacklevel=2)
+    return None
+
+
+def load_latest_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+    """(path, parts, meta) of the newest checkpoint that loads whole with every checksum right, or None.
+
+    Newer ones that are incomplete or corrupt (truncated, or bytes flipped in place, which only the
+    checksums reveal) are skipped with a CheckpointWarning naming the file, so a damaged newest
+    checkpoint costs the training since the previous one instead of every start of the run.
+    """
+    for path in reversed(list_checkpoints(directory)):
+        problem = _problem(path)
+        if problem is None:
+            try:
+                parts, meta = load_checkpoint(path, device)
+            except CheckpointError as e:
+                problem = str(e)
+            else:
+                return path, parts, meta
+        warnings.warn(f"skipping checkpoint {path}: {problem}; falling back to an older one",
+                      CheckpointWarning, stacklevel=2)
     return None
 
 
@@ -391,7 +419,17 @@ def _read_header(path: Path) -> dict[str, Any]:
     for key in ("parts", "files", "skeletons", "meta"):
         if key not in header:
             raise CheckpointError(f"{file}: header lacks {key!r}")
+    # Checkpoints written before the digest existed have none; any other header must match its own.
+    if DIGEST in header and header[DIGEST] != _header_digest(header):
+        raise CheckpointError(f"{file}: digest mismatch, the file is corrupt (bytes changed after it was written)")
     return header
+
+
+def _header_digest(header: Mapping[str, Any]) -> str:
+    """sha256 of the header without its digest, serialised canonically (sorted keys), so a reader can
+    recompute it from the parsed JSON: a changed digit in valid JSON is caught, not just a broken file."""
+    rest = {k: v for k, v in header.items() if k != DIGEST}
+    return hashlib.sha256(json.dumps(rest, allow_nan=False, sort_keys=True).encode()).hexdigest()
 
 
 def _problem(path: Path) -> str | None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights, weights_to_bytes
+from learner.checkpoint import load_latest_checkpoint, save_checkpoint, save_weights, weights_to_bytes
 from learner.compute import configure_compute
 from learner.config import Config, write_resolved
 from learner.dreamer.agent import Dreamer
@@ -86,9 +86,9 @@ class Server:
     def _build(self, spec: RunSpec) -> Dreamer:
         space, act = spaces_of(spec)
         agent = Dreamer(self.cfg.dreamer, space, act)
-        path = latest_checkpoint(self.logdir / "checkpoints")
-        if path is not None:
-            parts, meta = load_checkpoint(path)
+        found = load_latest_checkpoint(self.logdir / "checkpoints")  # skips (and names) corrupt ones
+        if found is not None:
+            path, parts, meta = found
             agent.load_state_dict({"model": parts["model"], "optimizer": parts["optimizer"],
                                    "updates": meta["updates"]})
             self.counters = ServeCounters(**meta["counters"])

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from learner.checkpoint import load_latest_checkpoint, save_checkpoint, save_weights
 from learner.compute import configure_compute
 from learner.config import Config, ConfigError, write_resolved
 from learner.dreamer.agent import Dreamer
@@ -73,10 +73,10 @@ class Trainer:
 
     # --- checkpoints
     def _resume(self) -> None:
-        path = latest_checkpoint(self.logdir / "checkpoints")
-        if path is None:
+        found = load_latest_checkpoint(self.logdir / "checkpoints")  # skips (and names) corrupt ones
+        if found is None:
             return
-        parts, meta = load_checkpoint(path)
+        path, parts, meta = found
         self.agent.load_state_dict({"model": parts["model"], "optimizer": parts["optimizer"],
                                     "updates": meta["updates"]})
         self.counters = Counters(**meta["counters"])

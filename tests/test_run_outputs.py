@@ -27,6 +27,7 @@ from learner.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_latest_checkpoint,
     load_weights,
     save_checkpoint,
     save_weights,
@@ -241,6 +242,32 @@ def test_corrupt_newest_falls_back(tmp_path: Path, damage: str) -> None:
         assert latest_checkpoint(tmp_path) == older
     with pytest.raises(CheckpointError, match=str(file.name)):
         load_checkpoint(newest)
+
+
+@pytest.mark.parametrize("damage", ["tensor data", "meta digit"])
+def test_load_latest_falls_back_past_flipped_bytes(tmp_path: Path, damage: str) -> None:
+    """Same size, still parseable: the tensor checksums, and the header's own digest, must tell."""
+    older = _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    if damage == "tensor data":
+        file = newest / "agent.safetensors"
+        data = bytearray(file.read_bytes())
+        data[-3] ^= 0xFF
+        file.write_bytes(bytes(data))
+    else:  # a digit of the metadata changes: valid JSON, wrong state
+        file = newest / "meta.json"
+        text = file.read_text()
+        assert '"step": 2' in text
+        file.write_text(text.replace('"step": 2', '"step": 7'))
+    with pytest.warns(CheckpointWarning, match=rf"ckpt-000000002.*{file.name}"):
+        found = load_latest_checkpoint(tmp_path)
+    assert found is not None
+    path, parts, meta = found
+    assert path == older and meta["step"] == 1
+    assert_same(parts, load_checkpoint(older)[0])
+    with pytest.raises(CheckpointError, match=file.name):
+        load_checkpoint(newest)
+    assert load_latest_checkpoint(tmp_path / "none") is None
 
 
 def test_save_replaces_same_step(tmp_path: Path) -> None:

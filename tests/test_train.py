@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from learner.checkpoint import CheckpointWarning, checkpoint_step
 from learner.cli import main as learner_main
 from learner.config import load_config
 from learner.dreamer.policy import Policy
@@ -121,3 +122,18 @@ def test_trains_on_a_gymnasium_env(tmp_path: Path) -> None:
     assert code == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["env_steps"] == 40 and summary["updates"] > 0
+
+
+def test_resume_falls_back_past_a_checkpoint_with_flipped_bytes(tmp_path: Path) -> None:
+    extra = ("train.eval_every=0", "train.checkpoint_every=20")
+    _run(tmp_path, "train.steps=60", *extra)
+    older, newest = sorted((tmp_path / "checkpoints").glob("ckpt-*"))[-2:]
+    file = newest / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-5] ^= 0xFF  # same size, header intact: only the checksum tells
+    file.write_bytes(bytes(data))
+    with pytest.warns(CheckpointWarning, match=rf"{newest.name}.*model.safetensors.*checksum"):
+        trainer = Trainer(load_config(CONFIG, [*FAST, "train.steps=80", *extra]), tmp_path, progress=False)
+    assert trainer.counters.env_steps == checkpoint_step(older)
+    summary = trainer.run()
+    assert summary["env_steps"] == 80

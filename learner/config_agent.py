@@ -44,6 +44,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "repval_scale": 0.3,
         "optimizer": "laprop",
         "replay_context": True,
+        "init_fan": "in",
+        "imag_cont": "prob",
     },
     "2023": {
         "norm": "layer",
@@ -54,13 +56,15 @@ RECIPES: dict[str, dict[str, Any]] = {
         "bins": "symlog",
         "kl_dyn": 0.5,
         "kl_rep": 0.1,
-        "retnorm_debias": True,
-        "critic_bootstrap": "slow",
+        "retnorm_debias": False,
+        "critic_bootstrap": "fast",
         "actor_grad_continuous": "dynamics",
         "policy_out_scale": 1.0,
         "repval_scale": 0.0,
         "optimizer": "adam",
         "replay_context": False,
+        "init_fan": "avg",
+        "imag_cont": "mode",
     },
 }
 
@@ -87,7 +91,12 @@ class DreamerConfig(Block):
     gru_blocks: int = Field(ge=1, description="blocks of the block-diagonal GRU (1 = a plain GRU)")
     gru_input_layers: bool = Field(description="deter, stoch and action each pass Linear+Norm+SiLU before the GRU")
     encoder: Literal["pool", "stride"] = Field(
-        description="image encoder: pool = stride-1 5x5 conv + 2x2 max-pool (2024); stride = 4x4 stride-2 conv (2023)"
+        description="image encoder and decoder: pool = stride-1 5x5 conv + 2x2 max-pool, decoder from a block-linear "
+        "spatial projection to a sigmoid (2024); stride = 4x4 stride-2 convs, unbounded decoder output (2023)"
+    )
+    init_fan: Literal["in", "avg"] = Field(
+        description="weight init: truncated normal with std sqrt(1/fan), fan = fan_in (2024) or the mean of fan_in "
+        "and fan_out (2023); biases 0"
     )
     cnn_mults: list[int] = Field(
         min_length=1, description="channel multipliers per CNN layer; each layer halves the resolution"
@@ -119,6 +128,11 @@ class DreamerConfig(Block):
         description="actor gradient for continuous actions: REINFORCE (2024) or backprop through the dynamics (2023)"
     )
     policy_out_scale: float = Field(gt=0, description="init scale of the actor's output layer")
+    imag_cont: Literal["prob", "mode"] = Field(
+        description="imagined continuation in the returns: the head's probability (2024) or its mode, 0 or 1 "
+        "with no gradient (2023: with dynamics backprop a probability lets the actor learn to 'end' imagined "
+        "episodes of a negative-reward task)"
+    )
     retnorm_rate: float = Field(0.01, gt=0, le=1, description="EMA rate of the return percentile range")
     retnorm_limit: float = Field(1.0, gt=0, description="floor of the return scale")
     retnorm_low: float = Field(5.0, ge=0, lt=100, description="low percentile of lambda-returns")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dreamer_helpers import FLAG_SPACE, make_cfg
+from dreamer_helpers import FLAG_SPACE, make_cfg, randomise_biases
 
 from learner.dreamer.agent import Dreamer
 from learner.dreamer.optim import LaProp
@@ -295,7 +295,7 @@ def test_replay_value_loss_reaches_the_world_model():
     data, _, post = _wm_pass(agent, make_batch(space, act))
     boot = torch.randn(data["reward"].shape)
     loss = agent.behavior.replay_value_loss(agent.wm.rssm.feat(post), data["reward"], data["is_terminal"],
-                                            data["is_first"], boot)
+                                            data["is_first"], data["is_last"], boot)
     loss.backward()
     assert some_grad(agent.wm.encoder.parameters()), "repval must reach the encoder"
     assert some_grad(agent.wm.rssm.parameters()), "repval must reach the sequence model"
@@ -423,6 +423,7 @@ def test_exported_policy_acts_like_the_trainer_policy(discrete):
     torch.manual_seed(0)
     agent = Dreamer(cfg, space, act)
     agent.train(make_batch(space, act))
+    randomise_biases(agent.model)  # biases the fast acting paths must carry
     with torch.no_grad():  # a sharper actor than the 0.01-scaled init, so actions are not all ties
         agent.behavior.actor.out.weight.mul_(100.0)
     blob = export_policy(agent.model, version=7)
@@ -463,6 +464,7 @@ def test_prepare_between_steps_gives_the_same_actions_and_is_used(discrete):
     cfg, space, act = make_cfg(), SPACES["mixed"], make_act(discrete)
     torch.manual_seed(0)
     agent = Dreamer(cfg, space, act)
+    randomise_biases(agent.model)
     with torch.no_grad():
         agent.behavior.actor.out.weight.mul_(100.0)
     policy = Policy.from_weights(export_policy(agent.model, version=1))
@@ -503,6 +505,7 @@ def test_split_first_layers_match_the_training_forward(recipe, discrete):
     cfg, space, act = make_cfg(recipe=recipe), SPACES["mixed"], make_act(discrete)
     torch.manual_seed(0)
     model = Dreamer(cfg, space, act).model
+    randomise_biases(model)  # 2024: the split layers have biases; each must be counted once
     rssm, actor = model.wm.rssm, model.behavior.actor
     with torch.no_grad():
         actor.out.weight.mul_(100.0)
@@ -518,8 +521,10 @@ def test_split_first_layers_match_the_training_forward(recipe, discrete):
         got = actor.from_part(actor.deter_part(deter), stoch.flatten(1)).mode()
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         # Either half alone is not the layer: a wrong deter half changes the result.
-        wrong = actor.from_part(actor.deter_part(torch.zeros_like(deter)), stoch.flatten(1)).mode()
-        assert not torch.allclose(wrong, expected)
+        wrong = actor.from_part(actor.deter_part(torch.zeros_like(deter)), stoch.flatten(1))
+        right = actor(feat)
+        params = (lambda d: d.logp) if discrete else (lambda d: d.mean)
+        assert not torch.allclose(params(wrong), params(right))
 
 
 @pytest.mark.parametrize("recipe", ["2024", "2023"])
@@ -565,7 +570,10 @@ def test_observe_equals_stepping_the_posterior_one_step_at_a_time(recipe):
         torch.testing.assert_close(prior[key], ref_prior[key], rtol=1e-5, atol=1e-5)
     assert grads.keys() == ref_grads.keys() and "post_net.0.weight" in grads and "prior_out.weight" in grads
     for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+        # Relative to the tensor's largest entry: gradients into a bias before an RMSNorm of a reset
+        # (all-zero) input are ~500, where float32 rounding alone differs by 1e-4.
+        atol = max(1e-5, 1e-6 * ref_grads[name].abs().max().item())
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=atol, msg=name)
 
 
 def test_policy_import_is_light(tmp_path):

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from dreamer_helpers import FLAG_SPACE, make_cfg
 
 from learner.config_agent import RECIPES, SIZES, DreamerConfig
-from learner.dreamer.actor import Actor
 from learner.dreamer.agent import Dreamer
 from learner.dreamer.behavior import Behavior, ReturnNorm
 from learner.dreamer.dists import (
@@ -251,14 +250,16 @@ def test_reward_and_critic_predict_exactly_zero_at_init(recipe):
     assert wm.cont_out.weight.abs().sum() > 0
 
 
-def test_policy_output_layer_scaled_in_2024():
-    act = ActSpace(3, True)
+@pytest.mark.parametrize("recipe", ["2024", "2023"])
+def test_policy_output_layer_scaled_per_recipe(recipe):
+    """The actor's output layer starts at `policy_out_scale` (0.01 in 2024) times the recipe's init."""
+    cfg = make_cfg(recipe)
     torch.manual_seed(0)
-    a24 = Actor(make_cfg("2024"), 40, act)
-    torch.manual_seed(0)
-    a23 = Actor(make_cfg("2023"), 40, act)
-    torch.testing.assert_close(a24.out.weight, 0.01 * a23.out.weight)
-    assert torch.all(a24.out.bias == 0)
+    actor = Behavior(make_cfg(recipe, units=256), 256, ActSpace(64, False)).actor
+    fan = 256 if cfg.init_fan == "in" else (256 + 128) / 2
+    expected = cfg.policy_out_scale / math.sqrt(fan)
+    assert abs(actor.out.weight.std().item() / expected - 1) < 0.03
+    assert torch.all(actor.out.bias == 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -771,8 +772,8 @@ def test_recipe_presets_match_the_table():
         "kl_dyn": (0.5, 1.0), "norm": ("layer", "rms"), "bins": ("symlog", "symexp"), "gru_blocks": (1, 8),
         "gru_input_layers": (False, True), "encoder": ("stride", "pool"), "optimizer": ("adam", "laprop"),
         "repval_scale": (0.0, 0.3), "replay_context": (False, True), "actor_grad_continuous": ("dynamics", "reinforce"),
-        "critic_bootstrap": ("slow", "fast"),
-        "cnn_mults": ([1, 2, 4, 8], [2, 3, 4, 4]), "policy_out_scale": (1.0, 0.01), "retnorm_debias": (True, False),
+        "init_fan": ("avg", "in"), "imag_cont": ("mode", "prob"),
+        "cnn_mults": ([1, 2, 4, 8], [2, 3, 4, 4]), "policy_out_scale": (1.0, 0.01),
     }
     for key, (v23, v24) in differ.items():
         assert getattr(c23, key) == v23, key
@@ -783,6 +784,8 @@ def test_recipe_presets_match_the_table():
         "retnorm_high": 95.0, "slow_critic_rate": 0.02, "slow_critic_reg": 1.0, "lr": 4e-5, "agc": 0.3,
         "agc_pmin": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-20, "warmup": 1000, "model_lr": 1e-4,
         "model_eps": 1e-8, "model_clip": 1000.0, "ac_lr": 3e-5, "ac_eps": 1e-5, "ac_clip": 100.0,
+        # Both official codes bootstrap from the fast critic and keep the return range undebiased.
+        "critic_bootstrap": "fast", "retnorm_debias": False,
     }
     for key, value in same.items():
         assert getattr(c23, key) == getattr(c24, key) == value, key

@@ -29,8 +29,10 @@ class Actor(nn.Module):
 
     # --- acting: the first layer split in two, so the deter part can run before the observation
     def deter_part(self, deter: Tensor) -> Tensor:
-        """The first layer applied to the deter part of the features alone."""
-        return F.linear(deter, self.net[0][0].weight[:, : deter.shape[-1]])
+        """The first layer applied to the deter part of the features alone, with the layer's bias
+        (the stoch part adds none)."""
+        layer = self.net[0][0]
+        return F.linear(deter, layer.weight[:, : deter.shape[-1]], layer.bias)
 
     def from_part(self, deter_part: Tensor, stoch: Tensor) -> OneHotDist | BoundedNormal:
         """The distribution from `deter_part(deter)` and the flat stoch: `forward(feat)` up to

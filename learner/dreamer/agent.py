@@ -158,7 +158,10 @@ class Dreamer:
             reward, cont_logit = wm.heads(feat)
         reward = reward.mean()
         reward = torch.cat([torch.zeros_like(reward[:1]), reward[1:]], 0)
-        cont = torch.cat([(1.0 - data["is_terminal"]).reshape(1, -1), torch.sigmoid(cont_logit[1:])], 0)
+        # 2023: the head's mode, 0 or 1 with no gradient (with dynamics backprop, a probability would
+        # let the actor lower the predicted continuation to escape negative rewards).
+        imag_cont = torch.sigmoid(cont_logit[1:]) if cfg.imag_cont == "prob" else (cont_logit[1:] > 0).float()
+        cont = torch.cat([(1.0 - data["is_terminal"]).reshape(1, -1), imag_cont], 0)
         ac_loss, start_return, ac_metrics = beh.loss(feat.float(), actions, reward, cont,
                                                      policy=beh.actor.dist(torch.stack(outs).float()))
         metrics.update(ac_metrics)
@@ -166,7 +169,7 @@ class Dreamer:
         if cfg.repval_scale > 0:
             replay_feat = wm.rssm.feat(post)
             repval = beh.replay_value_loss(replay_feat, data["reward"], data["is_terminal"], data["is_first"],
-                                           start_return.reshape(b, t))
+                                           data["is_last"], start_return.reshape(b, t))
             loss = loss + cfg.repval_scale * repval
             metrics["ac/repval_loss"] = repval.detach()
         metrics["loss"] = loss.detach()

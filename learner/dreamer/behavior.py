@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from learner.config_agent import DreamerConfig
 from learner.dreamer.actor import Actor
 from learner.dreamer.dists import BoundedNormal, OneHotDist, TwoHot, make_bins
-from learner.dreamer.layers import MLP, zero_linear
+from learner.dreamer.layers import MLP, init_params_, zero_linear
 from learner.dreamer.onehot import OneHotCols
 from learner.dreamer.preprocess import ActSpace
 
@@ -74,6 +74,7 @@ class Behavior(nn.Module):
         self.cfg, self.act_space = cfg, act
         self.actor = Actor(cfg, feat_dim, act, onehot)
         self.critic = Critic(cfg, feat_dim, onehot)
+        init_params_(self, cfg.init_fan)  # before the copy: the slow critic starts equal to the critic
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.retnorm = ReturnNorm(cfg)
 
@@ -104,12 +105,15 @@ class Behavior(nn.Module):
         sg_feat = feat.detach()
         critic = self.critic(sg_feat)  # one pass over s_0..s_H serves values, baseline and loss
         value = critic.mean()
-        if cfg.critic_bootstrap == "fast" and self.uses_dynamics_grad():
-            # Critic weights as constants: dynamics gradients pass through, the critic is not trained.
+        if self.uses_dynamics_grad():
+            # The fast critic's values with its weights as constants: dynamics gradients pass
+            # through them (bootstrap and baseline), the actor's loss does not train the critic.
             weights = {k: v.detach() for k, v in self.critic.named_parameters()}
-            boot = torch.func.functional_call(self.critic, weights, (feat,)).mean()
-        elif cfg.critic_bootstrap == "fast":
-            boot = value.detach()
+            fast = torch.func.functional_call(self.critic, weights, (feat,)).mean()
+        else:
+            fast = value.detach()
+        if cfg.critic_bootstrap == "fast":
+            boot = fast
         else:  # the slow critic has no trainable parameters, so dynamics gradients may pass through it
             boot = self.slow_critic(feat if self.uses_dynamics_grad() else sg_feat).mean()
         ret = lambda_return(reward, disc, boot, cfg.lam)
@@ -117,11 +121,10 @@ class Behavior(nn.Module):
         scale = self.retnorm.scale()
         if policy is None:
             policy = self.actor(sg_feat[:-1])
-        if self.uses_dynamics_grad():
-            actor_loss = -ret / scale  # gradient flows back through the imagined dynamics
-        else:
-            adv = ((ret - value[:-1]) / scale).detach()
-            actor_loss = -policy.log_prob(action.detach()) * adv
+        adv = (ret - fast[:-1]) / scale  # the baseline v(s_t) on the imagined trajectory
+        # Dynamics backprop: the gradient flows back through the imagined trajectory; REINFORCE: the
+        # advantage is a constant weight on the log-probability.
+        actor_loss = -adv if self.uses_dynamics_grad() else -policy.log_prob(action.detach()) * adv.detach()
         entropy = policy.entropy()
         actor_loss = (weight[:-1] * (actor_loss - cfg.entropy * entropy)).mean()
         dist = TwoHot(critic.logits[:-1], critic.bins, critic.kind)
@@ -136,16 +139,19 @@ class Behavior(nn.Module):
             "ac/entropy": entropy.detach().mean(), "ac/return": ret.detach().mean(),
             "ac/value": value.detach().mean(), "ac/return_scale": scale.detach(),
             "ac/imag_reward": reward[1:].detach().mean(),
+            "ac/adv": adv.detach().mean(), "ac/adv_std": adv.detach().std(), "ac/adv_mag": adv.detach().abs().mean(),
         }
         return total, ret[0].detach(), metrics
 
     def replay_value_loss(
-        self, feat: Tensor, reward: Tensor, is_terminal: Tensor, is_first: Tensor, boot: Tensor
+        self, feat: Tensor, reward: Tensor, is_terminal: Tensor, is_first: Tensor, is_last: Tensor, boot: Tensor
     ) -> Tensor:
         """Critic loss on replayed sequences (B, T); gradients reach the world model through `feat`.
 
         Targets are lambda-returns of the real rewards, bootstrapped by each state's imagined
-        return `boot`; a sequence is cut where the next step starts a new episode.
+        return `boot`; a sequence is cut where the next step starts a new episode. The last step of
+        an episode has no target of its own (no real step follows it in its episode; at a terminal
+        one the imagined return is meaningless), so its loss is masked out, as officially.
         """
         cfg = self.cfg
         disc = cfg.gamma * (1.0 - is_terminal)
@@ -157,4 +163,4 @@ class Behavior(nn.Module):
         dist = self.critic(feat[:, :-1])
         slow_target = self.slow_critic(feat[:, :-1].detach()).mean().detach()
         loss = -dist.log_prob(target) - cfg.slow_critic_reg * dist.log_prob(slow_target)
-        return loss.mean()
+        return (loss * (1.0 - is_last[:, :-1])).mean()

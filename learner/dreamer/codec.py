@@ -53,7 +53,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Features -> images (mean in [-0.5, 0.5] space) and vectors (in symlog space)."""
+    """Features [deter, stoch] -> images (mean in [-0.5, 0.5] space) and vectors (in symlog space)."""
 
     def __init__(self, cfg: DreamerConfig, space: ObsSpace, keys: ObsKeys, feat_dim: int,
                  onehot: OneHotCols | None = None) -> None:
@@ -63,7 +63,7 @@ class Decoder(nn.Module):
         if keys.images:
             h, w, c = _image_shape(space, keys, len(cfg.cnn_mults))
             chans = cnn_channels(cfg.cnn_depth, cfg.cnn_mults)
-            self.cnn = ConvDecoder(feat_dim, c, chans, cfg.encoder, cfg.norm, (h, w), onehot)
+            self.cnn = ConvDecoder(feat_dim, c, chans, cfg.encoder, cfg.norm, (h, w), onehot, cfg.deter, cfg.units)
         if keys.vectors:
             self.mlp = MLP(feat_dim, cfg.mlp_layers, cfg.units, cfg.norm, onehot)
             self.vec_out = nn.Linear(cfg.units, sum(self.dims.values()))

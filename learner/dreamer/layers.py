@@ -89,11 +89,21 @@ def linear(inp: int, out: int, onehot: OneHotCols | None = None, bias: bool = Tr
     return nn.Linear(inp, out, bias=bias) if onehot is None else OneHotLinear(inp, out, onehot, bias=bias)
 
 
+def norm_keeps_bias(norm: str) -> bool:
+    """Whether a Linear or Conv followed by `norm` needs its own bias.
+
+    LayerNorm (2023) re-centres and adds a learned shift, so a bias before it is redundant. RMSNorm
+    (2024) has no shift: without a bias the layer's output is rescaled to unit RMS whatever its
+    input's size, so it sees only the input's direction (an action of 0.2 and of 1.0 look alike).
+    """
+    return norm == "rms"
+
+
 class Dense(nn.Sequential):
     """Linear -> Norm -> SiLU: the unit every MLP of DreamerV3 is made of."""
 
     def __init__(self, inp: int, out: int, norm: str, onehot: OneHotCols | None = None) -> None:
-        super().__init__(linear(inp, out, onehot, bias=False), Norm(out, norm), nn.SiLU())
+        super().__init__(linear(inp, out, onehot, bias=norm_keeps_bias(norm)), Norm(out, norm), nn.SiLU())
 
 
 class MLP(nn.Sequential):
@@ -113,14 +123,16 @@ def mlps_on(x: Tensor, mlps: Sequence[MLP]) -> list[Tensor]:
     summed inside one product instead of arriving as one full-size tensor per head to be added up.
     """
     firsts = [mlp[0][0] for mlp in mlps if len(mlp)]
-    if len(firsts) < max(2, len(mlps)) or any(f.bias is not None for f in firsts):
-        return [mlp(x) for mlp in mlps]  # nothing to share: one MLP, an empty one, or biases
+    with_bias = {f.bias is not None for f in firsts}
+    if len(firsts) < max(2, len(mlps)) or len(with_bias) > 1:
+        return [mlp(x) for mlp in mlps]  # nothing to share: one MLP, an empty one, or unlike layers
     weight = torch.cat([f.weight for f in firsts])
+    bias = torch.cat([f.bias for f in firsts]) if with_bias.pop() else None
     # One-hot columns shared by all (OneHotLinear), else a plain product: both are exact, as the
     # gather checks its input.
     cols = {getattr(f, "cols", None) for f in firsts}
     shared = cols.pop() if len(cols) == 1 else None
-    hidden = F.linear(x, weight) if shared is None else onehot_linear(x, weight, None, shared)
+    hidden = F.linear(x, weight, bias) if shared is None else onehot_linear(x, weight, bias, shared)
     outs = []
     for mlp, h in zip(mlps, hidden.split([f.out_features for f in firsts], -1)):
         for layer in [*list(mlp[0])[1:], *list(mlp)[1:]]:  # the first unit's norm and SiLU, then the rest
@@ -135,11 +147,11 @@ class BlockLinear(nn.Module):
     def __init__(self, inp: int, out: int, blocks: int) -> None:
         super().__init__()
         self.blocks = blocks
-        bound = 1.0 / math.sqrt(inp)
         # (blocks, out, inp), as nn.Linear: each output's weights are contiguous, which makes the
         # matrix-vector products of acting (batch 1) read memory in order (~2-3x faster on CPU).
-        self.weight = nn.Parameter(torch.empty(blocks, out, inp).uniform_(-bound, bound))
+        self.weight = nn.Parameter(torch.empty(blocks, out, inp))
         self.bias = nn.Parameter(torch.zeros(blocks, out))
+        init_weight_(self.weight, "in")
 
     SMALL_BATCH = 64  # below it W @ x^T (matrix-vector like) is faster than x @ W^T on CPU
 
@@ -150,18 +162,60 @@ class BlockLinear(nn.Module):
         return torch.baddbmm(self.bias[:, None], x.transpose(0, 1), self.weight.transpose(1, 2)).transpose(0, 1)
 
 
+# --- initialisation
+TRUNC_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+
+
+def fans(weight: Tensor, transposed: bool = False) -> tuple[int, int]:
+    """(fan_in, fan_out) of a Linear (out, in), Conv (out, in, k, k), transposed Conv (in, out, k, k)
+    or BlockLinear (blocks, out, in) weight. A block-diagonal layer's fans are its whole input and
+    output, not one block's: each output mixes one block, but the layer's input is the whole vector."""
+    if weight.ndim == 2:
+        return weight.shape[1], weight.shape[0]
+    if weight.ndim == 3:  # BlockLinear
+        return weight.shape[0] * weight.shape[2], weight.shape[0] * weight.shape[1]
+    space = math.prod(weight.shape[2:])
+    out, inp = weight.shape[:2] if not transposed else weight.shape[1::-1]
+    return inp * space, out * space
+
+
+@torch.no_grad()
+def init_weight_(weight: Tensor, fan: str, scale: float = 1.0, transposed: bool = False) -> None:
+    """Truncated normal in [-2, 2] std with std sqrt(1 / fan) after truncation, times `scale`.
+
+    fan "in" (2024) or "avg" (2023, the mean of fan_in and fan_out). torch's default (uniform with
+    bound 1/sqrt(fan_in)) has a std 1.7x smaller.
+    """
+    fan_in, fan_out = fans(weight, transposed)
+    size = fan_in if fan == "in" else (fan_in + fan_out) / 2
+    nn.init.trunc_normal_(weight, 0.0, 1.0, -2.0, 2.0)
+    weight.mul_(scale * math.sqrt(1.0 / size) / TRUNC_STD)
+
+
+def init_params_(module: nn.Module, fan: str) -> None:
+    """Initialise every Linear, Conv and BlockLinear in `module` as the recipe does; biases 0.
+
+    A layer with an `outscale` attribute (output layers) has its weights scaled by it (0: zeros).
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear | nn.Conv2d | nn.ConvTranspose2d | BlockLinear):
+            init_weight_(layer.weight, fan, getattr(layer, "outscale", 1.0),
+                         transposed=isinstance(layer, nn.ConvTranspose2d))
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 def zero_linear(inp: int, out: int) -> nn.Linear:
     """Output layer that starts at exactly zero (reward and critic heads predict 0 at first)."""
-    layer = nn.Linear(inp, out)
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
+    return scaled_linear(inp, out, 0.0)
 
 
 def scaled_linear(inp: int, out: int, scale: float) -> nn.Linear:
+    """Output layer whose initial weights are scaled by `scale` (kept by `init_params_`)."""
     layer = nn.Linear(inp, out)
+    layer.outscale = scale
+    init_weight_(layer.weight, "in", scale)
     with torch.no_grad():
-        layer.weight.mul_(scale)
         layer.bias.zero_()
     return layer
 
@@ -173,8 +227,9 @@ def cnn_channels(depth: int, mults: list[int]) -> list[int]:
 class ConvEncoder(nn.Module):
     """Images (N, C, H, W) in [-0.5, 0.5] -> flat features.
 
-    pool (2024): 5x5 stride-1 conv + norm + SiLU + 2x2 max-pool per layer; stride (2023): 4x4
-    stride-2 conv + norm + SiLU. Either halves the resolution per layer.
+    pool (2024): 5x5 stride-1 conv (with bias) -> 2x2 max-pool -> RMSNorm -> SiLU per layer; pooling
+    before the norm makes the norm run on a quarter of the pixels. stride (2023): 4x4 stride-2 conv
+    (no bias) -> LayerNorm -> SiLU. Either halves the resolution per layer.
     """
 
     def __init__(self, in_ch: int, chans: list[int], kind: str, norm: str, size: tuple[int, int]) -> None:
@@ -182,12 +237,13 @@ class ConvEncoder(nn.Module):
         self.kind = kind
         layers: list[nn.Module] = []
         h, w = size
+        bias = norm_keeps_bias(norm)
         for out in chans:
             if kind == "pool":
-                layers += [nn.Conv2d(in_ch, out, 5, 1, 2, bias=False), ChannelNorm(out, norm), nn.SiLU(),
-                           nn.MaxPool2d(2)]
+                layers += [nn.Conv2d(in_ch, out, 5, 1, 2, bias=bias), nn.MaxPool2d(2), ChannelNorm(out, norm),
+                           nn.SiLU()]
             else:
-                layers += [nn.Conv2d(in_ch, out, 4, 2, 1, bias=False), ChannelNorm(out, norm), nn.SiLU()]
+                layers += [nn.Conv2d(in_ch, out, 4, 2, 1, bias=bias), ChannelNorm(out, norm), nn.SiLU()]
             in_ch, h, w = out, h // 2, w // 2
         self.net = nn.Sequential(*layers)
         self.out_shape = (in_ch, h, w)
@@ -197,27 +253,67 @@ class ConvEncoder(nn.Module):
         return self.net(x).flatten(1)
 
 
+SPATIAL_BLOCKS = 8  # blocks of the 2024 decoder's deter -> first-feature-map projection (official: 8)
+
+
+class SpatialProjection(nn.Module):
+    """The 2024 decoder's first feature map from [deter, stoch]: a block-linear map of deter (each
+    block of deter writes its own channel group of every pixel) plus an MLP of stoch, then norm and
+    SiLU. Far fewer weights than one dense layer from all of [deter, stoch] to every pixel."""
+
+    def __init__(self, deter: int, stoch: int, units: int, shape: tuple[int, int, int], norm: str,
+                 onehot: OneHotCols | None = None) -> None:
+        super().__init__()
+        c, h, w = shape
+        self.deter, self.shape = deter, shape
+        self.blocks = math.gcd(SPATIAL_BLOCKS, deter, c)
+        self.from_deter = BlockLinear(deter // self.blocks, h * w * c // self.blocks, self.blocks)
+        stoch_cols = None if onehot is None else OneHotCols(0, stoch, onehot.classes)
+        self.from_stoch = nn.Sequential(Dense(stoch, 2 * units, norm, stoch_cols), nn.Linear(2 * units, c * h * w))
+        self.norm = ChannelNorm(c, norm)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        c, h, w = self.shape
+        deter, stoch = feat[:, : self.deter], feat[:, self.deter :]
+        # Block k's outputs are its channel group (c / blocks channels) at every pixel.
+        x0 = self.from_deter(deter.reshape(deter.shape[0], self.blocks, -1)).reshape(-1, c, h, w)
+        x1 = self.from_stoch(stoch).reshape(-1, c, h, w)
+        return F.silu(self.norm(x0 + x1))
+
+
 class ConvDecoder(nn.Module):
-    """Flat features -> images (N, C, H, W), mirroring the encoder (nearest upsampling + conv)."""
+    """Flat features [deter, stoch] -> images (N, C, H, W) in [-0.5, 0.5] space, mirroring the encoder.
+
+    pool (2024): the spatial projection, then per layer nearest 2x upsampling + 5x5 conv (+ norm +
+    SiLU but the last), and a sigmoid: the image mean in [0, 1], shifted by -0.5 to compare with the
+    encoder's inputs (the same loss as the sigmoid against [0, 1] pixels). stride (2023): one dense
+    layer to the first map, transposed 4x4 stride-2 convs, an unbounded output.
+    """
 
     def __init__(self, inp: int, out_ch: int, chans: list[int], kind: str, norm: str, size: tuple[int, int],
-                 onehot: OneHotCols | None = None) -> None:
+                 onehot: OneHotCols | None = None, deter: int = 0, units: int = 0) -> None:
         super().__init__()
         chans = chans[::-1]
         h, w = size[0] >> len(chans), size[1] >> len(chans)
         self.start = (chans[0], h, w)
-        self.linear = linear(inp, chans[0] * h * w, onehot)
+        self.sigmoid = kind == "pool"
+        if kind == "pool":
+            self.linear = SpatialProjection(deter, inp - deter, units, self.start, norm, onehot)
+        else:
+            self.linear = linear(inp, chans[0] * h * w, onehot)
         layers: list[nn.Module] = []
         outs = [*chans[1:], out_ch]
         for i, (cin, cout) in enumerate(zip(chans, outs)):
             last = i == len(chans) - 1
+            bias = last or norm_keeps_bias(norm)
             if kind == "pool":
-                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 5, 1, 2, bias=last)]
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 5, 1, 2, bias=bias)]
             else:
-                layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=last)]
+                layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=bias)]
             if not last:
                 layers += [ChannelNorm(cout, norm), nn.SiLU()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(self.linear(x).reshape(-1, *self.start))
+        out = self.net(self.linear(x).reshape(-1, *self.start))
+        return torch.sigmoid(out) - 0.5 if self.sigmoid else out

@@ -37,7 +37,7 @@ class RSSM(nn.Module):
             self.in_stoch = Dense(self.stoch_dim, h, cfg.norm, stoch_cols)
             self.in_action = Dense(act_dim, h, cfg.norm)
             self.core_hidden = BlockLinear(3 * h + d // g, d // g, g)
-            self.core_norm = Norm(d // g, cfg.norm)
+            self.core_norm = Norm(d, cfg.norm)  # over all of deter, one deter-wide scale (not per block)
             self.gates = BlockLinear(d // g, 3 * d // g, g)
             self.gates_norm = None
             img_layers = 2
@@ -74,7 +74,7 @@ class RSSM(nn.Module):
         if self.cfg.gru_input_layers:
             x = torch.cat([self.in_deter(deter), self.in_stoch(stoch), self.in_action(action)], -1)
             x = torch.cat([x[:, None].expand(b, g, x.shape[-1]), deter.reshape(b, g, -1)], -1)
-            x = torch.nn.functional.silu(self.core_norm(self.core_hidden(x)))
+            x = F.silu(self.core_norm(self.core_hidden(x).reshape(b, -1))).reshape(b, g, -1)
             parts = self.gates(x)
         else:
             x = self.in_joint(torch.cat([stoch, action], -1))
@@ -121,11 +121,13 @@ class RSSM(nn.Module):
         return self._gru(state["deter"], state["stoch"], action)
 
     def post_deter_part(self, deter: Tensor) -> Tensor:
-        """The posterior's first layer applied to `deter` alone (its weights' deter columns)."""
-        return F.linear(deter, self.post_net[0].weight[:, : self.deter])
+        """The posterior's first layer applied to `deter` alone (its weights' deter columns), with
+        the layer's bias: the embedding half adds none, so the two halves sum to the layer."""
+        layer = self.post_net[0]
+        return F.linear(deter, layer.weight[:, : self.deter], layer.bias)
 
     def post_embed_part(self, embed: Tensor) -> Tensor:
-        """The posterior's first layer applied to the embedding alone (any leading axes)."""
+        """The posterior's first layer applied to the embedding alone (any leading axes), no bias."""
         return F.linear(embed, self.post_net[0].weight[:, self.deter :])
 
     def post_from_parts(self, deter: Tensor, deter_part: Tensor, embed_part: Tensor) -> State:

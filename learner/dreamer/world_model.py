@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from learner.config_agent import DreamerConfig
 from learner.dreamer.codec import Decoder, Encoder
 from learner.dreamer.dists import TwoHot, categorical_kl, make_bins, symlog
-from learner.dreamer.layers import MLP, mlps_on, zero_linear
+from learner.dreamer.layers import MLP, init_params_, mlps_on, zero_linear
 from learner.dreamer.preprocess import ActSpace, ObsKeys, ObsSpace
 from learner.dreamer.rssm import RSSM, State
 
@@ -28,6 +28,7 @@ class WorldModel(nn.Module):
         self.cont_net = MLP(self.feat_dim, cfg.head_layers, cfg.units, cfg.norm, cols)
         self.cont_out = nn.Linear(cfg.units, 1)
         self.register_buffer("bins", make_bins(cfg.bins, cfg.num_bins, cfg.bin_limit), persistent=False)
+        init_params_(self, cfg.init_fan)
 
     def reward(self, feat: Tensor) -> TwoHot:
         return self._reward_from(self.reward_net(feat))

@@ -7,6 +7,8 @@ Timings are shortened (heartbeat 0.1 s); every wait is for an event with a gener
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import shutil
 import time
 import uuid
@@ -17,6 +19,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 import torch
 import zmq
 from link_helpers import DEADLINE, HELLO, ROBOT, SPEC, wait_for
@@ -24,7 +27,7 @@ from link_helpers import DEADLINE, HELLO, ROBOT, SPEC, wait_for
 from learner.checkpoint import weights_from_bytes, weights_to_bytes
 from learner.config_link import LinkConfig
 from learner.link.protocol import Message, decode, encode, weights_checksum
-from learner.link.security import ClientKeys, ServerKeys, create_keypair
+from learner.link.security import ClientKeys, ServerKeys, create_keypair, secure_client
 from learner.link.server import SPEC_FILE, LinkServer
 from learner.replay import Replay
 from learner.replay.chunk import NAME_RE, read_chunk
@@ -85,11 +88,15 @@ def robot_link(server: LinkServer, spool_dir: Path, robot: str = ROBOT, **kw: An
 class RawRobot:
     """A DEALER that speaks the protocol by hand (or breaks it on purpose)."""
 
-    def __init__(self, endpoint: str, robot: str = "raw-1") -> None:
+    def __init__(self, endpoint: str, robot: str = "raw-1", keys: ClientKeys | None = None,
+                 routing_id: bytes | None = None) -> None:
         self.robot, self.run = robot, uuid.uuid4().hex
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if routing_id is not None:
+            self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        secure_client(self.sock, endpoint, keys, logging.getLogger("test.raw-robot"))
         self.sock.connect(endpoint)
         self.heard: list[Message] = []
 
@@ -141,8 +148,8 @@ class RawRobot:
 
 
 @contextmanager
-def raw_robot(server: LinkServer, robot: str = "raw-1") -> Iterator[RawRobot]:
-    peer = RawRobot(server.endpoint, robot)
+def raw_robot(server: LinkServer, robot: str = "raw-1", **kw: Any) -> Iterator[RawRobot]:
+    peer = RawRobot(server.endpoint, robot, **kw)
     try:
         yield peer
     finally:
@@ -362,6 +369,86 @@ def test_hello_with_a_layout_the_replay_cannot_store_is_refused(tmp_path: Path) 
         assert reply.kind == "bye" and server.spec is None
 
 
+def test_hello_declaring_a_step_too_big_to_allocate_is_refused_and_the_server_lives(tmp_path: Path) -> None:
+    """Dimensions numpy accepts but no machine can allocate (issue 20 item 7) get a bye with the reason."""
+    with learner(tmp_path) as server, raw_robot(server, "huge-1") as huge:
+        for dims in ([2**34], [2**40], [2**48], [2**20, 2**20, 2**20], [0, 2**62]):
+            meta = HELLO | {"spec": SPEC | {"obs": ["float32", dims]}}
+            huge.send_raw([_header(k="hello", r="huge-1", u=huge.run, m=meta)])  # `encode` would refuse it here
+            reply = huge.expect({"welcome", "bye"})
+            assert reply.kind == "bye" and "limit" in reply.meta["reason"], (dims, reply.meta)
+            server.check()
+        assert server.spec is None and not (tmp_path / "run" / SPEC_FILE).exists()
+        with robot_link(server, tmp_path / "spool") as link:
+            link.submit(chunk(0))
+            wait_for(lambda: link.status().acked == 0, "a good robot is served after the refusals")
+        assert stream_steps(server) == {ROBOT: T}
+
+
+def test_hello_whose_single_step_exceeds_the_message_limit_is_refused(tmp_path: Path) -> None:
+    with learner(tmp_path, max_message_mb=1.0) as server, raw_robot(server, "big-1") as big:
+        reply = big.hello(spec=SPEC | {"image": ["uint8", [1024, 1024, 3]]})  # 3 MiB a step, 1 MiB a message
+        assert reply.kind == "bye" and "link.max_message_mb" in reply.meta["reason"], reply.meta
+        assert server.spec is None
+
+
+def test_a_forged_hello_cannot_make_a_robot_delete_its_unsent_chunks(tmp_path: Path) -> None:
+    """Issue 20 item 2: a hello's `first_pending` (no Reverie robot sends it) moved the learner's position for
+    that robot id, so the real robot's next welcome told it to skip ahead and it deleted spooled chunks."""
+    spool_dir = tmp_path / "spool"
+    with learner(tmp_path) as server:
+        with robot_link(server, spool_dir) as link:
+            link.submit(chunk(0))
+            wait_for(lambda: link.status().acked == 0 and link.status().spool_count == 0, "chunk 0 stored")
+        offline = RobotLink(server.endpoint, ROBOT, Spool(spool_dir, 1 << 26), HELLO)  # never started: spools only
+        for i in range(1, 5):
+            offline.submit(chunk(i))
+        offline.close()
+        assert Spool(spool_dir, 1 << 26).pending() == [1, 2, 3, 4]
+        with raw_robot(server, ROBOT) as forger:
+            reply = forger.hello(first_pending=25)
+            assert reply.kind == "welcome" and reply.meta["next_seq"] == 1  # only what the learner stored counts
+        with robot_link(server, spool_dir) as link:
+            wait_for(lambda: link.status().acked == 4 and link.status().spool_count == 0,
+                     "the real robot's spooled chunks delivered")
+        assert server.replay.source_position(ROBOT) == (4, T - 1, T)
+        np.testing.assert_array_equal(on_disk(server.replay, ROBOT)["time"], times(*range(5)))
+
+
+def test_heartbeat_metadata_is_kept_as_short_plain_values(tmp_path: Path) -> None:
+    """msgpack bin values in a heartbeat used to reach summary.json (not JSON: no summary at shutdown, issue 20
+    item 10) and long or multi-line values reached the status table in full (item 15)."""
+    meta = {"version": b"\x00\xff", "spool_count": "7\nWARNING reverie.link: forged", "steps": 12, "rate": 1.5,
+            "ok": True, "none": None, "big": "x" * 50_000, "nested": {"a": [1, b"2"]}}
+    meta |= {f"extra{i}": i for i in range(100)}
+    with learner(tmp_path) as server, raw_robot(server, "hb-1") as robot:
+        robot.hello()
+        robot.say("heartbeat", meta=meta)
+        wait_for(lambda: "hb-1" in server.robots and server.robots["hb-1"].stats, "the heartbeat received")
+        stats = server.robots["hb-1"].stats
+        json.dumps(server.robot_table())  # what summary.json holds
+        assert (stats["steps"], stats["rate"], stats["ok"], stats["none"]) == (12, 1.5, True, None)
+        assert all(isinstance(v, str | int | float | bool | type(None)) for v in stats.values())
+        assert all(len(str(k)) <= 64 and len(str(v)) <= 100 for k, v in stats.items())
+        assert "\n" not in stats["spool_count"] and stats["spool_count"].startswith("7")
+        assert len(stats) <= 32
+
+
+def test_peer_identities_and_names_cannot_forge_log_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 20 item 15: a connection identity, run id or spec name with a newline wrote a line of its own."""
+    caplog.set_level(logging.INFO, logger="reverie.link")
+    forged = "\nWARNING reverie.link: robot rover-1 lost"
+    with learner(tmp_path) as server, raw_robot(server, "odd-1", routing_id=f"evil{forged}".encode()) as evil:
+        evil.send_raw([b"\x93junk"])  # malformed header: logged with the peer's identity
+        evil.run = f"r{forged}"
+        assert evil.hello(spec=SPEC | {f"cam{forged}": ["float32", [1]]}).kind == "welcome"
+        wait_for(lambda: server.rejects.total == 1, "the malformed message counted")
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("reverie.link")]
+    assert any("evil\\n" in line for line in lines), lines  # shown, escaped
+    assert any("r\\nWARN" in line for line in lines) and any("cam\\nWARN" in line for line in lines), lines
+    assert not [line for line in lines if "\n" in line or "\r" in line]
+
+
 # --- security and weights -------------------------------------------------------------------------------------
 
 
@@ -388,6 +475,45 @@ def test_curve_allowed_robot_is_stored_and_unknown_key_gets_nothing(tmp_path: Pa
         assert stream_steps(server) == {"r1": 2 * T}
         assert {row["robot"] for row in server.robot_table()} == {"r1"}
         np.testing.assert_array_equal(on_disk(server.replay, "r1")["time"], times(0, 1))
+
+
+def test_curve_binds_a_robot_id_to_the_first_key_that_used_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 20 item 2 with CURVE: any allowed key could claim another robot's id, store its own chunks under
+    that robot's numbers and so make the real robot's chunks duplicates (acknowledged, deleted, never stored)."""
+    caplog.set_level(logging.WARNING, logger="reverie.link")
+    learner_pub, learner_sec = create_keypair(tmp_path / "keys", "learner")
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    secrets = {}
+    for name in ("r1", "r2"):
+        public, secrets[name] = create_keypair(tmp_path / "keys", name)
+        shutil.copy(public, allow / f"{name}.key")
+    server_keys = ServerKeys(learner_sec, allow)
+    own, other = ClientKeys(secrets["r1"], learner_pub), ClientKeys(secrets["r2"], learner_pub)
+    with learner(tmp_path, keys=server_keys) as server, \
+            robot_link(server, tmp_path / "spool", "r1", keys=own) as real:
+        real.submit(chunk(0, mark=1.0))
+        wait_for(lambda: real.status().acked == 0, "the real r1's first chunk stored")
+        with raw_robot(server, "r1", keys=other) as forger:
+            reply = forger.hello()
+            assert reply.kind == "bye" and "key" in reply.meta["reason"], reply.meta
+            forger.steps(1, chunk(1, mark=9.0))  # taken, it would make the real chunk 1 a "duplicate"
+            wait_for(lambda: server.rejects.total >= 2, "the forger's hello and steps refused")
+        for i in (1, 2):
+            real.submit(chunk(i, mark=1.0))
+        wait_for(lambda: real.status().acked == 2 and real.status().spool_count == 0, "the real chunks stored")
+        stored = on_disk(server.replay, "r1")
+        np.testing.assert_array_equal(stored["time"], times(0, 1, 2))
+        assert (stored["obs"] == 1.0).all()
+        with raw_robot(server, "r2", keys=other) as honest:
+            assert honest.hello().kind == "welcome"  # r2's key may use its own id
+    assert any("r1" in r.getMessage() and "key" in r.getMessage() for r in caplog.records)
+
+    with learner(tmp_path, keys=server_keys) as server:  # the binding outlives a learner restart
+        with raw_robot(server, "r1", keys=other) as forger:
+            assert forger.hello().kind == "bye"
+        with raw_robot(server, "r1", keys=own) as again:
+            assert again.hello().kind == "welcome"
 
 
 def _blob(value: float) -> bytes:

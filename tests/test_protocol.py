@@ -24,6 +24,7 @@ from learner.link.protocol import (
     check_steps,
     decode,
     encode,
+    printable,
     spec_of,
     weights_checksum,
 )
@@ -407,6 +408,12 @@ def test_spec_of_parses_lists_and_tuples() -> None:
         ({**SPEC_META, "depth": ["float32", [-4]]}, ["'depth'"]),
         ({**SPEC_META, "depth": ["float32"]}, ["'depth'"]),
         ({**SPEC_META, "": ["float32", []]}, ["name"]),
+        # numpy accepts these shapes but no machine allocates them (issue 20 item 7)
+        ({**SPEC_META, "depth": ["float32", [2**34]]}, ["'depth'", "bytes", "limit"]),
+        ({**SPEC_META, "depth": ["float32", [2**48]]}, ["'depth'", "limit"]),
+        ({**SPEC_META, "depth": ["uint8", [2**15, 2**15]]}, ["'depth'", "bytes a step", "limit"]),
+        ({**SPEC_META, "d1": ["uint8", [2**14, 2**14]], "d2": ["uint8", [2**14, 2**14]]}, ["one step", "limit"]),
+        ({**SPEC_META, "depth": ["float32", [0, 2**62]]}, ["'depth'", "dimension", "limit"]),
     ],
 )
 def test_spec_of_rejects(meta_spec: object, words: list[str]) -> None:
@@ -447,16 +454,66 @@ def test_check_steps_needs_a_steps_message() -> None:
 # --- RejectLog ----------------------------------------------------------------------------------------------------
 
 
-def test_reject_log_counts_all_and_logs_first_of_each_kind(caplog: pytest.LogCaptureFixture) -> None:
-    log = RejectLog(logging.getLogger("test.link.rejects"))
+class FakeClock:
+    """A clock the test moves by hand: rate limits are checked without waiting or timing anything."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "test.link.rejects" and r.levelno == logging.WARNING]
+
+
+def test_reject_log_counts_all_and_logs_each_peer_and_kind_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    log = RejectLog(logging.getLogger("test.link.rejects"), interval_s=60.0, clock=clock)
     caplog.set_level(logging.DEBUG, logger="test.link.rejects")
     for i in range(3):
-        log.reject(ProtocolError("size", f"message is {1000 + i} bytes"), source=f"robot-{i}")
-    log.reject(ProtocolError("header", "header frame is not valid msgpack"), source="robot-9")
-    log.reject(ProtocolError("size", "again"))
-    assert log.counts == {"size": 4, "header": 1}
-    assert log.total == 5
-    records = [r for r in caplog.records if r.name == "test.link.rejects"]
-    assert [r.levelno for r in records] == [logging.WARNING, logging.WARNING]
-    assert "robot-0" in records[0].getMessage() and "1000 bytes" in records[0].getMessage()
-    assert "robot-9" in records[1].getMessage() and "msgpack" in records[1].getMessage()
+        log.reject(ProtocolError("size", f"message is {1000 + i} bytes"), source="robot-0")
+    log.reject(ProtocolError("size", "message is 77 bytes"), source="robot-1")  # another peer is not hidden
+    log.reject(ProtocolError("header", "header frame is not valid msgpack"), source="robot-0")
+    assert log.counts == {"size": 4, "header": 1} and log.total == 5
+    lines = _warnings(caplog)
+    assert len(lines) == 3, lines
+    assert "robot-0" in lines[0] and "1000 bytes" in lines[0]
+    assert "robot-1" in lines[1] and "77 bytes" in lines[1]
+    assert "robot-0" in lines[2] and "msgpack" in lines[2]
+    clock.now += 61.0  # a minute later robot-0's size rejects are worth a line again, with what went unlogged
+    log.reject(ProtocolError("size", "message is 5000 bytes"), source="robot-0")
+    lines = _warnings(caplog)
+    assert len(lines) == 4 and "5000 bytes" in lines[3] and "2 repeats from this peer not logged" in lines[3]
+
+
+def test_reject_log_caps_its_lines_however_many_peers(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    log = RejectLog(logging.getLogger("test.link.rejects"), interval_s=60.0, max_lines=5, clock=clock)
+    caplog.set_level(logging.DEBUG, logger="test.link.rejects")
+    for i in range(1000):
+        log.reject(ProtocolError("header", "bad"), source=f"peer-{i}")
+    assert log.total == 1000 and len(_warnings(caplog)) == 5
+    clock.now += 61.0
+    log.reject(ProtocolError("header", "bad"), source="peer-1000")
+    lines = _warnings(caplog)
+    assert len(lines) == 6 and "995 rejects not logged" in lines[5]
+
+
+def test_reject_log_escapes_what_a_peer_chose(caplog: pytest.LogCaptureFixture) -> None:
+    log = RejectLog(logging.getLogger("test.link.rejects"))
+    caplog.set_level(logging.DEBUG, logger="test.link.rejects")
+    log.reject(ProtocolError("field", "robot 'x'\nWARNING forged\r\x1b[2J" + "y" * 5000), source="p\nWARNING forged")
+    (line,) = _warnings(caplog)
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert "p\\nWARNING" in line and len(line) < 1000
+
+
+def test_printable_escapes_control_characters_and_cuts_long_text() -> None:
+    assert printable("plain text") == "plain text"
+    assert printable("a\nb\rc\td\x1be\u2028f\x00") == "a\\nb\\rc\\td\\x1be\\u2028f\\x00"
+    assert printable("z" * 500, limit=20) == "z" * 17 + "..."
+    assert printable(b"evil\nline") == "evil\\nline"
+    assert printable(b"\x00\x8b\x45\x67\x89") == "0x008b456789"  # a ZeroMQ-made identity
+

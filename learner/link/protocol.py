@@ -16,7 +16,9 @@ import logging
 import math
 import re
 import sys
-from collections.abc import Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,9 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAMES = 256
 MAX_CHUNK_STEPS = 4096
 MAX_DIMS = 8
+# One step of a hello's spec may declare at most this many bytes (and no dimension above it, so a zero
+# elsewhere cannot hide an absurd one): numpy accepts shapes like (2**40,) that no machine allocates.
+MAX_STEP_BYTES = DEFAULT_MAX_BYTES
 KINDS = ("hello", "welcome", "steps", "ack", "weights", "heartbeat", "bye")
 DTYPES = frozenset(
     {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float16", "float32", "float64"}
@@ -70,12 +75,33 @@ class ProtocolError(ValueError):
         if kind not in REJECT_KINDS:
             raise ValueError(f"unknown ProtocolError kind {kind!r}; expected one of {REJECT_KINDS}")
         self.kind = kind
+        self.message_kind = ""  # set by `decode` when the header parsed: which kind of message broke the rule
         super().__init__(message)
 
 
 def _show(value: Any, limit: int = 80) -> str:
     """repr of an untrusted value, cut short so a hostile peer cannot flood or forge log lines."""
     text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _escape(char: str) -> str:
+    return char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+
+
+def printable(value: str | bytes, limit: int = 200) -> str:
+    """Text a peer chose (a connection identity, run id, spec name, heartbeat value), safe for one log line:
+    control characters (newlines, terminal escapes) escaped, cut to `limit` characters. Bytes that are not
+    text, such as the identities ZeroMQ makes up, are shown as hex."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            value = "0x" + raw.hex()
+        if value.startswith("\x00"):
+            value = "0x" + raw.hex()
+    text = "".join(_escape(c) for c in str(value)[: limit + 1])  # one over: enough to tell it was longer
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -272,8 +298,12 @@ def decode(frames: Sequence[bytes | memoryview | zmq.Frame], max_bytes: int = DE
         raise ProtocolError(
             "frames", f"{kind} header lists {len(entries)} arrays but {len(views) - 1} array frames arrived"
         )
-    msg = Message(kind, robot, header["u"], header["s"], header["m"], _build_arrays(entries, views[1:]))
-    _CHECKS[kind](msg)
+    try:
+        msg = Message(kind, robot, header["u"], header["s"], header["m"], _build_arrays(entries, views[1:]))
+        _CHECKS[kind](msg)
+    except ProtocolError as err:
+        err.message_kind = kind  # lets a receiver answer a refused hello with the reason
+        raise
     return msg
 
 
@@ -399,7 +429,27 @@ def spec_of(meta_spec: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
     missing = [key for key in REQUIRED_SPEC_KEYS if key not in spec]
     if missing:
         raise ProtocolError("field", f"spec lacks required entries {missing}")
+    step_bytes(spec)
     return spec
+
+
+def step_bytes(spec: dict[str, tuple[str, tuple[int, ...]]], limit: int = MAX_STEP_BYTES) -> int:
+    """Bytes of one step of `spec`; ProtocolError('field') naming the entry when a dimension or the step is over
+    `limit` (computed with Python ints: no overflow, nothing allocated)."""
+    total = 0
+    for name, (dtype, shape) in spec.items():
+        for dim in shape:
+            if dim > limit:
+                raise ProtocolError("field", f"spec entry {_show(name)}: dimension {dim} is over the limit {limit} "
+                                             f"(the bytes one step may take)")
+        size = math.prod(shape) * _WIRE_DTYPES[dtype].itemsize
+        if size > limit:
+            raise ProtocolError("field", f"spec entry {_show(name)}: {dtype}{list(shape)} is {size} bytes a step, "
+                                         f"over the limit {limit}")
+        total += size
+    if total > limit:
+        raise ProtocolError("field", f"one step of this spec is {total} bytes, over the limit {limit}")
+    return total
 
 
 def check_steps(msg: Message, spec: dict[str, tuple[str, tuple[int, ...]]]) -> int:
@@ -437,22 +487,47 @@ def weights_checksum(blob: bytes | memoryview | np.ndarray) -> str:
 
 
 class RejectLog:
-    """Counts rejected messages per ProtocolError.kind and logs the first of each kind (with its reason and source)
-    at WARNING; later ones of the same kind are only counted, so a misbehaving peer cannot flood the log."""
+    """Counts rejected messages per ProtocolError.kind and logs them at WARNING, rate-limited so that hostile peers
+    can neither flood the log nor hide one another: each (peer, kind) at most once every `interval_s`, and at most
+    `max_lines` lines in all every `interval_s`; a logged line says how many rejects went unlogged before it. What a
+    peer chose (its identity, the reason's quoted values) is escaped, so it cannot forge log lines."""
 
-    def __init__(self, logger: logging.Logger) -> None:
-        self.logger = logger
+    MAX_PEERS = 1024  # (peer, kind) pairs remembered; the oldest are forgotten first
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0, max_lines: int = 20,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger, self.interval_s, self.max_lines, self.clock = logger, interval_s, max_lines, clock
         self.counts: dict[str, int] = {}
+        # (peer, kind) -> [when last logged, repeats not logged since]
+        self._logged: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
+        self._window, self._lines, self._capped = clock(), 0, 0
 
     def reject(self, err: ProtocolError, source: str = "") -> None:
-        """Count one rejected message; log it if it is the first of its kind."""
-        first = err.kind not in self.counts
+        """Count one rejected message; log it unless this peer's kind, or the log as a whole, is over its rate."""
         self.counts[err.kind] = self.counts.get(err.kind, 0) + 1
-        if first:
-            where = f" from {source}" if source else ""
-            self.logger.warning(
-                "rejected a message%s (%s): %s; further %r rejects are only counted", where, err.kind, err, err.kind
-            )
+        key, now = (source, err.kind), self.clock()
+        if now - self._window >= self.interval_s:
+            self._window, self._lines = now, 0
+        entry = self._logged.get(key)
+        if entry is not None and now - entry[0] < self.interval_s:
+            entry[1] += 1
+            return
+        if self._lines >= self.max_lines:
+            self._capped += 1
+            return
+        repeats = int(entry[1]) if entry is not None else 0
+        notes = [f"{repeats} repeats from this peer not logged"] if repeats else []
+        if self._capped:
+            notes.append(f"{self._capped} rejects not logged while the log was at its limit")
+        self._lines, self._capped = self._lines + 1, 0
+        self._logged[key] = [now, 0]
+        self._logged.move_to_end(key)
+        while len(self._logged) > self.MAX_PEERS:
+            self._logged.popitem(last=False)
+        where = f" from {printable(source, 80)}" if source else ""
+        more = "".join(f"; {note}" for note in notes)
+        self.logger.warning("rejected a message%s (%s): %s%s; repeats from this peer are logged at most every %g s",
+                            where, err.kind, printable(str(err), 400), more, self.interval_s)
 
     @property
     def total(self) -> int:

@@ -9,6 +9,7 @@ Key files are zmq.auth certificates (`NAME.key` public, `NAME.key_secret` secret
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -20,8 +21,11 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from learner.atomic import atomic_write_bytes
+
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _Z85_KEY_LEN = 40
+BINDINGS_FILE = "robot_keys.json"  # in the learner's run directory: robot id -> the CURVE key that owns it
 _FIX = (
     "create keys with `reverie-keys create learner` and `reverie-keys create <robot id>`, then set "
     "link.server_secret and link.allow_dir on the learner, link.client_secret and link.server_public on each robot"
@@ -140,6 +144,61 @@ def _allowed_keys(allow_dir: Path) -> list[Path]:
     for file in files:
         load_key(file, need_secret=False, what="allowed robot key")
     return files
+
+
+class KeyBindings:
+    """Which CURVE public key owns each robot id in a run: the first key that said hello with it.
+
+    CURVE proves a peer holds one of the allowed keys, not that it is the robot it names; without this any
+    allowed key could speak for another robot and make the learner acknowledge (so the robot delete) chunks it
+    never stored. Kept in the run directory (written before the hello is answered), so a restart keeps it;
+    an operator who moves a robot to a new key removes its line.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._owners: dict[str, str] = self._load()
+
+    def _load(self) -> dict[str, str]:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise LinkSecurityError(f"{self.path}: unreadable robot key bindings ({exc}); fix or remove it") from None
+        ok = isinstance(data, dict) and all(
+            isinstance(k, str) and _NAME_RE.fullmatch(k) and isinstance(v, str) and len(v) == _Z85_KEY_LEN
+            for k, v in data.items()
+        )
+        if not ok:
+            raise LinkSecurityError(
+                f"{self.path}: robot key bindings must map robot ids to {_Z85_KEY_LEN}-character Z85 public keys; "
+                "fix or remove it"
+            )
+        return dict(data)
+
+    def owner(self, robot: str) -> str | None:
+        """The key that owns `robot`, None while no key has used it."""
+        return self._owners.get(robot)
+
+    def claim(self, robot: str, key: str) -> str | None:
+        """None if `key` may speak for `robot` (binding it now if the id is new), else why not."""
+        if not key:
+            return "no CURVE key on this connection"
+        owner = self._owners.get(robot)
+        if owner == key:
+            return None
+        if owner is not None:
+            return (f"robot id {robot!r} belongs to another CURVE key in this run ({owner[:8]}...; this connection "
+                    f"has {key[:8]}...); if that robot really has a new key, remove its line from {self.path}")
+        self._owners[robot] = key
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, json.dumps(self._owners, indent=1, sort_keys=True).encode())
+        except OSError as exc:
+            del self._owners[robot]
+            return f"the learner cannot record which key owns robot id {robot!r} ({exc.strerror or exc})"
+        return None
 
 
 def secure_server(

@@ -8,8 +8,10 @@ duplicates. Chunks must arrive in order: a gap (a chunk lost in flight while the
 restarted) is not acknowledged, and the robot resends from its oldest unacknowledged chunk.
 
 The thread also sends heartbeats and policy weights, and closes the episode of a robot that went
-silent as abandoned. Malformed messages are rejected, counted and logged once per kind; nothing a
-peer sends can stop the thread.
+silent as abandoned. Malformed messages are rejected, counted and logged rate-limited per peer;
+nothing a peer sends can stop the thread, and what a peer says about itself never moves another
+robot's position: a hello only learns where the stored stream ends. With CURVE, each robot id
+belongs to the first key that used it in the run (`robot_keys.json`); other keys are refused.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,16 +33,19 @@ import zmq
 from learner.atomic import atomic_write_bytes
 from learner.config_link import LinkConfig
 from learner.link.protocol import (
+    BOOKKEEPING,
     Message,
     ProtocolError,
     RejectLog,
     check_steps,
     decode,
     encode,
+    printable,
     spec_of,
+    step_bytes,
     weights_checksum,
 )
-from learner.link.security import ServerKeys, secure_server
+from learner.link.security import BINDINGS_FILE, KeyBindings, LinkSecurityError, ServerKeys, secure_server
 from learner.replay import Replay
 from learner.replay.chunk import StepSpec
 
@@ -49,10 +55,15 @@ SPEC_FILE = "link_spec.json"  # the run's step layout, fixed by the first robot 
 DRAIN_LIMIT = 512  # messages handled before the next group commit
 POLL_MS = 20
 FLUSH_EVERY_S = 0.05
+MAX_STATS = 32  # heartbeat figures kept per robot
+STAT_CHARS = 64  # longest heartbeat key or text value kept
 
 
 class LinkServerError(RuntimeError):
-    """The server cannot start (address in use, bad keys)."""
+    """The server cannot start (address in use, bad keys, a run layout that cannot be trained)."""
+
+
+LayoutCheck = Callable[["RunSpec"], "str | None"]  # why the trainer could not use a step layout, or None
 
 
 @dataclass
@@ -91,6 +102,7 @@ class RobotState:
     identity: bytes
     run: str
     task: str
+    key: str = ""  # its CURVE public key (Z85), "" on a plain link
     connected: bool = True
     last_heard: float = field(default_factory=time.monotonic)
     steps: int = 0
@@ -119,13 +131,20 @@ class LinkServer:
     """Serve robots in a background thread; the trainer reads `spec`, `received` and publishes weights."""
 
     def __init__(self, cfg: LinkConfig, replay: Replay, run_dir: Path, *, address: str | None = None,
-                 keys: ServerKeys | None = None) -> None:
+                 keys: ServerKeys | None = None, layout_check: LayoutCheck | None = None) -> None:
+        """`layout_check` says why the trainer could not use a step layout (None if it can): a robot's layout
+        becomes the run's only if it passes, and a saved one that fails stops the start with LinkServerError."""
         self.cfg, self.replay, self.run_dir = cfg, replay, Path(run_dir)
         self.address = address or cfg.bind
         self.keys = keys if keys is not None else _server_keys(cfg)
+        self.layout_check = layout_check
         self.server_id = uuid.uuid4().hex
         self.max_bytes = int(cfg.max_message_mb * 2**20)
         self.rejects = RejectLog(log)
+        try:
+            self.bindings = KeyBindings(self.run_dir / BINDINGS_FILE) if self.keys is not None else None
+        except LinkSecurityError as exc:
+            raise LinkServerError(str(exc)) from None
         self.robots: dict[str, RobotState] = {}  # by robot id (one live process per robot id)
         self.positions: dict[str, Position | None] = {}
         self.received = 0  # new steps stored since this process started
@@ -164,14 +183,23 @@ class LinkServer:
             self._weights = (encode(msg), version)
             self._weights_new = True
 
-    def robot_table(self) -> list[dict[str, Any]]:
-        """One row per robot seen: for the status display and metrics."""
+    def robot_table(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """One row per robot seen, for the status display, metrics and the summary; with `limit`, only the
+        `limit` most recently heard (any peer can make up robot ids, so a display must not list them all)."""
         now = time.monotonic()
         with self._lock:
+            robots = list(self.robots.values())
+            if limit is not None:
+                robots = sorted(robots, key=lambda r: r.last_heard, reverse=True)[:limit]
             return [{"robot": r.robot, "connected": r.connected, "steps": r.steps, "steps_s": round(r.rate, 1),
                      "lag_s": round(r.lag, 3), "silent_s": round(now - r.last_heard, 1),
                      "spool": r.stats.get("spool_count"), "version": r.stats.get("version"),
-                     "duplicates": r.duplicates} for r in self.robots.values()]
+                     "duplicates": r.duplicates} for r in robots]
+
+    def robot_counts(self) -> tuple[int, int]:
+        """(robots seen, robots connected now)."""
+        with self._lock:
+            return len(self.robots), sum(r.connected for r in self.robots.values())
 
     def check(self) -> None:
         """Re-raise an error that stopped the server thread."""
@@ -253,33 +281,45 @@ class LinkServer:
             identity = frames[0].bytes
             try:
                 msg = decode(frames[1:], self.max_bytes)
-                robot = self._handle(sock, identity, msg)
+                robot = self._handle(sock, identity, self._peer_key(frames[0]), msg)
             except ProtocolError as err:
-                self.rejects.reject(err, identity.decode(errors="replace"))
+                if err.message_kind == "hello":  # tell a robot why, instead of leaving it to wait
+                    self._send(sock, identity, Message("bye", meta={"reason": str(err)}))
+                self.rejects.reject(err, printable(identity, 80))
                 continue
             except (ValueError, TypeError, KeyError) as err:  # e.g. steps the replay store refuses
-                self.rejects.reject(ProtocolError("field", f"message not stored: {err}"),
-                                    identity.decode(errors="replace"))
+                self.rejects.reject(ProtocolError("field", f"message not stored: {err}"), printable(identity, 80))
                 continue
             if robot:
                 acks.add(robot)
         return acks
 
-    def _handle(self, sock: zmq.Socket, identity: bytes, msg: Message) -> str | None:
+    def _peer_key(self, frame: zmq.Frame) -> str:
+        """The CURVE public key (Z85) the peer authenticated with, "" on a plain link (ZAP's User-Id)."""
+        if self.keys is None:
+            return ""
+        try:
+            return str(frame.get("User-Id"))
+        except zmq.ZMQError:  # no ZAP metadata on this message: never matches a bound key
+            return ""
+
+    def _handle(self, sock: zmq.Socket, identity: bytes, key: str, msg: Message) -> str | None:
         if msg.kind == "hello":
-            self._hello(sock, identity, msg)
+            self._hello(sock, identity, key, msg)
             return None
         state = self.robots.get(msg.robot)
-        if state is None or state.identity != identity:
-            # Not (or no longer) registered: ask it to say hello again (e.g. after a learner restart).
+        if state is None or state.identity != identity or state.key != key:
+            # Not (or no longer) registered: ask it to say hello again (e.g. after a learner restart). A connection
+            # that took over the identity (ROUTER_HANDOVER) with another key is not that robot either.
             raise ProtocolError("field", f"{msg.kind} from robot {msg.robot!r} before its hello; ignored")
         state.last_heard = time.monotonic()
         state.connected = True
         if msg.kind == "steps":
             return msg.robot if self._steps(state, msg) else None
         if msg.kind == "heartbeat":
+            stats = plain_stats(msg.meta)
             with self._lock:
-                state.stats = dict(msg.meta)
+                state.stats = stats
         elif msg.kind == "bye":
             log.info("robot %s said bye", msg.robot)
             self._lost(state, "said bye")
@@ -287,37 +327,29 @@ class LinkServer:
             raise ProtocolError("type", f"a robot may not send {msg.kind!r} messages")
         return None
 
-    def _hello(self, sock: zmq.Socket, identity: bytes, msg: Message) -> None:
+    def _hello(self, sock: zmq.Socket, identity: bytes, key: str, msg: Message) -> None:
         meta = msg.meta
         offered = RunSpec(spec_of(meta["spec"]), bool(meta.get("discrete", False)), str(meta["task"]),
                           float(meta["hz"]))
-        problem = _storable(offered, msg.robot)
+        problem = self._refusal(offered, msg.robot, key)
         if problem:
             self._send(sock, identity, Message("bye", meta={"reason": problem}))
             raise ProtocolError("field", f"robot {msg.robot!r} refused: {problem}")
         if self._spec is None:
             self._adopt(offered)
-        problem = self._spec.mismatch(offered) if self._spec else None
-        if problem:
-            self._send(sock, identity, Message("bye", meta={"reason": problem}))
-            raise ProtocolError("field", f"robot {msg.robot!r} refused: {problem}")
         old = self.robots.get(msg.robot)
+        run = printable(msg.run[:8])
         if old is not None and old.run != msg.run:
-            self._lost(old, f"replaced by a new process (run {msg.run[:8]})")
-        if old is None or old.run != msg.run or old.identity != identity:
-            log.info("robot %s connected (run %s)", msg.robot, msg.run[:8])
+            self._lost(old, f"replaced by a new process (run {run})")
+        if old is None or old.run != msg.run or old.identity != identity or old.key != key:
+            log.info("robot %s connected (run %s)", msg.robot, run)
             with self._lock:
-                self.robots[msg.robot] = RobotState(msg.robot, identity, msg.run, offered.task)
+                self.robots[msg.robot] = RobotState(msg.robot, identity, msg.run, offered.task, key)
         state = self.robots[msg.robot]
         state.last_heard, state.connected = time.monotonic(), True
+        # Only what this learner stored decides where the robot goes on: a welcome's next_seq makes the robot
+        # delete every spooled chunk below it, so nothing a peer claims in a hello may move it.
         pos = self._position(msg.robot)
-        first_pending = meta.get("first_pending")
-        if pos is not None and isinstance(first_pending, int) and first_pending > pos.seq + 1:
-            # The robot no longer has the chunks in between (its spool lost them): carry on after it.
-            log.warning("robot %s: chunks %d..%d never arrived and the robot no longer has them",
-                        msg.robot, pos.seq + 1, first_pending - 1)
-            self.positions[msg.robot] = Position(first_pending - 1, 0, 1)
-            pos = self.positions[msg.robot]
         next_seq = 0 if pos is None else (pos.seq + 1 if pos.complete else pos.seq)
         version = self._weights[1] if self._weights else 0
         self._send(sock, identity, Message("welcome", meta={"server": self.server_id, "next_seq": next_seq,
@@ -325,22 +357,46 @@ class LinkServer:
         if self._weights is not None:
             self._send(sock, identity, frames=self._weights[0])
 
+    def _refusal(self, offered: RunSpec, robot: str, key: str) -> str | None:
+        """Why this hello is refused (None if it is not): a robot id bound to another key, a layout this run
+        cannot store, send or train on, or one that differs from the run's. Checked before anything is kept."""
+        if self.bindings is not None and (problem := self.bindings.claim(robot, key)):
+            return problem
+        bookkeeping = sum(np.dtype(d).itemsize for d in BOOKKEEPING.values())
+        if (size := step_bytes(offered.spec)) + bookkeeping > self.max_bytes:
+            return (f"one step is {size} bytes, so no chunk fits in a message of link.max_message_mb "
+                    f"({self.cfg.max_message_mb:g} MiB) on this learner")
+        if self._spec is not None:
+            return self._spec.mismatch(offered)
+        if problem := _storable(offered, robot):
+            return problem
+        if self.layout_check is not None and (problem := self.layout_check(offered)):
+            return problem
+        return None
+
     def _adopt(self, spec: RunSpec) -> None:
         self._spec = spec
         path = self.run_dir / SPEC_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps(spec.to_json(), indent=1).encode())
-        log.info("run step layout fixed by the first robot: %s", ", ".join(f"{k} {d}{list(s)}"
-                                                                          for k, (d, s) in spec.spec.items()))
+        log.info("run step layout fixed by the first robot: %s",
+                 printable(", ".join(f"{k} {d}{list(s)}" for k, (d, s) in spec.spec.items()), 2000))
 
     def _load_spec(self) -> RunSpec | None:
         path = self.run_dir / SPEC_FILE
         if not path.is_file():
             return None
         try:
-            return RunSpec.from_json(json.loads(path.read_text()))
+            spec = RunSpec.from_json(json.loads(path.read_text()))
         except (ValueError, KeyError, TypeError, ProtocolError) as exc:
-            raise ValueError(f"{path}: unreadable run layout ({exc}); move it away to start a new run") from None
+            raise LinkServerError(f"{path}: unreadable run layout ({printable(str(exc))}); move it away to start "
+                                  f"a new run") from None
+        problem = _storable(spec, "the saved layout") or (self.layout_check(spec) if self.layout_check else None)
+        # (spec_of, under from_json, has bounded its step size: nothing here allocates a peer-chosen size)
+        if problem:
+            raise LinkServerError(f"{path}: the run's step layout cannot be trained ({printable(problem, 400)}); "
+                                  f"move it away to start a new run")
+        return spec
 
     def _position(self, robot: str) -> Position | None:
         if robot not in self.positions:
@@ -426,10 +482,24 @@ class LinkServer:
             sock.send_multipart([identity, *parts], zmq.NOBLOCK, copy=False)
 
 
+def plain_stats(meta: dict[str, Any]) -> dict[str, Any]:
+    """A robot's heartbeat figures as a few short plain values, made at receipt: they go to the status table,
+    metrics and summary.json, so msgpack bytes, containers and long or multi-line text become escaped strings."""
+    stats: dict[str, Any] = {}
+    for key, value in list(meta.items())[:MAX_STATS]:
+        if value is None or isinstance(value, bool | int | float):
+            stats[printable(key, STAT_CHARS)] = value
+        else:
+            text = value if isinstance(value, str | bytes) else repr(value)
+            stats[printable(key, STAT_CHARS)] = printable(text, STAT_CHARS)
+    return stats
+
+
 def _storable(spec: RunSpec, robot: str) -> str | None:
     """Why the replay store could not hold steps of this layout (None if it can): checked at hello,
     before the layout is adopted for the run."""
-    example = {k: np.zeros(shape, dtype) for k, (dtype, shape) in spec.spec.items()}
+    # Zero-stride views: the layout is checked without allocating a step (a peer chose its size).
+    example = {k: np.broadcast_to(np.zeros((), dtype), shape) for k, (dtype, shape) in spec.spec.items()}
     try:
         StepSpec.from_step(example, robot)
     except (ValueError, TypeError) as err:

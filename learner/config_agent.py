@@ -214,7 +214,7 @@ class ReplayConfig(Block):
     disk_steps: int | None = Field(
         None, ge=1, description="steps kept on disk; the oldest chunk files are deleted beyond it; null = no cap"
     )
-    online: bool = Field(True, description="fill each batch first with the newest sequences not yet trained on")
+    online: bool = Field(True, description="fill each batch first with the sequences not yet trained on, oldest first (FIFO)")
     recency: float = Field(0.0, ge=0, le=1, description="share of the remaining batch drawn favouring recent steps")
 
 

@@ -241,25 +241,25 @@ def test_crash_safety_sigkill_mid_run(tmp_path: Path) -> None:
     assert_contiguous(replay.sample(32, 20))
 
 
-def test_online_queue_yields_newest_windows_first_once(tmp_path: Path) -> None:
+def test_online_queue_yields_windows_once_oldest_first(tmp_path: Path) -> None:
     replay = Replay(tmp_path, chunk_length=16, online=True)
     fill(replay, 40)
     starts = [int(replay.sample(1, 8)["count"][0, 0, 1]) for _ in range(5)]
-    assert starts == [32, 24, 16, 8, 0]  # each complete window once, newest first
+    assert starts == [0, 8, 16, 24, 32]  # each complete window once, in arrival order (FIFO, as official)
     fill(replay, 16, start=40)
     batch = replay.sample(3, 8)
-    assert batch["count"][:2, 0, 1].tolist() == [48, 40]  # the queue fills the batch first
+    assert batch["count"][:2, 0, 1].tolist() == [40, 48]  # the queue fills the batch first
     assert replay.stats()["totals"]["online_queue"] == 0
     replay.close()
     # the queue and fresh marks survive a checkpoint (save/load) with a reopened directory
     replay = Replay(tmp_path, chunk_length=16, online=True)
     fill(replay, 16, start=56)
-    replay.sample(1, 8)  # consumes window 64..72, queues 56..64
+    replay.sample(1, 8)  # consumes window 56..64, queues 64..72
     state = json.loads(json.dumps(replay.save()))
     replay.close()
     again = Replay(tmp_path, chunk_length=16, online=True)
     again.load(state)
-    assert int(again.sample(1, 8)["count"][0, 0, 1]) == 56
+    assert int(again.sample(1, 8)["count"][0, 0, 1]) == 64
 
 
 def test_sampling_is_seeded_and_deterministic(tmp_path: Path) -> None:

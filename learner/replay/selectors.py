@@ -13,6 +13,7 @@ on the newest sqrt(N) starts, while old data keeps a heavy tail of probability.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,11 +71,12 @@ class Window:
 
 
 class OnlineQueue:
-    """Fresh, complete, non-overlapping windows of each stream, each replayed once, newest first (LIFO):
-    the data the model has not seen yet is what it should learn from next."""
+    """Fresh, complete, non-overlapping windows of each stream, each replayed once, in arrival order
+    (FIFO, as the official queue): every new step is trained on soon after it arrives, the oldest
+    first, so no window waits behind a stream of newer ones until it leaves RAM."""
 
     def __init__(self) -> None:
-        self.windows: list[Window] = []
+        self.windows: deque[Window] = deque()
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -88,13 +90,13 @@ class OnlineQueue:
                 run.fresh += length
 
     def pop(self, length: int) -> Window | None:
-        """The newest queued window still in RAM; windows cut for another length are dropped."""
+        """The oldest queued window still in RAM; windows cut for another length are dropped."""
         while self.windows:
-            w = self.windows.pop()
+            w = self.windows.popleft()
             if w.length == length and w.run.holds(w.start, w.length):
                 return w
         return None
 
     def prune(self) -> None:
         """Drop windows whose steps left RAM (called after evictions)."""
-        self.windows = [w for w in self.windows if w.run.holds(w.start, w.length)]
+        self.windows = deque(w for w in self.windows if w.run.holds(w.start, w.length))

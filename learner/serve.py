@@ -11,6 +11,7 @@ ahead of the data it sleeps, and when it is behind the robots simply keep going.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import signal
 import time
@@ -24,7 +25,8 @@ from tqdm import tqdm
 from learner.checkpoint import load_latest_checkpoint, save_checkpoint, save_weights, weights_to_bytes
 from learner.compute import configure_compute
 from learner.config import Config, write_resolved
-from learner.dreamer.agent import Dreamer
+from learner.config_agent import DreamerConfig
+from learner.dreamer.agent import Dreamer, DreamerModel
 from learner.dreamer.policy import policy_weights
 from learner.dreamer.preprocess import ActSpace
 from learner.link.server import LinkServer, RunSpec
@@ -34,6 +36,8 @@ from learner.replay import Replay
 from learner.replay.context import CONTEXT_PART, restore_context
 
 STATUS_EVERY_S = 10.0
+STATUS_ROBOTS = 20  # robots the status table lists (the most recently heard); the others are only counted
+MAX_MODEL_PARAMS = 2**31  # a layout needing a bigger agent is refused: almost surely a wrong dimension
 
 
 @dataclasses.dataclass
@@ -46,8 +50,27 @@ class ServeCounters:
 def spaces_of(spec: RunSpec) -> tuple[dict[str, tuple[tuple[int, ...], str]], ActSpace]:
     """The model's observation and action spaces from the robots' step layout."""
     space = {k: (shape, dtype) for k, (dtype, shape) in spec.spec.items() if k != "action"}
-    (dim,) = spec.spec["action"][1]
-    return space, ActSpace(int(dim), spec.discrete)
+    shape = spec.spec["action"][1]
+    if len(shape) != 1:
+        raise ValueError(f"action must be a vector (one dimension), got shape {list(shape)}")
+    return space, ActSpace(int(shape[0]), spec.discrete)
+
+
+def layout_problem(cfg: DreamerConfig, spec: RunSpec) -> str | None:
+    """Why the agent cannot be built for this step layout (None if it can). The link server asks before a
+    robot's layout becomes the run's (a saved one it could not train would stop every start), so it builds
+    the model on the meta device: shapes only, no memory, no weights."""
+    try:
+        space, act = spaces_of(spec)
+        with torch.device("meta"):
+            model = DreamerModel(cfg, space, act)
+    except Exception as exc:  # noqa: BLE001  (whatever the model code raises, this layout cannot be trained)
+        return f"the agent cannot be built for this layout: {exc}"
+    params = sum(p.numel() for p in model.parameters())
+    if params > MAX_MODEL_PARAMS:
+        return (f"the agent for this layout would have {params} parameters (limit {MAX_MODEL_PARAMS}); "
+                "is a dimension wrong?")
+    return None
 
 
 def updates_allowed(received: int, prefill: int, ratio: float, batch_steps: int) -> float:
@@ -68,7 +91,12 @@ class Server:
         configure_compute(cfg.dreamer)
         torch.manual_seed(cfg.seed)
         self.replay = Replay.from_config(self.logdir / "replay", cfg.replay, seed=cfg.seed)
-        self.link = LinkServer(cfg.link, self.replay, self.logdir, address=bind)
+        try:
+            self.link = LinkServer(cfg.link, self.replay, self.logdir, address=bind,
+                                   layout_check=functools.partial(layout_problem, cfg.dreamer))
+        except BaseException:
+            self.replay.close()
+            raise
         self.logger = MetricsLogger(self.logdir)
         self.counters = ServeCounters()
         self.stats = Mean()
@@ -211,12 +239,17 @@ class Server:
         plot_learning_curve(self.logdir / "metrics.jsonl", self.logdir / "learning_curve.png", keys=("train/return",))
 
     def status_line(self) -> str:
-        rows = self.link.robot_table()
+        """The status table: the STATUS_ROBOTS most recently heard robots, the others counted (any peer can
+        make up robot ids; heartbeat values arrive short and escaped, see link.server.plain_stats)."""
+        rows = self.link.robot_table(limit=STATUS_ROBOTS)
+        seen, connected = self.link.robot_counts()
         head = (f"updates {self.agent.updates if self.agent else 0}  received {self.counters.received}  "
                 f"weights v{self.published[0]}  rejected {self.link.rejects.total}")
         lines = [head] + [f"  {r['robot']:<16} {'up' if r['connected'] else 'DOWN':<5} {r['steps']:>8} steps "
                           f"{r['steps_s']:>6.1f}/s  lag {r['lag_s']:>6.3f}s  spool {r['spool']}  "
                           f"acting v{r['version']}" for r in rows]
+        if seen > len(rows):
+            lines.append(f"  ... and {seen - len(rows)} more robots ({connected} of all {seen} connected)")
         return "\n".join(lines)
 
     # --- state

@@ -1,9 +1,18 @@
-"""What the link tests share: a small robot step layout and its hello, and waiting for something."""
+"""What the link tests share: a small robot step layout and its hello, a hand-driven robot socket, and waiting
+for something."""
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from learner.link.protocol import Message, decode, encode
+from learner.link.security import ClientKeys, secure_client
 
 DEADLINE = 30.0  # generous wait for an event over loopback (not a speed assertion)
 ROBOT = "rover-1"
@@ -26,3 +35,71 @@ def wait_for(cond: Callable[[], bool], what: str, deadline: float = DEADLINE) ->
         if time.monotonic() > end:
             raise AssertionError(f"not within {deadline} s: {what}")
         time.sleep(0.02)
+
+
+class RawRobot:
+    """A DEALER that speaks the protocol by hand (or breaks it on purpose)."""
+
+    def __init__(self, endpoint: str, robot: str = "raw-1", keys: ClientKeys | None = None,
+                 routing_id: bytes | None = None) -> None:
+        self.robot, self.run = robot, uuid.uuid4().hex
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if routing_id is not None:
+            self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        secure_client(self.sock, endpoint, keys, logging.getLogger("test.raw-robot"))
+        self.sock.connect(endpoint)
+        self.heard: list[Message] = []
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+    def __enter__(self) -> RawRobot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send_raw(self, frames: list) -> None:
+        self.sock.send_multipart(frames, copy=False)
+
+    def say(self, kind: str, seq: int = 0, meta: dict | None = None, arrays: dict | None = None) -> None:
+        self.send_raw(encode(Message(kind, self.robot, self.run, seq, meta or {}, arrays or {})))
+
+    def hello(self, **over: Any) -> Message:
+        self.say("hello", meta=HELLO | over)
+        return self.expect({"welcome", "bye"})
+
+    def steps(self, seq: int, arrays: dict) -> None:
+        self.say("steps", seq, arrays=arrays)
+
+    def _next(self, timeout: float) -> Message | None:
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        msg = decode(self.sock.recv_multipart(copy=False))
+        self.heard.append(msg)
+        return msg
+
+    def expect(self, kinds: set[str], deadline: float = DEADLINE) -> Message:
+        """The next message of one of these kinds (heartbeats and the rest are skipped)."""
+        end = time.monotonic() + deadline
+        while (left := end - time.monotonic()) > 0:
+            msg = self._next(left)
+            if msg is not None and msg.kind in kinds:
+                return msg
+        raise AssertionError(f"{self.robot}: no {sorted(kinds)} within {deadline} s; heard "
+                             f"{[m.kind for m in self.heard[-8:]]}")
+
+    def ack(self) -> int:
+        return self.expect({"ack"}).seq
+
+    def listen(self, seconds: float) -> list[Message]:
+        """Everything that arrives in the next `seconds`."""
+        end, got = time.monotonic() + seconds, []
+        while (left := end - time.monotonic()) > 0:
+            msg = self._next(left)
+            if msg is not None:
+                got.append(msg)
+        return got

@@ -11,7 +11,6 @@ import json
 import logging
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,13 +20,12 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-import zmq
-from link_helpers import DEADLINE, HELLO, ROBOT, SPEC, wait_for
+from link_helpers import HELLO, ROBOT, SPEC, RawRobot, wait_for
 
 from learner.checkpoint import weights_from_bytes, weights_to_bytes
 from learner.config_link import LinkConfig
-from learner.link.protocol import Message, decode, encode, weights_checksum
-from learner.link.security import ClientKeys, ServerKeys, create_keypair, secure_client
+from learner.link.protocol import weights_checksum
+from learner.link.security import ClientKeys, ServerKeys, create_keypair
 from learner.link.server import SPEC_FILE, LinkServer
 from learner.replay import Replay
 from learner.replay.chunk import NAME_RE, read_chunk
@@ -85,71 +83,16 @@ def robot_link(server: LinkServer, spool_dir: Path, robot: str = ROBOT, **kw: An
         link.close(timeout=10.0)
 
 
-class RawRobot:
-    """A DEALER that speaks the protocol by hand (or breaks it on purpose)."""
-
-    def __init__(self, endpoint: str, robot: str = "raw-1", keys: ClientKeys | None = None,
-                 routing_id: bytes | None = None) -> None:
-        self.robot, self.run = robot, uuid.uuid4().hex
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        if routing_id is not None:
-            self.sock.setsockopt(zmq.ROUTING_ID, routing_id)
-        secure_client(self.sock, endpoint, keys, logging.getLogger("test.raw-robot"))
-        self.sock.connect(endpoint)
-        self.heard: list[Message] = []
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        self.ctx.term()
-
-    def send_raw(self, frames: list) -> None:
-        self.sock.send_multipart(frames, copy=False)
-
-    def say(self, kind: str, seq: int = 0, meta: dict | None = None, arrays: dict | None = None) -> None:
-        self.send_raw(encode(Message(kind, self.robot, self.run, seq, meta or {}, arrays or {})))
-
-    def hello(self, **over: Any) -> Message:
-        self.say("hello", meta=HELLO | over)
-        return self.expect({"welcome", "bye"})
+class ChunkRobot(RawRobot):
+    """A RawRobot whose steps are this file's `chunk(seq)` unless told otherwise."""
 
     def steps(self, seq: int, arrays: dict | None = None) -> None:
-        self.say("steps", seq, arrays=chunk(seq) if arrays is None else arrays)
-
-    def _next(self, timeout: float) -> Message | None:
-        if not self.sock.poll(int(timeout * 1000)):
-            return None
-        msg = decode(self.sock.recv_multipart(copy=False))
-        self.heard.append(msg)
-        return msg
-
-    def expect(self, kinds: set[str], deadline: float = DEADLINE) -> Message:
-        """The next message of one of these kinds (heartbeats and the rest are skipped)."""
-        end = time.monotonic() + deadline
-        while (left := end - time.monotonic()) > 0:
-            msg = self._next(left)
-            if msg is not None and msg.kind in kinds:
-                return msg
-        raise AssertionError(f"{self.robot}: no {sorted(kinds)} within {deadline} s; heard "
-                             f"{[m.kind for m in self.heard[-8:]]}")
-
-    def ack(self) -> int:
-        return self.expect({"ack"}).seq
-
-    def listen(self, seconds: float) -> list[Message]:
-        """Everything that arrives in the next `seconds`."""
-        end, got = time.monotonic() + seconds, []
-        while (left := end - time.monotonic()) > 0:
-            msg = self._next(left)
-            if msg is not None:
-                got.append(msg)
-        return got
+        super().steps(seq, chunk(seq) if arrays is None else arrays)
 
 
 @contextmanager
-def raw_robot(server: LinkServer, robot: str = "raw-1", **kw: Any) -> Iterator[RawRobot]:
-    peer = RawRobot(server.endpoint, robot, **kw)
+def raw_robot(server: LinkServer, robot: str = "raw-1", **kw: Any) -> Iterator[ChunkRobot]:
+    peer = ChunkRobot(server.endpoint, robot, **kw)
     try:
         yield peer
     finally:

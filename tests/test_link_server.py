@@ -420,10 +420,8 @@ def test_curve_allowed_robot_is_stored_and_unknown_key_gets_nothing(tmp_path: Pa
         np.testing.assert_array_equal(on_disk(server.replay, "r1")["time"], times(0, 1))
 
 
-def test_curve_binds_a_robot_id_to_the_first_key_that_used_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Issue 20 item 2 with CURVE: any allowed key could claim another robot's id, store its own chunks under
-    that robot's numbers and so make the real robot's chunks duplicates (acknowledged, deleted, never stored)."""
-    caplog.set_level(logging.WARNING, logger="reverie.link")
+def two_allowed_robots(tmp_path: Path) -> tuple[ServerKeys, ClientKeys, ClientKeys]:
+    """The learner's keys allowing robots r1 and r2, and each robot's client keys."""
     learner_pub, learner_sec = create_keypair(tmp_path / "keys", "learner")
     allow = tmp_path / "allow"
     allow.mkdir()
@@ -431,8 +429,15 @@ def test_curve_binds_a_robot_id_to_the_first_key_that_used_it(tmp_path: Path, ca
     for name in ("r1", "r2"):
         public, secrets[name] = create_keypair(tmp_path / "keys", name)
         shutil.copy(public, allow / f"{name}.key")
-    server_keys = ServerKeys(learner_sec, allow)
-    own, other = ClientKeys(secrets["r1"], learner_pub), ClientKeys(secrets["r2"], learner_pub)
+    return (ServerKeys(learner_sec, allow), ClientKeys(secrets["r1"], learner_pub),
+            ClientKeys(secrets["r2"], learner_pub))
+
+
+def test_curve_binds_a_robot_id_to_the_first_key_that_used_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 20 item 2 with CURVE: any allowed key could claim another robot's id, store its own chunks under
+    that robot's numbers and so make the real robot's chunks duplicates (acknowledged, deleted, never stored)."""
+    caplog.set_level(logging.WARNING, logger="reverie.link")
+    server_keys, own, other = two_allowed_robots(tmp_path)
     with learner(tmp_path, keys=server_keys) as server, \
             robot_link(server, tmp_path / "spool", "r1", keys=own) as real:
         real.submit(chunk(0, mark=1.0))
@@ -457,6 +462,18 @@ def test_curve_binds_a_robot_id_to_the_first_key_that_used_it(tmp_path: Path, ca
             assert forger.hello().kind == "bye"
         with raw_robot(server, "r1", keys=own) as again:
             assert again.hello().kind == "welcome"
+
+
+def test_curve_a_connection_taking_over_a_robots_identity_with_another_key_is_not_that_robot(tmp_path: Path) -> None:
+    """ROUTER_HANDOVER lets a new connection take over a routing identity; with another key it is not the robot
+    that said hello, so its steps are refused (they used to be stored under the robot's chunk numbers)."""
+    server_keys, own, other = two_allowed_robots(tmp_path)
+    with learner(tmp_path, keys=server_keys) as server, raw_robot(server, "r1", keys=own, routing_id=b"r1/x") as real:
+        assert real.hello().kind == "welcome"
+        with raw_robot(server, "r1", keys=other, routing_id=b"r1/x") as thief:
+            thief.steps(0, chunk(0, mark=9.0))
+            wait_for(lambda: server.rejects.total == 1, "the steps from the other key refused")
+        assert stream_steps(server) == {}
 
 
 def _blob(value: float) -> bytes:

@@ -22,7 +22,7 @@ from learner.config_agent import DreamerConfig, ReplayConfig, TrainConfig
 from learner.config_base import Block
 from learner.config_errors import ConfigError, FieldError, describe_errors
 from learner.config_hardware import EmulatorConfig, JointReachConfig, MotorsConfig, SafetyConfig
-from learner.config_link import LinkConfig
+from learner.config_link import MIN_STEP_EXTRA_BYTES, LinkConfig, chunk_steps, message_room_problem
 from learner.config_sensors import MarkerReachConfig, MarkersConfig, PickPlaceConfig, SensorsConfig, StandWalkConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "write_resolved"]
@@ -286,6 +286,19 @@ class Config(Block):
                 f"a whole multiple (>= 1x) of control.hz = {self.control.hz}",
                 self.sim.physics_hz,
             )
+        return self
+
+    @model_validator(mode="after")
+    def _link_chunk(self) -> Config:
+        """link.max_message_mb must carry one chunk, or the robot records what it can never send. The config
+        shows the camera image and the fixed entries; the robot checks its exact layout before it moves."""
+        image = self.backend in ("sim", "servo") and self.camera.enabled
+        per_step = MIN_STEP_EXTRA_BYTES + (self.camera.width * self.camera.height * 3 if image else 0)
+        steps = chunk_steps(self.link.chunk_seconds, self.control.hz)
+        why = (f"one chunk: {steps} steps of link.chunk_seconds x control.hz, each at least {per_step} bytes"
+               + (" with the camera image" if image else ""))
+        if problem := message_room_problem(self.link.max_message_mb, steps * per_step, why):
+            raise FieldError("link.max_message_mb", problem, self.link.max_message_mb)
         return self
 
     @property

@@ -7,6 +7,7 @@ an address is not loopback.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -57,6 +58,24 @@ def address_problem(address: str, *, bind: bool) -> str | None:
     if match["port"] != "*" and not 1 <= int(match["port"]) <= 65535:
         return f"{wanted}, with PORT in 1..65535"
     return None
+
+
+# Per step, besides the observations: action (float32, at least one), reward (float32), is_first/is_last/
+# is_terminal (bool), and the bookkeeping every steps message carries: policy_version (int64), time (float64).
+MIN_STEP_EXTRA_BYTES = 4 + 4 + 3 + 8 + 8
+
+
+def chunk_steps(chunk_seconds: float, hz: float) -> int:
+    """Steps in one robot chunk, the unit the robot sends as one message (`link.chunk_seconds` of control)."""
+    return max(1, round(chunk_seconds * hz))
+
+
+def message_room_problem(max_message_mb: float, need_bytes: int, why: str) -> str | None:
+    """The "expected" part of an error when `link.max_message_mb` cannot carry one chunk of `need_bytes`
+    (`why` says how that was counted), else None. The minimum named is rounded up to 0.001 MiB."""
+    if max_message_mb * 2**20 >= need_bytes:
+        return None
+    return f"at least {math.ceil(need_bytes / 2**20 * 1000) / 1000} ({why})"
 
 
 class LinkConfig(Block):

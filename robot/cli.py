@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from learner.config import ConfigError, load_config
-from learner.config_link import address_problem
+from learner.config_link import address_problem, chunk_steps, message_room_problem
 from learner.link.security import ClientKeys, LinkSecurityError
 from robot import device_cli, motors_cli
 
@@ -58,6 +58,10 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     with robot:
         spec, act = step_spec(robot)
+        if problem := _chunk_problem(cfg, spec, robot_id):  # before the link starts and anything moves
+            print(f"reverie-robot: link.max_message_mb: expected {problem}, found {link_cfg.max_message_mb}",
+                  file=sys.stderr)
+            return 2
         hello = {"spec": spec, "task": cfg.task or cfg.name, "hz": float(cfg.control.hz), "discrete": act.discrete}
         timing = {"keys": keys, "heartbeat_s": link_cfg.heartbeat_s, "lost_after_s": link_cfg.lost_after_s,
                   "resend_after_s": link_cfg.resend_after_s, "max_bytes": int(link_cfg.max_message_mb * 2**20)}
@@ -92,21 +96,45 @@ def _run(args: argparse.Namespace) -> int:
                "period_error_p99": round(stats.period_error(0.99), 4),
                "spool_pending": status.spool_count, "weights_rejected": status.weights_rejected}
     print(json.dumps(summary))
-    if loop.stop_reason.startswith("robot stopped"):
-        print(f"reverie-robot: {loop.stop_reason}", file=sys.stderr)
+    return _exit_code(loop.stop_reason, status.refused)
+
+
+def _exit_code(stopped: str, refused: str) -> int:
+    """4: a safety stop; 3: the spool filled up; 5: the learner refused this robot or the link failed
+    (what it recorded is in the spool); 0: a limit or Ctrl-C. The reason goes to stderr."""
+    if stopped.startswith("robot stopped"):
+        print(f"reverie-robot: {stopped}", file=sys.stderr)
         return 4
-    return 3 if loop.stop_reason.startswith("spool full") else 0
+    if stopped.startswith("spool full"):
+        return 3
+    if refused and not stopped.startswith("refused by the learner"):  # a run shorter than one chunk
+        stopped = f"refused by the learner: {refused}"
+    if stopped.startswith(("refused by the learner", "link failed")):
+        print(f"reverie-robot: {stopped}", file=sys.stderr)
+        return 5
+    return 0
+
+
+def _chunk_problem(cfg: Any, spec: dict[str, Any], robot_id: str) -> str | None:
+    """Why link.max_message_mb cannot carry one chunk of this robot's step layout, else None."""
+    from robot.link import chunk_message_bytes
+
+    steps = chunk_steps(cfg.link.chunk_seconds, cfg.control.hz)
+    need = chunk_message_bytes(spec, steps, robot_id)
+    return message_room_problem(cfg.link.max_message_mb, need, f"one chunk of this robot: {steps} steps, {need} bytes")
 
 
 def wait_acked(link: Any, limit: float) -> None:
-    """Give the learner a moment to acknowledge the last chunks (bounded: exiting never hangs;
-    whatever stays unacknowledged is in the spool and is sent on the next run)."""
+    """Give the learner up to `limit` seconds to acknowledge every chunk: those spooled and those still
+    queued in the link (its thread's queue, or the pipe and memory of its process). Bounded, so exiting
+    never hangs; it returns at once when no learner is connected or it refused this robot. Whatever
+    stays unacknowledged is in the spool and is sent on the next run."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         status = link.status()
-        if status.spool_count == 0 or not status.connected:
+        if (status.spool_count == 0 and status.queued == 0) or not status.connected or status.refused:
             return
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 def main(argv: list[str] | None = None) -> int:

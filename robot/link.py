@@ -29,6 +29,7 @@ import zmq
 
 from learner.checkpoint import CheckpointError, weights_from_bytes
 from learner.link.protocol import (
+    BOOKKEEPING,
     DEFAULT_MAX_BYTES,
     ID_RE,
     Message,
@@ -44,10 +45,20 @@ from robot.spool import Spool, SpoolCorrupt, SpoolFull
 _POLL_MS = 50  # longest the thread sleeps: how fast it notices a submitted chunk or close()
 _WINDOW = 64  # chunks sent and not yet acknowledged, at most (bounds what sits in zmq's queues)
 _MAX_RECV_PER_TURN = 256
+_MAX_REASON = 500  # characters of a learner's refusal reason kept (it is shown to the operator)
 
 
 class LinkError(RuntimeError):
     """The link cannot keep the control loop's data safe (thread died, spool unwritable, link closed)."""
+
+
+class LinkRefused(LinkError):
+    """The learner refused this robot (another step layout, a key that may not use this id...): its message
+    is the learner's reason. Chunks are still spooled, for a learner that will take them."""
+
+
+class ChunkTooBig(LinkError):
+    """A chunk larger than the link's message limit (link.max_message_mb): spooled, never sent."""
 
 
 @dataclass
@@ -77,6 +88,31 @@ class LinkStatus:
     last_error: str = ""  # the last unexpected error inside the link thread (logged with its traceback)
     queued: int = 0  # chunks submitted but not yet in the spool
     spool_error: str = ""  # why the oldest queued chunk cannot be spooled (spool full, disk error); "" when fine
+    refused: str = ""  # the learner's reason for refusing this robot's hello; "" unless refused
+
+
+def message_bytes(frames: list) -> int:
+    """Size of an encoded message on the wire (what the receiver's max_bytes limit counts)."""
+    return sum(memoryview(frame).nbytes for frame in frames)
+
+
+def raise_unsendable(robot_id: str, frames: list, max_bytes: int) -> None:
+    """ChunkTooBig when an encoded chunk exceeds `max_bytes`: the learner would refuse it (and drop the connection)."""
+    size = message_bytes(frames)
+    if size > max_bytes:
+        raise ChunkTooBig(f"robot link {robot_id}: a chunk of {size} bytes exceeds link.max_message_mb "
+                          f"({max_bytes} bytes): it is spooled but cannot be sent; raise link.max_message_mb "
+                          "(robot and learner) or lower link.chunk_seconds")
+
+
+def chunk_message_bytes(spec: dict[str, Any], steps: int, robot_id: str) -> int:
+    """Wire size of one steps message of `steps` steps in this layout (a hello's spec), counted by encoding a
+    one-step message: its header grows by a few bytes per array with the step count (allowed for here)."""
+    layout = {name: (dtype, tuple(shape)) for name, (dtype, shape) in spec.items()}
+    layout |= {name: (dtype, ()) for name, dtype in BOOKKEEPING.items()}
+    one = {name: np.zeros((1, *shape), dtype) for name, (dtype, shape) in layout.items()}
+    frames = encode(Message("steps", robot_id, uuid.uuid4().hex, 2**62, arrays=one))
+    return memoryview(frames[0]).nbytes + 4 * len(one) + steps * sum(a.nbytes for a in one.values())
 
 
 def merged_stats(current: dict[str, Any], stats: dict[str, Any], robot_id: str, run_id: str) -> dict[str, Any]:
@@ -155,6 +191,8 @@ class RobotLink:
         self._last_rejection = ""
         self._last_error = ""
         self._error_logged = 0.0  # monotonic time the last unexpected error was logged
+        self._refused = ""  # the learner's reason for refusing our hello; cleared by a welcome
+        self._unsendable: set[int] = set()  # seqs over max_bytes, logged once each
 
     # --- control-loop side -----------------------------------------------------------------------
 
@@ -186,18 +224,20 @@ class RobotLink:
         self._thread.start()
 
     def close(self, timeout: float = 2.0) -> None:
-        """Stop the thread: spool what is still in memory, say "bye" (best effort), drop unsent messages."""
+        """Stop the thread: spool what is still in memory (past the spool's limit if it is full: the robot
+        has stopped recording, and what it recorded is kept), say "bye" (best effort), drop unsent messages."""
         if self._closed:
             return
         self._closed = True
         self._stop.set()
-        if self._thread is None:  # never started: still keep what was submitted
-            self._spool_inbox(None, send=False)
-            self._report_unspooled()
-        else:
+        if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 self.log.error("robot link %s: thread did not stop within %.1f s", self.robot_id, timeout)
+                return
+        if self._inbox:  # never started, or the thread died: it is gone, so the spool is ours
+            self._spool_inbox(None, send=False, final=True)
+            self._report_unspooled()
 
     def __enter__(self) -> RobotLink:
         self.start()
@@ -210,17 +250,24 @@ class RobotLink:
     def submit(self, arrays: dict[str, np.ndarray]) -> None:
         """Queue one chunk (copied) for the thread to spool and send; never waits on the network or the disk.
 
-        The chunk is always queued, so nothing recorded is dropped. Raises ProtocolError for a chunk the
-        protocol refuses (nothing queued), and SpoolFull / LinkError when earlier chunks could not be spooled
-        (they wait in memory): the caller should stop the robot safely and report the message.
+        The chunk is always queued, so nothing recorded is dropped (close() spools what is still in memory,
+        past the spool's limit if need be). Raises ProtocolError for a chunk the protocol refuses (nothing
+        queued); once the chunk is queued: SpoolFull / LinkError when earlier chunks could not be spooled
+        (they wait in memory), ChunkTooBig for a chunk over the message limit, LinkRefused when the learner
+        refused this robot, LinkError when the link thread died. The caller should stop the robot safely and
+        report the message.
         """
         if self._closed:
             raise LinkError(f"robot link {self.robot_id}: submit() after close()")
-        if self._fatal is not None:
-            raise LinkError(f"robot link {self.robot_id}: link thread died: {self._fatal!r}") from self._fatal
         chunk = {name: np.array(value, copy=True) for name, value in arrays.items()}
-        encode(Message("steps", self.robot_id, self.run_id, 0, arrays=chunk))  # same checks the thread will meet
+        frames = encode(Message("steps", self.robot_id, self.run_id, 0, arrays=chunk))  # the thread's checks
         self._inbox.append(chunk)
+        if self._fatal is not None:
+            raise LinkError(f"robot link {self.robot_id}: link thread died: {self._fatal!r} (close() spools "
+                            f"the {len(self._inbox)} chunks in memory)") from self._fatal
+        raise_unsendable(self.robot_id, frames, self.max_bytes)
+        if refused := self.status().refused:
+            raise LinkRefused(refused)
         err = self._put_error
         if err is None:
             return
@@ -244,9 +291,12 @@ class RobotLink:
             self._stats = merged
 
     def status(self) -> LinkStatus:
-        """A consistent snapshot, safe to call from any thread."""
+        """A consistent snapshot, safe to call from any thread: a submitted chunk is counted in `queued` until
+        it is counted in `spool_count`, which it leaves only once the learner has acknowledged it."""
         with self._lock:
-            return replace(self._status)
+            status = replace(self._status)
+            status.queued = len(self._inbox)
+        return status
 
     # --- the thread ------------------------------------------------------------------------------
 
@@ -278,7 +328,7 @@ class RobotLink:
 
     def _shutdown(self, ctx: zmq.Context, sock: zmq.Socket) -> None:
         try:
-            self._spool_inbox(sock, send=False)
+            self._spool_inbox(sock, send=False, final=True)
             self._report_unspooled()
             if self._connected:
                 self._send(sock, encode(Message("bye", self.robot_id, self.run_id)))
@@ -291,8 +341,8 @@ class RobotLink:
 
     def _report_unspooled(self) -> None:
         if self._inbox:
-            self.log.error("robot link %s: closing with %d chunks that did not fit in the spool %s (lost): %s",
-                           self.robot_id, len(self._inbox), self.spool.directory, self._put_error)
+            self.log.critical("robot link %s: closing with %d chunks that could not be written to the spool %s "
+                              "(lost): %s", self.robot_id, len(self._inbox), self.spool.directory, self._put_error)
 
     def _turn(self, sock: zmq.Socket) -> None:
         now = time.monotonic()
@@ -336,6 +386,8 @@ class RobotLink:
             self._pump(sock)
         elif msg.kind == "weights":
             self._on_weights(msg)
+        elif msg.kind == "bye" and "reason" in msg.meta:
+            self._on_refused(msg.meta["reason"])
         elif msg.kind == "bye":
             if self._connected:
                 self.log.warning("robot link %s: learner %s said bye; spooling until it is back",
@@ -346,8 +398,19 @@ class RobotLink:
             self._rejects.reject(ProtocolError("type", f"a learner does not send {msg.kind!r}"),
                                  f"learner at {self.address}")
 
+    def _on_refused(self, reason: Any) -> None:
+        """The learner answered hello with a reason to refuse: keep it for status() and submit() (the robot
+        stops and says why); keep spooling, and ask again now and then (the learner may be restarted)."""
+        text = "".join(c if c.isprintable() else "?" for c in str(reason))[:_MAX_REASON]
+        if text != self._refused:
+            self.log.error("robot link %s: the learner at %s refused this robot: %s", self.robot_id, self.address,
+                           text)
+        self._refused, self._connected = text, False
+        self._next_hello = time.monotonic() + self.lost_after_s
+
     def _on_welcome(self, sock: zmq.Socket, msg: Message) -> None:
         server, next_seq = msg.meta["server"], msg.meta["next_seq"]
+        self._refused = ""
         restarted = bool(self._server) and server != self._server
         if restarted:
             self.log.warning("robot link %s: learner restarted (%s -> %s): resending %d unacknowledged chunks",
@@ -411,9 +474,11 @@ class RobotLink:
         self.log.info("robot link %s: weights version %d (step %d, %d bytes) verified", self.robot_id, version,
                       weights.step, len(data))
 
-    def _spool_inbox(self, sock: zmq.Socket | None, send: bool, limit: int | None = None) -> None:
+    def _spool_inbox(self, sock: zmq.Socket | None, send: bool, limit: int | None = None,
+                     final: bool = False) -> None:
         """Spool (and send) queued chunks, at most `limit` per call so a backlog never starves the
-        socket (acks and heartbeats keep flowing while it is worked off)."""
+        socket (acks and heartbeats keep flowing while it is worked off). `final` (closing): write them
+        past the spool's limit, which has done its job (the robot stopped); experience is never dropped."""
         done = 0
         while self._inbox and (limit is None or done < limit):
             done += 1
@@ -421,20 +486,28 @@ class RobotLink:
             seq = self.spool.next_seq
             frames = encode(Message("steps", self.robot_id, self.run_id, seq, arrays=arrays))
             try:
-                self.spool.put(seq, frames)
+                self.spool.put(seq, frames, past_limit=final)
             except (SpoolFull, OSError) as err:
                 if self._put_error is None:
                     self.log.error("robot link %s: cannot spool seq %d: %s", self.robot_id, seq, err)
                 self._put_error = err
                 return
-            self._inbox.popleft()
+            if final and self.spool.bytes > self.spool.max_bytes:
+                self.log.warning("robot link %s: seq %d written past the spool's limit (%d of %d bytes) while "
+                                 "closing, so that no recorded step is lost", self.robot_id, seq, self.spool.bytes,
+                                 self.spool.max_bytes)
+            with self._lock:  # out of the queue and into the spool in one step, as status() sees it
+                self._inbox.popleft()
+                self._status.spool_count, self._status.spool_bytes = self.spool.count, self.spool.bytes
             if self._put_error is not None:
-                self.log.warning("robot link %s: spool has room again (seq %d stored)", self.robot_id, seq)
+                if not final:
+                    self.log.warning("robot link %s: spool has room again (seq %d stored)", self.robot_id, seq)
                 self._put_error = None
             self._publish()  # status shows the chunk spooled before anything about its delivery
             # Send straight away only when every older chunk is already out (else _pump keeps oldest-first order).
             in_order = len(self._sent_at) == self.spool.count - 1
-            if send and self._connected and in_order and len(self._sent_at) < _WINDOW and self._send(sock, frames):
+            if send and self._connected and in_order and len(self._sent_at) < _WINDOW and self._sendable(seq, frames) \
+                    and self._send(sock, frames):
                 self._sent_at[seq] = time.monotonic()
 
     def _timers(self, sock: zmq.Socket) -> None:
@@ -481,13 +554,26 @@ class RobotLink:
             except SpoolCorrupt as err:
                 self.log.error("robot link %s: %s", self.robot_id, err)
                 continue
-            if not self._send(sock, frames):
-                return
+            if not self._sendable(seq, frames) or not self._send(sock, frames):
+                return  # oldest first: nothing after a chunk that cannot go now
             if sent is not None:
                 self.log.info("robot link %s: resending seq %d (unacknowledged for %.1f s)", self.robot_id, seq,
                               now - sent)
             self._sent_at[seq] = now
             in_flight += 1
+
+    def _sendable(self, seq: int, frames: list) -> bool:
+        """False for a chunk over max_bytes (logged once): the learner would refuse it and drop the connection.
+        It stays in the spool for a run with a larger link.max_message_mb."""
+        size = message_bytes(frames)
+        if size <= self.max_bytes:
+            return True
+        if seq not in self._unsendable:
+            self._unsendable.add(seq)
+            self._last_error = (f"seq {seq} is {size} bytes, more than link.max_message_mb ({self.max_bytes} "
+                                "bytes): kept in the spool, not sent")
+            self.log.error("robot link %s: %s", self.robot_id, self._last_error)
+        return False
 
     def _send(self, sock: zmq.Socket, frames: list) -> bool:
         """Never blocks: False when zmq cannot take the message now (no connection, queue full)."""
@@ -510,3 +596,4 @@ class RobotLink:
                 self._weights_version, self._rejected, self._last_rejection)
             s.malformed, s.last_error = self._rejects.total, self._last_error
             s.queued, s.spool_error = len(self._inbox), "" if self._put_error is None else str(self._put_error)
+            s.refused = self._refused

@@ -42,7 +42,17 @@ import numpy as np
 
 from learner.link.protocol import DEFAULT_MAX_BYTES, ID_RE, MAX_FRAMES, Message, decode, encode
 from learner.link.security import ClientKeys, LinkSecurityError
-from robot.link import LinkError, LinkStatus, RobotLink, Weights, merged_stats
+from robot.link import (
+    ChunkTooBig,
+    LinkError,
+    LinkRefused,
+    LinkStatus,
+    RobotLink,
+    Weights,
+    merged_stats,
+    message_bytes,
+    raise_unsendable,
+)
 from robot.spool import Spool, SpoolFull
 
 _CTX = mp.get_context("spawn")
@@ -91,9 +101,9 @@ class _WatchedSpool(Spool):
 
     put_error: BaseException | None = None
 
-    def put(self, seq: int, frames: Sequence[bytes | memoryview]) -> None:
+    def put(self, seq: int, frames: Sequence[bytes | memoryview], *, past_limit: bool = False) -> None:
         try:
-            super().put(seq, frames)
+            super().put(seq, frames, past_limit=past_limit)
         except BaseException as exc:
             self.put_error = exc
             raise
@@ -156,11 +166,14 @@ class _Child:
                 return
 
     def _submit(self, frames: list[bytes]) -> None:
-        arrays = decode(frames, self.cfg["max_bytes"]).arrays
+        # The parent encoded (and checked) these frames: decode them whatever their size. A chunk over
+        # link.max_message_mb is still spooled (the parent says why it cannot be sent); it must never
+        # kill this process with recorded steps in it.
+        arrays = decode(frames, message_bytes(frames)).arrays
         self.received += 1
         try:
             self.link.submit(arrays)  # always queued; the errors are in the status the parent gets
-        except SpoolFull:
+        except (SpoolFull, ChunkTooBig, LinkRefused):
             pass
         except LinkError as exc:
             if not isinstance(exc.__cause__, OSError):  # not a spool error: the link thread died
@@ -406,9 +419,10 @@ class LinkProcess:
         """Queue one chunk (copied) for the child; never waits on the network, the disk or the pipe.
 
         The chunk is always queued, so nothing recorded is dropped. Raises ProtocolError for a chunk the
-        protocol refuses (nothing queued), SpoolFull / LinkError when earlier chunks could not be spooled
-        (they wait in memory), and LinkError when the link process has died (this chunk waits here and is
-        spooled by close()): the caller should stop the robot safely and report the message.
+        protocol refuses (nothing queued); once the chunk is queued: SpoolFull / LinkError when earlier chunks
+        could not be spooled (they wait in memory), ChunkTooBig for a chunk over the message limit, LinkRefused
+        when the learner refused this robot, and LinkError when the link process has died (this chunk waits
+        here and is spooled by close()): the caller should stop the robot safely and report the message.
         """
         if self._closed:
             raise LinkError(f"robot link {self.robot_id}: submit() after close()")
@@ -420,6 +434,9 @@ class LinkProcess:
             return
         if self._child_gone.is_set() or self._proc.exitcode is not None:
             raise LinkError(self._death())
+        raise_unsendable(self.robot_id, frames, self.max_bytes)
+        if refused := self.status().refused:
+            raise LinkRefused(refused)
         self._raise_spool_error()
 
     def take_weights(self) -> Weights | None:
@@ -583,7 +600,7 @@ class LinkProcess:
             self.log.error("robot link %s: link process still running; %d chunks in memory are lost", self.robot_id,
                            len(self._outbox))
             return
-        chunks = [decode(frames, self.max_bytes).arrays for frames in self._outbox]
+        chunks = [decode(frames, message_bytes(frames)).arrays for frames in self._outbox]
         self._outbox.clear()
         try:
             spool = Spool(self.spool_dir, self.spool_max_bytes, self.log)
@@ -594,7 +611,8 @@ class LinkProcess:
         first = spool.next_seq
         link = RobotLink(self.address, self.robot_id, spool, self._hello_meta, max_bytes=self.max_bytes, log=self.log)
         for arrays in chunks:
-            link.submit(arrays)
+            with contextlib.suppress(SpoolFull, LinkError):  # queued all the same; close() writes them
+                link.submit(arrays)
         link.close()
         with self._lock:
             self._status.spool_count, self._status.spool_bytes = spool.count, spool.bytes

@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 
 from learner.config import Config
+from learner.config_link import chunk_steps
 from learner.dreamer.policy import Policy
 from learner.dreamer.preprocess import ActSpace
 from robot.backends import action_dim
 from robot.interface import ArraySpec, Robot, RobotError
-from robot.link import LinkError, RobotLink, Weights
+from robot.link import LinkError, LinkRefused, RobotLink, Weights
 from robot.link_process import LinkProcess
 from robot.spool import SpoolFull
 
@@ -221,7 +222,7 @@ class ControlLoop:
         self.policy = initial
         self.rng = np.random.default_rng(seed)
         self.loader = PolicyLoader(link, self.spec, self.act_space)
-        self.chunk_steps = max(1, round(cfg.link.chunk_seconds * cfg.control.hz))
+        self.chunk_steps = chunk_steps(cfg.link.chunk_seconds, cfg.control.hz)
         self.buffer: list[dict[str, np.ndarray]] = []
         self.stats = LoopStats()
         self.stop_reason = ""
@@ -296,6 +297,10 @@ class ControlLoop:
                     next_status = now + status_every
         except SpoolFull as exc:
             self.stop(f"spool full, stopping safely: {exc}")
+        except LinkRefused as exc:
+            self.stop(f"refused by the learner: {exc}")
+        except LinkError as exc:  # recorded steps stay queued in the link; close() spools them
+            self.stop(f"link failed, stopping safely: {exc}")
         except RobotError as exc:
             # A safety stop (e-stop, servo fault, dead bus): the robot's own safe state is already set.
             log.error("robot stopped: %s", exc)
@@ -315,7 +320,8 @@ class ControlLoop:
         """One line of progress: what a person watching the robot wants to see every few seconds."""
         s, link = self.stats, self.link.status()
         ret = f"{s.returns[-1]:.2f}" if s.returns else "-"
-        state = "connected" if link.connected else "learner not reachable (acting on, spooling)"
+        state = ("connected" if link.connected else f"refused by the learner: {link.refused}" if link.refused
+                 else "learner not reachable (acting on, spooling)")
         robot = getattr(self.link, "robot_id", "robot")
         status_log.info("%s: %d steps (%.1f/s), %d episodes, last return %s, weights v%d, period error p99 %.1f %% "
                         "(last %d steps), link %s, %d chunks spooled", robot, s.steps, s.steps / max(elapsed, 1e-9),
@@ -364,8 +370,8 @@ class ControlLoop:
         except (SpoolFull, LinkError) as exc:
             if not final:
                 raise
-            log.error("the last %d steps stay queued in the link and are spooled at close if there is room (%s)",
-                      len(arrays["time"]), exc)
+            log.warning("the last %d steps are queued in the link, which spools them as it closes (%s)",
+                        len(arrays["time"]), exc)
 
 
 def load_initial(path: str | None) -> Policy | None:

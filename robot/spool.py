@@ -4,7 +4,8 @@ Why a spool: the learner may be down, restarting or unreachable for minutes; exp
 recorded meanwhile must survive that and a robot restart too, and must never be dropped silently.
 Each chunk is one file written atomically (temp file, fsync, rename); the learner's cumulative ack
 deletes files. When the spool reaches its byte limit `put` raises `SpoolFull` so the caller can stop
-the robot and say why, instead of throwing data away.
+the robot and say why, instead of throwing data away; the few chunks recorded until the robot has
+stopped are then written past the limit (`past_limit`), so that none is lost.
 
 File format (no pickle): magic b"RVSP1", uint32 frame count, one uint64 length per frame, then the
 frames back to back, all little-endian. Names are the zero-padded seq, so a listing sorts by seq.
@@ -95,14 +96,15 @@ class Spool:
         """Seqs on disk, oldest first."""
         return sorted(self._sizes)
 
-    def put(self, seq: int, frames: Sequence[bytes | memoryview]) -> None:
-        """Store one chunk durably; seq must be `next_seq`; SpoolFull (writing nothing) if over the limit."""
+    def put(self, seq: int, frames: Sequence[bytes | memoryview], *, past_limit: bool = False) -> None:
+        """Store one chunk durably; seq must be `next_seq`; SpoolFull (writing nothing) if over the limit,
+        unless `past_limit` (the robot has stopped: the limit has done its job, the chunk must not be lost)."""
         if seq != self.next_seq:
             raise ValueError(f"spool {self.directory}: put seq {seq}, expected next_seq {self.next_seq}")
         lengths = [_nbytes(f) for f in frames]
         header = _header(lengths)
         size = len(header) + sum(lengths)
-        if self.bytes + size > self.max_bytes:
+        if self.bytes + size > self.max_bytes and not past_limit:
             raise SpoolFull(
                 f"spool {self.directory} is full: {self.count} chunks, {self.bytes} bytes + {size} for seq {seq} "
                 f"> limit {self.max_bytes} bytes (the learner has not acknowledged them)"

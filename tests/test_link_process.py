@@ -25,12 +25,12 @@ from link_helpers import DEADLINE, HELLO, ROBOT, wait_for
 
 from learner.checkpoint import weights_to_bytes
 from learner.config_link import LinkConfig
-from learner.link.protocol import Message, ProtocolError, encode
+from learner.link.protocol import Message, ProtocolError, decode, encode
 from learner.link.security import ClientKeys, LinkSecurityError
 from learner.link.server import LinkServer
 from learner.replay import Replay
 from robot.demo import free_port
-from robot.link import LinkError, Weights
+from robot.link import ChunkTooBig, LinkError, LinkRefused, Weights
 from robot.link_process import LinkProcess
 from robot.spool import Spool, SpoolFull
 
@@ -254,6 +254,74 @@ def test_spool_full_raises_spool_full_from_submit_and_nothing_is_dropped(tmp_pat
             assert_exactly_once(server, 4)
             assert link.status().spool_error == ""
             link.submit(chunk(4))  # no longer raises
+
+
+def test_chunks_that_did_not_fit_a_full_spool_are_written_when_the_link_closes(tmp_path: Path) -> None:
+    """The robot stops on SpoolFull; the chunks recorded until then (in the child's memory, the pipe, here)
+    are written on the way out, past the spool's limit: experience is never dropped."""
+    size = _chunk_file_size(tmp_path)
+    limit = 2 * size + size // 2  # room for two chunks
+    link = make_link(f"tcp://127.0.0.1:{free_port()}", tmp_path / "spool", max_bytes=limit)  # nobody acknowledges
+    link.start()
+    try:
+        for i in range(3):
+            link.submit(chunk(i))
+        wait_for(lambda: link.status().spool_error != "", "the third chunk fails to spool in the child")
+        for i in (3, 4):  # what the robot records while it stops
+            with pytest.raises(SpoolFull):
+                link.submit(chunk(i))
+    finally:
+        link.close(timeout=10.0)
+    assert link.exitcode == 0
+    spool = Spool(tmp_path / "spool", limit)
+    assert spool.pending() == [0, 1, 2, 3, 4]
+    for i in range(5):
+        np.testing.assert_array_equal(decode(spool.load(i)).arrays["time"], chunk(i)["time"])
+    assert link.status().queued == 0
+
+
+def test_a_chunk_over_the_message_limit_is_spooled_and_the_link_process_lives_on(tmp_path: Path) -> None:
+    """A link.max_message_mb below one chunk (the config check normally refuses it): the chunk is spooled, not
+    sent, and the child survives; a later link with a large enough limit delivers it."""
+    too_big = sum(memoryview(f).nbytes for f in encode(Message("steps", ROBOT, "f" * 32, 0, arrays=chunk(0)))) - 1
+    with learner(tmp_path) as server:
+        with started(server.endpoint, tmp_path / "spool", max_bytes=1 << 24) as probe:  # learner's layout set
+            wait_for(lambda: probe.status().connected, "connected")
+        link = LinkProcess(server.endpoint, ROBOT, (tmp_path / "spool", 1 << 24), HELLO, heartbeat_s=0.1,
+                           lost_after_s=5.0, max_bytes=too_big)
+        link.start()
+        try:
+            wait_for(lambda: link.status().connected, "connected")
+            with pytest.raises(ChunkTooBig, match=rf"exceeds link.max_message_mb \({too_big} bytes\)"):
+                link.submit(chunk(0))
+            wait_for(lambda: "not sent" in link.status().last_error, "the child spools it and declines to send it")
+            assert link.status().spool_count == 1 and link.exitcode is None
+        finally:
+            link.close(timeout=10.0)
+        assert link.exitcode == 0
+        assert Spool(tmp_path / "spool", 1 << 24).pending() == [0]
+        with started(server.endpoint, tmp_path / "spool") as again:
+            wait_for(lambda: again.status().acked == 0 and again.status().spool_count == 0, "delivered later")
+        assert_exactly_once(server, 1)
+
+
+def test_a_refusal_reaches_the_parent_with_the_learners_reason(tmp_path: Path) -> None:
+    with learner(tmp_path) as server:
+        with started(server.endpoint, tmp_path / "first") as first:  # fixes the run's step layout
+            wait_for(lambda: first.status().connected, "connected")
+        other = {**HELLO, "spec": {**HELLO["spec"], "obs": ["float32", [4]]}}
+        link = LinkProcess(server.endpoint, "other-robot", (tmp_path / "spool", 1 << 24), other, heartbeat_s=0.1)
+        link.start()
+        try:
+            wait_for(lambda: link.status().refused != "", "the refusal reaches the parent")
+            assert link.status().refused.startswith("step layout differs from the run's: obs:")
+            assert not link.status().connected
+            arrays = {**chunk(0), "obs": np.zeros((T, 4), np.float32)}
+            with pytest.raises(LinkRefused, match="step layout differs"):
+                link.submit(arrays)
+        finally:
+            link.close(timeout=10.0)
+        assert link.exitcode == 0 and Spool(tmp_path / "spool", 1 << 24).pending() == [0]
 
 
 def test_close_leaves_pending_chunks_in_the_spool_for_the_next_link(tmp_path: Path) -> None:

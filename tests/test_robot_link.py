@@ -23,7 +23,7 @@ from link_helpers import DEADLINE, HELLO, ROBOT, SPEC, wait_for
 from learner.checkpoint import weights_to_bytes
 from learner.link.protocol import Message, check_steps, decode, encode, spec_of
 from robot.demo import free_port
-from robot.link import LinkError, RobotLink
+from robot.link import ChunkTooBig, LinkError, LinkRefused, RobotLink
 from robot.spool import Spool, SpoolFull
 
 T = 5
@@ -338,6 +338,62 @@ def test_spool_full_surfaces_and_the_chunk_waits_in_memory(tmp_path: Path) -> No
                 assert_same(learner.stored[i], i)
             assert link.status().spool_error == ""
             link.submit(chunk(4))  # no longer raises
+
+
+def test_chunks_that_did_not_fit_a_full_spool_are_written_when_the_link_closes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The robot stops on SpoolFull; what it recorded until then waits in memory and is written on the way
+    out, past the spool's limit: experience is never dropped."""
+    probe = Spool(tmp_path / "probe", 1 << 24)
+    probe.put(0, encode(Message("steps", ROBOT, "f" * 32, 0, arrays=chunk(0))))
+    size = probe.bytes
+    limit = 2 * size + size // 2  # room for two chunks
+    with robot_link(Spool(tmp_path / "spool", limit), free_port()) as link:  # no learner: nothing is acknowledged
+        for i in range(3):
+            link.submit(chunk(i))
+        wait_for(lambda: link.status().spool_error != "", "the third chunk fails to spool")
+        for i in (3, 4):  # what the robot records while it stops
+            with pytest.raises(SpoolFull):
+                link.submit(chunk(i))
+    spool = Spool(tmp_path / "spool", limit)
+    assert spool.pending() == [0, 1, 2, 3, 4]
+    for i in range(5):
+        assert_same(decode(spool.load(i)).arrays, i)
+    assert link.status().queued == 0 and link.status().spool_count == 5
+    assert "written past the spool's limit" in caplog.text and "(lost)" not in caplog.text
+
+
+def test_a_chunk_over_the_message_limit_is_spooled_not_sent(tmp_path: Path) -> None:
+    too_big = sum(memoryview(f).nbytes for f in encode(Message("steps", ROBOT, "f" * 32, 0, arrays=chunk(0)))) - 1
+    spool = Spool(tmp_path / "spool", 1 << 24)
+    with stand_in("learner-A") as learner, robot_link(spool, learner.port, max_bytes=too_big) as link:
+        learner.serve(lambda: link.status().connected, "connected")
+        with pytest.raises(ChunkTooBig, match=rf"exceeds link.max_message_mb \({too_big} bytes\)"):
+            link.submit(chunk(0))
+        learner.serve(lambda: "not sent" in link.status().last_error, "the link declines to send it")
+        assert "seq 0" in link.status().last_error and link.status().spool_count == 1
+        assert learner.received == []  # a learner with that limit would refuse it and drop the connection
+    assert Spool(tmp_path / "spool", 1 << 24).pending() == [0]  # kept for a run with a larger limit
+
+
+def test_a_refusing_learner_is_reported_with_its_reason(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 24)
+    with stand_in("learner-A") as learner, robot_link(spool, learner.port) as link:
+        learner.replies = False
+        learner.serve(lambda: "hello" in learner.kinds, "hello")
+        learner.send("bye", meta={"reason": "step layout differs from the run's: obs\nforged line"})
+        wait_for(lambda: link.status().refused != "", "the refusal is kept")
+        status = link.status()
+        assert status.refused == "step layout differs from the run's: obs?forged line" and not status.connected
+        with pytest.raises(LinkRefused, match="step layout differs"):
+            link.submit(chunk(0))
+        wait_for(lambda: link.status().spool_count == 1, "the chunk is spooled all the same")
+        learner.replies = True
+        learner.serve(lambda: link.status().connected, "a later hello is welcomed (the learner was restarted)")
+        assert link.status().refused == ""
+        link.submit(chunk(1))  # no longer raises
+        learner.serve(lambda: link.status().acked == 1, "both chunks delivered")
 
 
 def test_disk_errors_surface_and_the_link_recovers(tmp_path: Path) -> None:

@@ -16,8 +16,10 @@ from learner.checkpoint import weights_to_bytes
 from learner.dreamer.agent import DreamerModel
 from learner.dreamer.policy import Policy, policy_weights
 from learner.dreamer.preprocess import ActSpace
+from learner.link.protocol import decode
 from learner.serve import updates_allowed
 from robot.demo import free_port
+from robot.spool import Spool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +70,12 @@ def test_robot_with_a_full_spool_stops_safely_and_says_why(tmp_path, process):
     spooled = sorted((tmp_path / "spool").glob("*"))
     assert summary["spool_pending"] >= 1 and len([p for p in spooled if p.suffix != ".corrupt"]) >= 1
     assert summary["steps"] < 40 * 120  # it stopped long before the time limit
+    # Nothing recorded is dropped: the chunks recorded while it stopped are written past the limit.
+    recorded = [t for line in (tmp_path / "ledger.jsonl").read_text().splitlines() for t in json.loads(line)["time"]]
+    spool = Spool(tmp_path / "spool", 1 << 30)
+    kept = [t for seq in spool.pending() for t in decode(spool.load(seq)).arrays["time"].tolist()]
+    assert len(recorded) >= summary["steps"] and kept == recorded
+    assert summary["spool_pending"] == spool.count
 
 
 def test_realtime_priority_applies_to_the_calling_thread_or_says_why(caplog):

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from learner import config_flags as flags
 from learner.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, parse_overrides
 from learner.config_link import address_problem
 from learner.envs import GYM_PREFIX, EnvError, env_id
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", required=True, help="a YAML file from hardware_configs/")
     serve.add_argument("--logdir", required=True, help="run directory (resumed when it exists)")
     serve.add_argument("--bind", help="address to listen on (default: link.bind), e.g. tcp://0.0.0.0:5555")
-    serve.add_argument("--duration", type=float, help="stop after this many seconds")
+    serve.add_argument("--duration", type=flags.seconds, help="stop after this many seconds")
     serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     serve.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -28,6 +28,7 @@ from learner.config_sensors import MarkerReachConfig, MarkersConfig, PickPlaceCo
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides", "write_resolved"]
 
 RESOLVED_NAME = "config.yaml"
+MAX_SEED = 2**32 - 1  # numpy, torch, gymnasium and random.Random all take seeds this large (torch: not 2**70)
 
 Vec3 = Annotated[list[float], Field(min_length=3, max_length=3)]
 Range = Annotated[list[float], Field(min_length=2, max_length=2)]
@@ -218,7 +219,7 @@ class Config(Block):
     task: TaskName | None = Field(None, description="which task runs (backend sim or servo)")
     gym_id: str | None = Field(None, description="Gymnasium id, for example Pendulum-v1 (backend gym)")
     seed: int = Field(
-        0, ge=0, le=2**32 - 1, description="seed of the first episode (0 .. 2^32-1: every seeded generator takes it)"
+        0, ge=0, le=MAX_SEED, description="seed of the first episode (0 .. 2^32-1: every seeded generator takes it)"
     )
     control: ControlConfig = ControlConfig()
     camera: CameraConfig = CameraConfig()

@@ -18,8 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from learner import config_flags as flags
 from learner.config import ConfigError, load_config
-from learner.config_link import address_problem, chunk_steps, message_room_problem
+from learner.config_link import (
+    address_problem,
+    chunk_steps,
+    default_spool_dir,
+    message_room_problem,
+    robot_id_problem,
+)
 from learner.link.security import ClientKeys, LinkSecurityError
 from robot import device_cli, motors_cli
 
@@ -39,11 +46,15 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     link_cfg = cfg.link
     robot_id = args.robot_id or link_cfg.robot_id or cfg.name
+    if not (args.robot_id or link_cfg.robot_id) and (expected := robot_id_problem(robot_id)):  # a name is any text
+        print(f"reverie-robot: robot id {robot_id!r} (the config's name; set link.robot_id or --robot-id): "
+              f"expected {expected}", file=sys.stderr)
+        return 2
     address = args.learner or link_cfg.learner
     if args.learner and (expected := address_problem(args.learner, bind=False)):
         print(f"reverie-robot: --learner {args.learner!r}: expected {expected}", file=sys.stderr)
         return 2
-    spool_dir = Path(args.spool or link_cfg.spool_dir or Path("spool") / robot_id)
+    spool_dir = Path(args.spool or link_cfg.spool_dir or default_spool(robot_id))
     keys = (ClientKeys(Path(link_cfg.client_secret), Path(link_cfg.server_public))
             if link_cfg.client_secret and link_cfg.server_public else None)
     try:  # before the robot opens: a bad weights file must not get as far as the motors
@@ -124,6 +135,18 @@ def _chunk_problem(cfg: Any, spec: dict[str, Any], robot_id: str) -> str | None:
     return message_room_problem(cfg.link.max_message_mb, need, f"one chunk of this robot: {steps} steps, {need} bytes")
 
 
+def default_spool(robot_id: str) -> Path:
+    """The spool when neither --spool nor link.spool_dir names one (see `default_spool_dir`); a spool an
+    earlier version left at its old default, spool/<robot id> in the working directory, is kept in use:
+    it may hold unsent chunks, and its chunk counter must go on (a fresh spool would restart at 0)."""
+    old = Path("spool") / robot_id
+    if old.is_dir():
+        print(f"reverie-robot: using the spool {old} in the working directory (the default before "
+              f"{default_spool_dir(robot_id)}); move it there, or keep it with --spool {old}", file=sys.stderr)
+        return old
+    return default_spool_dir(robot_id)
+
+
 def wait_acked(link: Any, limit: float) -> None:
     """Give the learner up to `limit` seconds to acknowledge every chunk: those spooled and those still
     queued in the link (its thread's queue, or the pipe and memory of its process). Bounded, so exiting
@@ -143,10 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="drive a robot and learn with a learner")
     run.add_argument("--config", required=True, help="a YAML file from hardware_configs/")
     run.add_argument("--learner", help="learner address (default: link.learner), e.g. tcp://10.0.0.2:5555")
-    run.add_argument("--robot-id", help="id on the link (default: link.robot_id, else the config name)")
-    run.add_argument("--spool", help="spool directory (default: link.spool_dir, else spool/<robot id>)")
-    run.add_argument("--duration", type=float, help="stop after this many seconds")
-    run.add_argument("--steps", type=int, help="stop after this many control steps")
+    run.add_argument("--robot-id", type=flags.robot_id,
+                     help="id on the link (default: link.robot_id, else the config name)")
+    run.add_argument("--spool", help="spool directory (default: link.spool_dir, else "
+                     "$XDG_STATE_HOME/reverie/spool/<robot id>, ~/.local/state/reverie/spool/<robot id> without it)")
+    run.add_argument("--duration", type=flags.seconds, help="stop after this many seconds")
+    run.add_argument("--steps", type=flags.count, help="stop after this many control steps")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--verbose", action="store_true", help="log link events")
     run.add_argument("--ledger", type=Path, help="append a line per sent chunk: step times and content hashes "

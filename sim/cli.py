@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
+from learner import config_flags as flags
 from learner.config import Config, ConfigError, load_config, write_resolved
 from learner.video import FORMATS, VideoWriter, side_by_side
 from robot.interface import ArraySpec, DiscreteSpec
@@ -101,13 +102,6 @@ def _rate(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text}: expected a fraction in [0, 1]")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text}: expected a number of seconds > 0")
     return value
 
 
@@ -200,11 +194,11 @@ def _parser() -> argparse.ArgumentParser:
     common(v)
     v.add_argument("--policy", default="random",
                    help="random, scripted, or a trained policy file (a run's policy.safetensors)")
-    v.add_argument("--steps", type=int, default=200, help="policy steps = video frames")
+    v.add_argument("--steps", type=flags.count, default=200, help="policy steps = video frames")
     v.add_argument("--out", type=Path, default=Path("run.mp4"), help="output video (.mp4 or .gif)")
-    v.add_argument("--size", type=int, default=256, help="height and width of the scene view, pixels")
-    v.add_argument("--seed", type=int, default=0, help="seed of the random policy")
-    v.add_argument("--episodes", type=int, default=None,
+    v.add_argument("--size", type=flags.pixels, default=256, help="height and width of the scene view, pixels")
+    v.add_argument("--seed", type=flags.seed, default=0, help="seed of the random policy")
+    v.add_argument("--episodes", type=flags.count, default=None,
                    help="instead of --steps: this many times control.episode_steps")
 
     s = sub.add_parser("specs", help="print the observation and action specs as JSON")
@@ -218,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="fraction of replies sent with a wrong checksum/CRC")
     e.add_argument("--write-calibration", type=Path, default=None, metavar="FILE",
                    help="write the emulated servos' true calibration here (skips `reverie-robot calibrate`)")
-    e.add_argument("--duration", type=_positive, default=None, metavar="S",
+    e.add_argument("--duration", type=flags.seconds, default=None, metavar="S",
                    help="stop after this many seconds (default: serve until Ctrl-C or SIGTERM)")
     return parser
 
@@ -247,9 +241,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reverie-sim: --out {args.out}: expected a name ending in .mp4 or .gif", file=sys.stderr)
         return 2
     steps = args.steps if args.episodes is None else args.episodes * cfg.control.episode_steps
-    if steps < 1:
-        print("reverie-sim: --steps must be at least 1", file=sys.stderr)
-        return 2
     try:
         result = view(cfg, args.policy, steps, args.out, args.size, args.seed)
     except ValueError as exc:

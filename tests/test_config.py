@@ -287,3 +287,18 @@ def test_default_spool_is_in_the_users_state_directory(tmp_path: Path, monkeypat
     for unusable in ("", "relative/state"):  # the XDG spec: a relative path is to be ignored
         monkeypatch.setenv("XDG_STATE_HOME", unusable)
         assert default_spool_dir("arm1") == tmp_path / "home" / ".local" / "state" / "reverie" / "spool" / "arm1"
+
+
+def test_secrets_and_robot_state_are_ignored_by_git() -> None:
+    # `git add -A` in a checkout used to commit CURVE secret keys, calibrations, spooled experience and the
+    # config files the viewer writes next to its videos.
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["keys/arm1.key_secret", "keys/learner.key", "calibration/so101_arm.json", "spool/arm1/next_seq",
+             "run.mp4.config.yaml", "videos/run.gif.config.yaml"]
+    result = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True)
+    assert sorted(result.stdout.split()) == sorted(paths), result.stdout + result.stderr

@@ -262,3 +262,73 @@ def test_reverie_robot_run_refuses_a_learner_flag_it_cannot_connect_to(tmp_path:
     err = capsys.readouterr().err
     assert code == 2 and "--learner 'tcp://*:5555': expected a host and port to connect to" in err, err
     assert not (tmp_path / "s").exists()  # refused before anything was set up
+
+
+# --- issue 20: reverie-robot run refuses what would run forever, mean nothing or crash after the robot opened -----
+
+PROPRIO = Path(__file__).resolve().parents[1] / "hardware_configs" / "sim_arm_reach_proprio.yaml"
+SECONDS = "argument --duration: expected a finite number of seconds > 0, found"
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--duration", "nan", "--steps", "3"], f"{SECONDS} 'nan'"),
+    (["--duration", "inf", "--steps", "3"], f"{SECONDS} 'inf'"),
+    (["--duration", "-1"], f"{SECONDS} '-1'"),
+    (["--steps", "0"], "argument --steps: expected a whole number >= 1, found '0'"),
+    (["--steps", "-1"], "argument --steps: expected a whole number >= 1, found '-1'"),
+    (["--robot-id", "arm 1", "--steps", "3"],
+     "argument --robot-id: expected 1..64 of letters, digits, '_', '.', '-', found 'arm 1'"),
+])
+def test_reverie_robot_run_refuses_flags_it_cannot_honour(tmp_path: Path, capsys, flags: list[str],
+                                                          expected: str) -> None:
+    # --duration nan ran forever; --steps 0, -1 and a negative --duration ran a step and exited 0; a robot id
+    # with a space crashed the link with a traceback after the robot had opened.
+    from robot.cli import main as robot_main
+
+    with pytest.raises(SystemExit) as info:
+        robot_main(["run", "--config", str(PROPRIO), "--learner", f"tcp://127.0.0.1:{free_port()}",
+                    "--spool", str(tmp_path / "spool"), *flags])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"reverie-robot run: error: {expected}"
+    assert not (tmp_path / "spool").exists()  # refused before anything was set up
+
+
+def test_reverie_robot_run_refuses_a_config_name_that_cannot_be_the_robot_id(tmp_path: Path, capsys) -> None:
+    from robot.cli import main as robot_main
+
+    config = tmp_path / "arm.yaml"
+    config.write_text(PROPRIO.read_text().replace("name: sim_arm_reach_proprio", "name: my arm"))
+    code = robot_main(["run", "--config", str(config), "--learner", f"tcp://127.0.0.1:{free_port()}",
+                       "--spool", str(tmp_path / "spool"), "--steps", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip() == ("reverie-robot: robot id 'my arm' (the config's name; set link.robot_id or --robot-id): "
+                           "expected 1..64 of letters, digits, '_', '.', '-'")
+    assert not (tmp_path / "spool").exists()
+
+
+def _spooled(directory: Path) -> int:
+    return len(list(directory.glob("*.rvsp")))
+
+
+def test_reverie_robot_run_spools_in_the_state_directory_by_default(tmp_path: Path, monkeypatch, capsys) -> None:
+    # The default spool used to be spool/<robot id> in whatever directory the robot was started from: a
+    # source checkout (where `git add -A` picked it up) or a directory the next run does not start in.
+    from robot.cli import main as robot_main
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.chdir(tmp_path)
+    run = ["run", "--config", str(PROPRIO), "--learner", f"tcp://127.0.0.1:{free_port()}", "--steps", "3"]
+    assert robot_main(run) == 0, capsys.readouterr().err
+    assert _spooled(tmp_path / "state" / "reverie" / "spool" / "sim_arm_reach_proprio") == 1  # nobody acked it
+    assert not (tmp_path / "spool").exists()
+    # A spool left at the old default by an earlier version keeps being used (with a warning), so upgrading
+    # strands no unsent chunk and reuses no chunk number.
+    assert robot_main([*run, "--robot-id", "old", "--spool", "spool/old"]) == 0
+    capsys.readouterr()
+    assert robot_main([*run, "--robot-id", "old"]) == 0
+    err = capsys.readouterr().err
+    assert "using the spool spool/old in the working directory" in err, err
+    assert _spooled(tmp_path / "spool" / "old") == 2
+    assert not (tmp_path / "state" / "reverie" / "spool" / "old").exists()

@@ -431,7 +431,8 @@ def free_port() -> int:
 def walk_in(tmp: Path, config: Path | None, rig: EmulatedRig | None) -> Iterator[Walk]:
     (tmp / "hardware_configs").symlink_to(ROOT / "hardware_configs")
     env = {**os.environ, "PATH": f"{VENV_BIN}:{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-           "CONFIG": str(config.relative_to(ROOT)) if config else "", "LEARNER": f"tcp://127.0.0.1:{free_port()}"}
+           "CONFIG": str(config.relative_to(ROOT)) if config else "", "LEARNER": f"tcp://127.0.0.1:{free_port()}",
+           "XDG_STATE_HOME": str(tmp / "state")}  # the robot's default spool: not the tester's home
     if rig is not None:
         env.update(PORT=rig.port, CAMERA=rig.camera_url or "", IMU=rig.imu_port or "")
     walk = Walk(tmp, env, config, rig)

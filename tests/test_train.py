@@ -104,6 +104,39 @@ def test_cli_reports_a_logdir_it_cannot_use(tmp_path: Path, capsys: pytest.Captu
     assert not fresh.exists()
 
 
+@pytest.mark.parametrize("command", ["train", "serve"])
+@pytest.mark.parametrize("raw,expected", [
+    (b"name: r\xff\n", "line 1: not UTF-8 text (byte 0xff at offset 7)"),
+    (b"name: r\ntask: arm_reach\nsim: " + b"[" * 5000 + b"]" * 5000 + b"\n",
+     "line 3, column 21: nested more than 16 levels deep"),
+    (b"name: r\ntask: arm_reach\ncontrol: {hz: 10}\ncontrol: {hz: 20}\n",
+     "line 4, column 1: duplicate key 'control' (first at line 3"),
+    (b"name: r\ntask: arm_reach\nseed: 1180591620717411303424\n", "seed: expected a value less than or equal to"),
+])
+def test_cli_names_a_config_it_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str,
+                                           raw: bytes, expected: str) -> None:
+    # These were tracebacks (UnicodeDecodeError, RecursionError, torch's seeding overflow) or, for the
+    # duplicated block, a run with only the second one.
+    config = tmp_path / "robot.yaml"
+    config.write_bytes(raw)
+    assert learner_main([command, "--config", str(config), "--logdir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(config) in err and "Traceback" not in err, err
+    assert len(err.splitlines()) == 2 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_serve_refuses_a_duration_it_cannot_honour(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   value: str) -> None:
+    # --duration nan served forever; a negative one started a learner and stopped it at once, exit 0.
+    with pytest.raises(SystemExit) as info:
+        learner_main(["serve", "--config", str(CONFIG), "--logdir", str(tmp_path / "run"), "--duration", value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and not (tmp_path / "run").exists()
+    assert err.splitlines()[-1] == ("reverie-learner serve: error: argument --duration: expected a finite number "
+                                    f"of seconds > 0, found {value!r}")
+
+
 def test_serve_refuses_a_bind_flag_zeromq_would_misread(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = learner_main(["serve", "--config", str(CONFIG), "--logdir", str(tmp_path / "run"),
                          "--bind", "tcp://127.0.0.1:70000", "--duration", "1"])

@@ -81,7 +81,7 @@ def test_bad_arguments_give_clear_errors(tmp_path: Path, capsys: pytest.CaptureF
     assert "expected a name ending in .mp4 or .gif" in capsys.readouterr().err
     assert main(["view", "--config", cfg, "--set", "control.hz=-1"]) == 2
     err = capsys.readouterr().err
-    assert "control.hz: expected a value greater than 0" in err and "sim_arm_reach.yaml" in err
+    assert "control.hz: expected a value greater than or equal to 0.1" in err and "sim_arm_reach.yaml" in err
     assert main(["view", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "file not found" in capsys.readouterr().err
     corrupt = tmp_path / "corrupt.safetensors"
@@ -108,3 +108,34 @@ def test_specs_lists_every_observation(capsys: pytest.CaptureFixture[str]) -> No
     names = [row["name"] for row in data["observation"]]
     assert names[:1] == ["image"] and {"joint_pos", "joint_vel", "reward", "is_first"} <= set(names)
     assert data["action"]["shape"] == [3]
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--size", "0"], "argument --size: expected a whole number of pixels in 8..2048, found '0'"),
+    (["--size", "-4"], "argument --size: expected a whole number of pixels in 8..2048, found '-4'"),
+    (["--steps", "0"], "argument --steps: expected a whole number >= 1, found '0'"),
+    (["--steps", "-1"], "argument --steps: expected a whole number >= 1, found '-1'"),
+    (["--episodes", "0"], "argument --episodes: expected a whole number >= 1, found '0'"),
+    (["--seed", "-1"], "argument --seed: expected a whole number in 0..4294967295, found '-1'"),
+])
+def test_view_refuses_flags_it_cannot_honour(tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str],
+                                             expected: str) -> None:
+    # --size 0 was a ZeroDivisionError traceback from the renderer, after the config was written next to the video.
+    out = tmp_path / "v.mp4"
+    with pytest.raises(SystemExit) as info:
+        main(["view", "--config", str(ROOT / "hardware_configs/sim_arm_reach_proprio.yaml"), "--out", str(out),
+              "--steps", "2", *flags])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == f"reverie-sim view: error: {expected}"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0"])
+def test_emulate_refuses_a_duration_it_cannot_honour(capsys: pytest.CaptureFixture[str], value: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["emulate", "--config", str(ROOT / "hardware_configs/so101_arm.yaml"), "--duration", value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.splitlines()[-1] == ("reverie-sim emulate: error: argument --duration: expected a finite number of "
+                                    f"seconds > 0, found {value!r}")

@@ -100,8 +100,14 @@ class LinkConfig(Block):
         None, description="robot: unacknowledged chunks on disk; null = $XDG_STATE_HOME/reverie/spool/<robot_id> "
         "(~/.local/state/reverie/spool/<robot_id> when XDG_STATE_HOME is unset)"
     )
-    spool_max_mb: float = Field(1024.0, gt=0, description="robot: spool size limit, MiB; full = the robot stops")
-    max_message_mb: float = Field(256.0, gt=0, description="largest message either side accepts, MiB")
+    spool_max_mb: float = Field(
+        1024.0, gt=0, description="robot: spool size limit, MiB; full = the robot stops (what it records while "
+        "stopping is still written, past the limit)"
+    )
+    max_message_mb: float = Field(
+        256.0, gt=0, description="largest message either side accepts, MiB; at least one chunk (checked at load "
+        "and, with the robot's exact step layout, before it moves)"
+    )
     weights_every_updates: int = Field(20, ge=1, description="learner: publish weights after this many updates")
     weights_every_s: float = Field(60.0, gt=0, description="learner: ... or after this many seconds, if updated")
     weights_dtype: Literal["float32", "float16"] = Field("float32", description="weights precision on the wire")

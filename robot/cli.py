@@ -5,6 +5,9 @@
 Drives the config's robot backend at `control.hz` with the local policy, streams experience to the
 learner and acts with the newest weights it sends. Ctrl-C (or --duration / --steps) stops the robot
 safely; experience not yet acknowledged stays in the spool and is sent on the next run.
+
+Exit status: 0 stopped by a limit or Ctrl-C; 2 a config, flag or start-up error (nothing moved);
+3 the spool is full; 4 a safety stop; 5 the learner refused this robot, or the link failed.
 """
 
 from __future__ import annotations

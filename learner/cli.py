@@ -63,6 +63,9 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, args.logdir, env=args.env, progress=not args.quiet)
     summary = trainer.run()
     print(json.dumps(summary))
+    if trainer.stopped:
+        print(f"reverie-learner: stopped by {trainer.stopped} at {summary['env_steps']} env steps; checkpoint "
+              f"{summary['checkpoint']}; run the same command to resume", file=sys.stderr)
     return 0
 
 

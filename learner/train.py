@@ -10,9 +10,13 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,8 @@ from learner.video import side_by_side, write_video
 
 STREAM = "0"
 EVAL_SEED_OFFSET = 1_000_000
+# Ctrl-C, and what docker stop, systemd, Slurm and kill send: both end the run with a checkpoint.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclasses.dataclass
@@ -69,6 +75,8 @@ class Trainer:
         self.train_stats = Mean()
         self.episode_returns: list[float] = []
         self.random_returns: list[float] = []
+        self.stopped = ""  # the signal that ended the run early, if one did
+        self.checkpoint: Path | None = None  # the newest checkpoint this process wrote
         self._resume()
 
     # --- checkpoints
@@ -100,6 +108,7 @@ class Trainer:
                 "config": self.cfg.to_dict()}
         path = save_checkpoint(self.logdir / "checkpoints", self.counters.env_steps, parts, meta)
         self.export_policy()
+        self.checkpoint = path
         return path
 
     def export_policy(self) -> Path:
@@ -107,46 +116,75 @@ class Trainer:
 
     # --- the loop
     def run(self) -> dict[str, Any]:
+        """Train until `train.steps` env steps or a stop signal; checkpoint; return the summary."""
         cfg, c = self.cfg.train, self.counters
-        batch_steps = cfg.batch_size * cfg.batch_length
-        obs = self.env.reset()
-        episode_return, start = 0.0, time.time()
+        start = time.time()
         bar = tqdm(total=cfg.steps, initial=c.env_steps, disable=not self.progress, unit="step", dynamic_ncols=True)
         updates_at_start, t_start = self.agent.updates, time.time()
         try:
-            while c.env_steps < cfg.steps:
-                if obs["is_first"] and c.env_steps:
-                    self._periodic(at_boundary=True)  # evaluate and checkpoint between episodes
-                prefill = c.env_steps < cfg.prefill
-                if prefill:
-                    action = self.env.random_action(self.rng)
-                else:
-                    self.policy.act(obs, mode="sample")
-                    action = self.policy.last_action[0]
-                self.replay.add({**obs, "action": action}, STREAM, task=self.env.id,
-                                policy_version=self.agent.updates)
-                episode_return += float(obs["reward"])
-                c.env_steps += 1
-                bar.update(1)
-                if obs["is_last"]:
-                    self._episode_done(episode_return, prefill)
-                    episode_return = 0.0
-                    obs = self.env.reset()
-                else:
-                    obs = self.env.step(action)
-                if not prefill or c.env_steps == cfg.prefill:
-                    self._train(batch_steps)
-                self._periodic(at_boundary=False)
-                if c.env_steps % 50 == 0:
-                    rate = (self.agent.updates - updates_at_start) / max(1e-9, time.time() - t_start)
-                    last = self.episode_returns[-1] if self.episode_returns else float("nan")
-                    bar.set_postfix(updates=self.agent.updates, upd_s=f"{rate:.2f}", ret=f"{last:.2f}")
+            with self._stop_on_signals():
+                self._loop(bar, updates_at_start, t_start)
         except KeyboardInterrupt:
             tqdm.write("interrupted: saving a checkpoint and the replay")
         finally:
             bar.close()
             self.save()
         return self.finish(time.time() - start)
+
+    def _loop(self, bar: tqdm, updates_at_start: int, t_start: float) -> None:
+        cfg, c = self.cfg.train, self.counters
+        batch_steps = cfg.batch_size * cfg.batch_length
+        obs = self.env.reset()
+        episode_return = 0.0
+        while c.env_steps < cfg.steps and not self.stopped:
+            if obs["is_first"] and c.env_steps:
+                self._periodic(at_boundary=True)  # evaluate and checkpoint between episodes
+            prefill = c.env_steps < cfg.prefill
+            if prefill:
+                action = self.env.random_action(self.rng)
+            else:
+                self.policy.act(obs, mode="sample")
+                action = self.policy.last_action[0]
+            self.replay.add({**obs, "action": action}, STREAM, task=self.env.id,
+                            policy_version=self.agent.updates)
+            episode_return += float(obs["reward"])
+            c.env_steps += 1
+            bar.update(1)
+            if obs["is_last"]:
+                self._episode_done(episode_return, prefill)
+                episode_return = 0.0
+                obs = self.env.reset()
+            else:
+                obs = self.env.step(action)
+            if not prefill or c.env_steps == cfg.prefill:
+                self._train(batch_steps)
+            self._periodic(at_boundary=False)
+            if c.env_steps % 50 == 0:
+                rate = (self.agent.updates - updates_at_start) / max(1e-9, time.time() - t_start)
+                last = self.episode_returns[-1] if self.episode_returns else float("nan")
+                bar.set_postfix(updates=self.agent.updates, upd_s=f"{rate:.2f}", ret=f"{last:.2f}")
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM end the loop after the current step (the caller then checkpoints); a second
+        one stops at once (KeyboardInterrupt: the checkpoint is still written). Only the main thread can
+        own signals; elsewhere (a caller's worker thread) they keep their handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, _frame: object) -> None:
+            if self.stopped:
+                raise KeyboardInterrupt
+            self.stopped = signal.Signals(signum).name
+            tqdm.write(f"{self.stopped}: stopping after this step; saving a checkpoint and the replay first")
+
+        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     def _episode_done(self, episode_return: float, prefill: bool) -> None:
         c = self.counters
@@ -237,9 +275,12 @@ class Trainer:
 
     def finish(self, seconds: float) -> dict[str, Any]:
         self._log()
-        final_eval = self.evaluate() if self.cfg.train.eval_every else None
-        summary = {"env_steps": self.counters.env_steps, "updates": self.agent.updates,
+        # Stopped by a signal: be quick (docker and systemd send SIGKILL after a grace period).
+        final_eval = self.evaluate() if self.cfg.train.eval_every and not self.stopped else None
+        summary = {"stopped": self.stopped or f"train.steps ({self.cfg.train.steps}) reached",
+                   "env_steps": self.counters.env_steps, "updates": self.agent.updates,
                    "episodes": self.counters.episodes, "seconds": round(seconds, 1),
+                   "checkpoint": str(self.checkpoint) if self.checkpoint else None,
                    "final_eval_return": final_eval,
                    "random_return": float(np.mean(self.random_returns)) if self.random_returns else None,
                    "train_return_last10": float(np.mean(self.episode_returns[-10:])) if self.episode_returns else None}

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,8 @@ from learner.dreamer.policy import Policy
 from learner.metrics import read_metrics
 from learner.train import Trainer
 
-CONFIG = Path(__file__).resolve().parents[1] / "hardware_configs" / "sim_arm_reach.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "hardware_configs" / "sim_arm_reach.yaml"
 # A tiny, fast variant: 32x32 images, 10-step episodes, 2x8 batches.
 FAST = [
     "dreamer.size=tiny", "dreamer.threads=1", "camera.width=32", "camera.height=32",
@@ -170,3 +175,42 @@ def test_resume_falls_back_past_a_checkpoint_with_flipped_bytes(tmp_path: Path) 
     assert trainer.counters.env_steps == checkpoint_step(older)
     summary = trainer.run()
     assert summary["env_steps"] == 80
+
+
+def test_cli_train_on_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
+    """docker stop, systemd and Slurm send SIGTERM: it must end the run like Ctrl-C, checkpoint first."""
+    logdir = tmp_path / "run"
+    sets = [x for s in FAST for x in ("--set", s)]
+    cmd = [sys.executable, "-m", "learner.cli", "train", "--config", str(CONFIG), "--logdir", str(logdir), "--quiet",
+           *sets, "--set", "train.steps=100000", "--set", "train.checkpoint_every=100000",
+           "--set", "train.eval_every=0"]
+    log = (tmp_path / "train.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not any("updates" in r and r["updates"] > 0 for r in _rows(logdir / "metrics.jsonl")):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    output = (tmp_path / "train.log").read_text()
+    assert "SIGTERM" in output and "checkpoint" in output and "Traceback" not in output, output[-3000:]
+    summary = json.loads([ln for ln in output.splitlines() if ln.startswith("{")][-1])
+    assert summary["stopped"] == "SIGTERM" and summary["updates"] > 0
+    ckpts = sorted((logdir / "checkpoints").glob("ckpt-*"))
+    assert [checkpoint_step(p) for p in ckpts] == [summary["env_steps"]]
+    resumed = Trainer(load_config(CONFIG, [*FAST, f"train.steps={summary['env_steps']}", "train.eval_every=0"]),
+                      logdir, progress=False)
+    assert resumed.counters.env_steps == summary["env_steps"] and resumed.agent.updates == summary["updates"]
+    resumed.close()
+
+
+def _rows(path: Path) -> list[dict]:
+    try:
+        return read_metrics(path)
+    except (OSError, ValueError):
+        return []

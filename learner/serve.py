@@ -104,6 +104,7 @@ class Server:
         self.returns_seen: dict[str, int] = {}
         self.all_returns: list[float] = []
         self.published = (0, time.monotonic())  # (version, when)
+        self._refused_version = -1  # weights of this many updates were non-finite: not sent
         self._stop = False
         self._stop_reason = ""
 
@@ -185,7 +186,7 @@ class Server:
             return False
         batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
         metrics, context = agent.train(batch)
-        if self.cfg.dreamer.replay_context:
+        if self.cfg.dreamer.replay_context and context:  # none from a skipped (non-finite) update
             self.replay.write_context(batch["ids"], {k: v.cpu().numpy() for k, v in context.items()})
         self.stats.add(metrics)
         return True
@@ -197,7 +198,10 @@ class Server:
         if agent.updates == 0 or agent.updates == version:
             return
         due = agent.updates - version >= link.weights_every_updates or time.monotonic() - when >= link.weights_every_s
-        if not (due or force):
+        if not (due or force) or agent.updates == self._refused_version:
+            return
+        if agent.refuse_nonfinite(f"weights version {agent.updates} not sent to the robots"):
+            self._refused_version = agent.updates  # checked once per version
             return
         tensors, meta = policy_weights(agent.model, agent.updates)
         if link.weights_dtype == "float16":
@@ -231,7 +235,9 @@ class Server:
             row["train/return"] = float(np.mean(new))
         table = self.link.robot_table()
         row.update({"received_steps": received, "updates": self.agent.updates, "replay_steps": len(self.replay),
-                    "robots": sum(r["connected"] for r in table), "link/rejected": self.link.rejects.total})
+                    "robots": sum(r["connected"] for r in table), "link/rejected": self.link.rejects.total,
+                    "skipped_updates": self.agent.skipped,
+                    "replay/refused_steps": self.replay.stats()["totals"]["refused_steps"]})
         for r in table:
             row[f"robot/{r['robot']}/steps_s"] = r["steps_s"]
             row[f"robot/{r['robot']}/lag_s"] = r["lag_s"]
@@ -257,6 +263,8 @@ class Server:
         if self.agent is None:
             return None
         self.replay.flush()
+        if self.agent.refuse_nonfinite(f"checkpoint at {self.counters.received} received steps not written"):
+            return None
         parts = {"model": self.agent.model.state_dict(), "optimizer": self.agent.optimizer.state_dict(),
                  CONTEXT_PART: self.replay.context_state()}
         meta = {"counters": dataclasses.asdict(self.counters), "updates": self.agent.updates,

@@ -34,6 +34,7 @@ from learner.metrics import Mean, MetricsLogger
 from learner.openloop import write_openloop
 from learner.plots import plot_learning_curve
 from learner.replay import Replay
+from learner.replay.chunk import nonfinite_keys
 from learner.replay.context import CONTEXT_PART, restore_context
 from learner.video import side_by_side, write_video
 
@@ -98,8 +99,12 @@ class Trainer:
         tqdm.write(f"resumed from {path} at {self.counters.env_steps} env steps, {self.agent.updates} updates, "
                    f"replay context for {restored} steps")
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Flush the replay, then checkpoint and export the policy, unless the model went non-finite
+        (then the previous checkpoints and policy stay, and it says so): None when nothing was written."""
         self.replay.flush()
+        if self.agent.refuse_nonfinite(f"checkpoint at {self.counters.env_steps} env steps not written"):
+            return None
         parts = {"model": self.agent.model.state_dict(), "optimizer": self.agent.optimizer.state_dict(),
                  "rng": {"torch": torch.get_rng_state()}, CONTEXT_PART: self.replay.context_state()}
         meta = {"counters": dataclasses.asdict(self.counters), "updates": self.agent.updates,
@@ -141,6 +146,11 @@ class Trainer:
                 self._periodic(at_boundary=True)  # evaluate and checkpoint between episodes
             prefill = c.env_steps < cfg.prefill
             if prefill:
+                action = self.env.random_action(self.rng)
+            elif nonfinite_keys({k: np.asarray(v) for k, v in obs.items()}):
+                # A glitching sensor: the replay refuses this step and starts a new episode after it, so
+                # the policy starts afresh too, rather than carry NaN in its state from now on.
+                self.policy.reset()
                 action = self.env.random_action(self.rng)
             else:
                 self.policy.act(obs, mode="sample")
@@ -201,7 +211,7 @@ class Trainer:
             c.train_credit -= 1.0
             batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
             metrics, context = self.agent.train(batch)
-            if self.cfg.dreamer.replay_context:
+            if self.cfg.dreamer.replay_context and context:  # none from a skipped (non-finite) update
                 self.replay.write_context(batch["ids"], {k: v.cpu().numpy() for k, v in context.items()})
             self.train_stats.add(metrics)
 
@@ -220,7 +230,9 @@ class Trainer:
     def _log(self) -> None:
         row = self.train_stats.result()
         row.update({"env_steps": self.counters.env_steps, "updates": self.agent.updates,
-                    "episodes": self.counters.episodes, "replay_steps": len(self.replay)})
+                    "episodes": self.counters.episodes, "replay_steps": len(self.replay),
+                    "skipped_updates": self.agent.skipped,
+                    "replay/refused_steps": self.replay.stats()["totals"]["refused_steps"]})
         self.logger.log(self.counters.env_steps, row)
 
     # --- evaluation

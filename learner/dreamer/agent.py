@@ -10,8 +10,11 @@ enabled, from the replay value loss.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -23,6 +26,7 @@ from learner.dreamer.rssm import State
 from learner.dreamer.world_model import WorldModel
 
 CONTEXT_KEYS = ("deter", "stoch", "action")
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,6 +82,7 @@ class Dreamer:
         self.wm, self.behavior = self.model.wm, self.model.behavior
         self.optimizer = make_optimizer(cfg, self.wm, self.behavior.actor, self.behavior.critic)
         self.updates = 0
+        self.skipped = 0  # updates refused for non-finite inputs, losses or gradients (this process)
         self._update_fn = self._update
         if cfg.compile:
             self._update_fn = torch.compile(self._update)
@@ -112,7 +117,14 @@ class Dreamer:
 
         Returns metrics (tensors; read them lazily to avoid host syncs) and the posterior latents
         (B, T, ...) to write back into replay as the context of later samples.
+
+        An update with a non-finite input, loss or gradient is not applied: parameters, optimiser
+        state and return normalisation stay as they were, `skipped` counts it, a warning names the
+        culprits, and it returns ({"skipped_nonfinite": 1.0}, {}) (no latents to write back).
         """
+        if bad := _nonfinite_inputs(batch):
+            return self._skip(f"input {', '.join(map(repr, bad))} holds NaN or inf")
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}  # the forward pass moves them
         data = self.to_inputs(batch)
         start = self.context_from_batch(batch)
         self.model.train()
@@ -120,6 +132,13 @@ class Dreamer:
             loss, post, metrics = self._update_fn(data, start)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if not self._finite(loss):
+            problem = self._diagnose(metrics)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for name, b in self.model.named_buffers():
+                    b.copy_(buffers[name])
+            return self._skip(problem)
         norms = self.optimizer.step()
         if isinstance(norms, dict):
             metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
@@ -128,6 +147,50 @@ class Dreamer:
         context = {"deter": post["deter"].detach().float(), "stoch": post["stoch"].detach().float(),
                    "action": data["action"]}
         return metrics, context
+
+    def _finite(self, loss: Tensor) -> bool:
+        """Loss and every gradient finite: one fused norm over the gradients and one host sync."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norms = [n.float().reshape(()) for n in torch._foreach_norm(grads)] if grads else []
+        return bool(torch.isfinite(torch.stack([loss.detach().float().reshape(()), *norms])).all())
+
+    def _diagnose(self, metrics: Mapping[str, Any]) -> str:
+        losses = [k for k, v in metrics.items() if isinstance(v, Tensor) and not bool(torch.isfinite(v).all())]
+        grads = [n for n, p in self.model.named_parameters()
+                 if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        parts = [f"non-finite {'loss' if len(losses) == 1 else 'losses'} {', '.join(losses[:6]) or '(none)'}"]
+        if grads:
+            parts.append(f"non-finite gradients in {len(grads)} tensor(s) ({', '.join(grads[:3])}"
+                         f"{', ...' if len(grads) > 3 else ''})")
+        return "; ".join(parts)
+
+    def _skip(self, problem: str) -> tuple[dict[str, float | Tensor], dict[str, Tensor]]:
+        self.skipped += 1
+        n = self.skipped
+        if n & (n - 1) == 0:  # the 1st, 2nd, 4th ...: loud, yet bounded if the data keeps doing it
+            log.warning("dreamer: update %d skipped: %s; parameters, optimiser state and return normalisation "
+                        "unchanged (%d update(s) skipped so far)", self.updates + 1, problem, n)
+        return {"skipped_nonfinite": 1.0}, {}
+
+    def nonfinite_parameters(self) -> list[str]:
+        """Names of the model's parameters and buffers holding NaN or inf: such weights must never be
+        published to robots or written to a checkpoint."""
+        state = self.model.state_dict()
+        if not state:
+            return []
+        finite = torch.stack([torch.isfinite(v).all() for v in state.values()]).tolist()
+        return [name for name, ok in zip(state, finite) if not ok]
+
+    def refuse_nonfinite(self, refused: str) -> bool:
+        """True, with an error logged, when the model holds NaN or inf: then a checkpoint, the policy file
+        or weights for the robots must not be written or sent (they would replace good ones). `refused`
+        says which, e.g. "checkpoint at 500 env steps not written"."""
+        bad = self.nonfinite_parameters()
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            log.error("%s: the model holds NaN or inf in %d tensor(s) (%s%s) after %d updates; the previous "
+                      "ones are kept", refused, len(bad), ", ".join(bad[:3]), more, self.updates)
+        return bool(bad)
 
     def _update(self, data: dict[str, Tensor], start: State) -> tuple[Tensor, State, dict[str, Tensor]]:
         cfg, wm, beh = self.cfg, self.wm, self.behavior
@@ -183,3 +246,15 @@ class Dreamer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates = int(state["updates"])
+
+
+def _nonfinite_inputs(batch: Mapping[str, Any]) -> list[str]:
+    """Batch keys with NaN or inf in a floating-point value (numpy on the host: no device sync)."""
+    bad = []
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(key)
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "fc" and not np.isfinite(value).all():
+            bad.append(key)
+    return bad

@@ -375,6 +375,23 @@ def _reserved(key: str) -> bool:
     return key.startswith("__") or key == "ids" or key.startswith("context/")
 
 
+def nonfinite_rows(arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Which rows (leading axis) hold NaN or +-inf in any floating-point array; None when every value is
+    finite (the common case). Such a value would turn every parameter NaN at the next update."""
+    bad = None
+    for value in arrays.values():
+        if value.dtype.kind in "fc" and value.size:
+            rows = ~np.isfinite(value.reshape(len(value), -1)).all(axis=1)
+            bad = rows if bad is None else bad | rows
+    return bad if bad is not None and bad.any() else None
+
+
+def nonfinite_keys(arrays: dict[str, np.ndarray], row: int | None = None) -> list[str]:
+    """The floating-point keys holding NaN or +-inf (in `row` of each array, when given)."""
+    return [key for key, value in arrays.items()
+            if value.dtype.kind in "fc" and not np.isfinite(value if row is None else value[row]).all()]
+
+
 def step_count(steps: dict[str, np.ndarray], stream: str) -> int:
     """T of a dict of per-key arrays with a leading step axis; errors name the key and stream."""
     where = f"replay steps from stream {stream!r}"

@@ -49,6 +49,8 @@ from learner.replay.chunk import (
     StepSpec,
     catalogue,
     entry_for,
+    nonfinite_keys,
+    nonfinite_rows,
     read_chunk,
     remove_temp_files,
     step_count,
@@ -184,6 +186,7 @@ class Replay:
         self._source: dict[str, Source] = {}  # stream -> newest recorded robot position
         self._force_first: set[str] = set()  # streams whose next step must start an episode
         self._rewrite: dict[int, _Chunk] = {}  # seq -> sealed chunk changed by close_episode
+        self._refused: dict[str, int] = {}  # stream -> steps refused for holding NaN or inf
         self._open_dir()
 
     @classmethod
@@ -255,6 +258,14 @@ class Replay:
         except ChunkError as exc:
             warnings.warn(f"replay: skipping chunk file {path}: {exc}", stacklevel=3)
             return None
+        if (bad := nonfinite_rows({**steps, TIME: times})) is not None:
+            # Written before ingest refused such steps: its rows are accounted for (the robot position
+            # counts) but never sampled, and the file stays for inspection.
+            row = int(np.flatnonzero(bad)[0])
+            keys = ", ".join(repr(k) for k in nonfinite_keys({**steps, TIME: times}, row))
+            warnings.warn(f"replay: chunk file {path} holds non-finite values ({keys} row {row}; "
+                          f"{int(bad.sum())} row(s) in all): not used for training, the file is kept", stacklevel=3)
+            return meta
         if self._spec is None:
             self._spec = spec
             self._allocate()
@@ -379,6 +390,10 @@ class Replay:
             self._spec = StepSpec.from_step(step, stream)
             self._allocate()
         values = self._spec.convert(step, stream)
+        bad = nonfinite_keys(values) + ([] if time is None or np.isfinite(time) else [TIME])
+        if bad:
+            self._refuse(stream, task, bad, f"step {self._steps.get(stream, 0) + self._refused.get(stream, 0)}")
+            return
         if stream in self._force_first:
             values = {**values, "is_first": np.True_}
             self._force_first.discard(stream)
@@ -430,17 +445,36 @@ class Replay:
         where = f"replay steps from stream {stream!r}"
         versions = _per_step(policy_version, 0, count, np.int64, f"{where}: policy_version")
         times = _per_step(time, _time.time(), count, np.float64, f"{where}: time")
+        rows = _Rows(values, versions, times, source, first_index, total)
+        bad = nonfinite_rows({**values, TIME: times})
+        if bad is None:
+            self._append(rows, stream, task, 0, count)
+            return
+        # Store the finite stretches; each refused row cuts the episode (see _refuse).
+        good = np.concatenate([[False], ~bad, [False]]).astype(np.int8)
         done = 0
-        while done < count:
+        for lo, hi in np.flatnonzero(np.diff(good)).reshape(-1, 2).tolist():
+            self._refuse_rows(rows, stream, task, done, lo)
+            self._append(rows, stream, task, lo, hi)
+            done = hi
+        self._refuse_rows(rows, stream, task, done, count)
+        if bad[-1] and source is not None:  # the robot's rows up to its last are handled: never ask again
+            self._advance_source(stream, (source, first_index + count - 1, total))
+
+    def _append(self, rows: _Rows, stream: str, task: str, done: int, end: int) -> None:
+        """Write rows done..end-1 of a robot chunk (or batch) of `stream` as slices, chunk by chunk."""
+        values, versions, times, source = rows.values, rows.versions, rows.times, rows.source
+        first_index, total = rows.first_index, rows.total
+        while done < end:
             chunk = self._chunk_for(stream, task)
             # stop where a run of `add` calls would evict, so both cut the same chunks
-            n = min(count - done, self.chunk_length - chunk.meta.length, max(1, self.ram_steps + 1 - self._ram))
+            n = min(end - done, self.chunk_length - chunk.meta.length, max(1, self.ram_steps + 1 - self._ram))
             base = chunk.slot * self._slot_size + chunk.meta.length
-            rows = slice(base, base + n)
+            span = slice(base, base + n)
             for key, value in values.items():
-                self._data[key][rows] = value[done : done + n]
-            self._data[TIME][rows] = times[done : done + n]
-            self._data[VERSION][rows] = versions[done : done + n]
+                self._data[key][span] = value[done : done + n]
+            self._data[TIME][span] = times[done : done + n]
+            self._data[VERSION][span] = versions[done : done + n]
             if stream in self._force_first:
                 self._data["is_first"][base] = True
                 self._force_first.discard(stream)
@@ -448,10 +482,50 @@ class Replay:
                 chunk.meta.source = self._source[stream] = (source, first_index + done + n - 1, total)
             self._grown(chunk, n)
             self._tracker(stream, task).extend(
-                self._data["reward"][rows], self._data["is_first"][rows], self._data["is_last"][rows]
+                self._data["reward"][span], self._data["is_first"][span], self._data["is_last"][span]
             )
             done += n
             self._after_rows(chunk)
+
+    def _refuse_rows(self, rows: _Rows, stream: str, task: str, lo: int, hi: int) -> None:
+        arrays = {**rows.values, TIME: rows.times}
+        for row in range(lo, hi):
+            where = (f"robot chunk {rows.source} row {rows.first_index + row}" if rows.source is not None
+                     else f"row {row} of {len(rows.times)} added together")
+            self._refuse(stream, task, nonfinite_keys(arrays, row), where)
+
+    def _refuse(self, stream: str, task: str, keys: list[str], where: str) -> None:
+        """Refuse a step holding NaN or inf: one such value turns every parameter NaN at the next update.
+        Counted per stream (stats' `refused_steps`) and logged; the stream's episode is cut before it
+        (is_last without is_terminal, like a robot that vanished) and its next stored step starts one,
+        so no sequence runs across the missing step. Everything else of the stream is kept."""
+        self._tracker(stream, task)
+        n = self._refused[stream] = self._refused.get(stream, 0) + 1
+        if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th ...: loud, yet a sensor stuck at inf cannot flood the log
+            log.warning(
+                "replay %s: stream %r %s: %s holds NaN or inf; step refused, its episode cut there "
+                "(%d step(s) refused from this stream so far)",
+                self.directory, stream, where, ", ".join(repr(k) for k in keys), n,
+            )
+        if stream in self._last_uuid:
+            self.close_episode(stream)
+        self._force_first.add(stream)
+
+    def _advance_source(self, stream: str, position: Source) -> None:
+        """The robot rows up to `position` are handled though the last of them were refused: record it on
+        the stream's newest chunk in RAM, so that the next flush puts it on disk (a restarted learner must
+        not ask the robot for rows it has deleted). Without such a chunk it holds until a restart."""
+        self._source[stream] = position
+        chunk = self._open.get(stream)
+        run = self._tail.get(stream)
+        if chunk is None and run is not None and run.chunks and run.chunks[-1].meta.uuid == self._last_uuid[stream]:
+            chunk = run.chunks[-1]
+        if chunk is None or chunk.meta.length == 0:
+            return
+        chunk.meta.source = position
+        chunk.dirty = True
+        if chunk.sealed:
+            self._rewrite[chunk.meta.seq] = chunk
 
     def _chunk_for(self, stream: str, task: str) -> _Chunk:
         """The chunk the stream's next step goes to (a new one after a task change: a chunk has one task)."""
@@ -794,6 +868,7 @@ class Replay:
                 "abandoned": t.abandoned,
                 "ram_steps": in_ram.get(s, 0),
                 "source": list(self._source[s]) if s in self._source else None,
+                "refused_steps": self._refused.get(s, 0),
             }
             for s, t in self._trackers.items()
         }
@@ -802,6 +877,7 @@ class Replay:
             "steps": sum(v["steps"] for v in streams.values()),
             "episodes": sum(v["episodes"] for v in streams.values()),
             "abandoned": sum(v["abandoned"] for v in streams.values()),
+            "refused_steps": sum(self._refused.values()),
             "ram_steps": self._ram,
             "disk_steps": sum(e["length"] for e in self._disk.values()),
             "disk_chunks": len(self._disk),
@@ -849,6 +925,18 @@ class Replay:
             found = self._deref(ref, by_uuid)
             if found and self._tail.get(stream) is found[0]:
                 found[0].fresh = found[1]
+
+
+@dataclass
+class _Rows:
+    """A robot chunk (or batch) of steps being added, with where it sits in the robot's numbering."""
+
+    values: dict[str, np.ndarray]
+    versions: np.ndarray
+    times: np.ndarray
+    source: int | None
+    first_index: int
+    total: int
 
 
 def _per_step(value: Any, default: Any, count: int, dtype: type, where: str) -> np.ndarray:

@@ -214,3 +214,48 @@ def _rows(path: Path) -> list[dict]:
         return read_metrics(path)
     except (OSError, ValueError):
         return []
+
+
+def test_cli_serve_on_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
+    """The same for `serve`: a robot streams (a hand-driven DEALER on loopback), the learner trains and
+    publishes, SIGTERM ends it with a checkpoint a restart resumes from."""
+    from link_helpers import RawRobot
+
+    from learner.checkpoint import latest_checkpoint, load_checkpoint
+    from robot.demo import free_port
+
+    port, logdir = free_port(), tmp_path / "run"
+    cmd = [sys.executable, "-m", "learner.cli", "serve", "--config", str(ROOT / "hardware_configs" /
+           "sim_arm_reach_proprio.yaml"), "--logdir", str(logdir), "--bind", f"tcp://127.0.0.1:{port}", "--quiet",
+           "--set", "train.prefill=20", "--set", "train.batch_size=2", "--set", "train.batch_length=8",
+           "--set", "train.train_ratio=64", "--set", "train.checkpoint_every=100000",
+           "--set", "link.weights_every_updates=1", "--set", "dreamer.threads=1"]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    spec = {"joint_pos": ["float32", [3]], "action": ["float32", [2]], "reward": ["float32", []],
+            "is_first": ["bool", []], "is_last": ["bool", []], "is_terminal": ["bool", []]}
+    try:
+        with RawRobot(f"tcp://127.0.0.1:{port}", "arm-1") as robot:
+            assert robot.hello(spec=spec, task="arm_reach", hz=10.0).kind == "welcome"
+            rng = np.random.default_rng(0)
+            for seq in range(4):  # 40 steps, episodes of 10
+                rows = np.arange(10)
+                robot.steps(seq, {"joint_pos": rng.normal(size=(10, 3)).astype(np.float32),
+                                  "action": rng.uniform(-1, 1, (10, 2)).astype(np.float32),
+                                  "reward": rng.normal(size=10).astype(np.float32), "is_first": rows == 0,
+                                  "is_last": rows == 9, "is_terminal": np.zeros(10, bool),
+                                  "policy_version": np.zeros(10, np.int64),
+                                  "time": time.time() + seq * 10 + rows.astype(np.float64)})
+            robot.expect({"weights"}, deadline=120)  # it trained
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    output = (tmp_path / "serve.log").read_text()
+    summary = json.loads([ln for ln in output.splitlines() if ln.startswith("{")][-1])
+    assert summary["stopped"] == "interrupted" and summary["updates"] > 0 and "Traceback" not in output
+    assert summary["received_steps"] == 40 and summary["checkpoint"] == str(latest_checkpoint(logdir / "checkpoints"))
+    _, meta = load_checkpoint(summary["checkpoint"])
+    assert meta["updates"] == summary["updates"]

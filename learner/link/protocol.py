@@ -456,6 +456,10 @@ def check_steps(msg: Message, spec: dict[str, tuple[str, tuple[int, ...]]]) -> i
     """Check a 'steps' message against the per-step spec announced in 'hello' (name -> (dtype, per-step shape));
     returns T (the number of steps). Every spec key must be present with that dtype and shape (T, *shape); extra
     arrays are rejected; plus the bookkeeping arrays "policy_version" (int64, (T,)) and "time" (float64, (T,)).
+
+    Values are deliberately not checked here: a message this refuses is never acknowledged, so the robot would
+    resend it forever and every later chunk would wait behind it. NaN and inf are refused step by step by the
+    replay store (`Replay.add_steps`), and the chunk is acknowledged.
     """
     if msg.kind != "steps":
         raise ProtocolError("type", f"check_steps needs a steps message, got {_show(msg.kind)}")

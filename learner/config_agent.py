@@ -68,6 +68,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 
+# Optimiser settings for a step budget. The official values (lr 4e-5, 1000 warm-up updates) were
+# chosen for runs of a million env steps; at 10k steps (~5k updates) the 2024 actor barely moves
+# with them (bench/actor_updates.py measures it; bench/README.md has the curves). `small` is ours.
+# The 2023 recipe's Adam rates learn at these budgets as they are, so its `small` changes nothing.
+BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
+    "faithful": {"2024": {}, "2023": {}},
+    "small": {"2024": {"lr": 3e-4, "warmup": 100}, "2023": {}},
+}
+
 SizeName = Literal["tiny", "size1m", "size12m", "size25m", "size50m", "size100m", "size200m"]
 
 
@@ -76,6 +85,10 @@ class DreamerConfig(Block):
 
     recipe: Literal["2024", "2023"] = Field("2024", description="which published recipe fills unset fields")
     size: SizeName = Field("size1m", description="model size preset that fills unset dimensions")
+    budget: Literal["faithful", "small"] = Field(
+        "faithful", description="optimiser preset: faithful = the official values (for ~1M-step runs); small = "
+        "for runs of ~10k-100k env steps (2024: lr 3e-4, warm-up 100; 2023: as faithful)"
+    )
     # --- dimensions (from `size`)
     deter: int = Field(ge=8, description="recurrent (deterministic) state size")
     hidden: int = Field(ge=8, description="hidden units inside the sequence model")
@@ -187,6 +200,9 @@ class DreamerConfig(Block):
         recipe, size = data.get("recipe", "2024"), data.get("size", "size1m")
         filled = dict(RECIPES[recipe] if isinstance(recipe, str) and recipe in RECIPES else RECIPES["2024"])
         filled.update(SIZES[size] if isinstance(size, str) and size in SIZES else SIZES["size1m"])
+        budget = data.get("budget", "faithful")
+        if isinstance(budget, str) and budget in BUDGETS:
+            filled.update(BUDGETS[budget][recipe if isinstance(recipe, str) and recipe in RECIPES else "2024"])
         filled.update(data)
         return filled
 
@@ -214,7 +230,9 @@ class ReplayConfig(Block):
     disk_steps: int | None = Field(
         None, ge=1, description="steps kept on disk; the oldest chunk files are deleted beyond it; null = no cap"
     )
-    online: bool = Field(True, description="fill each batch first with the sequences not yet trained on, oldest first (FIFO)")
+    online: bool = Field(
+        True, description="fill each batch first with the sequences not yet trained on, oldest first (FIFO)"
+    )
     recency: float = Field(0.0, ge=0, le=1, description="share of the remaining batch drawn favouring recent steps")
 
 
@@ -228,7 +246,10 @@ class TrainConfig(Block):
     batch_length: int = Field(64, ge=2, description="steps per sequence")
     prefill: int = Field(2500, ge=0, description="random-action policy steps before training starts")
     eval_every: int = Field(10_000, ge=0, description="policy steps between evaluation rounds; 0 = none")
-    eval_episodes: int = Field(3, ge=1, description="episodes per evaluation round (mode actions)")
+    eval_episodes: int = Field(
+        10, ge=1, description="episodes per evaluation round, run once with sampled actions (eval/return, as the "
+        "official agent acts) and once with the mode action (eval/return_mode)"
+    )
     log_every: int = Field(1000, ge=1, description="policy steps between metric rows")
     video_every: int = Field(1, ge=0, description="write videos every Nth evaluation round; 0 = never")
     checkpoint_every: int = Field(5000, ge=1, description="policy steps between checkpoints")

@@ -60,6 +60,7 @@ class Env:
             raise EnvError(f"cannot make Gymnasium env {self.id!r}: {exc}") from None
         self.seed = seed
         self.episodes = 0
+        self.info: dict[str, Any] = {}  # the env's info of the last reset or step (e.g. a task's "success")
         self.obs_space = self._obs_space(self.env.observation_space)
         self.act_space, self._act = self._act_space(self.env.action_space)
         self.sim = kwargs.get("config") is not None
@@ -95,12 +96,12 @@ class Env:
 
     def reset(self) -> dict[str, Any]:
         """A new episode, seeded by the run seed and the episode index (reproducible runs)."""
-        obs, _ = self.env.reset(seed=self.seed + self.episodes)
+        obs, self.info = self.env.reset(seed=self.seed + self.episodes)
         self.episodes += 1
         return self._convert(obs, 0.0, True, False, False)
 
     def step(self, action: np.ndarray) -> dict[str, Any]:
-        obs, reward, terminated, truncated, _ = self.env.step(self.to_env(action))
+        obs, reward, terminated, truncated, self.info = self.env.step(self.to_env(action))
         return self._convert(obs, float(reward), False, terminated or truncated, terminated)
 
     def to_env(self, action: np.ndarray) -> Any:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from learner.checkpoint import load_latest_checkpoint, save_checkpoint, save_weights
 from learner.compute import configure_compute
 from learner.config import Config, ConfigError, write_resolved
-from learner.dreamer.agent import Dreamer
+from learner.dreamer.agent import CONTEXT_KEYS, Dreamer
 from learner.dreamer.policy import Policy, policy_weights
 from learner.envs import Env
 from learner.metrics import Mean, MetricsLogger
@@ -140,11 +140,12 @@ class Trainer:
         cfg, c = self.cfg.train, self.counters
         batch_steps = cfg.batch_size * cfg.batch_length
         obs = self.env.reset()
-        episode_return = 0.0
+        episode_return, episode_length = 0.0, 0
         while c.env_steps < cfg.steps and not self.stopped:
             if obs["is_first"] and c.env_steps:
                 self._periodic(at_boundary=True)  # evaluate and checkpoint between episodes
             prefill = c.env_steps < cfg.prefill
+            context = None
             if prefill:
                 action = self.env.random_action(self.rng)
             elif nonfinite_keys({k: np.asarray(v) for k, v in obs.items()}):
@@ -155,14 +156,16 @@ class Trainer:
             else:
                 self.policy.act(obs, mode="sample")
                 action = self.policy.last_action[0]
+                context = self._acting_context()
             self.replay.add({**obs, "action": action}, STREAM, task=self.env.id,
-                            policy_version=self.agent.updates)
+                            policy_version=self.agent.updates, context=context)
             episode_return += float(obs["reward"])
+            episode_length += 1
             c.env_steps += 1
             bar.update(1)
             if obs["is_last"]:
-                self._episode_done(episode_return, prefill)
-                episode_return = 0.0
+                self._episode_done(episode_return, episode_length, prefill)
+                episode_return, episode_length = 0.0, 0
                 obs = self.env.reset()
             else:
                 obs = self.env.step(action)
@@ -173,6 +176,14 @@ class Trainer:
                 rate = (self.agent.updates - updates_at_start) / max(1e-9, time.time() - t_start)
                 last = self.episode_returns[-1] if self.episode_returns else float("nan")
                 bar.set_postfix(updates=self.agent.updates, upd_s=f"{rate:.2f}", ret=f"{last:.2f}")
+
+    def _acting_context(self) -> dict[str, np.ndarray] | None:
+        """The posterior latents acting just computed (deter, stoch, the action taken): stored with
+        the step as its replay context, so a sequence starting after it has a start state before
+        any update has touched it (the official agent does the same)."""
+        if not self.cfg.dreamer.replay_context:
+            return None
+        return {key: self.policy.state[key][0].detach().float().cpu().numpy() for key in CONTEXT_KEYS}
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -196,11 +207,11 @@ class Trainer:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
-    def _episode_done(self, episode_return: float, prefill: bool) -> None:
+    def _episode_done(self, episode_return: float, length: int, prefill: bool) -> None:
         c = self.counters
         c.episodes += 1
         (self.random_returns if prefill else self.episode_returns).append(episode_return)
-        self.train_stats.add({"train/return": episode_return})
+        self.train_stats.add({"train/return": episode_return, "train/reward_per_step": episode_return / max(1, length)})
 
     def _train(self, batch_steps: int) -> None:
         cfg, c = self.cfg.train, self.counters
@@ -241,28 +252,21 @@ class Trainer:
             return self._evaluate()
 
     def _evaluate(self) -> float:
+        """`eval_episodes` episodes acting with sampled actions (as the official agent acts, and as
+        training does) and as many with the mode action, from the same start states; returns the
+        sampled-action mean (`eval/return`). Tasks that report success get its rate too."""
         c = self.counters
         c.eval_rounds += 1
         video = self.cfg.train.video_every and c.eval_rounds % self.cfg.train.video_every == 0
         env = Env(self.cfg, self.env_override, seed=self.cfg.seed + EVAL_SEED_OFFSET + c.eval_rounds * 100,
                   render=bool(video))
         policy = Policy.from_model(self.agent.model)
-        returns, frames = [], []
-        for episode in range(self.cfg.train.eval_episodes):
-            obs, total = env.reset(), 0.0
-            policy.reset()
-            while True:
-                policy.act(obs, mode="mode")
-                if video and episode == 0:
-                    frame = env.render()
-                    if frame is not None:
-                        image = next((obs[k] for k in self.agent.model.keys.images), None)
-                        frames.append(side_by_side(frame, image))
-                total += float(obs["reward"])
-                if obs["is_last"]:
-                    break
-                obs = env.step(policy.last_action[0])
-            returns.append(total)
+        frames: list[np.ndarray] = []
+        results = {}
+        for mode in ("sample", "mode"):
+            env.episodes = 0  # both modes start from the same states
+            results[mode] = [self._eval_episode(env, policy, mode, frames if video and mode == "sample" and i == 0
+                                                else None) for i in range(self.cfg.train.eval_episodes)]
         env.close()
         videos = self.logdir / "videos"
         if frames:
@@ -270,20 +274,50 @@ class Trainer:
         if video and self.agent.model.keys.images and len(self.replay) >= self.cfg.train.batch_length:
             write_openloop(self.agent, self.replay, videos / f"openloop_{c.env_steps:09d}.mp4",
                            fps=self.cfg.control.hz)
-        mean = float(np.mean(returns))
-        row = {"eval/return": mean, "eval/return_min": float(np.min(returns)),
-               "eval/return_max": float(np.max(returns))}
-        if self.random_returns:
-            row["random/return"] = float(np.mean(self.random_returns))
+        row = {**self._eval_row(results), "updates": self.agent.updates}
         self.logger.log(c.env_steps, row)
         self._plot()
-        tqdm.write(f"eval at {c.env_steps} steps: return {mean:.3f} over {len(returns)} episodes")
-        return mean
+        text = f"return {row['eval/return']:.3f} sampled, {row['eval/return_mode']:.3f} mode"
+        if "eval/success" in row:
+            text += f"; success {row['eval/success']:.0%} sampled, {row['eval/success_mode']:.0%} mode"
+        tqdm.write(f"eval at {c.env_steps} steps: {text} ({self.cfg.train.eval_episodes} episodes each)")
+        return row["eval/return"]
+
+    def _eval_episode(self, env: Env, policy: Policy, mode: str, frames: list | None) -> tuple[float, bool | None]:
+        """One evaluation episode: its return and whether the task reported success at its end."""
+        obs, total = env.reset(), 0.0
+        policy.reset()
+        while True:
+            policy.act(obs, mode=mode)
+            if frames is not None and (frame := env.render()) is not None:
+                image = next((obs[k] for k in self.agent.model.keys.images), None)
+                frames.append(side_by_side(frame, image))
+            total += float(obs["reward"])
+            if obs["is_last"]:
+                success = env.info.get("success")
+                return total, None if success is None else bool(success)
+            obs = env.step(policy.last_action[0])
+
+    def _eval_row(self, results: dict[str, list[tuple[float, bool | None]]]) -> dict[str, float]:
+        sampled = [r for r, _ in results["sample"]]
+        row = {"eval/return": float(np.mean(sampled)), "eval/return_min": float(np.min(sampled)),
+               "eval/return_max": float(np.max(sampled)),
+               "eval/return_mode": float(np.mean([r for r, _ in results["mode"]]))}
+        for mode, suffix in (("sample", ""), ("mode", "_mode")):
+            flags = [s for _, s in results[mode] if s is not None]
+            if flags:
+                row[f"eval/success{suffix}"] = float(np.mean(flags))
+        if self.random_returns:
+            row["random/return"] = float(np.mean(self.random_returns))
+        return row
 
     def _plot(self) -> None:
         baseline = {"random policy": float(np.mean(self.random_returns))} if self.random_returns else None
-        plot_learning_curve(self.logdir / "metrics.jsonl", self.logdir / "learning_curve.png",
-                            keys=("train/return", "eval/return"), baseline=baseline)
+        keys = ("train/return", "eval/return", "eval/return_mode")
+        plot_learning_curve(self.logdir / "metrics.jsonl", self.logdir / "learning_curve.png", keys=keys,
+                            baseline=baseline)
+        plot_learning_curve(self.logdir / "metrics.jsonl", self.logdir / "learning_curve_updates.png", keys=keys,
+                            x="updates", baseline=baseline, title="Learning curve against updates")
 
     def finish(self, seconds: float) -> dict[str, Any]:
         self._log()

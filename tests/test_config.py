@@ -10,6 +10,7 @@ import yaml
 from learner.config import TASK_BLOCKS, Config, ConfigError, load_config, parse_overrides, write_resolved
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "hardware_configs").glob("*.yaml"))
+ROBOT_CONFIG = CONFIGS[0].parent / "koch_arm.yaml"  # a task config with every block a robot has
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -116,7 +117,7 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_overrides_apply_with_dotted_keys() -> None:
-    cfg = load_config(CONFIGS[0], ["control.hz=5", "camera.eye=[1, 2, 3]", "randomization.colors=true"])
+    cfg = load_config(ROBOT_CONFIG, ["control.hz=5", "camera.eye=[1, 2, 3]", "randomization.colors=true"])
     assert cfg.control.hz == 5.0
     assert cfg.camera.eye == [1.0, 2.0, 3.0]
     assert cfg.randomization.colors is True
@@ -144,13 +145,13 @@ def test_override_into_a_value_is_rejected(tmp_path: Path) -> None:
 
 
 def test_config_is_immutable() -> None:
-    cfg = load_config(CONFIGS[0])
+    cfg = load_config(ROBOT_CONFIG)
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises its own ValidationError
         cfg.control.hz = 3  # type: ignore[misc]
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
-    cfg = load_config(CONFIGS[0], ["control.hz=5"])
+    cfg = load_config(ROBOT_CONFIG, ["control.hz=5"])
     out = write_resolved(cfg, tmp_path / "run")
     assert out == tmp_path / "run" / "config.yaml"
     data = yaml.safe_load(out.read_text())
@@ -179,6 +180,8 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
     ("size", "[1]", "found [1]"),
     ("recipe", "2022", "'2024' or '2023'"),
     ("recipe", "{a: 1}", "found {'a': 1}"),
+    ("budget", "tiny", "'faithful' or 'small'"),
+    ("budget", "[1]", "found [1]"),
 ])
 def test_unknown_preset_name_is_the_only_error(tmp_path: Path, key: str, value: str, expected: str) -> None:
     # The presets fill the dimensions: a bad name (or a list/mapping where a name belongs) must be

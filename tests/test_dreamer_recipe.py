@@ -881,3 +881,15 @@ def test_laprop_warmup_ramps_learning_rate_linearly():
     q.grad = 1e-3 * sign
     opt.step()
     torch.testing.assert_close(q.detach() - 5.0, -lr * sign, rtol=1e-4, atol=1e-9)
+
+
+def test_budget_presets_fill_the_optimiser_and_a_file_value_wins():
+    faithful = DreamerConfig.model_validate({})
+    small = DreamerConfig.model_validate({"budget": "small"})
+    assert (faithful.lr, faithful.warmup) == (4e-5, 1000)
+    assert (small.lr, small.warmup) == (3e-4, 100)
+    assert DreamerConfig.model_validate({"budget": "small", "lr": 1e-4}).lr == 1e-4
+    # The 2023 recipe's Adam rates are kept: its small preset changes nothing.
+    c23 = DreamerConfig.model_validate({"recipe": "2023", "budget": "small"})
+    assert c23.model_dump(exclude={"budget"}) == DreamerConfig.model_validate({"recipe": "2023"}).model_dump(
+        exclude={"budget"})

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from learner.checkpoint import CheckpointWarning, checkpoint_step
+from learner.checkpoint import CheckpointWarning, checkpoint_step, latest_checkpoint, load_checkpoint
 from learner.cli import main as learner_main
 from learner.config import load_config
 from learner.dreamer.policy import Policy
 from learner.metrics import read_metrics
+from learner.replay.context import CONTEXT_PART
 from learner.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,3 +260,52 @@ def test_cli_serve_on_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Pat
     assert summary["received_steps"] == 40 and summary["checkpoint"] == str(latest_checkpoint(logdir / "checkpoints"))
     _, meta = load_checkpoint(summary["checkpoint"])
     assert meta["updates"] == summary["updates"]
+
+
+def test_evaluation_reports_sampled_and_mode_returns_success_and_updates(tmp_path: Path) -> None:
+    """Evaluation acts as the official agent does (sampled actions) and with the mode action, from the
+    same start states; ArmReach reports its success rate; the row carries the update count so
+    curves can be drawn against updates too."""
+    cfg = load_config(CONFIG, [*FAST, "train.eval_episodes=2", "control.episode_steps=4"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    returned = trainer.evaluate()
+    trainer.close()
+    row = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/return" in r][-1]
+    assert returned == row["eval/return"]
+    for key in ("eval/return_mode", "eval/success", "eval/success_mode"):
+        assert key in row, key
+    assert 0.0 <= row["eval/success"] <= 1.0 and row["updates"] == 0
+    assert (tmp_path / "learning_curve_updates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_acting_writes_its_posterior_latents_into_replay(tmp_path: Path) -> None:
+    """Steps the policy acted on carry its posterior latents as replay context before any update
+    has touched them (a train ratio so low that no update happens); prefill steps carry none. The
+    checkpoint keeps them."""
+    cfg = load_config(CONFIG, [*FAST, "train.steps=40", "train.eval_every=0", "train.train_ratio=0.01"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    seen: list[dict] = []
+    act = trainer.policy.act
+
+    def spy(obs, **kw):  # noqa: ANN001, ANN202
+        out = act(obs, **kw)
+        seen.append({k: v[0].clone() for k, v in trainer.policy.state.items()})
+        return out
+
+    trainer.policy.act = spy
+    summary = trainer.run()
+    assert summary["updates"] == 0
+    parts, _ = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
+    state = parts[CONTEXT_PART]
+    assert len(state["row"]) == 40 - 20 == len(seen)  # every acted step, no prefill step
+    for key in ("deter", "stoch", "action"):
+        stored = np.asarray(state["latents"][key][-1])
+        np.testing.assert_array_equal(stored, seen[-1][key].numpy().reshape(stored.shape))
+
+
+def test_episode_reward_per_step_is_logged(tmp_path: Path) -> None:
+    _run(tmp_path, "train.steps=30", "train.eval_every=0")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    per_step = [r["train/reward_per_step"] for r in rows if "train/reward_per_step" in r]
+    returns = [r["train/return"] for r in rows if "train/reward_per_step" in r]
+    assert per_step and all(abs(p * 10 - r) < 1e-6 for p, r in zip(per_step, returns))  # 10-step episodes

@@ -382,8 +382,13 @@ class Replay:
         task: str = "",
         policy_version: int = 0,
         time: float | None = None,
+        context: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """Append one step of `stream` (steps of a stream arrive in order; streams may interleave)."""
+        """Append one step of `stream` (steps of a stream arrive in order; streams may interleave).
+
+        `context`: the posterior latents the acting policy computed at this step (each without a
+        batch axis), stored as its replay context, so a sequence starting right after it has a
+        start state before any update has seen the step (as the official agent does)."""
         self._check_open()
         stream = str(stream)
         if self._spec is None:
@@ -403,6 +408,8 @@ class Replay:
             self._data[key][row] = value
         self._data[TIME][row] = _time.time() if time is None else time
         self._data[VERSION][row] = policy_version
+        if context is not None:
+            self._put_context(np.array([row]), {key: np.asarray(value)[None] for key, value in context.items()})
         self._grown(chunk, 1)
         self._tracker(stream, task).step(float(values["reward"]), bool(values["is_first"]), bool(values["is_last"]))
         self._after_rows(chunk)
@@ -775,23 +782,28 @@ class Replay:
         for key, value in arrays.items():
             if value.shape[: ids.ndim] != ids.shape:
                 raise ValueError(f"write_context: latent {key!r} has shape {value.shape}, ids have {ids.shape}")
+        rows, ok = self._rows_of(ids)
+        self._put_context(rows[ok], {key: value[ok] for key, value in arrays.items()})
+
+    def _put_context(self, rows: np.ndarray, latents: dict[str, np.ndarray]) -> None:
+        """Store latents (each (len(rows), ...)) at slab `rows`; the first call fixes keys and shapes."""
         if not self._ctx:
-            if not arrays:
+            if not latents:
                 raise ValueError("write_context: no latents given")
-            rows = self._cap * self._slot_size
-            self._ctx = {key: np.zeros((rows, *v.shape[ids.ndim :]), v.dtype) for key, v in arrays.items()}
-        if arrays.keys() != self._ctx.keys():
-            raise ValueError(f"write_context: latents {sorted(arrays)} differ from the stored ones {sorted(self._ctx)}")
-        for key, value in arrays.items():
-            if value.shape[ids.ndim :] != self._ctx[key].shape[1:]:
+            size = self._cap * self._slot_size
+            self._ctx = {key: np.zeros((size, *v.shape[1:]), v.dtype) for key, v in latents.items()}
+        if latents.keys() != self._ctx.keys():
+            raise ValueError(
+                f"write_context: latents {sorted(latents)} differ from the stored ones {sorted(self._ctx)}")
+        for key, value in latents.items():
+            if value.shape[1:] != self._ctx[key].shape[1:]:
                 raise ValueError(
-                    f"write_context: latent {key!r} has per-step shape {value.shape[ids.ndim :]}, "
+                    f"write_context: latent {key!r} has per-step shape {value.shape[1:]}, "
                     f"stored ones have {self._ctx[key].shape[1:]}"
                 )
-        rows, ok = self._rows_of(ids)
-        for key, value in arrays.items():
-            self._ctx[key][rows[ok]] = value[ok]
-        self._ctx_ok[rows[ok]] = True
+        for key, value in latents.items():
+            self._ctx[key][rows] = value
+        self._ctx_ok[rows] = True
 
     @_locked
     def context_state(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from learner.config import Config
 from learner.config_link import chunk_steps
-from learner.dreamer.policy import Policy
+from learner.dreamer.policy import Policy, PolicyBlob, read_blob
 from learner.dreamer.preprocess import ActSpace
 from robot.backends import action_dim
 from robot.interface import ArraySpec, Robot, RobotError
@@ -64,6 +64,20 @@ def policy_misfit(policy: Policy, spec: dict[str, list[Any]], act: ActSpace) -> 
     return None
 
 
+def blob_misfit(blob: PolicyBlob, spec: dict[str, list[Any]], act: ActSpace) -> str | None:
+    """Why a received blob cannot be this robot's, from what it declares, before anything is built. Every
+    observation key it declares must be the robot's, with the robot's shape: the keys its patterns are then
+    matched against while building are the robot's own."""
+    if (blob.act.dim, blob.act.discrete) != (act.dim, act.discrete):
+        return f"the policy acts in {_act_kind(blob.act)}, the robot in {_act_kind(act)}"
+    for key, (shape, _) in blob.space.items():
+        if key not in spec or key == "action":
+            return f"the policy's observation space has {key[:64]!r}, which the robot does not have"
+        if tuple(spec[key][1]) != shape:
+            return f"observation {key!r}: the policy expects shape {shape}, the robot gives {tuple(spec[key][1])}"
+    return None
+
+
 def warm_up(policy: Policy, spec: dict[str, list[Any]], rounds: int = 3) -> None:
     """Act a few times on a blank observation, then forget it. A fresh policy's first calls are slow
     (torch allocates and picks kernels: seconds, once); paying that here keeps it out of a control period,
@@ -78,7 +92,9 @@ def warm_up(policy: Policy, spec: dict[str, list[Any]], rounds: int = 3) -> None
 
 class PolicyLoader:
     """Builds a Policy from received weights in a background thread (it takes milliseconds to tens of
-    milliseconds, more than a control period can spare); the loop picks up the newest one ready."""
+    milliseconds, more than a control period can spare); the loop picks up the newest one ready. What a blob
+    declares is bounded and checked against this robot before anything is built (`read_blob`, `blob_misfit`,
+    `Policy.from_blob`), so a blob describing a huge network costs milliseconds, not seconds and gigabytes."""
 
     def __init__(self, link: RobotLink | LinkProcess, spec: dict[str, list[Any]], act: ActSpace) -> None:
         self.link = link
@@ -107,7 +123,10 @@ class PolicyLoader:
             if weights is None:
                 continue
             try:
-                policy = Policy.from_weights(weights.blob)
+                blob = read_blob(weights.blob)
+                if why := blob_misfit(blob, self.spec, self.act):
+                    raise ValueError(why)
+                policy = Policy.from_blob(blob)
                 policy.version = weights.version
                 if why := policy_misfit(policy, self.spec, self.act):
                     raise ValueError(why)

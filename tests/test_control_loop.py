@@ -332,3 +332,75 @@ def test_reverie_robot_run_spools_in_the_state_directory_by_default(tmp_path: Pa
     assert "using the spool spool/old in the working directory" in err, err
     assert _spooled(tmp_path / "spool" / "old") == 2
     assert not (tmp_path / "state" / "reverie" / "spool" / "old").exists()
+
+
+# --- issue 20 item 12: a blob may declare only the network its tensors fill --------------------------------------
+
+
+def _declaring(model: DreamerModel, version: int, **dreamer: int) -> bytes:
+    """The model's policy blob, its tensors untouched, its metadata declaring other dreamer dimensions."""
+    tensors, meta = policy_weights(model, version)
+    return weights_to_bytes(tensors, {**meta, "dreamer": {**meta["dreamer"], **dreamer}})
+
+
+# Each declaration, were it built, would need terabytes: unchecked it failed allocating (no memory is touched).
+@pytest.mark.parametrize("declared,why", [
+    ({"units": 1 << 20}, r"dreamer\.units: 1048576 is more than a policy blob may declare \(65536\)"),
+    ({"cnn_depth": 1 << 16}, r"declares a network of [\d,]+ parameters .* more than a policy may have \(500,000,000\)"),
+    ({"units": 64}, r"tensor encoder\.\S+ is \[32, 3\] in the blob, but the network its dreamer config declares "
+                    r"\(deter 64, units 64, hidden 32\) has \[64, 3\]"),
+])
+def test_a_blob_declaring_another_network_than_its_tensors_is_refused_naming_why(declared: dict, why: str) -> None:
+    """Such blobs used to be built first (gigabytes, seconds, or an allocation failure) and only then found not to
+    fit their tensors; now the declaration is bounded and compared before anything is allocated."""
+    space = {"image": ((16, 16, 3), "uint8"), "proprio": ((3,), "float32"), **FLAG_SPACE}
+    model = DreamerModel(make_cfg(), space, ActSpace(2, False))
+    with pytest.raises(ValueError, match=why):
+        Policy.from_weights(_declaring(model, 1, **declared))
+    assert Policy.from_weights(_declaring(model, 2)).version == 2  # the same tensors, declared as they are
+
+
+def test_a_blob_declaring_a_huge_network_is_refused_while_the_loop_keeps_its_period(tmp_path: Path, caplog) -> None:
+    """On the wire: a simulated arm acts at 10 Hz while weights that pass every check of the link (checksum,
+    finite values) but declare MLPs a million units wide arrive; the loader refuses them naming the field,
+    the loop acts on with no tick late by two periods (its own statistics), then takes weights that fit."""
+    import logging
+
+    from sim.tasks import default_config, make_robot
+
+    cfg = default_config("arm_reach", ["camera.enabled=false", "link.chunk_seconds=0.5"])
+    replay = Replay(tmp_path / "replay", chunk_length=16)
+    server = LinkServer(LinkConfig(bind="tcp://127.0.0.1:*", heartbeat_s=0.1), replay, tmp_path / "run")
+    server.start()
+    with make_robot(cfg) as robot:
+        spec, act = step_spec(robot)
+        space = {k: (tuple(shape), dtype) for k, (dtype, shape) in spec.items() if k != "action"}
+        model = DreamerModel(make_cfg(), space, act)
+        link = RobotLink(server.endpoint, "huge-test", Spool(tmp_path / "spool", 1 << 26),
+                         {"spec": spec, "task": "arm_reach", "hz": cfg.control.hz, "discrete": act.discrete})
+        link.start()
+        loop = ControlLoop(cfg, robot, link)
+        runner = threading.Thread(target=loop.run)
+        try:
+            wait_for(lambda: link.status().connected, "connected")
+            with caplog.at_level(logging.WARNING, logger="reverie.robot"):
+                runner.start()
+                wait_for(lambda: loop.stats.steps >= 5, "the loop acting")
+                server.publish(_declaring(model, 3, units=1 << 20), version=3, step=3)
+                wait_for(lambda: loop.loader.failures == 1, "the huge declaration refused")
+                refused_at = loop.stats.steps
+                wait_for(lambda: loop.stats.steps >= refused_at + 5, "the loop acting on")
+                assert loop.version == 0 and loop.stats.swaps == 0
+                server.publish(_declaring(model, 4), version=4, step=4)
+                wait_for(lambda: loop.version == 4, "fitting weights swapped in")
+        finally:
+            loop.stop()
+            if runner.is_alive():
+                runner.join()
+            link.close(5.0)
+            server.close()
+            replay.close()
+    refusal = [r.getMessage() for r in caplog.records if "v3 could not be turned into a policy" in r.getMessage()]
+    assert len(refusal) == 1 and "dreamer.units: 1048576 is more than a policy blob may declare" in refusal[0]
+    errors = np.frombuffer(loop.stats.period_errors)[1:]  # the first period holds the reset
+    assert len(errors) >= 10 and errors.max() < 2.0, errors.max()

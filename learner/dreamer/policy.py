@@ -9,6 +9,8 @@ The trainer acts through the same class, sharing its live modules (`Policy.from_
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,6 +28,20 @@ from learner.dreamer.rssm import RSSM
 
 PREFIXES = {"encoder": "wm.encoder.", "rssm": "wm.rssm.", "actor": "behavior.actor."}
 FORMAT = "reverie-policy-1"
+
+# What a policy blob may declare. The network is built from the blob's own description (its dreamer config and
+# spaces), so that description is bounded, and must describe exactly the blob's tensors, before anything is
+# allocated: a small blob declaring a huge network would otherwise cost a robot seconds and gigabytes first. The
+# bounds sit far above the largest preset: size200m acts with ~115M parameters from a 64x64 image and 24 joint
+# readings.
+MAX_PARAMS = 500_000_000
+MAX_WIDTH = 1 << 16  # dreamer.deter, hidden, units, stoch, classes, cnn_depth
+MAX_LAYERS = 16  # dreamer.mlp_layers, ac_layers, head_layers; entries of cnn_mults
+MAX_MULT = 64  # each entry of dreamer.cnn_mults
+MAX_BLOCKS = 256  # dreamer.gru_blocks
+MAX_PATTERN = 256  # characters of dreamer.image_keys / vector_keys (regexes, matched against observation keys)
+MAX_OBS_KEYS = 64  # entries of the observation space
+MAX_DIM = 4096  # each dimension of an observation entry, and the action's width
 
 
 class Prepared(NamedTuple):
@@ -78,18 +94,20 @@ class Policy:
 
     @classmethod
     def from_weights(cls, blob: bytes, device: str | torch.device = "cpu") -> Policy:
-        tensors, meta = weights_from_bytes(blob)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"not a Reverie policy blob (format {meta.get('format')!r}, expected {FORMAT!r})")
-        cfg = DreamerConfig.model_validate(meta["dreamer"])
-        space = {k: (tuple(shape), dtype) for k, (shape, dtype) in meta["obs_space"].items()}
-        act = ActSpace(**meta["act_space"])
+        return cls.from_blob(read_blob(blob), device)
+
+    @classmethod
+    def from_blob(cls, blob: PolicyBlob, device: str | torch.device = "cpu") -> Policy:
+        """Build the policy a `read_blob` describes; ValueError, before anything is allocated, if the network it
+        declares is over the bounds above or is not the one its tensors fill."""
+        tensors, cfg, space, act = blob.tensors, blob.cfg, blob.space, blob.act
+        check_declared_network(cfg, space, act, tensors)
         net = PolicyNet(cfg, space, act)
         net.load_state_dict(tensors)
         net.to(device).eval()
         # Images arrive as NHWC memory; channels-last conv weights avoid layout reorders per call.
         net.encoder.to(memory_format=torch.channels_last)
-        return cls(cfg, space, act, net, torch.device(device), int(meta["version"]))
+        return cls(cfg, space, act, net, torch.device(device), blob.version)
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> Policy:
@@ -172,6 +190,100 @@ class Policy:
 
 
 # --- the weights blob
+class PolicyBlob(NamedTuple):
+    """A policy blob read and its description checked, nothing built yet (`Policy.from_blob` builds it)."""
+
+    tensors: dict[str, Tensor]
+    cfg: DreamerConfig
+    space: dict[str, tuple[tuple[int, ...], str]]
+    act: ActSpace
+    version: int
+
+
+def read_blob(blob: bytes) -> PolicyBlob:
+    """Parse a policy blob and bound what it declares (ValueError naming the field); allocates only its tensors."""
+    tensors, meta = weights_from_bytes(blob)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"not a Reverie policy blob (format {meta.get('format')!r}, expected {FORMAT!r})")
+    for key in ("dreamer", "obs_space", "act_space", "version"):
+        if key not in meta:
+            raise ValueError(f"policy blob metadata lacks {key!r}")
+    cfg = DreamerConfig.model_validate(meta["dreamer"])
+    space, act = _declared_spaces(meta["obs_space"], meta["act_space"])
+    version = meta["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"policy blob metadata: version must be a non-negative integer, found {version!r}")
+    if why := declared_problem(cfg, space, act):
+        raise ValueError(why)
+    return PolicyBlob(tensors, cfg, space, act, version)
+
+
+def _declared_spaces(obs: Any, act: Any) -> tuple[dict[str, tuple[tuple[int, ...], str]], ActSpace]:
+    """The observation and action spaces of a blob's metadata, in bounds (ValueError naming the entry)."""
+    if not isinstance(obs, Mapping) or not 0 < len(obs) <= MAX_OBS_KEYS:
+        raise ValueError(f"policy blob obs_space: expected 1 to {MAX_OBS_KEYS} entries, found "
+                         f"{len(obs) if isinstance(obs, Mapping) else type(obs).__name__}")
+    space = {}
+    for key, entry in obs.items():
+        ok = isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[0], list | tuple)
+        shape = tuple(entry[0]) if ok else ()
+        if (not ok or not isinstance(key, str) or len(key) > 64 or not isinstance(entry[1], str) or len(shape) > 3
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_DIM for d in shape)):
+            raise ValueError(f"policy blob obs_space[{str(key)[:64]!r}]: expected [shape of at most 3 dimensions "
+                             f"of 1 to {MAX_DIM}, dtype name], found {str(entry)[:100]}")
+        space[key] = (shape, entry[1])
+    if (not isinstance(act, Mapping) or set(act) != {"dim", "discrete"} or not isinstance(act["discrete"], bool)
+            or isinstance(act["dim"], bool) or not isinstance(act["dim"], int) or not 1 <= act["dim"] <= MAX_DIM):
+        raise ValueError(f"policy blob act_space: expected {{dim: 1 to {MAX_DIM}, discrete: true/false}}, "
+                         f"found {str(act)[:100]}")
+    return space, ActSpace(act["dim"], act["discrete"])
+
+
+def declared_problem(cfg: DreamerConfig, space: Mapping[str, Any], act: ActSpace) -> str | None:
+    """Why the network a blob declares is over the bounds (naming the dreamer field), else None. Cheap: it looks
+    at the numbers only (the regexes are not run, nothing is built)."""
+    limits = {"deter": MAX_WIDTH, "hidden": MAX_WIDTH, "units": MAX_WIDTH, "stoch": MAX_WIDTH,
+              "classes": MAX_WIDTH, "cnn_depth": MAX_WIDTH, "mlp_layers": MAX_LAYERS, "ac_layers": MAX_LAYERS,
+              "head_layers": MAX_LAYERS, "gru_blocks": MAX_BLOCKS}
+    for name, limit in limits.items():
+        if getattr(cfg, name) > limit:
+            return f"dreamer.{name}: {getattr(cfg, name)} is more than a policy blob may declare ({limit})"
+    if len(cfg.cnn_mults) > MAX_LAYERS or max(cfg.cnn_mults) > MAX_MULT:
+        return (f"dreamer.cnn_mults: {str(cfg.cnn_mults)[:80]} is more than a policy blob may declare "
+                f"(at most {MAX_LAYERS} layers of at most x{MAX_MULT})")
+    for name in ("image_keys", "vector_keys"):
+        if len(getattr(cfg, name)) > MAX_PATTERN:
+            return f"dreamer.{name}: a pattern of {len(getattr(cfg, name))} characters (at most {MAX_PATTERN})"
+    if cfg.stoch * cfg.classes > MAX_WIDTH:
+        return f"dreamer.stoch x dreamer.classes: {cfg.stoch * cfg.classes} latent units (at most {MAX_WIDTH})"
+    return None
+
+
+def check_declared_network(cfg: DreamerConfig, space: ObsSpace, act: ActSpace, tensors: Mapping[str, Tensor]) -> None:
+    """Build the declared network on the meta device (no memory, no initialisation) and check that it has at
+    most MAX_PARAMS parameters and exactly the blob's tensor names and shapes. ValueError says what differs."""
+    try:
+        with torch.device("meta"):
+            net = PolicyNet(cfg, space, act)
+    except (RuntimeError, ValueError, TypeError, OverflowError, re.error) as exc:
+        raise ValueError(f"the network the blob declares cannot be built: {exc}") from None
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    total = sum(math.prod(s) for s in shapes.values())
+    if total > MAX_PARAMS:
+        raise ValueError(f"the blob declares a network of {total:,} parameters (dreamer.size {cfg.size}, deter "
+                         f"{cfg.deter}, units {cfg.units}), more than a policy may have ({MAX_PARAMS:,})")
+    for key, shape in shapes.items():
+        if key not in tensors:
+            raise ValueError(f"the network the blob declares has {key} {list(shape)}, which the blob lacks")
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"tensor {key} is {list(tensors[key].shape)} in the blob, but the network its "
+                             f"dreamer config declares (deter {cfg.deter}, units {cfg.units}, hidden "
+                             f"{cfg.hidden}) has {list(shape)}")
+    extra = sorted(set(tensors) - set(shapes))
+    if extra:
+        raise ValueError(f"the blob holds tensors its declared network does not have: {extra[:3]}")
+
+
 def export_policy(model: nn.Module, version: int) -> bytes:
     """The acting subset of a trainer's `DreamerModel` as a self-describing weights blob."""
     return weights_to_bytes(*policy_weights(model, version))

@@ -127,6 +127,10 @@ class ArmReachConfig(Block):
     cartesian_delta: float = Field(0.04, gt=0, le=0.2, description="end-effector step at |action| = 1, m")
     success_distance: float = Field(0.03, gt=0, description="tool within this of the target counts as success, m")
     terminate_on_success: bool = Field(False, description="end the episode (terminal) on success")
+    observe_target: bool = Field(
+        False, description="add the marker's position (m, base frame) to the observations as `target`: random "
+        "targets learnable without the camera"
+    )
     target_low: Vec3 = Field([0.25, -0.2, 0.1], description="lower corner of the target sampling box, m")
     target_high: Vec3 = Field([0.5, 0.2, 0.35], description="upper corner of the target sampling box, m")
     workspace_low: Vec3 = Field([0.15, -0.35, 0.05], description="the end-effector goal is clamped to this box, m")

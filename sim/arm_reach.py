@@ -3,7 +3,8 @@
 Reward is the negative distance (m) from tool point to marker every step; `info["success"]` is
 true while that distance is under `arm_reach.success_distance` (3 cm by default). Actions in
 [-1, 1] move either the six joint targets (`joint` mode) or the tool's Cartesian goal, solved by
-IK with the tool pointing down (`cartesian` mode).
+IK with the tool pointing down (`cartesian` mode). With `arm_reach.observe_target` the marker's
+position joins the observations (a task that needs no camera to see where to go).
 """
 
 from __future__ import annotations
@@ -52,7 +53,13 @@ class ArmReach(SimRobot):
                          "tool goal deltas in the base frame")
 
     def proprio_spec(self) -> dict[str, ArraySpec]:
-        return self.arm.proprio_spec()
+        spec = self.arm.proprio_spec()
+        task = self.cfg.arm_reach
+        if task.observe_target:
+            spec["target"] = ArraySpec((3,), np.float32, np.asarray(task.target_low, np.float32),
+                                       np.asarray(task.target_high, np.float32), "m", ("x", "y", "z"),
+                                       "the marker's position in the arm's base frame")
+        return spec
 
     def reset_task(self) -> None:
         task = self.cfg.arm_reach
@@ -73,7 +80,10 @@ class ArmReach(SimRobot):
             p.stepSimulation(physicsClientId=self.client)
 
     def read_proprio(self) -> dict[str, np.ndarray]:
-        return self.arm.proprio()
+        obs = self.arm.proprio()
+        if self.cfg.arm_reach.observe_target:
+            obs["target"] = self.target.astype(np.float32)
+        return obs
 
     def distance(self) -> float:
         return float(np.linalg.norm(self.arm.ee_position() - self.target))

@@ -138,3 +138,21 @@ def test_marker_is_visible_in_the_image() -> None:
         red = lambda img: (img[..., 0] > 150) & (img[..., 1] < 80) & (img[..., 2] < 80)  # noqa: E731
         assert red(first).sum() > 0 and red(second).sum() > 0
         assert not np.array_equal(red(first), red(second))
+
+
+def test_observe_target_adds_the_marker_position_to_the_observations() -> None:
+    cfg = default_config("arm_reach", ["camera.enabled=false"])
+    with ArmReach(cfg) as robot:
+        assert "target" not in robot.reset(seed=0)
+    cfg = default_config("arm_reach", ["camera.enabled=false", "arm_reach.observe_target=true"])
+    with ArmReach(cfg) as robot:
+        spec = robot.observation_spec["target"]
+        seen = []
+        for seed in range(3):
+            obs = robot.reset(seed=seed)
+            np.testing.assert_allclose(obs["target"], robot.target, atol=1e-6)
+            assert np.all(obs["target"] >= spec.low) and np.all(obs["target"] <= spec.high)
+            seen.append(obs["target"])
+            robot.send(np.zeros(3, np.float32))
+            np.testing.assert_allclose(robot.observe()["target"], seen[-1])  # it stays where it is
+        assert not np.allclose(seen[0], seen[1])

@@ -55,6 +55,11 @@ class MotorsConfig(Block):
         "latency and OS scheduling; FTDI adapters need their latency timer at 1 ms)"
     )
     retries: int = Field(2, ge=0, le=10, description="a failed read is retried this many times within a tick")
+    read_budget_ms: float | None = Field(
+        None, gt=0, le=10000, description="longest a control step's sync read may take, retries included, ms; one "
+        "not complete by then is a missed tick (the episode ends; safety.max_failed_ticks in a row stop the robot); "
+        "null = one control period, so the robot keeps control.hz or stops"
+    )
     action_mode: Literal["delta", "absolute"] = Field(
         "delta", description="delta: action in [-1, 1] moves each goal by up to joint_delta; absolute: it maps to "
         "[lower, upper]"
@@ -94,8 +99,9 @@ class SafetyConfig(Block):
         "this long (20 ms units); null disables. Feetech servos have none"
     )
     max_failed_ticks: int = Field(
-        3, ge=1, le=100, description="sync reads in a row that may fail (each after motors.retries retries) before "
-        "a safe stop; each failure ends the episode"
+        3, ge=1, le=100, description="control ticks in a row whose sync read may fail (each within "
+        "motors.read_budget_ms, motors.retries retries included) before a safe stop naming the servos and the reply "
+        "loss; each failure ends the episode"
     )
     estop_file: str | None = Field(None, description="software e-stop: the robot stops when this file exists")
     estop_key: bool = Field(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ log = logging.getLogger("reverie.servo")
 # Dynamixel: current-based position control (mode 5) lets Goal_Current cap the torque; mode 3 is plain position.
 POSITION_MODE, CURRENT_POSITION_MODE = 3, 5
 NO_CURRENT_CONTROL = ("xl430-w250",)  # no current sensing: its torque cannot be capped this way
+RECENT_READS = 100  # control reads over which the reply loss is measured, for the message of a rate stop
 
 
 def make_robot(cfg: Config) -> ServoRobot:
@@ -60,6 +62,8 @@ class ServoRobot(Robot):
         # without sensors (motion checks) no task can be judged: the proprioceptive one stands in
         self.task = make_task(cfg, self.names, self.home) if sensors else JointReach(cfg, self.names, self.home)
         self.period = 1.0 / cfg.control.hz
+        # the control step's read must fit here (retries included): by default one period, so the rate holds
+        self.read_budget = m.read_budget_ms / 1000 if m.read_budget_ms is not None else self.period
         self.bus = MotorBus(m.port, m.protocol, m.baud, models={sv.id: sv.model for sv in self.servos},
                             retries=m.retries, timeout_margin_s=m.timeout_margin_ms / 1000)
         self.filter = CommandFilter(self.lower, self.upper, s.max_step, self.names)
@@ -81,6 +85,9 @@ class ServoRobot(Robot):
         self._bus_open = False
         self._watching = False
         self._goal = self.home.astype(np.float64)
+        self._last: tuple[np.ndarray, np.ndarray | None] = (self._goal.copy(), None)  # the last positions read
+        self._missed = 0  # control ticks in a row whose read did not complete within the period
+        self._replies: deque[tuple[int, dict[int, int]]] = deque(maxlen=RECENT_READS)  # per control read
         self.observation_spec = self._observation_spec()
         self.action_spec = ArraySpec((len(self.names),), np.float32, -1.0, 1.0, self._action_unit(), tuple(self.names),
                                      f"joint goal {m.action_mode} per servo")
@@ -212,6 +219,8 @@ class ServoRobot(Robot):
 
     # --- bus helpers (the lock serialises the control loop, the watchdog and the e-stop) -------------------
     def _read(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """A read outside the control step (power-up, reset, hold, exit): whole sync reads are tried again, up
+        to `safety.max_failed_ticks`, however long they take."""
         attempts = self.cfg.safety.max_failed_ticks
         for attempt in range(1, attempts + 1):
             try:
@@ -225,6 +234,69 @@ class ServoRobot(Robot):
                 self._interrupted = True
                 if attempt == attempts:
                     raise
+        self._last = self._decode(values)
+        return self._last
+
+    def _read_tick(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The control step's read: it must end within `motors.read_budget_ms` (one control period unless set),
+        retries included, or the robot cannot keep its rate. A read that runs out of time is a missed tick: the
+        last positions stand in and the episode ends; `safety.max_failed_ticks` missed ticks in a row stop the
+        robot (torque off) with the servos and the measured reply loss named."""
+        stats = self.bus.stats
+        expected, unanswered = stats.expected, dict(stats.unanswered)
+        try:
+            with self._lock:
+                values = self.bus.sync_read(self._read_names, self.ids, deadline=time.monotonic() + self.read_budget)
+        except ServoFault:
+            raise
+        except MotorError as exc:
+            self._replies.append(self._reply_loss(expected, unanswered))
+            self._missed += 1
+            self.events.record("bus_fault", f"{exc} (missed tick {self._missed} of {self.cfg.safety.max_failed_ticks})")
+            self._interrupted = True
+            if self._missed >= self.cfg.safety.max_failed_ticks:
+                self._stop_for_rate()
+            return self._last
+        self._replies.append(self._reply_loss(expected, unanswered))
+        self._missed = 0
+        self._last = self._decode(values)
+        return self._last
+
+    def _reply_loss(self, expected: int, unanswered: dict[int, int]) -> tuple[int, dict[int, int]]:
+        """(statuses awaited, {servo id: statuses missing}) since the bus counters read (expected, unanswered)."""
+        stats = self.bus.stats
+        lost = {id: n - unanswered.get(id, 0) for id, n in stats.unanswered.items() if n > unanswered.get(id, 0)}
+        return stats.expected - expected, lost
+
+    def _stop_for_rate(self) -> None:
+        """Too many missed ticks in a row: the bus cannot keep the control rate. Torque off, and say why."""
+        expected = sum(e for e, _ in self._replies)
+        lost: dict[int, int] = {}
+        for _, by_id in self._replies:
+            for id, n in by_id.items():
+                lost[id] = lost.get(id, 0) + n
+        ranked = sorted((id for id in lost if id in self.ids), key=lambda id: -lost[id])
+        m = self.cfg.motors
+        share = sum(lost.values()) / max(expected, 1)
+        budget = (f"motors.read_budget_ms={m.read_budget_ms:g}" if m.read_budget_ms is not None
+                  else f"the control period ({1000 * self.period:.0f} ms)")
+        if ranked:
+            who = (f"servo{'s' if len(ranked) > 1 else ''} {', '.join(map(str, ranked))} missed replies ("
+                   + ", ".join(f"{self.names[self.ids.index(id)]} {lost[id]}" for id in ranked) + "); ")
+        else:
+            who = "no reply was lost, the reads did not fit the period; "
+        message = (f"{m.port}: the servo bus cannot keep control.hz={self.cfg.control.hz:g}: {self._missed} control "
+                   f"ticks in a row had no complete read within {budget}; "
+                   f"{who}{100 * share:.0f} % of the {expected} replies awaited over the last {len(self._replies)} "
+                   f"reads were lost (motors.timeout_margin_ms={m.timeout_margin_ms:g}, motors.retries={m.retries}): "
+                   "check the wiring, power and baud, or lower the margin")
+        self._fault = message
+        self.events.record("bus_fault", message)
+        self._torque_off_best_effort()
+        raise MotorError(message)
+
+    def _decode(self, values: dict[str, dict[int, int]]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Positions (and velocities) in calibrated radians from a sync read's raw values."""
         ticks = np.array([values["Present_Position"][i] for i in self.ids])
         pos = self.calibration.to_radians(self.names, ticks)
         vel = None
@@ -370,7 +442,7 @@ class ServoRobot(Robot):
 
     def _observation(self, first: bool) -> dict[str, np.ndarray]:
         try:
-            pos, vel = self._read()
+            pos, vel = self._read_tick()
         except ServoFault as exc:
             self._fault = str(exc)
             self.events.record("servo_fault", str(exc))

@@ -56,7 +56,8 @@ FAST_IDS = ["--ids", "0-12"]
 TIMEOUT_S = 180  # one command; generous: other tests share the two cores
 LONG_SETS = {  # appended to the long-running commands
     "learner": ["--set", "train.prefill=64", "--set", "link.weights_every_s=2", "--set", "dreamer.threads=1"],
-    "robot": ["--set", "motors.timeout_margin_ms=100", "--set", "sensors.camera.max_age_ms=3000"],
+    "robot": ["--set", "motors.timeout_margin_ms=100", "--set", "motors.read_budget_ms=400",
+              "--set", "sensors.camera.max_age_ms=3000"],
 }
 
 

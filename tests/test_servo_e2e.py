@@ -39,7 +39,8 @@ def test_so101_on_the_emulated_bus_learns_with_a_learner(tmp_path):
     address = f"tcp://127.0.0.1:{free_port()}"
     # A loaded CI machine may leave the emulator process unscheduled for tens of ms: allow for it.
     common = ["--set", f"motors.calibration={cal}", "--set", "safety.estop_key=false",
-              "--set", "motors.timeout_margin_ms=100", "--set", "task=joint_reach", "--set", "camera.enabled=false",
+              "--set", "motors.timeout_margin_ms=100", "--set", "motors.read_budget_ms=400",
+              "--set", "task=joint_reach", "--set", "camera.enabled=false",
               "--set", "sensors.camera=null", "--set", "sensors.imu=null"]
     learner_cmd = [sys.executable, "-m", "learner.cli", "serve", "--config", str(SO101), "--logdir",
                    str(tmp_path / "learner"), "--bind", address, "--quiet", "--set", "train.prefill=100",

@@ -19,7 +19,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -49,6 +49,8 @@ class BusStats:
     garbled status packets."""
 
     requests: int = 0
+    expected: int = 0  # statuses awaited, over every try: with `unanswered`, the bus's measured reply loss
+    unanswered: dict[int, int] = field(default_factory=dict)  # servo id -> statuses it did not send in time
     reads: int = 0
     writes: int = 0
     retries: int = 0
@@ -77,8 +79,10 @@ class MotorBus:
         self.stats = BusStats()
         self._serial: Any = None
         self._lock = threading.RLock()
-        # (request, time): a request whose replies did not all come; they may still arrive until that time
-        self._unanswered: tuple[bytes, float] | None = None
+        # (request, time, kind): a request whose replies did not all come; they may still arrive until that time.
+        # `kind` names requests whose replies are interchangeable (sync reads of one span): a late reply to one
+        # is as good an answer to the next, which then need not wait for it.
+        self._unanswered: tuple[bytes, float, tuple | None] | None = None
         for id, name in self.models.items():
             self._model_named(name, id)  # fail early on a bad map
 
@@ -195,14 +199,25 @@ class MotorBus:
             raise MotorError(f"bus on {self.port} is not open (call open() or use it as a context manager)")
         return self._serial
 
-    def _send(self, packet: bytes, flush_input: bool = True) -> bool:
+    def _is_retry(self, packet: bytes, kind: tuple | None) -> bool:
+        """Whether `packet` may take a late reply to the last unanswered request as its own."""
+        last = self._unanswered
+        return last is not None and (last[0] == packet or (kind is not None and last[2] == kind))
+
+    def _straggler_wait(self, packet: bytes, kind: tuple | None) -> float:
+        """Seconds `packet` must wait for late replies to another request to land (so they are dropped)."""
+        if self._unanswered is None or self._is_retry(packet, kind):
+            return 0.0
+        return max(0.0, self._unanswered[1] - time.monotonic())
+
+    def _send(self, packet: bytes, flush_input: bool = True, kind: tuple | None = None) -> bool:
         """Write one instruction; True if it repeats the last one that went unanswered (a retry)."""
         port = self._port_open()
-        retry = self._unanswered is not None and self._unanswered[0] == packet
-        if flush_input and self._unanswered is not None and not retry:
+        retry = self._is_retry(packet, kind)
+        if flush_input:
             # A late reply to another request could pass for this one's: give it time to land, then drop it.
             # (A retry of the same request may take the late reply as its own.)
-            time.sleep(max(0.0, self._unanswered[1] - time.monotonic()))
+            time.sleep(self._straggler_wait(packet, kind))
         try:
             if flush_input:
                 self._unanswered = None
@@ -268,15 +283,21 @@ class MotorBus:
             if len(got) == len(wanted) or not self._pump(buf, deadline):
                 return got, bad
 
-    def _transact(self, packet: bytes, ids: list[int], reply_params: int) -> tuple[dict[int, Packet],
-                                                                                    list[int | None]]:
-        """Send one instruction and collect the status of each of `ids` (one lock around both)."""
+    def _transact(self, packet: bytes, ids: list[int], reply_params: int, deadline: float | None = None,
+                  kind: tuple | None = None) -> tuple[dict[int, Packet], list[int | None]]:
+        """Send one instruction and collect the status of each of `ids` (one lock around both), waiting no
+        later than `deadline` (time.monotonic()) when one is given."""
         with self._lock:
-            retry = self._send(packet)
+            retry = self._send(packet, kind=kind)
             reply = len(ids) * self.codec.wire_bytes(reply_params, True)
-            got, bad = self._receive(ids, time.monotonic() + self.timeout_s(len(packet), reply, len(ids)))
+            end = time.monotonic() + self.timeout_s(len(packet), reply, len(ids))
+            got, bad = self._receive(ids, end if deadline is None else min(end, deadline))
+            self.stats.expected += len(ids)
+            for id in ids:
+                if id not in got:
+                    self.stats.unanswered[id] = self.stats.unanswered.get(id, 0) + 1
             if len(got) < len(ids) or retry:  # after a retry, the reply to one of the tries may still come
-                self._unanswered = (packet, time.monotonic() + self.timeout_margin_s)
+                self._unanswered = (packet, time.monotonic() + self.timeout_margin_s, kind)
             return got, bad
 
     def _request(self, id: int, packet: bytes, reply_params: int, what: str, retries: int,
@@ -374,12 +395,14 @@ class MotorBus:
             packet = self._request(id, self.codec.write(id, reg.address, data), 0, what, self.retries, accept)
             self._check(packet, what, reg)
 
-    def sync_read(self, names: list[str], ids: list[int]) -> dict[str, dict[int, int]]:
+    def sync_read(self, names: list[str], ids: list[int], deadline: float | None = None) -> dict[str, dict[int, int]]:
         """Registers `names` of every servo in `ids` with one sync read instruction covering their span.
 
         Servos that do not answer are asked again (only them) up to `retries` times; after that
         BusTimeout (or BusCorrupt) names the missing ids. Statuses with error bits raise ServoFault once
         every status of the read has been parsed, so the error names every faulty servo.
+        With a `deadline` (time.monotonic()) every try, its wait for late replies included, ends by then: a
+        control loop's read cannot overrun its period; what is unanswered by then is missing.
         """
         ids = list(ids)
         if not ids:
@@ -387,27 +410,38 @@ class MotorBus:
         with self._lock:
             start, length, regs = self._span(names, ids)
             self.stats.reads += 1
-            out, faults, pending, bad = self._sync_read_tries(start, length, regs, ids)
+            out, faults, pending, bad, tries = self._sync_read_tries(start, length, regs, ids, deadline)
             if faults:
                 self.stats.faults += len(faults)
                 missing = f"; no reply from servos {pending}" if pending else ""
                 named = {id: self._fault_names(id, code) for id, code in faults.items()}
                 raise _fault(named, f"a sync read of {names}{missing}", self.port)
             if pending:
-                raise self._lost(pending, bad, f"a sync read of {names}", self.retries + 1)
+                late = "" if tries == self.retries + 1 else " in the time it had"
+                raise self._lost(pending, bad, f"a sync read of {names}{late}", max(tries, 1))
             return out
 
-    def _sync_read_tries(self, start: int, length: int, regs: dict[str, Register], ids: list[int]
-                         ) -> tuple[dict[str, dict[int, int]], dict[int, int], list[int], list[int | None]]:
-        """(values, error bytes by id, ids still unanswered, ids of garbled replies) after every try."""
+    def _sync_read_tries(self, start: int, length: int, regs: dict[str, Register], ids: list[int],
+                         deadline: float | None = None) -> tuple[dict[str, dict[int, int]], dict[int, int], list[int],
+                                                                 list[int | None], int]:
+        """(values, error bytes by id, ids still unanswered, ids of garbled replies, tries made) after every try
+        that fits before `deadline`."""
         out: dict[str, dict[int, int]] = {n: {} for n in regs}
         faults: dict[int, int] = {}
         bad: list[int | None] = []
         pending = list(ids)
+        # Under a deadline, replies to sync reads of this span are interchangeable (a late one is as fresh as the
+        # retry's would be): a retry need not wait for it. Without one, every try waits as any other request does.
+        kind = ("sync_read", start, length) if deadline is not None else None
+        tries = 0
         for attempt in range(self.retries + 1):
+            packet = self.codec.sync_read(start, length, pending)
+            if deadline is not None and time.monotonic() + self._straggler_wait(packet, kind) >= deadline:
+                break  # no time left for this try (or for late replies to another request to land first)
             if attempt:
                 self.stats.retries += 1
-            got, garbled = self._transact(self.codec.sync_read(start, length, pending), pending, length)
+            tries += 1
+            got, garbled = self._transact(packet, pending, length, deadline, kind)
             bad += garbled
             self.stats.timeouts += len(set(pending) - set(got))
             for id, packet in got.items():
@@ -424,7 +458,7 @@ class MotorBus:
             pending = [i for i in pending if i not in faults and i not in out[next(iter(regs))]]
             if not pending:
                 break
-        return out, faults, pending, bad
+        return out, faults, pending, bad, tries
 
     def sync_write(self, name: str, values: dict[int, int]) -> None:
         """Register `name` of several servos in one instruction. No reply comes, so it is never retried."""

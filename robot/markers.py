@@ -1,8 +1,7 @@
-"""Where things are on a real table, from a camera: ArUco marker poses, an HSV colour blob, reward helpers.
+"""Where things are on a real table, from a camera: ArUco marker poses.
 
 Real tasks need rewards without a simulator's ground truth. A printed ArUco marker on an object gives its
-position and heading (OpenCV's detector, then `solvePnP` with the square-marker IPPE solver); a brightly
-coloured target gives a pixel centroid (the DayDreamer recipe: threshold in HSV, take the blob).
+position and heading (OpenCV's detector, then `solvePnP` with the square-marker IPPE solver).
 
 Frames: the camera frame is OpenCV's (x right, y down, z along the optical axis, metres). A marker's own
 frame has x to the right of the printed image, y up it, z out of the paper. Given `table_from_camera`
@@ -16,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import cv2
@@ -220,92 +219,3 @@ class MarkerTracker:
             rot = self.table_from_camera[:3, :3] @ rot
         heading = math.atan2(rot[1, 0], rot[0, 0])
         return MarkerPose(id=marker_id, position=position, heading=heading, corners=quad, time=time, rotation=rot)
-
-
-class ColorDetector:
-    """The largest blob within an HSV box (OpenCV ranges: H 0..179, S and V 0..255).
-
-    A hue range with low > high wraps around 180, as red needs: (170, 120, 80)..(10, 255, 255).
-    """
-
-    def __init__(self, hsv_low: tuple[int, int, int], hsv_high: tuple[int, int, int], min_area_px: int = 20) -> None:
-        self.hsv_low = _hsv("hsv_low", hsv_low)
-        self.hsv_high = _hsv("hsv_high", hsv_high)
-        for i, name in ((1, "saturation"), (2, "value")):
-            if self.hsv_low[i] > self.hsv_high[i]:
-                raise ValueError(f"ColorDetector: {name} low {self.hsv_low[i]} is above high {self.hsv_high[i]}")
-        if min_area_px < 1:
-            raise ValueError(f"ColorDetector: min_area_px must be >= 1, got {min_area_px}")
-        self.min_area_px = min_area_px
-
-    def mask(self, image_rgb: np.ndarray) -> np.ndarray:
-        """uint8 mask (255 inside the HSV box), for debugging thresholds on real footage."""
-        hsv = cv2.cvtColor(_rgb(image_rgb, "ColorDetector"), cv2.COLOR_RGB2HSV)
-        low, high = self.hsv_low, self.hsv_high
-        if low[0] <= high[0]:
-            return cv2.inRange(hsv, np.array(low), np.array(high))
-        upper = cv2.inRange(hsv, np.array(low), np.array((179, high[1], high[2])))
-        lower = cv2.inRange(hsv, np.array((0, low[1], low[2])), np.array(high))
-        return cv2.bitwise_or(upper, lower)
-
-    def detect(self, image_rgb: np.ndarray) -> tuple[float, float, int] | None:
-        """Centroid x, y (pixels) and area of the largest matching blob, or None if none is big enough."""
-        count, _, stats, centroids = cv2.connectedComponentsWithStats(self.mask(image_rgb), connectivity=8)
-        if count <= 1:
-            return None
-        best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-        area = int(stats[best, cv2.CC_STAT_AREA])
-        if area < self.min_area_px:
-            return None
-        return float(centroids[best, 0]), float(centroids[best, 1]), area
-
-
-def _hsv(name: str, value: Sequence[int]) -> tuple[int, int, int]:
-    values = tuple(int(v) for v in value)
-    limits = (179, 255, 255)
-    if len(values) != 3 or any(not 0 <= v <= top for v, top in zip(values, limits, strict=False)):
-        raise ValueError(f"ColorDetector: {name} must be (H 0..179, S 0..255, V 0..255), got {tuple(value)}")
-    return values  # type: ignore[return-value]
-
-
-def _vector(name: str, value: Sequence[float] | np.ndarray) -> np.ndarray:
-    array = np.asarray(value, dtype=np.float64).reshape(-1)
-    if array.size == 0 or not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} must be a non-empty vector of finite numbers, got {value!r}")
-    return array
-
-
-def _same_length(**vectors: np.ndarray) -> None:
-    sizes = {k: v.size for k, v in vectors.items()}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"vectors differ in length: {sizes}")
-
-
-def distance_reward(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
-    """Minus the Euclidean distance: highest (0) when `a` reaches `b`, dense everywhere (reach tasks)."""
-    va, vb = _vector("a", a), _vector("b", b)
-    _same_length(a=va, b=vb)
-    return -float(np.linalg.norm(va - vb))
-
-
-def progress_along(
-    axis: Sequence[float] | np.ndarray, start: Sequence[float] | np.ndarray, now: Sequence[float] | np.ndarray
-) -> float:
-    """Signed distance moved from `start` to `now` along `axis` (normalised): forward progress of a walker."""
-    vaxis, vstart, vnow = _vector("axis", axis), _vector("start", start), _vector("now", now)
-    _same_length(axis=vaxis, start=vstart, now=vnow)
-    norm = float(np.linalg.norm(vaxis))
-    if norm < 1e-12:
-        raise ValueError(f"progress_along: axis must not be zero, got {axis!r}")
-    return float(np.dot(vnow - vstart, vaxis) / norm)
-
-
-def in_region(
-    position: Sequence[float] | np.ndarray, low: Sequence[float] | np.ndarray, high: Sequence[float] | np.ndarray
-) -> bool:
-    """Whether `position` lies in the closed box [low, high] (place tasks: the object is on the target)."""
-    vpos, vlow, vhigh = _vector("position", position), _vector("low", low), _vector("high", high)
-    _same_length(position=vpos, low=vlow, high=vhigh)
-    if np.any(vlow > vhigh):
-        raise ValueError(f"in_region: low {vlow.tolist()} is above high {vhigh.tolist()} on some axis")
-    return bool(np.all(vpos >= vlow) and np.all(vpos <= vhigh))

@@ -1,4 +1,4 @@
-"""Marker tracking and the colour detector on real OpenCV, against images rendered at known poses.
+"""Marker tracking on real OpenCV, against images rendered at known poses.
 
 Views are synthesised: the printed marker (generate_marker, on white paper) is placed on a table at a known
 position and heading, its paper corners are projected with a known pinhole camera and the print is warped
@@ -14,15 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from robot.markers import (
-    CameraModel,
-    ColorDetector,
-    MarkerTracker,
-    distance_reward,
-    generate_marker,
-    in_region,
-    progress_along,
-)
+from robot.markers import CameraModel, MarkerTracker, generate_marker
 
 W, H, FOV = 640, 480, 60.0
 SIZE = 0.05  # marker side, m
@@ -258,70 +250,6 @@ def test_configuration_errors_name_the_problem() -> None:
         CameraModel.from_fov(W, H, 180)
     model = CameraModel.from_mapping({"fx": 500, "fy": 510, "cx": 320.5, "cy": 241, "distortion": [0.1, 0, 0, 0, 0]})
     assert model.matrix[1, 1] == 510 and model.distortion[0] == 0.1
-
-
-def disc_image(discs: list[tuple[tuple[float, float], float, tuple[int, int, int]]]) -> np.ndarray:
-    """Anti-aliased discs (centre at sub-pixel precision, radius, RGB) on a grey table."""
-    shift = 4
-    image = np.full((H, W, 3), 128, np.uint8)
-    image[:] = background(W, H, seed=3) // 4 + 96  # dull, unsaturated clutter
-    for (x, y), r, rgb in discs:
-        centre = (round(x * 2**shift), round(y * 2**shift))
-        cv2.circle(image, centre, round(r * 2**shift), rgb, thickness=-1, lineType=cv2.LINE_AA, shift=shift)
-    return image
-
-
-RED = ColorDetector((170, 120, 70), (10, 255, 255))  # hue wraps around 180
-
-
-def test_color_detector_finds_the_red_disc_and_ignores_other_colours() -> None:
-    worst = 0.0
-    for x, y, r in [(100.3, 80.7, 12), (400.55, 300.2, 25), (601.9, 20.4, 6), (320.0, 240.0, 40)]:
-        image = disc_image([((x, y), r, (220, 30, 25)), ((200.0, 200.0), 50, (30, 200, 40)),
-                            ((500.0, 100.0), 60, (40, 60, 220)), ((120.0, 400.0), 30, (230, 200, 30))])
-        found = RED.detect(image)
-        assert found is not None, (x, y)
-        cx, cy, area = found
-        worst = max(worst, math.hypot(cx - x, cy - y))
-        assert abs(area - math.pi * r * r) < 2 * math.pi * r + 10  # within a one-pixel ring
-    print(f"\nred disc centroid: worst error {worst:.3f} px over 4 discs (radius 6-40 px) beside green, blue, yellow")
-    assert worst < 1.0
-
-
-def test_color_detector_takes_the_largest_blob_and_respects_min_area() -> None:
-    image = disc_image([((100.0, 100.0), 5, (220, 30, 25)), ((300.0, 200.0), 20, (230, 20, 40))])
-    x, y, _ = RED.detect(image)
-    assert math.hypot(x - 300, y - 200) < 1.0
-    specks = disc_image([((100.0, 100.0), 2, (220, 30, 25))])
-    assert RED.detect(specks) is None  # ~13 px, under min_area_px=20
-    assert ColorDetector((170, 120, 70), (10, 255, 255), min_area_px=5).detect(specks) is not None
-    assert RED.detect(disc_image([((300.0, 200.0), 30, (30, 40, 220))])) is None
-    green = ColorDetector((45, 100, 70), (75, 255, 255))
-    gx, gy, _ = green.detect(disc_image([((300.0, 200.0), 20, (220, 30, 25)), ((150.5, 90.0), 15, (30, 200, 40))]))
-    assert math.hypot(gx - 150.5, gy - 90.0) < 1.0
-    with pytest.raises(ValueError, match="hsv_high"):
-        ColorDetector((0, 0, 0), (180, 255, 255))
-    with pytest.raises(ValueError, match="saturation low 200 is above high 100"):
-        ColorDetector((0, 200, 0), (10, 100, 255))
-
-
-def test_reward_helpers() -> None:
-    assert distance_reward([0, 0, 0], [3, 4, 0]) == pytest.approx(-5.0)
-    assert distance_reward(np.array([0.1, 0.2]), [0.1, 0.2]) == 0.0
-    assert distance_reward([0, 0], [1, 0]) < distance_reward([0, 0], [0.5, 0])  # closer is better
-    assert progress_along([2, 0, 0], [1, 1, 0], [1.5, 3, 0]) == pytest.approx(0.5)
-    assert progress_along([1, 1], [0, 0], [-1, -1]) == pytest.approx(-math.sqrt(2))
-    assert in_region([0.1, 0.2, 0.0], [0, 0, -0.01], [0.2, 0.3, 0.01])
-    assert in_region([0.2, 0.3, 0.01], [0, 0, -0.01], [0.2, 0.3, 0.01])  # closed box
-    assert not in_region([0.21, 0.2, 0.0], [0, 0, -0.01], [0.2, 0.3, 0.01])
-    with pytest.raises(ValueError, match="differ in length"):
-        distance_reward([0, 0, 0], [1, 0])
-    with pytest.raises(ValueError, match="axis must not be zero"):
-        progress_along([0, 0], [0, 0], [1, 1])
-    with pytest.raises(ValueError, match="low .* is above high"):
-        in_region([0, 0], [1, 0], [0, 1])
-    with pytest.raises(ValueError, match="finite"):
-        distance_reward([0, float("nan")], [0, 0])
 
 
 SCENE = [(0, (0.0, 0.0), 0.0), (13, (0.1, 0.06), 0.9), (21, (-0.12, -0.04), -2.4), (37, (0.07, -0.09), 2.9)]

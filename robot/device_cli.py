@@ -237,8 +237,9 @@ def camera_command(args: argparse.Namespace) -> int:
 
 def tilt_deg(quaternion: Any) -> float:
     """Angle between the chip's z axis and world up, in degrees (0: lying level, face up)."""
-    _, x, y, _ = (float(v) for v in quaternion)
-    return math.degrees(math.acos(max(-1.0, min(1.0, 1 - 2 * (x * x + y * y)))))
+    from robot.imu import world_up_in_body
+
+    return math.degrees(math.acos(max(-1.0, min(1.0, float(world_up_in_body(quaternion)[2])))))
 
 
 def imu_command(args: argparse.Namespace) -> int:

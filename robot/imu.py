@@ -13,7 +13,7 @@ status in one burst read.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -55,6 +55,17 @@ class ImuReading:
     gyro: np.ndarray  # (3,) rad/s about the chip's x, y, z axes
     calibration: dict[str, int]  # sys, gyr, acc, mag: 0 (uncalibrated) .. 3 (fully calibrated)
     time: float  # time.monotonic() when the answer arrived
+
+
+def world_up_in_body(quaternion_wxyz: Sequence[float] | np.ndarray) -> np.ndarray:
+    """World up (+z) in the body's axes, from its orientation quaternion (w, x, y, z), float64.
+
+    The third row of the body-to-world rotation: its z component is how upright the body stands (1 upright,
+    0 on its side, -1 upside down), its negation is gravity's direction as the body feels it. Every
+    uprightness and gravity figure of the robot side is read from here, so the formula lives once.
+    """
+    w, x, y, z = (float(v) for v in quaternion_wxyz)
+    return np.array([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)])
 
 
 def read_request(reg: int, n: int) -> bytes:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from robot.imu import world_up_in_body
 from robot.pty_device import PtyDevice, host_baud
 
 Source = Callable[[], tuple[np.ndarray, np.ndarray]]  # -> (quaternion w, x, y, z; gyro rad/s in the chip frame)
@@ -71,9 +72,7 @@ def euler_from_quaternion(q: np.ndarray) -> np.ndarray:
 
 def gravity_in_chip(q: np.ndarray) -> np.ndarray:
     """World gravity reaction (0, 0, +g: what an accelerometer at rest reads) in the chip's frame, m/s²."""
-    w, x, y, z = (float(v) for v in q)
-    up = np.array([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)])  # 3rd row of R
-    return GRAVITY * up
+    return GRAVITY * world_up_in_body(q)
 
 
 def _words(values: np.ndarray, scale: float) -> bytes:

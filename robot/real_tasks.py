@@ -23,6 +23,7 @@ import numpy as np
 
 from learner.config import Config
 from learner.config_sensors import RegionConfig
+from robot.imu import world_up_in_body
 from robot.interface import ArraySpec
 from robot.tracking import TableTracker
 
@@ -250,12 +251,9 @@ def make_task(cfg: Config, names: list[str], home: np.ndarray) -> Task:
 
 def upright(quaternion_wxyz: np.ndarray) -> float:
     """z of the body's up axis in the world frame, from the IMU quaternion (w, x, y, z)."""
-    _, x, y, _ = (float(v) for v in quaternion_wxyz)
-    return 1.0 - 2.0 * (x * x + y * y)
+    return float(world_up_in_body(quaternion_wxyz)[2])
 
 
 def gravity_in_body(quaternion_wxyz: np.ndarray) -> np.ndarray:
     """Unit gravity direction in the body frame ((0, 0, -1) upright): what a policy needs to balance."""
-    w, x, y, z = (float(v) for v in quaternion_wxyz)
-    # third row of the body-to-world rotation, negated: world -z expressed in body axes
-    return -np.array([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], dtype=np.float32)
+    return -world_up_in_body(quaternion_wxyz).astype(np.float32)

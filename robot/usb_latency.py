@@ -18,7 +18,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 RECOMMENDED_MS = 1
-FTDI_DEFAULT_MS = 16
 MAX_MS = 255  # the FTDI chips' latency timer is one byte, 1..255 ms
 UDEV_RULE = 'ACTION=="add", SUBSYSTEM=="usb-serial", DRIVER=="ftdi_sio", ATTR{latency_timer}="1"'
 UDEV_FILE = "/etc/udev/rules.d/99-ftdi-latency.rules"

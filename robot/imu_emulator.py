@@ -1,7 +1,7 @@
 """An emulated BNO055 on a pseudo-terminal, speaking the UART protocol byte for byte, so `robot.imu.BNO055`
 runs against it unchanged.
 
-The orientation and angular rate come from `source()` (a PyBullet body in `sim.imu_plant`, or None for a
+The orientation and angular rate come from `source()` (a PyBullet body in `sim.emulation.imu_plant`, or None for a
 chip lying still and level). The register file holds page 0 with the chip's ids and power-on values; in a
 fusion mode the data registers are filled from the source at each read, in the units UNIT_SEL asks for.
 

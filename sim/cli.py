@@ -136,7 +136,7 @@ def _status_line(cfg: Config, emulator: ServoEmulator, calibration: Calibration,
 def emulate_bus(cfg: Config, args: argparse.Namespace) -> int:
     """Serve an emulated servo bus (and the camera and IMU the config's emulator block asks for) until Ctrl-C,
     SIGTERM or --duration; print the ports and status lines."""
-    from sim.servo_emulation import EmulatedRig, true_calibration
+    from sim.emulation.rig import EmulatedRig, true_calibration
 
     calibration = true_calibration(cfg)
     if args.write_calibration:

@@ -45,7 +45,7 @@ from learner.config import load_config
 from robot.motors.emulator import EmulatedServo, ServoEmulator
 from robot.motors.tables import MODELS
 from robot.motors_cli import RANGE_PROMPT, ZERO_PROMPT
-from sim.servo_emulation import EmulatedRig, true_calibration
+from sim.emulation.rig import EmulatedRig, true_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "hardware.md"

@@ -16,8 +16,8 @@ import serial
 from learner.config import load_config
 from robot.imu import BNO055, ImuError, read_request, write_request
 from robot.imu_emulator import EmulatedBNO055, euler_from_quaternion
-from sim.imu_plant import pybullet_imu_source, quat_multiply, rotate_into
-from sim.servo_plant import PyBulletPlant
+from sim.emulation.imu_plant import pybullet_imu_source, quat_multiply, rotate_into
+from sim.emulation.servo_plant import PyBulletPlant
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 1.0  # generous: the emulator answers within a few ms

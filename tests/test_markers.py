@@ -258,7 +258,7 @@ SCENE = [(0, (0.0, 0.0), 0.0), (13, (0.1, 0.06), 0.9), (21, (-0.12, -0.04), -2.4
 @pytest.mark.parametrize("eye", [(0.0, -0.32, 0.40), (0.25, 0.2, 0.38), (0.01, 0.0, 0.5)])
 def test_poses_from_pybullet_renders(eye: tuple[float, float, float]) -> None:
     """An independent renderer: PyBullet's textured quads on a table, seen from about half a metre."""
-    from sim.marker_scene import LIFT_M, MarkerScene
+    from sim.emulation.marker_scene import LIFT_M, MarkerScene
 
     with MarkerScene(W, H, FOV, eye, (0.0, 0.0, 0.0), SIZE) as scene:
         tracker = MarkerTracker(scene.camera, SIZE, table_from_camera=scene.table_from_camera)

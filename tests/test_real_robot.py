@@ -17,7 +17,7 @@ import pytest
 
 from learner.config import Config, load_config
 from robot.servo_robot import ServoRobot
-from sim.servo_emulation import EmulatedRig, true_calibration
+from sim.emulation.rig import EmulatedRig, true_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 # Joint goals that bring the SO-101's effector marker next to the target marker (as tests/test_scene_render.py).

@@ -15,7 +15,7 @@ import pytest
 from learner.config import Config
 from robot.real_tasks import PickPlace, Reading, StandWalk, gravity_in_body, make_task, upright
 from robot.tracking import TableTracker
-from sim.marker_scene import LIFT_M, MarkerScene
+from sim.emulation.marker_scene import LIFT_M, MarkerScene
 
 W, H, FOV, SIZE, TABLE_SIZE = 640, 480, 60.0, 0.04, 0.10
 TABLE_AT, TABLE_YAW = np.array([-0.25, -0.2]), 0.4  # where the table marker lies in the scene

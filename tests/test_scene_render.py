@@ -18,8 +18,8 @@ from learner.config import Config, load_config
 from robot.camera import Camera
 from robot.imu import BNO055
 from robot.markers import CameraModel, MarkerTracker
-from sim.camera_server import MjpegServer
-from sim.servo_emulation import EmulatedRig
+from sim.emulation.camera_server import MjpegServer
+from sim.emulation.rig import EmulatedRig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("so101_arm", "koch_arm", "servo_quadruped")
@@ -219,7 +219,7 @@ def test_rig_without_a_model_refuses_camera_and_imu() -> None:
 
 def test_render_worker_reports_a_bad_snapshot_and_keeps_rendering(rig: EmulatedRig, monkeypatch) -> None:
     """A snapshot the worker cannot draw comes back as a SceneError naming the failure; the worker lives on."""
-    from sim.scene_render import SceneError
+    from sim.emulation.scene_render import SceneError
 
     scene = rig.scene
     assert scene is not None

@@ -23,9 +23,9 @@ from robot.motors.calibration import Calibration
 from robot.motors.codec import Codec, Packet
 from robot.motors.protocols import codec_for
 from robot.motors.tables import MODELS
-from sim.servo_emulation import emulate, emulated_servos, true_calibration
-from sim.servo_models import LIMIT_MARGIN, servo_model, urdf_path
-from sim.servo_plant import PlantError, PyBulletPlant
+from sim.emulation.rig import emulate, emulated_servos, true_calibration
+from sim.emulation.servo_models import LIMIT_MARGIN, servo_model, urdf_path
+from sim.emulation.servo_plant import PlantError, PyBulletPlant
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "hardware_configs"

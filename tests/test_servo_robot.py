@@ -23,7 +23,7 @@ from robot.motors.emulator import KinematicPlant
 from robot.motors.errors import MotorError, ServoFault
 from robot.servo_robot import ServoRobot
 from robot.spool import SUFFIX, Spool
-from sim.servo_emulation import emulate, true_calibration
+from sim.emulation.rig import emulate, true_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 SO101 = ROOT / "hardware_configs" / "so101_arm.yaml"

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from sim.servo_plant import PyBulletPlant
+from sim.emulation.servo_plant import PyBulletPlant
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0)
 

@@ -43,9 +43,9 @@ import pybullet as p
 
 from learner.config import Config
 from robot.markers import CameraModel, aruco_dictionary
-from sim.marker_scene import LIFT_M, NEAR_M, PAPER, print_quad, render_view, table_from_camera, view_up
-from sim.servo_models import urdf_path
-from sim.servo_plant import PyBulletPlant
+from sim.emulation.marker_scene import LIFT_M, NEAR_M, PAPER, print_quad, render_view, table_from_camera, view_up
+from sim.emulation.servo_models import urdf_path
+from sim.emulation.servo_plant import PyBulletPlant
 
 SUPERSAMPLE = 2  # rendered at this many times the camera's size, then averaged (soft edges for sub-pixel corners)
 FAR_M = 10.0
@@ -185,7 +185,7 @@ class SceneRenderer:
         up_r, up_w = os.pipe()
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "sim.scene_render", str(down_r), str(up_w)], pass_fds=(down_r, up_w),
+                [sys.executable, "-m", "sim.emulation.scene_render", str(down_r), str(up_w)], pass_fds=(down_r, up_w),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=_ROOT,
             )
         except BaseException:

@@ -1,5 +1,5 @@
 """An emulated servo bus built from a hardware config: the config's servos on a pseudo-terminal,
-with PyBullet physics (`sim.servo_plant`) behind them when `emulator.model` names a robot.
+with PyBullet physics (`sim.emulation.servo_plant`) behind them when `emulator.model` names a robot.
 
 Each emulated servo's raw zero is 2048 plus a seeded offset within +-`emulator.offset_spread`, as if
 the horns were mounted a little off; `true_calibration` gives the calibration that undoes exactly
@@ -24,12 +24,12 @@ from learner.config_hardware import MotorsConfig
 from robot.motors.calibration import Calibration, JointCalibration
 from robot.motors.emulator import EmulatedServo, Plant, ServoEmulator
 from robot.motors.tables import MODELS
-from sim.servo_plant import PlantError, PyBulletPlant
+from sim.emulation.servo_plant import PlantError, PyBulletPlant
 
 if TYPE_CHECKING:  # the camera and IMU modules load only for a rig that has them
     from robot.imu_emulator import EmulatedBNO055
-    from sim.camera_server import MjpegServer
-    from sim.scene_render import SceneRenderer
+    from sim.emulation.camera_server import MjpegServer
+    from sim.emulation.scene_render import SceneRenderer
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ SLOW_CLOSE_S = 2.0
 
 class EmulatedRig:
     """Everything `reverie-sim emulate` stands in for, from one config: the servo bus on a pseudo-terminal,
-    and on the same PyBullet world the fixed camera (`emulator.camera`: `sim.scene_render` served as MJPEG
-    over HTTP by `sim.camera_server`) and a BNO055 on the robot's base (`emulator.imu`, its own pty).
+    and on the same PyBullet world the fixed camera (`emulator.camera`: `sim.emulation.scene_render` served as MJPEG
+    over HTTP by `sim.emulation.camera_server`) and a BNO055 on the robot's base (`emulator.imu`, its own pty).
 
     A context manager; `overrides()` are the `--set` values that point the robot's config at all of it.
     """
@@ -123,9 +123,9 @@ class EmulatedRig:
 
     def start(self) -> EmulatedRig:
         from robot.imu_emulator import EmulatedBNO055
-        from sim.camera_server import MjpegServer
-        from sim.imu_plant import pybullet_imu_source
-        from sim.scene_render import SceneRenderer
+        from sim.emulation.camera_server import MjpegServer
+        from sim.emulation.imu_plant import pybullet_imu_source
+        from sim.emulation.scene_render import SceneRenderer
 
         try:
             self.bus = emulate(self.cfg, timing=self.timing).start()

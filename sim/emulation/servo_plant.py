@@ -1,7 +1,7 @@
 """PyBullet physics behind the emulated servo bus: the `Plant` of `robot.motors.emulator`.
 
 Each servo of `cfg.motors.servos` drives the URDF joint of the same name in the model
-`cfg.emulator.model` (see `sim.servo_models`). A servo with torque on is a position motor whose
+`cfg.emulator.model` (see `sim.emulation.servo_models`). A servo with torque on is a position motor whose
 force is capped at its model's stall torque times the torque-limit fraction and whose speed is
 capped at the model's no-load speed; with torque off its joint is free apart from a little viscous
 damping (the gearbox), so gravity moves it. The reported load is the motor torque over the stall torque.
@@ -28,7 +28,7 @@ import pybullet as p
 
 from learner.config import Config
 from sim.assets import asset
-from sim.servo_models import servo_model, urdf_path
+from sim.emulation.servo_models import servo_model, urdf_path
 
 FREE_DAMPING = 0.02  # viscous damping of a joint whose servo has torque off, N·m·s/rad
 POSITION_GAIN = 0.2  # pybullet position-motor gain (fraction of the error corrected per step)
@@ -88,7 +88,6 @@ class PyBulletPlant:
         except BaseException:
             p.disconnect(self.client)
             raise
-        self._started = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"plant-{self.model.name}", daemon=True)
         self._thread.start()
 
@@ -140,7 +139,7 @@ class PyBulletPlant:
     @contextmanager
     def locked(self) -> Iterator[int]:
         """Hold the physics lock and get the pybullet client: other code adding bodies to the world or
-        reading poses (`sim.scene_render`) must never call pybullet while the physics thread steps."""
+        reading poses (`sim.emulation.scene_render`) must never call pybullet while the physics thread steps."""
         with self._lock:
             if self._stop.is_set():
                 raise PlantError(f"the {self.model.name} plant is closed: its pybullet world is gone")
@@ -150,10 +149,6 @@ class PyBulletPlant:
     def sim_time(self) -> float:
         """Simulated seconds since the start (steps taken times the physics period)."""
         return self.steps * self.dt
-
-    @property
-    def wall_time(self) -> float:
-        return time.monotonic() - self._started
 
     def reset_pose(self, angles: Sequence[float] | Mapping[str, float]) -> None:
         """Teleport the joints to `angles` (per servo index, or by joint name; others keep theirs) at rest,

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from learner.replay.chunk import INDEX_NAME, ChunkError, EpisodeTracker, is_chunk_name, read_chunk, verify_crc
+from learner.replay.chunk_file import ChunkError, is_chunk_name, read_chunk, verify_crc
+from learner.replay.index import INDEX_NAME
+from learner.replay.streams import EpisodeTracker
 
 PROG = "reverie-replay"
 LAST_RETURNS = 5

@@ -15,9 +15,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from learner.replay.runs import Chunk, Run, Runs
+
+STATE_FORMAT = 1  # of `Sampler.state()`
 
 
 @dataclass
@@ -100,3 +105,64 @@ class OnlineQueue:
     def prune(self) -> None:
         """Drop windows whose steps left RAM (called after evictions)."""
         self.windows = deque(w for w in self.windows if w.run.holds(w.start, w.length))
+
+
+class Sampler:
+    """Picks a batch's sequences: online windows first (when `online`), the rest uniform starts or, each
+    with probability `recency`, recency-weighted ones. Its rng and queue are checkpoint state."""
+
+    def __init__(self, seed: int, *, online: bool, recency: float) -> None:
+        self.online = online
+        self.recency = recency
+        self.rng = np.random.default_rng(seed)
+        self.queue = OnlineQueue()
+
+    def choose(
+        self, batch: int, length: int, chunks: list[Chunk], table: StartTable, runs: Runs
+    ) -> list[tuple[Run, int]]:
+        """`batch` sequences as (run, start position); `table` (of `chunks`) must hold a valid start."""
+        picks: list[tuple[Run, int]] = []
+        if self.online:
+            if runs.evicted:
+                self.queue.prune()
+                runs.evicted = False
+            self.queue.refill(list(runs.tail.values()), length)
+            while len(picks) < batch and (window := self.queue.pop(length)) is not None:
+                picks.append((window.run, window.start))
+        rest = batch - len(picks)
+        if rest:
+            ranks = uniform_ranks(self.rng, table.total, rest)
+            if self.recency > 0:
+                recent = self.rng.random(rest) < self.recency
+                ranks = np.where(recent, recent_ranks(self.rng, table.total, rest), ranks)
+            index, positions = table.locate(ranks)
+            picks += [(chunks[i].run, int(p)) for i, p in zip(index, positions)]
+        return picks
+
+    def state(self, runs: Runs) -> dict[str, Any]:
+        """Small JSON-able state: the rng, the queued windows and each run's fresh-data mark, by chunk uuid
+        and row (stable across a reload)."""
+        live = [w for w in self.queue.windows if w.run.holds(w.start, w.length)]
+        return {
+            "format": STATE_FORMAT,
+            "rng": self.rng.bit_generator.state,
+            "queue": [[*runs.ref(w.run, w.start), w.length] for w in live],
+            "fresh": {s: runs.ref(r, max(r.fresh, r.lo)) for s, r in runs.tail.items() if r.chunks},
+        }
+
+    def load(self, state: dict[str, Any], runs: Runs) -> None:
+        """Restore `state()` (after reopening the directory); references to steps no longer in RAM are
+        dropped."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"replay state: unknown format {state.get('format')!r}")
+        self.rng.bit_generator.state = state["rng"]
+        by_uuid = runs.by_uuid()
+        self.queue = OnlineQueue()
+        for uuid, row, length in state["queue"]:
+            found = runs.deref([uuid, row], by_uuid)
+            if found and found[0].holds(found[1], length):
+                self.queue.windows.append(Window(found[0], found[1], length))
+        for stream, ref in state["fresh"].items():
+            found = runs.deref(ref, by_uuid)
+            if found and runs.tail.get(stream) is found[0]:
+                found[0].fresh = found[1]

@@ -190,8 +190,8 @@ def _robot_link(address: str, robot: str, spool_dir: str, hello: dict | None = N
     import torch
 
     from learner.config_link import LinkConfig
-    from robot.link import RobotLink
-    from robot.spool import Spool
+    from robot.link.spool import Spool
+    from robot.link.thread import RobotLink
 
     torch.set_num_threads(1)
     cfg = LinkConfig()  # the product's defaults for heartbeats, loss detection and resends
@@ -202,9 +202,9 @@ def _robot_link(address: str, robot: str, spool_dir: str, hello: dict | None = N
 
 
 def _link_process(address: str, robot: str, spool_dir: str, hello: dict) -> Any:
-    """The product default (link.process): the link in a child process of the robot (robot.link_process)."""
+    """The product default (link.process): the link in a child process of the robot (robot.link.process)."""
     from learner.config_link import LinkConfig
-    from robot.link_process import LinkProcess
+    from robot.link.process import LinkProcess
 
     cfg = LinkConfig()
     link = LinkProcess(address, robot, (spool_dir, 8 << 30), hello, heartbeat_s=cfg.heartbeat_s,

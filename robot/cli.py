@@ -17,33 +17,30 @@ import json
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from learner import config_flags as flags
-from learner.config import ConfigError, load_config
-from learner.config_link import (
+from core.config import ConfigError, flags, load_config
+from core.config.link import (
     address_problem,
     chunk_steps,
     default_spool_dir,
     message_room_problem,
     robot_id_problem,
 )
-from learner.link.security import ClientKeys, LinkSecurityError
+from core.link.security import LinkSecurityError
 from robot import device_cli, motors_cli
 
 
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from core.interface import RobotError
     from learner.checkpoint import CheckpointError
     from robot.backends import BackendError, make_backend
-    from robot.interface import RobotError
-    from robot.link import LinkError, RobotLink
-    from robot.link_process import LinkProcess
+    from robot.link.contract import LinkError
+    from robot.link.factory import make_link
     from robot.runner import ControlLoop, load_initial, step_spec
-    from robot.spool import Spool
 
     torch.set_num_threads(1)  # the policy shares the robot's CPU with the control loop: keep it predictable
     cfg = load_config(args.config, args.set)
@@ -58,8 +55,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"reverie-robot: --learner {args.learner!r}: expected {expected}", file=sys.stderr)
         return 2
     spool_dir = Path(args.spool or link_cfg.spool_dir or default_spool(robot_id))
-    keys = (ClientKeys(Path(link_cfg.client_secret), Path(link_cfg.server_public))
-            if link_cfg.client_secret and link_cfg.server_public else None)
     try:  # before the robot opens: a bad weights file must not get as far as the motors
         initial = load_initial(link_cfg.initial_weights)
     except CheckpointError as exc:
@@ -77,13 +72,7 @@ def _run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         hello = {"spec": spec, "task": cfg.task or cfg.name, "hz": float(cfg.control.hz), "discrete": act.discrete}
-        timing = {"keys": keys, "heartbeat_s": link_cfg.heartbeat_s, "lost_after_s": link_cfg.lost_after_s,
-                  "resend_after_s": link_cfg.resend_after_s, "max_bytes": int(link_cfg.max_message_mb * 2**20)}
-        spool_max = int(link_cfg.spool_max_mb * 2**20)
-        if link_cfg.process:
-            link = LinkProcess(address, robot_id, (spool_dir, spool_max), hello, **timing)
-        else:
-            link = RobotLink(address, robot_id, Spool(spool_dir, spool_max), hello, **timing)
+        link = make_link(link_cfg, address, robot_id, spool_dir, hello)
         try:
             loop = ControlLoop(cfg, robot, link, seed=cfg.seed, initial=initial, ledger=args.ledger)
         except ValueError as exc:  # initial weights of another task: nothing has moved yet
@@ -100,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         try:
             stats = loop.run(duration=args.duration, max_steps=args.steps)
-            wait_acked(link, 2 * link_cfg.lost_after_s)
+            link.wait_acked(2 * link_cfg.lost_after_s)
         finally:
             link.close()
     status = link.status()
@@ -131,7 +120,7 @@ def _exit_code(stopped: str, refused: str) -> int:
 
 def _chunk_problem(cfg: Any, spec: dict[str, Any], robot_id: str) -> str | None:
     """Why link.max_message_mb cannot carry one chunk of this robot's step layout, else None."""
-    from robot.link import chunk_message_bytes
+    from robot.link.base import chunk_message_bytes
 
     steps = chunk_steps(cfg.link.chunk_seconds, cfg.control.hz)
     need = chunk_message_bytes(spec, steps, robot_id)
@@ -148,19 +137,6 @@ def default_spool(robot_id: str) -> Path:
               f"{default_spool_dir(robot_id)}); move it there, or keep it with --spool {old}", file=sys.stderr)
         return old
     return default_spool_dir(robot_id)
-
-
-def wait_acked(link: Any, limit: float) -> None:
-    """Give the learner up to `limit` seconds to acknowledge every chunk: those spooled and those still
-    queued in the link (its thread's queue, or the pipe and memory of its process). Bounded, so exiting
-    never hangs; it returns at once when no learner is connected or it refused this robot. Whatever
-    stays unacknowledged is in the spool and is sent on the next run."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        status = link.status()
-        if (status.spool_count == 0 and status.queued == 0) or not status.connected or status.refused:
-            return
-        time.sleep(0.02)
 
 
 def main(argv: list[str] | None = None) -> int:

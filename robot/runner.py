@@ -30,9 +30,8 @@ from learner.dreamer.policy import Policy, PolicyBlob, read_blob
 from learner.dreamer.preprocess import ActSpace
 from robot.backends import action_dim
 from robot.interface import ArraySpec, Robot, RobotError
-from robot.link import LinkError, LinkRefused, RobotLink, Weights
-from robot.link_process import LinkProcess
-from robot.spool import SpoolFull
+from robot.link.contract import Link, LinkError, LinkRefused, Weights
+from robot.link.spool import SpoolFull
 
 log = logging.getLogger("reverie.robot")
 status_log = logging.getLogger("reverie.robot.status")  # the periodic status line (shown by default)
@@ -96,7 +95,7 @@ class PolicyLoader:
     declares is bounded and checked against this robot before anything is built (`read_blob`, `blob_misfit`,
     `Policy.from_blob`), so a blob describing a huge network costs milliseconds, not seconds and gigabytes."""
 
-    def __init__(self, link: RobotLink | LinkProcess, spec: dict[str, list[Any]], act: ActSpace) -> None:
+    def __init__(self, link: Link, spec: dict[str, list[Any]], act: ActSpace) -> None:
         self.link = link
         self.spec, self.act = spec, act
         self.ready: Policy | None = None
@@ -229,7 +228,7 @@ def pin_cpus(cpus: list[int] | None) -> bool:
 
 
 class ControlLoop:
-    def __init__(self, cfg: Config, robot: Robot, link: RobotLink | LinkProcess, seed: int = 0,
+    def __init__(self, cfg: Config, robot: Robot, link: Link, seed: int = 0,
                  initial: Policy | None = None, ledger: Path | None = None) -> None:
         self.cfg, self.robot, self.link = cfg, robot, link
         self.spec, self.act_space = step_spec(robot)

@@ -28,9 +28,9 @@ from learner.link.server import LinkServer
 from learner.replay import Replay
 from robot.demo import free_port
 from robot.interface import ArraySpec, Robot, flag_specs
-from robot.link import RobotLink
+from robot.link.spool import Spool
+from robot.link.thread import RobotLink
 from robot.runner import ControlLoop, pin_cpus, step_spec, wait_until
-from robot.spool import Spool
 
 
 class ThreadProbe(Robot):

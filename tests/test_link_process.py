@@ -30,9 +30,9 @@ from learner.link.security import ClientKeys, LinkSecurityError
 from learner.link.server import LinkServer
 from learner.replay import Replay
 from robot.demo import free_port
-from robot.link import ChunkTooBig, LinkError, LinkRefused, Weights
-from robot.link_process import LinkProcess
-from robot.spool import Spool, SpoolFull
+from robot.link.contract import ChunkTooBig, LinkError, LinkRefused, Weights
+from robot.link.process import LinkProcess
+from robot.link.spool import Spool, SpoolFull
 
 T = 5
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ class _CtrlCAtBirth:
 
 
 def test_ctrl_c_while_the_child_starts_leaves_it_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import robot.link_process as link_process
+    import robot.link.process as link_process
 
     monkeypatch.setattr(link_process, "_CTX", _CtrlCAtBirth(link_process._CTX))
     handler = signal.getsignal(signal.SIGINT)
@@ -182,7 +182,7 @@ def test_ctrl_c_while_the_child_starts_leaves_it_running(tmp_path: Path, monkeyp
 def test_reverie_robot_run_reports_a_link_that_cannot_start_and_exits_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import robot.link_process as link_process
+    import robot.link.process as link_process
     from robot.cli import main as robot_main
 
     monkeypatch.setattr(link_process, "_CTX", _CtrlCAtBirth(link_process._CTX, _BornKilled))
@@ -371,7 +371,7 @@ def test_link_process_exits_when_its_parent_dies(tmp_path: Path) -> None:
         import time
 
         from link_helpers import HELLO, ROBOT
-        from robot.link_process import LinkProcess
+        from robot.link.process import LinkProcess
 
         if __name__ == "__main__":  # 'spawn' imports this file again in the child
             link = LinkProcess("tcp://127.0.0.1:{free_port()}", ROBOT, ({str(tmp_path / "spool")!r}, 1 << 24), HELLO)

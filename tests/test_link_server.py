@@ -29,8 +29,8 @@ from learner.link.security import ClientKeys, ServerKeys, create_keypair
 from learner.link.server import SPEC_FILE, LinkServer
 from learner.replay import Replay
 from learner.replay.chunk import NAME_RE, read_chunk
-from robot.link import RobotLink
-from robot.spool import Spool
+from robot.link.spool import Spool
+from robot.link.thread import RobotLink
 
 T = 5  # steps per robot chunk
 CHUNK_LENGTH = 16  # steps per replay chunk file: robot chunks straddle replay files

@@ -23,8 +23,9 @@ from link_helpers import DEADLINE, HELLO, ROBOT, SPEC, wait_for
 from learner.checkpoint import weights_to_bytes
 from learner.link.protocol import Message, check_steps, decode, encode, spec_of
 from robot.demo import free_port
-from robot.link import ChunkTooBig, LinkError, LinkRefused, RobotLink
-from robot.spool import Spool, SpoolFull
+from robot.link.contract import ChunkTooBig, LinkError, LinkRefused
+from robot.link.spool import Spool, SpoolFull
+from robot.link.thread import RobotLink
 
 T = 5
 

@@ -25,8 +25,8 @@ from learner.config_link import LinkConfig
 from learner.link.server import LinkServer
 from learner.replay import Replay
 from robot.cli import main as robot_main
-from robot.link import RobotLink
-from robot.spool import Spool
+from robot.link.spool import Spool
+from robot.link.thread import RobotLink
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "hardware_configs" / "sim_arm_reach_proprio.yaml"

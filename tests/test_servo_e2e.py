@@ -15,7 +15,7 @@ import numpy as np
 from learner.link.protocol import decode
 from learner.replay.chunk import ChunkError, read_chunk
 from robot.demo import free_port
-from robot.spool import Spool
+from robot.link.spool import Spool
 
 ROOT = Path(__file__).resolve().parents[1]
 SO101 = ROOT / "hardware_configs" / "so101_arm.yaml"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from robot.spool import Spool, SpoolCorrupt, SpoolFull
+from robot.link.spool import Spool, SpoolCorrupt, SpoolFull
 
 
 def _frames(seq: int, n: int = 100) -> list[bytes | memoryview]:

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from learner.atomic import atomic_write_bytes, fsync_dir
+from core.atomic import atomic_write_bytes, fsync_dir
 
 MAGIC = b"RVSP1"
 SUFFIX = ".rvsp"

@@ -4,7 +4,7 @@ Why a process: from a thread, the link's disk and socket work stalls the control
 now and then when the machine's disk is busy (measured with the robot on its own CPU beside 8
 flooding robots: p99 period error 74 % at 50 Hz with the link in a thread, 2.4-2.9 % in a process).
 Here a child process (multiprocessing 'spawn': the parent has torch threads and must never be
-forked) owns the `Spool` and a `RobotLink`; this side keeps RobotLink's API and only moves bytes
+forked) owns the `Spool` and a `RobotLink`; this side keeps the `Link` contract and only moves bytes
 through two one-way pipes, with two threads that spend their time blocked in I/O (GIL released).
 
 Nothing is pickled: a pipe message is a frame count, then frames; frame 0 is a small msgpack
@@ -27,33 +27,23 @@ import struct
 import sys
 import threading
 import time
-import uuid
 import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, fields, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import msgpack
 import numpy as np
 
-from learner.link.protocol import DEFAULT_MAX_BYTES, ID_RE, MAX_FRAMES, Message, decode, encode
-from learner.link.security import ClientKeys, LinkSecurityError
-from robot.link import (
-    ChunkTooBig,
-    LinkError,
-    LinkRefused,
-    LinkStatus,
-    RobotLink,
-    Weights,
-    merged_stats,
-    message_bytes,
-    raise_unsendable,
-)
-from robot.spool import Spool, SpoolFull
+from core.link.protocol import DEFAULT_MAX_BYTES, MAX_FRAMES, decode
+from core.link.security import ClientKeys, LinkSecurityError
+from robot.link.base import LinkBase, message_bytes
+from robot.link.contract import ChunkTooBig, LinkError, LinkRefused, LinkStatus, Weights
+from robot.link.spool import Spool, SpoolFull
+from robot.link.thread import RobotLink
 
 _CTX = mp.get_context("spawn")
 _COUNT = struct.Struct("<I")
@@ -269,8 +259,8 @@ def _close_at_exit(ref: weakref.ref[LinkProcess]) -> None:
         link.close()
 
 
-class LinkProcess:
-    """RobotLink's API (start, close, submit, take_weights, set_stats, status) with the link in a child process.
+class LinkProcess(LinkBase):
+    """The `Link` contract with the link in a child process.
 
     Same semantics as RobotLink: `submit` never waits on the network, the disk or the pipe, always queues
     the chunk and raises SpoolFull / LinkError as RobotLink does; nothing recorded is dropped (chunks the
@@ -293,30 +283,15 @@ class LinkProcess:
         log: logging.Logger | None = None,
         start_timeout: float = 60.0,
     ) -> None:
-        if not isinstance(robot_id, str) or not ID_RE.fullmatch(robot_id):
-            raise ValueError(f"robot id {robot_id!r} must be 1..64 of letters, digits, '_', '.', '-'")
-        for name, value in (("heartbeat_s", heartbeat_s), ("lost_after_s", lost_after_s),
-                            ("resend_after_s", resend_after_s), ("start_timeout", start_timeout)):
-            if not value > 0:
-                raise ValueError(f"LinkProcess {name} must be > 0, got {value}")
-        self.address = address
-        self.robot_id = robot_id
+        super().__init__(address, robot_id, hello_meta, keys=keys, heartbeat_s=heartbeat_s,
+                         lost_after_s=lost_after_s, resend_after_s=resend_after_s, max_bytes=max_bytes, log=log,
+                         start_timeout=start_timeout)
         self.run_id = ""  # the child RobotLink's run id, set by start()
         self.spool_dir, self.spool_max_bytes = Path(spool[0]), int(spool[1])
-        self.keys = keys
-        self.heartbeat_s, self.lost_after_s, self.resend_after_s = heartbeat_s, lost_after_s, resend_after_s
-        self.max_bytes = int(max_bytes)
         self.start_timeout = float(start_timeout)
-        self.log = log or logging.getLogger("robot.link")
-        self._hello_meta = dict(hello_meta)
-        self._check_run = uuid.uuid4().hex  # run id for validating messages before the child's is known
-        encode(Message("hello", robot_id, self._check_run, 0, meta=self._hello_meta))  # fails early if bad
-
-        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._child_gone = threading.Event()  # the child's pipe reached EOF
-        self._closed = False
         self._proc: Any = None
         self._down: Connection | None = None
         self._up: Connection | None = None
@@ -325,9 +300,6 @@ class LinkProcess:
         self._outbox: deque[list[bytes | memoryview]] = deque()  # encoded chunks the child has not got yet
         self._sent = 0  # chunks written to the pipe
         self._child_received = 0  # chunks the child reports it took from the pipe
-        self._stats: dict[str, Any] = {}
-        self._stats_dirty = False
-        self._new_weights: Weights | None = None
         self._spool_full = False
         self._fatal = ""
         self._closed_clean = False  # the child said it spooled everything and exited
@@ -407,14 +379,6 @@ class LinkProcess:
         if self._at_exit is not None:
             atexit.unregister(self._at_exit)
 
-    def __enter__(self) -> LinkProcess:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
     def submit(self, arrays: dict[str, np.ndarray]) -> None:
         """Queue one chunk (copied) for the child; never waits on the network, the disk or the pipe.
 
@@ -424,34 +388,22 @@ class LinkProcess:
         when the learner refused this robot, and LinkError when the link process has died (this chunk waits
         here and is spooled by close()): the caller should stop the robot safely and report the message.
         """
-        if self._closed:
-            raise LinkError(f"robot link {self.robot_id}: submit() after close()")
-        chunk = {name: np.array(value, copy=True) for name, value in arrays.items()}
-        frames = encode(Message("steps", self.robot_id, self.run_id or self._check_run, 0, arrays=chunk))
+        _, frames = self._encode_chunk(arrays)
         self._outbox.append(frames)
         self._wake.set()
         if self._proc is None:
             return
         if self._child_gone.is_set() or self._proc.exitcode is not None:
             raise LinkError(self._death())
-        raise_unsendable(self.robot_id, frames, self.max_bytes)
-        if refused := self.status().refused:
-            raise LinkRefused(refused)
-        self._raise_spool_error()
-
-    def take_weights(self) -> Weights | None:
-        """The newest verified weights not taken yet, else None."""
+        self._raise_unsent(frames)
         with self._lock:
-            weights, self._new_weights = self._new_weights, None
-        return weights
+            error, full = self._status.spool_error, self._spool_full
+        if error:
+            self._raise_unspooled(error, full, self.status().queued)
 
     def set_stats(self, **stats: Any) -> None:
-        """Merge values (version acting, steps/s, period error...) into the robot's heartbeat meta."""
-        with self._lock:
-            current = self._stats
-        merged = merged_stats(current, stats, self.robot_id, self._check_run)
-        with self._lock:
-            self._stats, self._stats_dirty = merged, True
+        """Merge values into the robot's heartbeat meta (`LinkBase.set_stats`) and wake the sender thread."""
+        super().set_stats(**stats)
         self._wake.set()
 
     def status(self) -> LinkStatus:
@@ -466,7 +418,7 @@ class LinkProcess:
     def _child_config(self) -> dict[str, Any]:
         keys = [str(self.keys.secret_file), str(self.keys.server_public_file)] if self.keys else None
         return {"address": self.address, "robot_id": self.robot_id, "spool_dir": str(self.spool_dir),
-                "spool_max_bytes": self.spool_max_bytes, "hello": self._hello_meta, "keys": keys,
+                "spool_max_bytes": self.spool_max_bytes, "hello": self.hello_meta, "keys": keys,
                 "heartbeat_s": float(self.heartbeat_s), "lost_after_s": float(self.lost_after_s),
                 "resend_after_s": float(self.resend_after_s), "max_bytes": self.max_bytes,
                 "parent_pid": os.getpid(), "log_name": self.log.name, "log_level": self.log.getEffectiveLevel()}
@@ -522,16 +474,6 @@ class LinkProcess:
         why = f": {self._fatal}" if self._fatal else ""
         return (f"robot link {self.robot_id}: link process (pid {self._proc.pid}) died with {how}{why}; "
                 f"{len(self._outbox)} chunks wait in memory (close() spools them)")
-
-    def _raise_spool_error(self) -> None:
-        with self._lock:
-            error, full = self._status.spool_error, self._spool_full
-        if not error:
-            return
-        waiting = self.status().queued
-        if full:
-            raise SpoolFull(f"{error}; {waiting} chunks wait in memory")
-        raise LinkError(f"robot link {self.robot_id}: cannot spool chunks ({error}); {waiting} wait in memory")
 
     def _send_loop(self) -> None:
         """Parent sender thread: outbox and stats -> pipe; blocks in pipe writes, never in submit()."""
@@ -609,7 +551,7 @@ class LinkProcess:
                            self.spool_dir, len(chunks), exc)
             return
         first = spool.next_seq
-        link = RobotLink(self.address, self.robot_id, spool, self._hello_meta, max_bytes=self.max_bytes, log=self.log)
+        link = RobotLink(self.address, self.robot_id, spool, self.hello_meta, max_bytes=self.max_bytes, log=self.log)
         for arrays in chunks:
             with contextlib.suppress(SpoolFull, LinkError):  # queued all the same; close() writes them
                 link.submit(arrays)

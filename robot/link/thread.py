@@ -17,21 +17,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections import deque
-from dataclasses import dataclass, replace
-from types import TracebackType
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 import zmq
 
-from learner.checkpoint import CheckpointError, weights_from_bytes
-from learner.link.protocol import (
-    BOOKKEEPING,
+from core.link.protocol import (
     DEFAULT_MAX_BYTES,
-    ID_RE,
     Message,
     ProtocolError,
     RejectLog,
@@ -39,8 +34,11 @@ from learner.link.protocol import (
     encode,
     weights_checksum,
 )
-from learner.link.security import ClientKeys, secure_client
-from robot.spool import Spool, SpoolCorrupt, SpoolFull
+from core.link.security import ClientKeys, secure_client
+from learner.checkpoint import CheckpointError, weights_from_bytes
+from robot.link.base import LinkBase, message_bytes
+from robot.link.contract import LinkError, LinkStatus, Weights
+from robot.link.spool import Spool, SpoolCorrupt, SpoolFull
 
 _POLL_MS = 50  # longest the thread sleeps: how fast it notices a submitted chunk or close()
 _WINDOW = 64  # chunks sent and not yet acknowledged, at most (bounds what sits in zmq's queues)
@@ -48,83 +46,8 @@ _MAX_RECV_PER_TURN = 256
 _MAX_REASON = 500  # characters of a learner's refusal reason kept (it is shown to the operator)
 
 
-class LinkError(RuntimeError):
-    """The link cannot keep the control loop's data safe (thread died, spool unwritable, link closed)."""
-
-
-class LinkRefused(LinkError):
-    """The learner refused this robot (another step layout, a key that may not use this id...): its message
-    is the learner's reason. Chunks are still spooled, for a learner that will take them."""
-
-
-class ChunkTooBig(LinkError):
-    """A chunk larger than the link's message limit (link.max_message_mb): spooled, never sent."""
-
-
-@dataclass
-class Weights:
-    """Verified policy weights from the learner; `blob` is a Reverie weights blob (`weights_from_bytes`)."""
-
-    version: int
-    step: int
-    blob: bytes
-    received: float  # time.time() when verified
-
-
-@dataclass
-class LinkStatus:
-    """A snapshot of the link for displays and logs; `last_heard` is time.time() of the last valid message."""
-
-    connected: bool
-    server: str
-    acked: int
-    spool_count: int
-    spool_bytes: int
-    last_heard: float | None
-    weights_version: int
-    weights_rejected: int
-    last_rejection: str
-    malformed: int = 0  # messages from the network that broke the protocol
-    last_error: str = ""  # the last unexpected error inside the link thread (logged with its traceback)
-    queued: int = 0  # chunks submitted but not yet in the spool
-    spool_error: str = ""  # why the oldest queued chunk cannot be spooled (spool full, disk error); "" when fine
-    refused: str = ""  # the learner's reason for refusing this robot's hello; "" unless refused
-
-
-def message_bytes(frames: list) -> int:
-    """Size of an encoded message on the wire (what the receiver's max_bytes limit counts)."""
-    return sum(memoryview(frame).nbytes for frame in frames)
-
-
-def raise_unsendable(robot_id: str, frames: list, max_bytes: int) -> None:
-    """ChunkTooBig when an encoded chunk exceeds `max_bytes`: the learner would refuse it (and drop the connection)."""
-    size = message_bytes(frames)
-    if size > max_bytes:
-        raise ChunkTooBig(f"robot link {robot_id}: a chunk of {size} bytes exceeds link.max_message_mb "
-                          f"({max_bytes} bytes): it is spooled but cannot be sent; raise link.max_message_mb "
-                          "(robot and learner) or lower link.chunk_seconds")
-
-
-def chunk_message_bytes(spec: dict[str, Any], steps: int, robot_id: str) -> int:
-    """Wire size of one steps message of `steps` steps in this layout (a hello's spec), counted by encoding a
-    one-step message: its header grows by a few bytes per array with the step count (allowed for here)."""
-    layout = {name: (dtype, tuple(shape)) for name, (dtype, shape) in spec.items()}
-    layout |= {name: (dtype, ()) for name, dtype in BOOKKEEPING.items()}
-    one = {name: np.zeros((1, *shape), dtype) for name, (dtype, shape) in layout.items()}
-    frames = encode(Message("steps", robot_id, uuid.uuid4().hex, 2**62, arrays=one))
-    return memoryview(frames[0]).nbytes + 4 * len(one) + steps * sum(a.nbytes for a in one.values())
-
-
-def merged_stats(current: dict[str, Any], stats: dict[str, Any], robot_id: str, run_id: str) -> dict[str, Any]:
-    """`current` updated with `stats` (numpy scalars as plain numbers), checked to fit a heartbeat header:
-    a ProtocolError names a bad value here, in the caller, rather than later in the link."""
-    merged = {**current, **{k: v.item() if isinstance(v, np.generic) else v for k, v in stats.items()}}
-    encode(Message("heartbeat", robot_id, run_id, 0, meta=merged))
-    return merged
-
-
-class RobotLink:
-    """Robot <-> learner link: spool-first, non-blocking for the caller, resilient to learner restarts.
+class RobotLink(LinkBase):
+    """Robot <-> learner link in a thread: spool-first, non-blocking for the caller, resilient to learner restarts.
 
     Once started, the link thread owns `spool` and the socket; other threads use submit/take_weights/status.
     """
@@ -143,31 +66,12 @@ class RobotLink:
         max_bytes: int = DEFAULT_MAX_BYTES,
         log: logging.Logger | None = None,
     ) -> None:
-        if not isinstance(robot_id, str) or not ID_RE.fullmatch(robot_id):
-            raise ValueError(f"robot id {robot_id!r} must be 1..64 of letters, digits, '_', '.', '-'")
-        for name, value in (("heartbeat_s", heartbeat_s), ("lost_after_s", lost_after_s),
-                            ("resend_after_s", resend_after_s)):
-            if not value > 0:
-                raise ValueError(f"RobotLink {name} must be > 0, got {value}")
-        self.address = address
-        self.robot_id = robot_id
-        self.run_id = uuid.uuid4().hex
+        super().__init__(address, robot_id, hello_meta, keys=keys, heartbeat_s=heartbeat_s,
+                         lost_after_s=lost_after_s, resend_after_s=resend_after_s, max_bytes=max_bytes, log=log)
         self.spool = spool
-        self.keys = keys
-        self.heartbeat_s = float(heartbeat_s)
-        self.lost_after_s = float(lost_after_s)
-        self.resend_after_s = float(resend_after_s)
-        self.max_bytes = int(max_bytes)
-        self.log = log or logging.getLogger(__name__)
-        self._hello = encode(Message("hello", robot_id, self.run_id, 0, meta=dict(hello_meta)))  # fails early if bad
-
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._closed = False
         self._inbox: deque[dict[str, np.ndarray]] = deque()  # submitted, not yet spooled (thread pops the left)
-        self._stats: dict[str, Any] = {}
-        self._new_weights: Weights | None = None
         self._put_error: BaseException | None = None  # why the last chunk could not be spooled; cleared on success
         self._fatal: BaseException | None = None  # the thread died of this
         self._rejects = RejectLog(self.log)
@@ -239,14 +143,6 @@ class RobotLink:
             self._spool_inbox(None, send=False, final=True)
             self._report_unspooled()
 
-    def __enter__(self) -> RobotLink:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
     def submit(self, arrays: dict[str, np.ndarray]) -> None:
         """Queue one chunk (copied) for the thread to spool and send; never waits on the network or the disk.
 
@@ -257,38 +153,14 @@ class RobotLink:
         refused this robot, LinkError when the link thread died. The caller should stop the robot safely and
         report the message.
         """
-        if self._closed:
-            raise LinkError(f"robot link {self.robot_id}: submit() after close()")
-        chunk = {name: np.array(value, copy=True) for name, value in arrays.items()}
-        frames = encode(Message("steps", self.robot_id, self.run_id, 0, arrays=chunk))  # the thread's checks
+        chunk, frames = self._encode_chunk(arrays)  # the thread's checks
         self._inbox.append(chunk)
         if self._fatal is not None:
             raise LinkError(f"robot link {self.robot_id}: link thread died: {self._fatal!r} (close() spools "
                             f"the {len(self._inbox)} chunks in memory)") from self._fatal
-        raise_unsendable(self.robot_id, frames, self.max_bytes)
-        if refused := self.status().refused:
-            raise LinkRefused(refused)
-        err = self._put_error
-        if err is None:
-            return
-        waiting = len(self._inbox)
-        if isinstance(err, SpoolFull):
-            raise SpoolFull(f"{err}; {waiting} chunks wait in memory")
-        raise LinkError(f"robot link {self.robot_id}: cannot spool chunks ({err}); {waiting} wait in memory") from err
-
-    def take_weights(self) -> Weights | None:
-        """The newest verified weights not taken yet, else None."""
-        with self._lock:
-            weights, self._new_weights = self._new_weights, None
-        return weights
-
-    def set_stats(self, **stats: Any) -> None:
-        """Merge values (version acting, steps/s, period error...) into the robot's heartbeat meta."""
-        with self._lock:
-            current = self._stats
-        merged = merged_stats(current, stats, self.robot_id, self.run_id)
-        with self._lock:
-            self._stats = merged
+        self._raise_unsent(frames)
+        if (err := self._put_error) is not None:
+            self._raise_unspooled(err, isinstance(err, SpoolFull), len(self._inbox))
 
     def status(self) -> LinkStatus:
         """A consistent snapshot, safe to call from any thread: a submitted chunk is counted in `queued` until

@@ -1,4 +1,4 @@
-"""Checkpoints and policy-weight blobs as safetensors + JSON: no pickle, so a file can never run code.
+"""Checkpoints as safetensors + JSON: no pickle, so a file can never run code.
 
 A checkpoint is a directory `ckpt-{step:09d}/` holding one `{part}.safetensors` per named state
 (agent, optimizer, ...) and `meta.json` (user metadata, the JSON skeletons that rebuild each nested
@@ -7,14 +7,13 @@ hidden temp directory beside it, fsynced and renamed, so a run killed mid-save l
 set or the new one, never half of one. `load_latest_checkpoint` verifies every checksum and falls
 back past a damaged newest checkpoint to the previous intact one.
 
-Nested state is split by `flatten_state` into {dotted key: tensor} and a JSON skeleton with tagged
-nodes for what JSON cannot say itself (int dict keys, tuples, big ints, NaN, numpy values, bytes).
-Loading is always onto the CPU unless a device is given; tensors come back as plain tensors.
+Nested state is split into tensors and a skeleton by `core.tensor_tree`; the policy weights a robot
+loads are `core.weights`. Loading is always onto the CPU unless a device is given; tensors come back
+as plain tensors.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -24,30 +23,28 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from learner.atomic import atomic_write_file, fsync_dir
+from core.atomic import fsync_dir
+from core.tensor_tree import CheckpointError, flatten_state, meta_from_json, meta_to_json, unflatten_state
+from core.weights import load_weights, save_weights, weights_from_bytes, weights_to_bytes
 
 FORMAT = "reverie-checkpoint"
 VERSION = 1
-WEIGHTS_FORMAT = "reverie-weights"
-WEIGHTS_VERSION = 1
-TAG = "__t__"  # marks a skeleton node that is not a plain JSON value
 DIGEST = "header_sha256"  # meta.json's digest of itself (every other field)
-MAX_JSON_INT = 2**53  # beyond this other JSON readers lose digits, so such ints are written as strings
 STALE_TMP_S = 3600.0  # a temp dir this old belongs to a save that died
 _DIR_RE = re.compile(r"^ckpt-(\d+)$")
 _PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
+# The weights functions and flatten_state/unflatten_state are re-exported until every import names
+# core.weights and core.tensor_tree (issue 22).
 __all__ = [
     "CheckpointError",
     "CheckpointWarning",
@@ -66,195 +63,8 @@ __all__ = [
 ]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint or weights file that cannot be read; the message names the file."""
-
-
 class CheckpointWarning(UserWarning):
     """A checkpoint directory that was skipped (incomplete or corrupt)."""
-
-
-# --- nested state <-> flat tensors + JSON skeleton -------------------------------------------------
-
-Store = Callable[[str, torch.Tensor], str] | None  # None: write tensors inline (base64) into the JSON
-
-
-def flatten_state(state: Mapping) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split nested state into {dotted key: tensor} for safetensors and a JSON-able skeleton.
-
-    Handles dicts (any hashable scalar/tuple keys; OrderedDict and its `_metadata` kept), lists,
-    tuples, tensors, numpy arrays and scalars, str, bytes, int (any size), float (NaN/inf too), bool
-    and None. Other mapping types come back as dict and tuple subclasses (torch.Size) as tuple.
-    A tensor reached twice is stored twice and comes back as two tensors.
-    Returned tensors alias the inputs unless a copy was needed (other device, non-contiguous or shared
-    storage, which safetensors refuses), exactly like `state_dict()` does: save them before mutating.
-    """
-    if not isinstance(state, Mapping):
-        raise TypeError(f"flatten_state expects a mapping, got {type(state).__name__}")
-    tensors: dict[str, torch.Tensor] = {}
-
-    def store(path: str, tensor: torch.Tensor) -> str:
-        key, n = path or "_", 1
-        while key in tensors:
-            key, n = f"{path}#{n}", n + 1
-        tensors[key] = tensor
-        return key
-
-    skeleton = _encode(state, "", store)
-    return _detach_storage(tensors), skeleton
-
-
-def unflatten_state(tensors: Mapping[str, torch.Tensor], skeleton: Mapping[str, Any]) -> dict:
-    """Inverse of `flatten_state`: the same nesting, container and leaf types, dict keys and values."""
-    return _decode(skeleton, tensors)
-
-
-def _encode(obj: Any, path: str, store: Store) -> Any:
-    if isinstance(obj, np.generic):  # first: np.float64 and np.str_ subclass float and str
-        if obj.dtype.hasobject:
-            raise TypeError(f"{path or '<root>'}: cannot store a numpy object scalar")
-        return {TAG: "npscalar", "dtype": obj.dtype.str, "hex": obj.tobytes().hex()}
-    if obj is None or isinstance(obj, bool | str):
-        return obj
-    if isinstance(obj, int):
-        return int(obj) if abs(obj) < MAX_JSON_INT else {TAG: "int", "v": str(int(obj))}
-    if isinstance(obj, float):
-        return float(obj) if np.isfinite(obj) else {TAG: "float", "v": repr(float(obj))}
-    if isinstance(obj, bytes | bytearray):
-        return {TAG: type(obj).__name__, "b64": base64.b64encode(obj).decode()}
-    if isinstance(obj, torch.Tensor):
-        if obj.is_sparse or obj.layout != torch.strided:
-            raise TypeError(f"{path or '<root>'}: only dense tensors can be stored")
-        if store is None:
-            data = obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-            dtype = str(obj.dtype).removeprefix("torch.")
-            return {TAG: "tensor", "dtype": dtype, "shape": list(obj.shape), "b64": base64.b64encode(data).decode()}
-        return {TAG: "tensor", "key": store(path, obj.detach())}
-    if isinstance(obj, np.ndarray):
-        return _encode_array(obj, path, store)
-    if isinstance(obj, Mapping):
-        if isinstance(obj, OrderedDict):
-            node: dict[str, Any] = {TAG: "odict", "items": _encode_items(obj, path, store)}
-            if getattr(obj, "_metadata", None) is not None:  # module versions that load_state_dict reads
-                node["metadata"] = _encode(obj._metadata, f"{path}._metadata", None)
-            return node
-        if all(isinstance(k, str) for k in obj) and TAG not in obj:
-            return {k: _encode(v, _join(path, k), store) for k, v in obj.items()}
-        return {TAG: "dict", "items": _encode_items(obj, path, store)}
-    if isinstance(obj, tuple):
-        return {TAG: "tuple", "items": [_encode(v, _join(path, i), store) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, _join(path, i), store) for i, v in enumerate(obj)]
-    raise TypeError(f"{path or '<root>'}: cannot store a value of type {type(obj).__name__}")
-
-
-def _encode_items(obj: Mapping, path: str, store: Store) -> list[list[Any]]:
-    items = []
-    for k, v in obj.items():
-        if not (k is None or isinstance(k, bool | int | float | str | tuple)):
-            raise TypeError(f"{path or '<root>'}: dict key {k!r} of type {type(k).__name__} cannot be stored")
-        items.append([_encode(k, path, None), _encode(v, _join(path, k), store)])
-    return items
-
-
-def _encode_array(arr: np.ndarray, path: str, store: Store) -> dict[str, Any]:
-    if arr.dtype.hasobject:
-        raise TypeError(f"{path or '<root>'}: cannot store a numpy array of dtype object")
-    node: dict[str, Any] = {TAG: "ndarray", "dtype": arr.dtype.str, "shape": list(arr.shape)}
-    if not (arr.flags.c_contiguous and arr.flags.writeable):  # torch.from_numpy warns on read-only memory
-        arr = arr.copy(order="C")  # (not np.ascontiguousarray: it turns 0-d arrays into 1-d)
-    if store is None:
-        node["b64"] = base64.b64encode(arr.tobytes()).decode()
-        return node
-    try:  # native tensor when torch knows the dtype, so the file stays readable by other tools
-        tensor = torch.from_numpy(arr)
-    except (TypeError, ValueError):  # e.g. big-endian or datetime dtypes: keep the raw bytes
-        tensor, node["raw"] = torch.from_numpy(np.frombuffer(arr.tobytes(), np.uint8).copy()), True
-    node["key"] = store(path, tensor)
-    return node
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _decode(node: Any, tensors: Mapping[str, torch.Tensor] | None) -> Any:
-    if isinstance(node, list):
-        return [_decode(v, tensors) for v in node]
-    if not isinstance(node, dict):
-        return node
-    tag = node.get(TAG)
-    if tag is None:
-        return {k: _decode(v, tensors) for k, v in node.items()}
-    if tag in ("dict", "odict"):
-        items = [(_decode(k, None), _decode(v, tensors)) for k, v in node["items"]]
-        if tag == "dict":
-            return dict(items)
-        out = OrderedDict(items)
-        if "metadata" in node:
-            out._metadata = _decode(node["metadata"], None)  # type: ignore[attr-defined]
-        return out
-    if tag == "tuple":
-        return tuple(_decode(v, tensors) for v in node["items"])
-    if tag == "int":
-        return int(node["v"])
-    if tag == "float":
-        return float(node["v"])
-    if tag in ("bytes", "bytearray"):
-        data = base64.b64decode(node["b64"])
-        return data if tag == "bytes" else bytearray(data)
-    if tag == "npscalar":
-        return np.frombuffer(bytes.fromhex(node["hex"]), dtype=np.dtype(node["dtype"]))[0]
-    if tag == "tensor":
-        if "b64" in node:
-            raw = torch.from_numpy(np.frombuffer(base64.b64decode(node["b64"]), np.uint8).copy())
-            return raw.view(getattr(torch, node["dtype"])).reshape(node["shape"])
-        return _tensor(tensors, node["key"])
-    if tag == "ndarray":
-        dtype, shape = np.dtype(node["dtype"]), tuple(node["shape"])
-        if "b64" in node:
-            return np.frombuffer(base64.b64decode(node["b64"]), dtype).reshape(shape).copy()
-        tensor = _tensor(tensors, node["key"]).cpu()
-        if node.get("raw"):
-            return np.frombuffer(tensor.numpy().tobytes(), dtype).reshape(shape).copy()
-        arr = tensor.numpy()
-        if arr.dtype != dtype or arr.shape != shape:
-            raise CheckpointError(f"tensor {node['key']!r}: expected {dtype} {shape}, found {arr.dtype} {arr.shape}")
-        return arr
-    raise CheckpointError(f"unknown skeleton node type {tag!r}")
-
-
-def _tensor(tensors: Mapping[str, torch.Tensor] | None, key: str) -> torch.Tensor:
-    if tensors is None or key not in tensors:
-        raise CheckpointError(f"skeleton refers to tensor {key!r}, which the tensor file lacks")
-    return tensors[key]
-
-
-def _detach_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy only the tensors safetensors would refuse: off-CPU, non-contiguous, or sharing storage."""
-    owners: dict[int, int] = {}
-    for t in tensors.values():
-        if t.device.type == "cpu" and t.numel():
-            ptr = t.untyped_storage().data_ptr()
-            owners[ptr] = owners.get(ptr, 0) + 1
-    out = {}
-    for key, t in tensors.items():
-        alone = (
-            t.device.type == "cpu"
-            and t.is_contiguous()
-            and t.numel() > 0
-            and owners.get(t.untyped_storage().data_ptr()) == 1
-            and t.storage_offset() == 0
-            and t.numel() * t.element_size() == t.untyped_storage().nbytes()
-        )
-        out[key] = t if alone else t.to("cpu", copy=True, memory_format=torch.contiguous_format)
-    return out
-
-
-def _meta_to_json(meta: Mapping, what: str) -> Any:
-    if not isinstance(meta, Mapping):
-        raise TypeError(f"{what} must be a mapping, got {type(meta).__name__}")
-    return _encode(meta, "", None)
 
 
 # --- checkpoint directories --------------------------------------------------------------------------
@@ -278,7 +88,7 @@ def save_checkpoint(
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt-{step:09d}"
-    meta_json = _meta_to_json(meta, "meta")
+    meta_json = meta_to_json(meta, "meta")
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-ckpt-{step:09d}-", dir=root))
     try:
         os.chmod(tmp, 0o755)
@@ -398,7 +208,7 @@ def load_checkpoint(
         except Exception as e:
             raise CheckpointError(f"{file}: cannot load part {name!r}: {e}") from e
     try:
-        meta = _decode(header["meta"], None)
+        meta = meta_from_json(header["meta"])
     except Exception as e:
         raise CheckpointError(f"{path / 'meta.json'}: bad metadata: {e}") from e
     return parts, meta
@@ -496,69 +306,3 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-# --- policy weights blob -----------------------------------------------------------------------------
-
-
-def _weights_payload(state_dict: Mapping[str, torch.Tensor], meta: Mapping) -> tuple[dict, dict[str, str]]:
-    for k, v in state_dict.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise TypeError(f"weights must map str to tensor; {k!r} -> {type(v).__name__}")
-    metadata = {
-        "format": WEIGHTS_FORMAT,
-        "version": str(WEIGHTS_VERSION),
-        "meta": json.dumps(_meta_to_json(meta, "weights meta"), allow_nan=False),
-    }
-    return _detach_storage({k: v.detach() for k, v in state_dict.items()}), metadata
-
-
-def _weights_meta(metadata: Mapping[str, str] | None, source: str) -> dict[str, Any]:
-    metadata = metadata or {}
-    if metadata.get("format") != WEIGHTS_FORMAT:
-        raise CheckpointError(f"{source}: not a {WEIGHTS_FORMAT} file (header format {metadata.get('format')!r})")
-    if int(metadata.get("version", "0")) > WEIGHTS_VERSION:
-        raise CheckpointError(
-            f"{source}: weights version {metadata['version']}, this code reads up to {WEIGHTS_VERSION}"
-        )
-    try:
-        return _decode(json.loads(metadata["meta"]), None)
-    except Exception as e:
-        raise CheckpointError(f"{source}: bad metadata: {e}") from e
-
-
-def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], meta: Mapping) -> Path:
-    """One safetensors file a robot loads: flat weights, meta JSON-encoded in the header; atomic."""
-    path = Path(path)
-    tensors, metadata = _weights_payload(state_dict, meta)
-    atomic_write_file(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
-    return path
-
-
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a `save_weights` file back as (state_dict, meta); CheckpointError names a bad file."""
-    path = Path(path)
-    try:
-        with safe_open(path, "pt", device=str(device)) as f:
-            metadata = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read weights: {e}") from e
-    return tensors, _weights_meta(metadata, str(path))
-
-
-def weights_to_bytes(state_dict: Mapping[str, torch.Tensor], meta: Mapping) -> bytes:
-    """The same blob as `save_weights`, in memory, for sending over a network."""
-    tensors, metadata = _weights_payload(state_dict, meta)
-    return safetensors.torch.save(tensors, metadata=metadata)
-
-
-def weights_from_bytes(blob: bytes) -> tuple[dict[str, torch.Tensor], dict]:
-    """Inverse of `weights_to_bytes`; CheckpointError if the bytes are not a weights blob."""
-    try:
-        tensors = safetensors.torch.load(bytes(blob))
-        (n,) = np.frombuffer(blob[:8], "<u8")
-        metadata = json.loads(bytes(blob[8 : 8 + int(n)])).get("__metadata__")
-    except Exception as e:
-        raise CheckpointError(f"weights blob ({len(blob)} bytes): cannot read: {e}") from e
-    return tensors, _weights_meta(metadata, "weights blob")

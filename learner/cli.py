@@ -16,9 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from learner import config_flags as flags
-from learner.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, parse_overrides
-from learner.config_link import address_problem
+from core.config import Config, ConfigError, apply_overrides, config_from_dict, flags, load_config, parse_overrides
+from core.config.link import address_problem
 from learner.envs import GYM_PREFIX, EnvError, env_id
 
 
@@ -70,7 +69,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from learner.link.security import LinkSecurityError
+    from core.link.security import LinkSecurityError
     from learner.link.server import LinkServerError
     from learner.serve import Server
 

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from learner.config_agent import DreamerConfig
+from core.config.agent import DreamerConfig
 
 # glibc mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4

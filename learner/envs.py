@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from learner.config import Config
+from core.config import Config
 from learner.dreamer.preprocess import ActSpace, ObsSpace
 
 SIM_PREFIX = "sim:reverie/"  # "module:id": Gymnasium imports `sim` (which registers its tasks) first

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.video import openloop_grid, write_video
 from learner.dreamer.agent import Dreamer
 from learner.replay import Replay
-from learner.video import openloop_grid, write_video
 
 CONTEXT = 5
 LENGTH = 50  # 5 seen, 45 imagined

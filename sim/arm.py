@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pybullet as p
 
-from robot.interface import ArraySpec
+from core.interface import ArraySpec
 from sim.assets import robot_urdf
 
 XARM6 = "xarm/xarm6_robot.urdf"

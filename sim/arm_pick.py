@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pybullet as p
 
-from robot.interface import ArraySpec, DiscreteSpec
+from core.interface import ArraySpec, DiscreteSpec
 from sim.arm import DOWN
 from sim.assets import asset
 from sim.base import SimRobot

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pybullet as p
 
-from robot.interface import ArraySpec
+from core.interface import ArraySpec
 from sim.arm import DOWN, Arm
 from sim.assets import asset
 from sim.base import SimRobot

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pybullet as p
 
-from learner.config import Config
-from robot.interface import ArraySpec, DiscreteSpec, Robot, RobotError, flag_specs
+from core.config import Config
+from core.interface import ArraySpec, DiscreteSpec, Robot, RobotError, flag_specs
 from sim.camera import Camera
 from sim.randomization import Randomizer
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pybullet as p
 
-from learner.config import CameraConfig
+from core.config import CameraConfig
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from learner import config_flags as flags
-from learner.config import Config, ConfigError, load_config, write_resolved
-from learner.video import FORMATS, VideoWriter, side_by_side
-from robot.interface import ArraySpec, DiscreteSpec
+from core.config import Config, ConfigError, flags, load_config, write_resolved
+from core.interface import ArraySpec, DiscreteSpec
+from core.video import FORMATS, VideoWriter, side_by_side
 from sim.tasks import make_policy, make_robot
 
 if TYPE_CHECKING:  # the emulator's modules load only for `emulate`

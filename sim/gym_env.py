@@ -8,8 +8,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from learner.config import Config, load_config
-from robot.interface import FLAG_KEYS, ArraySpec, DiscreteSpec
+from core.config import Config, load_config
+from core.interface import FLAG_KEYS, ArraySpec, DiscreteSpec
 from sim.tasks import default_config, make_robot
 
 

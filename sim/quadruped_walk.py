@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import pybullet as p
 
-from robot.interface import ArraySpec
+from core.interface import ArraySpec
 from sim.assets import asset, robot_urdf
 from sim.base import SimRobot
 from sim.filters import LowPassFilter

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pybullet as p
 
-from learner.config import RandomizationConfig
+from core.config import RandomizationConfig
 from sim.camera import Camera, Lighting
 
 

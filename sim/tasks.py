@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from learner.config import Config, load_config
-from robot.interface import DiscreteSpec
+from core.config import Config, load_config
+from core.interface import DiscreteSpec
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "hardware_configs"
 
@@ -67,7 +67,7 @@ def make_policy(name: str, robot: Any, seed: int = 0) -> Policy:
 
 def learned_policy(path: Path, robot: Any) -> Policy:
     """A trained policy file (the learner's policy.safetensors) acting with its mode actions."""
-    from learner.checkpoint import CheckpointError
+    from core.weights import CheckpointError
     from learner.dreamer.policy import Policy as LearnedPolicy  # torch loads only when asked for
     from robot.runner import policy_misfit, step_spec
 

@@ -166,7 +166,7 @@ def test_configuration_reference_is_current() -> None:
     from learner.config_doc import render
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
-    assert doc.read_text() == render(), "run: python -m learner.config_doc > docs/configuration.md"
+    assert doc.read_text() == render(), "run: python -m core.config.doc > docs/configuration.md"
 
 
 def test_exponent_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:

@@ -1,0 +1,261 @@
+"""Config blocks of the learning side: the Dreamer agent, the replay store and the training loop.
+
+Every value of the DreamerV3 recipe is a field. `dreamer.recipe` (2024 or 2023) and `dreamer.size`
+fill every field the file leaves out, before validation, so a resolved config always shows the
+concrete values a run used, and any single value can still be overridden.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from core.config.base import Block, FieldError
+
+# Official 2024 size presets (deter, hidden, classes, cnn depth, units); `tiny` is ours, for tests.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"deter": 64, "hidden": 32, "classes": 4, "stoch": 8, "cnn_depth": 4, "units": 32},
+    "size1m": {"deter": 512, "hidden": 64, "classes": 4, "cnn_depth": 4, "units": 64},
+    "size12m": {"deter": 2048, "hidden": 256, "classes": 16, "cnn_depth": 16, "units": 256},
+    "size25m": {"deter": 3072, "hidden": 384, "classes": 24, "cnn_depth": 24, "units": 384},
+    "size50m": {"deter": 4096, "hidden": 512, "classes": 32, "cnn_depth": 32, "units": 512},
+    "size100m": {"deter": 6144, "hidden": 768, "classes": 48, "cnn_depth": 48, "units": 768},
+    "size200m": {"deter": 8192, "hidden": 1024, "classes": 64, "cnn_depth": 64, "units": 1024},
+}
+
+# The two published recipes; see ../shared/reference/dreamer_recipe.md for where each value comes from.
+RECIPES: dict[str, dict[str, Any]] = {
+    "2024": {
+        "norm": "rms",
+        "gru_blocks": 8,
+        "gru_input_layers": True,
+        "encoder": "pool",
+        "cnn_mults": [2, 3, 4, 4],
+        "bins": "symexp",
+        "kl_dyn": 1.0,
+        "kl_rep": 0.1,
+        "retnorm_debias": False,
+        "critic_bootstrap": "fast",
+        "actor_grad_continuous": "reinforce",
+        "policy_out_scale": 0.01,
+        "repval_scale": 0.3,
+        "optimizer": "laprop",
+        "replay_context": True,
+        "init_fan": "in",
+        "imag_cont": "prob",
+    },
+    "2023": {
+        "norm": "layer",
+        "gru_blocks": 1,
+        "gru_input_layers": False,
+        "encoder": "stride",
+        "cnn_mults": [1, 2, 4, 8],
+        "bins": "symlog",
+        "kl_dyn": 0.5,
+        "kl_rep": 0.1,
+        "retnorm_debias": False,
+        "critic_bootstrap": "fast",
+        "actor_grad_continuous": "dynamics",
+        "policy_out_scale": 1.0,
+        "repval_scale": 0.0,
+        "optimizer": "adam",
+        "replay_context": False,
+        "init_fan": "avg",
+        "imag_cont": "mode",
+    },
+}
+
+# Optimiser settings for a step budget. The official values (lr 4e-5, 1000 warm-up updates) were
+# chosen for runs of a million env steps; at 10k steps (~5k updates) the 2024 actor barely moves
+# with them (bench/actor_updates.py measures it; bench/README.md has the curves). `small` is ours.
+# The 2023 recipe's Adam rates learn at these budgets as they are, so its `small` changes nothing.
+BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
+    "faithful": {"2024": {}, "2023": {}},
+    "small": {"2024": {"lr": 3e-4, "warmup": 100}, "2023": {}},
+}
+
+SizeName = Literal["tiny", "size1m", "size12m", "size25m", "size50m", "size100m", "size200m"]
+
+
+class DreamerConfig(Block):
+    """DreamerV3. Fields left out of a file come from `recipe` and `size`."""
+
+    recipe: Literal["2024", "2023"] = Field("2024", description="which published recipe fills unset fields")
+    size: SizeName = Field("size1m", description="model size preset that fills unset dimensions")
+    budget: Literal["faithful", "small"] = Field(
+        "faithful", description="optimiser preset: faithful = the official values (for ~1M-step runs); small = "
+        "for runs of ~10k-100k env steps (2024: lr 3e-4, warm-up 100; 2023: as faithful)"
+    )
+    # --- dimensions (from `size`)
+    deter: int = Field(ge=8, description="recurrent (deterministic) state size")
+    hidden: int = Field(ge=8, description="hidden units inside the sequence model")
+    stoch: int = Field(32, ge=1, description="number of categorical latents")
+    classes: int = Field(ge=2, description="classes per categorical latent")
+    cnn_depth: int = Field(ge=1, description="CNN base channels (layer i has depth x cnn_mults[i] channels)")
+    units: int = Field(ge=8, description="units of the MLPs (encoder, decoder, heads)")
+    mlp_layers: int = Field(3, ge=1, description="layers of the vector encoder/decoder MLPs")
+    head_layers: int = Field(1, ge=1, description="hidden layers of the reward and continuation heads")
+    ac_layers: int = Field(3, ge=1, description="hidden layers of the actor and critic")
+    # --- architecture (from `recipe`)
+    norm: Literal["rms", "layer"] = Field(description="normalisation layer (always computed in float32)")
+    gru_blocks: int = Field(ge=1, description="blocks of the block-diagonal GRU (1 = a plain GRU)")
+    gru_input_layers: bool = Field(description="deter, stoch and action each pass Linear+Norm+SiLU before the GRU")
+    encoder: Literal["pool", "stride"] = Field(
+        description="image encoder and decoder: pool = stride-1 5x5 conv + 2x2 max-pool, decoder from a block-linear "
+        "spatial projection to a sigmoid (2024); stride = 4x4 stride-2 convs, unbounded decoder output (2023)"
+    )
+    init_fan: Literal["in", "avg"] = Field(
+        description="weight init: truncated normal with std sqrt(1/fan), fan = fan_in (2024) or the mean of fan_in "
+        "and fan_out (2023); biases 0"
+    )
+    cnn_mults: list[int] = Field(
+        min_length=1, description="channel multipliers per CNN layer; each layer halves the resolution"
+    )
+    image_keys: str = Field("image", description="regex: observation keys encoded by the CNN (full match)")
+    vector_keys: str = Field(".*", description="regex: other observation keys encoded by the symlog MLP (full match)")
+    # --- distributions and losses
+    unimix: float = Field(0.01, ge=0, lt=1, description="uniform mixture in latent and discrete-action categoricals")
+    free_nats: float = Field(1.0, ge=0, description="free bits on the KL summed over latents, per (batch, time), nats")
+    kl_dyn: float = Field(ge=0, description="scale of KL(sg(post) || prior)")
+    kl_rep: float = Field(ge=0, description="scale of KL(post || sg(prior))")
+    bins: Literal["symexp", "symlog"] = Field(
+        description="two-hot bin spacing: symexp (2024, weights in raw space) or even in symlog space (2023)"
+    )
+    num_bins: int = Field(255, ge=3, description="two-hot bins of the reward and critic heads")
+    bin_limit: float = Field(20.0, gt=0, description="bins span symlog space [-limit, limit]")
+    dec_scale: float = Field(1.0, ge=0, description="decoder loss scale")
+    reward_scale: float = Field(1.0, ge=0, description="reward loss scale")
+    cont_scale: float = Field(1.0, ge=0, description="continuation loss scale")
+    actor_scale: float = Field(1.0, ge=0, description="actor loss scale")
+    critic_scale: float = Field(1.0, ge=0, description="critic loss scale")
+    repval_scale: float = Field(ge=0, description="critic loss on replay sequences (reaches the world model); 0 = off")
+    # --- behaviour
+    horizon: int = Field(333, ge=2, description="discount horizon; gamma = 1 - 1/horizon")
+    lam: float = Field(0.95, ge=0, le=1, description="lambda of the lambda-returns")
+    imag_horizon: int = Field(15, ge=1, description="imagination steps")
+    entropy: float = Field(3e-4, ge=0, description="actor entropy bonus")
+    actor_grad_continuous: Literal["reinforce", "dynamics"] = Field(
+        description="actor gradient for continuous actions: REINFORCE (2024) or backprop through the dynamics (2023)"
+    )
+    policy_out_scale: float = Field(gt=0, description="init scale of the actor's output layer")
+    imag_cont: Literal["prob", "mode"] = Field(
+        description="imagined continuation in the returns: the head's probability (2024) or its mode, 0 or 1 "
+        "with no gradient (2023: with dynamics backprop a probability lets the actor learn to 'end' imagined "
+        "episodes of a negative-reward task)"
+    )
+    retnorm_rate: float = Field(0.01, gt=0, le=1, description="EMA rate of the return percentile range")
+    retnorm_limit: float = Field(1.0, gt=0, description="floor of the return scale")
+    retnorm_low: float = Field(5.0, ge=0, lt=100, description="low percentile of lambda-returns")
+    retnorm_high: float = Field(95.0, gt=0, le=100, description="high percentile of lambda-returns")
+    retnorm_debias: bool = Field(description="bias-correct the return-range EMA")
+    slow_critic_rate: float = Field(0.02, gt=0, le=1, description="EMA rate of the slow critic per update")
+    slow_critic_reg: float = Field(1.0, ge=0, description="weight of the slow-critic regulariser")
+    critic_bootstrap: Literal["fast", "slow"] = Field(description="critic that bootstraps the lambda-returns")
+    replay_context: bool = Field(
+        description="start replayed sequences from stored posterior latents, refreshed after updates"
+    )
+    # --- optimisation
+    optimizer: Literal["laprop", "adam"] = Field(
+        description="laprop: one optimiser, AGC then RMS scaling then momentum (2024); adam: per-part Adam (2023)"
+    )
+    lr: float = Field(4e-5, gt=0, description="LaProp learning rate")
+    agc: float = Field(0.3, gt=0, description="LaProp adaptive gradient clipping ratio")
+    agc_pmin: float = Field(1e-3, gt=0, description="AGC floor on parameter norms")
+    beta1: float = Field(0.9, ge=0, lt=1, description="LaProp momentum")
+    beta2: float = Field(0.999, ge=0, lt=1, description="LaProp RMS decay")
+    eps: float = Field(1e-20, gt=0, description="LaProp epsilon")
+    warmup: int = Field(1000, ge=0, description="linear learning-rate warm-up, updates")
+    model_lr: float = Field(1e-4, gt=0, description="Adam (2023): world model learning rate")
+    model_eps: float = Field(1e-8, gt=0, description="Adam (2023): world model epsilon")
+    model_clip: float = Field(1000.0, gt=0, description="Adam (2023): world model gradient-norm clip")
+    ac_lr: float = Field(3e-5, gt=0, description="Adam (2023): actor and critic learning rate")
+    ac_eps: float = Field(1e-5, gt=0, description="Adam (2023): actor and critic epsilon")
+    ac_clip: float = Field(100.0, gt=0, description="Adam (2023): actor and critic gradient-norm clip")
+    # --- compute
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="compute dtype: auto = bfloat16 autocast on CUDA, float32 on CPU; bfloat16 on CPU "
+        "needs AVX512-BF16/AMX to pay off. Norms, distributions, KL and two-hot stay float32"
+    )
+    compile: bool = Field(False, description="torch.compile the update (slow first step; worth it on long runs)")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    keep_heap: bool = Field(
+        True, description="keep freed memory in the learner process for reuse (glibc malloc: no mmap, no trim), so "
+        "an update's large tensors are not page-faulted in afresh each time (2x faster updates on CPU); the "
+        "process's resident memory stays at its peak. Linux only"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_presets(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if isinstance(data.get("recipe"), int):  # YAML reads `recipe: 2024` as a number
+            data = {**data, "recipe": str(data["recipe"])}
+        # An unknown (or non-string) name fills from the default, so that the field's own error is
+        # the only one reported, not a missing key for every value the preset would have supplied.
+        recipe, size = data.get("recipe", "2024"), data.get("size", "size1m")
+        filled = dict(RECIPES[recipe] if isinstance(recipe, str) and recipe in RECIPES else RECIPES["2024"])
+        filled.update(SIZES[size] if isinstance(size, str) and size in SIZES else SIZES["size1m"])
+        budget = data.get("budget", "faithful")
+        if isinstance(budget, str) and budget in BUDGETS:
+            filled.update(BUDGETS[budget][recipe if isinstance(recipe, str) and recipe in RECIPES else "2024"])
+        filled.update(data)
+        return filled
+
+    @model_validator(mode="after")
+    def _checks(self) -> DreamerConfig:
+        if self.deter % self.gru_blocks:
+            raise FieldError("deter", f"a multiple of gru_blocks ({self.gru_blocks})", self.deter)
+        if min(self.cnn_mults) < 1:
+            raise FieldError("cnn_mults", "channel multipliers of at least 1", self.cnn_mults)
+        if self.retnorm_low >= self.retnorm_high:
+            raise FieldError("retnorm_low", f"a percentile below retnorm_high ({self.retnorm_high})", self.retnorm_low)
+        return self
+
+    @property
+    def gamma(self) -> float:
+        return 1.0 - 1.0 / self.horizon
+
+
+class ReplayConfig(Block):
+    chunk_length: int = Field(1024, ge=2, description="steps per chunk file")
+    compress: bool = Field(False, description="zip-compress chunk files (smaller, slower to write and read)")
+    ram_steps: int = Field(
+        1_000_000, ge=1, description="steps kept in memory (and sampled from); older chunks stay on disk"
+    )
+    disk_steps: int | None = Field(
+        None, ge=1, description="steps kept on disk; the oldest chunk files are deleted beyond it; null = no cap"
+    )
+    online: bool = Field(
+        True, description="fill each batch first with the sequences not yet trained on, oldest first (FIFO)"
+    )
+    recency: float = Field(0.0, ge=0, le=1, description="share of the remaining batch drawn favouring recent steps")
+
+
+class TrainConfig(Block):
+    steps: int = Field(100_000, ge=1, description="environment (policy) steps of a run")
+    train_ratio: float = Field(
+        512.0, description="replayed steps per policy step (batch x length per update); with robots "
+        "(reverie-learner serve) per received step, and < 0 trains unthrottled"
+    )
+    batch_size: int = Field(16, ge=1, description="sequences per batch")
+    batch_length: int = Field(64, ge=2, description="steps per sequence")
+    prefill: int = Field(2500, ge=0, description="random-action policy steps before training starts")
+    eval_every: int = Field(10_000, ge=0, description="policy steps between evaluation rounds; 0 = none")
+    eval_episodes: int = Field(
+        10, ge=1, description="episodes per evaluation round, run once with sampled actions (eval/return, as the "
+        "official agent acts) and once with the mode action (eval/return_mode)"
+    )
+    log_every: int = Field(1000, ge=1, description="policy steps between metric rows")
+    video_every: int = Field(1, ge=0, description="write videos every Nth evaluation round; 0 = never")
+    checkpoint_every: int = Field(5000, ge=1, description="policy steps between checkpoints")
+
+    @model_validator(mode="after")
+    def _ratio(self) -> TrainConfig:
+        if not math.isfinite(self.train_ratio) or self.train_ratio == 0:
+            raise FieldError("train_ratio", "a finite, non-zero number (< 0: unthrottled, serve only)",
+                             self.train_ratio)
+        return self

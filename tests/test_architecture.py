@@ -1,0 +1,32 @@
+"""The import rules of the package layout (docs/architecture.md), read from the source with `ast`, so a
+rule holds for every module whether or not a test happens to import it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level package of every absolute import in a module, at any depth (lazy imports included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def modules(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", modules("core"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_core_imports_no_process_package(path: Path) -> None:
+    """core/ is what the robot and the learner agree on; it must stand alone below both of them."""
+    assert not imported_packages(path) & {"learner", "robot", "sim"}

@@ -21,7 +21,7 @@ from core.config.base import Block, FieldError
 _TCP = re.compile(r"tcp://(?:[^;]+;)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^:;/\[\]]+):(?P<port>\*|\d+)")
 
 
-# A robot id names the robot on the wire (core.link.protocol.ID_RE is the same rule, checked by a test).
+# A robot id names the robot on the wire (core.link.protocol.ID_RE), in its key files and its spool directory.
 ROBOT_ID_PATTERN = r"[A-Za-z0-9_.\-]{1,64}"
 ROBOT_ID_RULE = "1..64 of letters, digits, '_', '.', '-'"
 

@@ -26,6 +26,8 @@ import msgpack
 import numpy as np
 import zmq
 
+from core.config.link import ROBOT_ID_PATTERN
+
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_BYTES = 256 * 2**20  # whole multipart message, all frames
 MAX_HEADER_BYTES = 64 * 1024
@@ -39,7 +41,7 @@ KINDS = ("hello", "welcome", "steps", "ack", "weights", "heartbeat", "bye")
 DTYPES = frozenset(
     {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float16", "float32", "float64"}
 )
-ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # robot ids (may be "" for messages from the learner)
+ID_RE = re.compile(ROBOT_ID_PATTERN)  # robot ids, the config's rule (may be "" for messages from the learner)
 REJECT_KINDS = ("size", "frames", "header", "version", "type", "field", "dtype", "shape")
 # Entries every hello spec must announce besides the observation keys; `policy_version` and `time`
 # are bookkeeping arrays every steps message carries, so a spec may not claim those names.

@@ -12,7 +12,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from core.atomic import atomic_write_bytes
+from core.config.link import robot_id_problem
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _Z85_KEY_LEN = 40
 BINDINGS_FILE = "robot_keys.json"  # in the learner's run directory: robot id -> the CURVE key that owns it
 _FIX = (
@@ -167,7 +166,7 @@ class KeyBindings:
         except (OSError, ValueError) as exc:
             raise LinkSecurityError(f"{self.path}: unreadable robot key bindings ({exc}); fix or remove it") from None
         ok = isinstance(data, dict) and all(
-            isinstance(k, str) and _NAME_RE.fullmatch(k) and isinstance(v, str) and len(v) == _Z85_KEY_LEN
+            isinstance(k, str) and robot_id_problem(k) is None and isinstance(v, str) and len(v) == _Z85_KEY_LEN
             for k, v in data.items()
         )
         if not ok:
@@ -255,8 +254,8 @@ def create_keypair(directory: Path, name: str) -> tuple[Path, Path]:
     Returns (public_file, secret_file). Refuses to overwrite: replacing a key locks out every peer that
     trusted the old one.
     """
-    if not _NAME_RE.fullmatch(name):
-        raise LinkSecurityError(f"key name {name!r} must be 1..64 of letters, digits, '_', '.', '-'")
+    if expected := robot_id_problem(name):  # a robot's key is named by its robot id
+        raise LinkSecurityError(f"key name {name!r} must be {expected}")
     directory = Path(directory)
     public_file, secret_file = directory / f"{name}.key", directory / f"{name}.key_secret"
     for file in (public_file, secret_file):

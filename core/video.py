@@ -1,5 +1,6 @@
 """Writing episodes to MP4 (ffmpeg via imageio) or GIF, with no display attached, and laying out
-world-model open-loop predictions as a truth / prediction / error grid."""
+world-model open-loop predictions as a truth / prediction / error grid. Needs imageio, which the
+learner and sim extras install; a robot writes no video."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Reverie learner: configuration, (later) Dreamer, replay and the wire protocol.
+"""Reverie learner: the workstation process that trains agents from robot experience (the replay store,
+the training and serving loops, checkpoints, metrics and plots).
 
-Lowest layer of the stack: `robot` and `sim` import from here, never the reverse.
-Importing this package must stay cheap (no torch) because the robot imports its config.
+It builds on `core` (configuration, wire protocol, weights format) and stays out of the robot's
+imports, so a robot install carries no training code.
 """

@@ -130,9 +130,6 @@ class Config(Block):
         """Physics substeps per policy step."""
         return round(self.sim.physics_hz / self.control.hz)
 
-    def task_block(self) -> Block | None:
-        return getattr(self, self.task) if self.task else None
-
     def to_dict(self) -> dict[str, Any]:
         """Plain data with only the selected task's block, as it is written next to outputs."""
         unused = set(TASK_BLOCKS) - {self.task}

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from core.agents import Policy, PolicyBlob, build_policy, policy_from_file, read_policy
+from core.agents.spaces import ActSpace
 from learner.config import Config
 from learner.config_link import chunk_steps
-from learner.dreamer.policy import Policy, PolicyBlob, read_blob
-from learner.dreamer.preprocess import ActSpace
 from robot.backends import action_dim
 from robot.interface import ArraySpec, Robot, RobotError
 from robot.link.contract import Link, LinkError, LinkRefused, Weights
@@ -54,7 +54,7 @@ def policy_misfit(policy: Policy, spec: dict[str, list[Any]], act: ActSpace) -> 
     """Why `policy` cannot drive a robot with this step layout (another task's weights), else None."""
     if (policy.act_space.dim, policy.act_space.discrete) != (act.dim, act.discrete):
         return f"the policy acts in {_act_kind(policy.act_space)}, the robot in {_act_kind(act)}"
-    for key in (*policy.keys.images, *policy.keys.vectors):
+    for key in policy.inputs:
         shape = tuple(policy.space[key][0])
         if key not in spec:
             return f"the policy reads observation {key!r}, which the robot does not have"
@@ -67,8 +67,8 @@ def blob_misfit(blob: PolicyBlob, spec: dict[str, list[Any]], act: ActSpace) -> 
     """Why a received blob cannot be this robot's, from what it declares, before anything is built. Every
     observation key it declares must be the robot's, with the robot's shape: the keys its patterns are then
     matched against while building are the robot's own."""
-    if (blob.act.dim, blob.act.discrete) != (act.dim, act.discrete):
-        return f"the policy acts in {_act_kind(blob.act)}, the robot in {_act_kind(act)}"
+    if (blob.act_space.dim, blob.act_space.discrete) != (act.dim, act.discrete):
+        return f"the policy acts in {_act_kind(blob.act_space)}, the robot in {_act_kind(act)}"
     for key, (shape, _) in blob.space.items():
         if key not in spec or key == "action":
             return f"the policy's observation space has {key[:64]!r}, which the robot does not have"
@@ -86,14 +86,14 @@ def warm_up(policy: Policy, spec: dict[str, list[Any]], rounds: int = 3) -> None
         obs["is_first"] = np.bool_(i == 0)
         policy.act(obs, mode="sample")
         policy.prepare()
-    policy.state = None
+    policy.reset()
 
 
 class PolicyLoader:
     """Builds a Policy from received weights in a background thread (it takes milliseconds to tens of
     milliseconds, more than a control period can spare); the loop picks up the newest one ready. What a blob
-    declares is bounded and checked against this robot before anything is built (`read_blob`, `blob_misfit`,
-    `Policy.from_blob`), so a blob describing a huge network costs milliseconds, not seconds and gigabytes."""
+    declares is bounded and checked against this robot before anything is built (`read_policy`, `blob_misfit`,
+    `build_policy`), so a blob describing a huge network costs milliseconds, not seconds and gigabytes."""
 
     def __init__(self, link: Link, spec: dict[str, list[Any]], act: ActSpace) -> None:
         self.link = link
@@ -122,10 +122,10 @@ class PolicyLoader:
             if weights is None:
                 continue
             try:
-                blob = read_blob(weights.blob)
+                blob = read_policy(weights.blob)
                 if why := blob_misfit(blob, self.spec, self.act):
                     raise ValueError(why)
-                policy = Policy.from_blob(blob)
+                policy = build_policy(blob)  # of whatever algorithm the blob names
                 policy.version = weights.version
                 if why := policy_misfit(policy, self.spec, self.act):
                     raise ValueError(why)
@@ -350,8 +350,8 @@ class ControlLoop:
         new = self.loader.take()
         if new is None:
             return
-        if self.policy is not None and self.policy.state is not None:
-            new.state = self.policy.state  # same architecture: the recurrent state carries over
+        if self.policy is not None:
+            new.take_state(self.policy)  # newer weights of the same run: the recurrent state carries over
         self.policy = new
         self.stats.swaps += 1
         log.info("acting with weights v%d", new.version)
@@ -395,7 +395,7 @@ class ControlLoop:
 def load_initial(path: str | None) -> Policy | None:
     if path is None:
         return None
-    policy = Policy.from_file(path)
+    policy = policy_from_file(path)
     log.info("acting with initial weights %s (v%d) until the learner's arrive", path, policy.version)
     return policy
 

@@ -67,12 +67,12 @@ def make_policy(name: str, robot: Any, seed: int = 0) -> Policy:
 
 def learned_policy(path: Path, robot: Any) -> Policy:
     """A trained policy file (the learner's policy.safetensors) acting with its mode actions."""
+    from core.agents import policy_from_file  # torch loads only when asked for
     from core.weights import CheckpointError
-    from learner.dreamer.policy import Policy as LearnedPolicy  # torch loads only when asked for
     from robot.runner import policy_misfit, step_spec
 
     try:
-        policy = LearnedPolicy.from_file(path)
+        policy = policy_from_file(path)
     except CheckpointError as exc:
         raise ValueError(str(exc)) from exc
     if why := policy_misfit(policy, *step_spec(robot)):  # the same check the robot process makes

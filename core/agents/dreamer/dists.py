@@ -1,0 +1,147 @@
+"""Distributions of DreamerV3, always evaluated in float32 (mixed precision never reaches them)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def symlog(x: Tensor) -> Tensor:
+    return torch.sign(x) * torch.log1p(torch.abs(x))
+
+
+def symexp(x: Tensor) -> Tensor:
+    # Written per side so the slope at 0 is 1 (sign(x) * expm1(|x|) has zero gradient there).
+    return torch.where(x >= 0, torch.expm1(x.clamp(min=0)), -torch.expm1((-x).clamp(min=0)))
+
+
+def make_bins(kind: str, num: int, limit: float) -> Tensor:
+    """Bin positions. symexp: in raw space (2024); symlog: evenly spaced in symlog space (2023).
+
+    Built from one half and mirrored, so the set is exactly symmetric around 0.
+    """
+    half = torch.linspace(-limit, 0.0, (num + 1) // 2, dtype=torch.float64)
+    if kind == "symexp":
+        half = symexp(half)
+    upper = -half.flip(0)
+    bins = torch.cat([half, upper[1:]] if num % 2 else [half, upper])
+    return bins.float()
+
+
+class TwoHot:
+    """Categorical over fixed bins whose mean is a real number (reward and critic heads).
+
+    `kind` symexp: bins and target in raw space; symlog: bins in symlog space, target symlog'd.
+    """
+
+    def __init__(self, logits: Tensor, bins: Tensor, kind: str) -> None:
+        self.logits = logits.float()
+        self.bins = bins
+        self.kind = kind
+
+    def mean(self) -> Tensor:
+        probs = torch.softmax(self.logits, -1)
+        n = self.bins.shape[0]
+        half = n // 2
+        # Sum the two halves in mirrored order so a symmetric distribution decodes to exactly 0.
+        lo = (probs[..., :half] * self.bins[:half]).flip(-1).sum(-1)
+        hi = (probs[..., n - half:] * self.bins[n - half:]).sum(-1)
+        mid = probs[..., half] * self.bins[half] if n % 2 else 0.0
+        value = lo + hi + mid
+        return symexp(value) if self.kind == "symlog" else value
+
+    def log_prob(self, target: Tensor) -> Tensor:
+        target = target.float()
+        if self.kind == "symlog":
+            target = symlog(target)
+        return (twohot(target, self.bins) * torch.log_softmax(self.logits, -1)).sum(-1)
+
+
+def twohot(x: Tensor, bins: Tensor) -> Tensor:
+    """Two-hot encoding of `x` over `bins`; values beyond the ends go wholly to the end bins."""
+    n = bins.shape[0]
+    x = x.clamp(bins[0], bins[-1])
+    below = (torch.searchsorted(bins, x.contiguous(), right=True) - 1).clamp(0, n - 1)
+    above = (below + 1).clamp(0, n - 1)
+    lo, hi = bins[below], bins[above]
+    span = hi - lo
+    w_above = torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(x))
+    w_below = 1.0 - w_above
+    return F.one_hot(below, n) * w_below[..., None] + F.one_hot(above, n) * w_above[..., None]
+
+
+def unimix_logits(logits: Tensor, unimix: float) -> Tensor:
+    """Log-probabilities of softmax(logits) mixed with `unimix` of the uniform distribution."""
+    logits = logits.float()
+    if unimix <= 0:
+        return torch.log_softmax(logits, -1)
+    probs = torch.softmax(logits, -1)
+    probs = (1.0 - unimix) * probs + unimix / logits.shape[-1]
+    return torch.log(probs)
+
+
+def sample_onehot(logp: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One-hot sample with straight-through gradients (gradient of the probabilities)."""
+    probs = logp.exp()
+    # Inverse-CDF sampling: one uniform per categorical and a comparison, several times cheaper on
+    # CPU than torch.multinomial for the thousands of small categoricals of an imagination step.
+    cdf = probs.detach().cumsum(-1)
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device, dtype=cdf.dtype)
+    idx = (cdf <= u * cdf[..., -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+    onehot = F.one_hot(idx, probs.shape[-1]).to(probs.dtype)
+    return onehot + (probs - probs.detach())  # exactly one-hot in value, gradient of probs
+
+
+def categorical_kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p || q) over the last axis, from log-probabilities."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def categorical_entropy(logp: Tensor) -> Tensor:
+    return -(logp.exp() * logp).sum(-1)
+
+
+class BoundedNormal:
+    """Continuous actions: mean tanh(m), std in [0.1, 1] via a sigmoid; sampling does not clip."""
+
+    MIN_STD, MAX_STD = 0.1, 1.0
+
+    def __init__(self, out: Tensor) -> None:
+        out = out.float()
+        mean, std = out.chunk(2, -1)
+        self.mean = torch.tanh(mean)
+        self.std = (self.MAX_STD - self.MIN_STD) * torch.sigmoid(std + 2.0) + self.MIN_STD
+
+    def rsample(self, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
+        return self.mean + self.std * noise
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        z = (x.float() - self.mean) / self.std
+        return (-0.5 * z.square() - torch.log(self.std) - 0.5 * torch.log(torch.tensor(2 * torch.pi))).sum(-1)
+
+    def entropy(self) -> Tensor:
+        return (0.5 + 0.5 * torch.log(torch.tensor(2 * torch.pi)) + torch.log(self.std)).sum(-1)
+
+
+class OneHotDist:
+    """Discrete actions as one-hot vectors, with unimix and straight-through samples."""
+
+    def __init__(self, logits: Tensor, unimix: float) -> None:
+        self.logp = unimix_logits(logits, unimix)
+
+    def rsample(self, generator: torch.Generator | None = None) -> Tensor:
+        return sample_onehot(self.logp, generator)
+
+    def mode(self) -> Tensor:
+        return F.one_hot(self.logp.argmax(-1), self.logp.shape[-1]).float()
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return (x.float() * self.logp).sum(-1)
+
+    def entropy(self) -> Tensor:
+        return categorical_entropy(self.logp)

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from learner import atomic
+from core import atomic
 
 FORMAT = 1
 META, TIME, VERSION = "__meta__", "__time__", "__version__"

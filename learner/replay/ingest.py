@@ -1,6 +1,6 @@
 """Where checked steps go: rows written into the slot of their stream's open chunk, chunks sealed and
 written when full, the oldest chunks leaving RAM, the disk cap, and what a step holding NaN or inf or a
-vanished robot does to its stream's episode.
+vanished robot does to its stream's episode; also chunk files read back into RAM when a store opens.
 
 Robot streams: a robot's chunk of T steps is written as slices, and each replay chunk records where
 its newest row sits in the robot's numbering (`ChunkMeta.source`); after `flush()` that is on disk,

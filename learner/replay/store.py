@@ -36,7 +36,7 @@ from learner.replay.streams import Streams
 from learner.replay.validation import StepSpec, nonfinite_keys, per_step, step_count
 
 if TYPE_CHECKING:
-    from learner.config_agent import ReplayConfig
+    from core.config.agent import ReplayConfig
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-REQUIRED = ("reward", "is_first", "is_last", "is_terminal")
-FLAGS = ("is_first", "is_last", "is_terminal")
+from core.interface import FLAG_KEYS
+
+BOOL_FLAGS = tuple(key for key in FLAG_KEYS if key != "reward")
 
 
 def _as_array(value: Any) -> tuple[np.ndarray, bool]:
@@ -87,10 +88,10 @@ class StepSpec:
         return StepSpec({key: (value.shape[1:], value.dtype) for key, value in arrays.items()}, origin)._checked(origin)
 
     def _checked(self, where: str) -> StepSpec:
-        missing = [key for key in REQUIRED if key not in self.fields]
+        missing = [key for key in FLAG_KEYS if key not in self.fields]
         if missing:
             raise ValueError(f"replay step from {where}: missing required key(s) {missing}")
-        for key in FLAGS:
+        for key in BOOL_FLAGS:
             if self.fields[key] != ((), np.dtype(bool)):
                 raise ValueError(f"replay step from {where}: key {key!r} must be a bool scalar")
         if self.fields["reward"][0] != () or self.fields["reward"][1].kind not in "fiu":

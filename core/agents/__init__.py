@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from core.agents.blob import PolicyBlob, from_file, read_meta
 from core.agents.interface import Agent, Policy
@@ -23,8 +23,8 @@ from core.agents.spaces import ActSpace, ObsSpace
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ALGORITHMS", "ActSpace", "Agent", "Algorithm", "ObsSpace", "Policy", "PolicyBlob", "build_policy",
-           "load_policy", "policy_class", "policy_from_file", "read_policy"]
+__all__ = ["ALGORITHMS", "ActSpace", "Agent", "Algorithm", "AlgorithmName", "ObsSpace", "Policy", "PolicyBlob",
+           "build_policy", "load_policy", "policy_class", "policy_from_file", "read_policy"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {
     "dreamer": Algorithm(policy="core.agents.dreamer.policy:Policy", agent="learner.agents.dreamer.agent:Dreamer"),
 }
+AlgorithmName = Literal[tuple(ALGORITHMS)]  # the config's `agent`: one of the names above
 
 
 class PolicyBuilder(Protocol):

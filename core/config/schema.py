@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from core.agents import AlgorithmName
 from core.config.agent import DreamerConfig, ReplayConfig, TrainConfig
 from core.config.base import Block, FieldError
 from core.config.control import CameraConfig, ControlConfig
@@ -60,6 +61,9 @@ class Config(Block):
     sensors: SensorsConfig = SensorsConfig()
     markers: MarkersConfig = MarkersConfig()
     emulator: EmulatorConfig = EmulatorConfig()
+    agent: AlgorithmName = Field(
+        "dreamer", description="the learning algorithm (core.agents.ALGORITHMS); its settings are the block named so"
+    )
     dreamer: DreamerConfig = DreamerConfig()
     replay: ReplayConfig = ReplayConfig()
     train: TrainConfig = TrainConfig()

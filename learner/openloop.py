@@ -1,47 +1,20 @@
-"""Open-loop predictions: the world model sees 5 real frames, then imagines the rest of the
-sequence from the recorded actions alone. Written as truth / prediction / error videos."""
+"""Open-loop prediction videos: the agent's model sees 5 real frames of replayed sequences, then imagines
+the rest from the recorded actions alone (`Agent.openloop`). Written as truth / prediction / error videos."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
-
+from core.agents import Agent
 from core.video import openloop_grid, write_video
-from learner.dreamer.agent import Dreamer
 from learner.replay import Replay
 
 CONTEXT = 5
 LENGTH = 50  # 5 seen, 45 imagined
 
 
-@torch.no_grad()
-def openloop(agent: Dreamer, batch: dict, context: int = CONTEXT) -> tuple[np.ndarray, np.ndarray]:
-    """(truth, prediction) uint8 (B, T, H, W, C) for the first image key of a replay batch."""
-    wm = agent.wm
-    key = agent.model.keys.images[0]
-    data = agent.to_inputs(batch)
-    state = agent.context_from_batch(batch)
-    embed = wm.encoder({k: v[:, :context] for k, v in data.items()})
-    prev = torch.cat([state["action"][:, None], data["action"][:, :-1]], 1)
-    post, _ = wm.rssm.observe(embed, prev[:, :context], data["is_first"][:, :context], state)
-    states = [{k: post[k][:, t] for k in ("deter", "stoch")} for t in range(context)]
-    current = states[-1]
-    for t in range(context, data["action"].shape[1]):
-        keep = (1.0 - data["is_first"][:, t])[:, None]  # a new episode cannot be predicted; reset as the model does
-        current = {"deter": current["deter"] * keep, "stoch": current["stoch"] * keep[..., None]}
-        current = wm.rssm.img_step(current, prev[:, t] * keep)
-        states.append(current)
-    feat = wm.rssm.feat({k: torch.stack([s[k] for s in states], 1) for k in ("deter", "stoch")})
-    pred = wm.decoder(feat)[key].float()
-    to_uint8 = lambda x: ((x + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()  # noqa: E731
-    return to_uint8(data[key]), to_uint8(pred)
-
-
-def write_openloop(agent: Dreamer, replay: Replay, path: Path, fps: float, sequences: int = 4) -> Path:
+def write_openloop(agent: Agent, replay: Replay, path: Path, fps: float, sequences: int = 4) -> Path:
     batch = replay.sample(sequences, min(LENGTH, len(replay)))
-    truth, pred = openloop(agent, batch)
+    truth, pred = agent.openloop(batch, CONTEXT)
     write_video(path, openloop_grid(truth, pred, CONTEXT), fps=fps)
     return path
-

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import importlib
 
-from learner.config import Config
-from robot.interface import ArraySpec, DiscreteSpec, Robot
+from core.config import Config
+from core.interface import ArraySpec, DiscreteSpec, Robot
 
-BACKENDS = {"sim": ("sim.tasks", "make_robot"), "servo": ("robot.servo_robot", "make_robot")}
+BACKENDS = {"sim": ("sim.tasks", "make_robot"), "servo": ("robot.servo.robot", "make_robot")}
 
 
 class BackendError(RuntimeError):

@@ -29,14 +29,14 @@ from core.config.link import (
     robot_id_problem,
 )
 from core.link.security import LinkSecurityError
-from robot import device_cli, motors_cli
+from robot.tools import devices, servos
 
 
 def _run(args: argparse.Namespace) -> int:
     import torch
 
     from core.interface import RobotError
-    from learner.checkpoint import CheckpointError
+    from core.weights import CheckpointError
     from robot.backends import BackendError, make_backend
     from robot.link.contract import LinkError
     from robot.link.factory import make_link
@@ -155,13 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--verbose", action="store_true", help="log link events")
     run.add_argument("--ledger", type=Path, help="append a line per sent chunk: step times and content hashes "
                      "(to check later that the learner stored every step exactly once)")
-    motors_cli.add_commands(sub)
-    device_cli.add_commands(sub)
+    servos.add_commands(sub)
+    devices.add_commands(sub)
     args = parser.parse_args(argv)
     if hasattr(args, "device_command"):
-        return device_cli.run_command(args)
+        return devices.run_command(args)
     if args.command != "run":
-        return motors_cli.run_command(args)
+        return servos.run_command(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("reverie.robot.status").setLevel(logging.INFO)  # progress is shown without -v

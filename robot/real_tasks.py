@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from learner.config import Config
-from learner.config_sensors import RegionConfig
-from robot.imu import world_up_in_body
-from robot.interface import ArraySpec
-from robot.tracking import TableTracker
+from core.config import Config
+from core.config.real_tasks import RegionConfig
+from core.interface import ArraySpec
+from robot.sensors.imu import world_up_in_body
+from robot.sensors.tracking import TableTracker
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from core.video import FORMATS, VideoWriter, side_by_side
 from sim.tasks import make_policy, make_robot
 
 if TYPE_CHECKING:  # the emulator's modules load only for `emulate`
-    from robot.motors.calibration import Calibration
-    from robot.motors.emulator import ServoEmulator
+    from robot.emulated.servo_bus import ServoEmulator
+    from robot.servo.calibration import Calibration
 
 
 @dataclass

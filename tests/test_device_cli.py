@@ -23,10 +23,10 @@ import cv2
 import numpy as np
 import pytest
 
-from robot import usb_latency
 from robot.cli import main
-from robot.device_cli import V4L_BY_ID, tilt_deg
-from robot.imu_emulator import EmulatedBNO055
+from robot.emulated.imu import EmulatedBNO055
+from robot.servo import usb_latency
+from robot.tools.devices import V4L_BY_ID, tilt_deg
 
 ROOT = Path(__file__).resolve().parents[1]
 BY_ID = "usb-FTDI_FT232R_USB_UART_A50285BI-if00-port0"

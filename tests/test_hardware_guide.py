@@ -42,9 +42,9 @@ import numpy as np
 import pytest
 
 from learner.config import load_config
-from robot.motors.emulator import EmulatedServo, ServoEmulator
-from robot.motors.tables import MODELS
-from robot.motors_cli import RANGE_PROMPT, ZERO_PROMPT
+from robot.emulated.servo_bus import EmulatedServo, ServoEmulator
+from robot.servo.tables import MODELS
+from robot.tools.servos import RANGE_PROMPT, ZERO_PROMPT
 from sim.emulation.rig import EmulatedRig, true_calibration
 
 ROOT = Path(__file__).resolve().parents[1]

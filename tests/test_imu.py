@@ -14,8 +14,8 @@ import pytest
 import serial
 
 from learner.config import load_config
-from robot.imu import BNO055, ImuError, read_request, write_request
-from robot.imu_emulator import EmulatedBNO055, euler_from_quaternion
+from robot.emulated.imu import EmulatedBNO055, euler_from_quaternion
+from robot.sensors.imu import BNO055, ImuError, read_request, write_request
 from sim.emulation.imu_plant import pybullet_imu_source, quat_multiply, rotate_into
 from sim.emulation.servo_plant import PyBulletPlant
 

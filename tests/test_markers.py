@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from robot.markers import CameraModel, MarkerTracker, generate_marker
+from robot.sensors.markers import CameraModel, MarkerTracker, generate_marker
 
 W, H, FOV = 640, 480, 60.0
 SIZE = 0.05  # marker side, m

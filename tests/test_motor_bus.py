@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from robot.motors.bus import MotorBus
-from robot.motors.emulator import EmulatedServo, KinematicPlant, ServoEmulator
-from robot.motors.errors import BusCorrupt, BusTimeout, MotorConfigError, MotorError, ServoFault
-from robot.motors.tables import MODELS
+from robot.emulated.servo_bus import EmulatedServo, KinematicPlant, ServoEmulator
+from robot.servo.bus import MotorBus
+from robot.servo.errors import BusCorrupt, BusTimeout, MotorConfigError, MotorError, ServoFault
+from robot.servo.tables import MODELS
 
 PROTOCOLS = ("dynamixel", "feetech")
 MODEL = {"dynamixel": "xl430-w250", "feetech": "sts3215"}

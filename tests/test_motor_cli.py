@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 
 from learner.config import load_config
 from robot.cli import main
-from robot.motors.bus import MotorBus
-from robot.motors.calibration import Calibration, JointCalibration, default_path
-from robot.motors.emulator import EmulatedServo, KinematicPlant, ServoEmulator
-from robot.motors.errors import MotorConfigError
-from robot.motors_cli import RANGE_PROMPT, SCAN_COLUMNS, ZERO_PROMPT
+from robot.emulated.servo_bus import EmulatedServo, KinematicPlant, ServoEmulator
+from robot.servo.bus import MotorBus
+from robot.servo.calibration import Calibration, JointCalibration, default_path
+from robot.servo.errors import MotorConfigError
+from robot.tools.servos import RANGE_PROMPT, SCAN_COLUMNS, ZERO_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 SO101 = ROOT / "hardware_configs" / "so101_arm.yaml"

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 import pytest
 import serial
 
-from robot.motors.codec import CorruptPacket, Packet
-from robot.motors.dynamixel import hardware_error_names
-from robot.motors.emulator import EmulatedServo, KinematicPlant, ServoEmulator
-from robot.motors.protocols import codec_for
-from robot.motors.tables import MODELS
+from robot.emulated.servo_bus import EmulatedServo, KinematicPlant, ServoEmulator
+from robot.servo.codec import CorruptPacket, Packet
+from robot.servo.dynamixel import hardware_error_names
+from robot.servo.protocols import codec_for
+from robot.servo.tables import MODELS
 
 DXL_MODEL = "xl330-m288"
 MODEL = {"dynamixel": DXL_MODEL, "feetech": "sts3215"}

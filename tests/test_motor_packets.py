@@ -7,12 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from robot.motors.codec import CorruptPacket, Packet
-from robot.motors.dynamixel import DynamixelCodec, crc16, hardware_error_names, stuff, unstuff
-from robot.motors.errors import BusCorrupt, BusTimeout, MotorConfigError, MotorError, ServoFault, UnknownRegister
-from robot.motors.feetech import FeetechCodec
-from robot.motors.protocols import CODECS, codec_for
-from robot.motors.tables import MODELS, Register, model_for
+from robot.servo.codec import CorruptPacket, Packet
+from robot.servo.dynamixel import DynamixelCodec, crc16, hardware_error_names, stuff, unstuff
+from robot.servo.errors import BusCorrupt, BusTimeout, MotorConfigError, MotorError, ServoFault, UnknownRegister
+from robot.servo.feetech import FeetechCodec
+from robot.servo.protocols import CODECS, codec_for
+from robot.servo.tables import MODELS, Register, model_for
 
 DXL = DynamixelCodec()
 FT = FeetechCodec()

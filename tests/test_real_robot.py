@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from learner.config import Config, load_config
-from robot.servo_robot import ServoRobot
+from robot.servo.robot import ServoRobot
 from sim.emulation.rig import EmulatedRig, true_calibration
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import pytest
 
 from learner.config import Config
 from robot.real_tasks import PickPlace, Reading, StandWalk, gravity_in_body, make_task, upright
-from robot.tracking import TableTracker
+from robot.sensors.tracking import TableTracker
 from sim.emulation.marker_scene import LIFT_M, MarkerScene
 
 W, H, FOV, SIZE, TABLE_SIZE = 640, 480, 60.0, 0.04, 0.10
@@ -48,7 +48,7 @@ class Table:
         self.scene.add_marker(0, TABLE_AT, TABLE_YAW, size_m=TABLE_SIZE)
         self.bodies = {i: self.scene.add_marker(i, (5.0, 5.0), 0.0) for i in ids}  # off the table until placed
         cam = cfg.sensors.camera
-        from robot.tracking import camera_model
+        from robot.sensors.tracking import camera_model
 
         self.tracker = TableTracker(camera_model(cam), cfg.markers)
         self.time = 0.0

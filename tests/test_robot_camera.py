@@ -14,7 +14,7 @@ import pybullet as p
 import pytest
 
 from learner.config import CameraConfig
-from robot.camera import Camera, CameraError, Frame
+from robot.sensors.camera import Camera, CameraError, Frame
 from sim.camera import Camera as SimCamera
 
 W, H, FPS = 96, 64, 30.0

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from learner.config import Config, load_config
-from robot.camera import Camera
-from robot.imu import BNO055
-from robot.markers import CameraModel, MarkerTracker
+from robot.sensors.camera import Camera
+from robot.sensors.imu import BNO055
+from robot.sensors.markers import CameraModel, MarkerTracker
 from sim.emulation.camera_server import MjpegServer
 from sim.emulation.rig import EmulatedRig
 

@@ -19,10 +19,10 @@ import serial
 import yaml
 
 from learner.config import Config, config_from_dict, load_config
-from robot.motors.calibration import Calibration
-from robot.motors.codec import Codec, Packet
-from robot.motors.protocols import codec_for
-from robot.motors.tables import MODELS
+from robot.servo.calibration import Calibration
+from robot.servo.codec import Codec, Packet
+from robot.servo.protocols import codec_for
+from robot.servo.tables import MODELS
 from sim.emulation.rig import emulate, emulated_servos, true_calibration
 from sim.emulation.servo_models import LIMIT_MARGIN, servo_model, urdf_path
 from sim.emulation.servo_plant import PlantError, PyBulletPlant

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 
 from learner.config import Config, load_config
 from learner.link.protocol import decode
+from robot.emulated.servo_bus import KinematicPlant
 from robot.interface import RobotError
 from robot.link.spool import SUFFIX, Spool
-from robot.motors.emulator import KinematicPlant
-from robot.motors.errors import MotorError, ServoFault
-from robot.servo_robot import ServoRobot
+from robot.servo.errors import MotorError, ServoFault
+from robot.servo.robot import ServoRobot
 from sim.emulation.rig import emulate, true_calibration
 
 ROOT = Path(__file__).resolve().parents[1]

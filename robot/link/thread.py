@@ -35,7 +35,7 @@ from core.link.protocol import (
     weights_checksum,
 )
 from core.link.security import ClientKeys, secure_client
-from learner.checkpoint import CheckpointError, weights_from_bytes
+from core.weights import CheckpointError, weights_from_bytes
 from robot.link.base import LinkBase, message_bytes
 from robot.link.contract import LinkError, LinkStatus, Weights
 from robot.link.spool import Spool, SpoolCorrupt, SpoolFull

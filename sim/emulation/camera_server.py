@@ -2,7 +2,7 @@
 
 Many IP cameras and `ffmpeg`/`mjpg-streamer` serve this format: one HTTP response of type
 multipart/x-mixed-replace whose parts are JPEG images. OpenCV's FFmpeg backend reads it as a video stream,
-so `robot.camera.Camera("http://HOST:PORT/camera.mjpg", ...)` runs against it unchanged.
+so `robot.sensors.camera.Camera("http://HOST:PORT/camera.mjpg", ...)` runs against it unchanged.
 
 One thread renders at `fps` and keeps the latest JPEG; each client gets every new frame (a slow client
 skips frames rather than queueing them). Rendering is costly, so the thread renders only while at least

@@ -1,4 +1,4 @@
-"""A BNO055 strapped to the base of a PyBullet robot: the `source` of `robot.imu_emulator.EmulatedBNO055`.
+"""A BNO055 strapped to the base of a PyBullet robot: the `source` of `robot.emulated.imu.EmulatedBNO055`.
 
 PyBullet gives the base orientation as (x, y, z, w) in the world frame and its angular velocity in the
 world frame; the chip reports its orientation as (w, x, y, z) and its rate about its own axes. `mount` is

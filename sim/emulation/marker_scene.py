@@ -1,6 +1,6 @@
 """Printed ArUco markers lying on a PyBullet table, seen by a camera with known intrinsics.
 
-A second, independent renderer for `robot.markers`: the tracker's tests check poses it recovers from
+A second, independent renderer for `robot.sensors.markers`: the tracker's tests check poses it recovers from
 PyBullet images against the poses the markers were placed at. Each marker is a textured quad (the
 `generate_marker` image with a white paper margin) a fraction of a millimetre above a grey table.
 """
@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pybullet as p
 
-from robot.markers import CameraModel, generate_marker
+from robot.sensors.markers import CameraModel, generate_marker
 
 PRINT_PX = 256  # texture resolution of the printed marker
 PAPER = 0.25  # white margin around the black square, fraction of its side

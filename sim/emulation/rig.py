@@ -21,13 +21,13 @@ import numpy as np
 
 from learner.config import Config
 from learner.config_hardware import MotorsConfig
-from robot.motors.calibration import Calibration, JointCalibration
-from robot.motors.emulator import EmulatedServo, Plant, ServoEmulator
-from robot.motors.tables import MODELS
+from robot.emulated.servo_bus import EmulatedServo, Plant, ServoEmulator
+from robot.servo.calibration import Calibration, JointCalibration
+from robot.servo.tables import MODELS
 from sim.emulation.servo_plant import PlantError, PyBulletPlant
 
 if TYPE_CHECKING:  # the camera and IMU modules load only for a rig that has them
-    from robot.imu_emulator import EmulatedBNO055
+    from robot.emulated.imu import EmulatedBNO055
     from sim.emulation.camera_server import MjpegServer
     from sim.emulation.scene_render import SceneRenderer
 
@@ -122,7 +122,7 @@ class EmulatedRig:
         self.imu: EmulatedBNO055 | None = None
 
     def start(self) -> EmulatedRig:
-        from robot.imu_emulator import EmulatedBNO055
+        from robot.emulated.imu import EmulatedBNO055
         from sim.emulation.camera_server import MjpegServer
         from sim.emulation.imu_plant import pybullet_imu_source
         from sim.emulation.scene_render import SceneRenderer

@@ -42,7 +42,7 @@ import numpy as np
 import pybullet as p
 
 from learner.config import Config
-from robot.markers import CameraModel, aruco_dictionary
+from robot.sensors.markers import CameraModel, aruco_dictionary
 from sim.emulation.marker_scene import LIFT_M, NEAR_M, PAPER, print_quad, render_view, table_from_camera, view_up
 from sim.emulation.servo_models import urdf_path
 from sim.emulation.servo_plant import PyBulletPlant

@@ -1,4 +1,4 @@
-"""PyBullet physics behind the emulated servo bus: the `Plant` of `robot.motors.emulator`.
+"""PyBullet physics behind the emulated servo bus: the `Plant` of `robot.emulated.servo_bus`.
 
 Each servo of `cfg.motors.servos` drives the URDF joint of the same name in the model
 `cfg.emulator.model` (see `sim.emulation.servo_models`). A servo with torque on is a position motor whose

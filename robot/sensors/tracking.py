@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from learner.config_sensors import CameraDeviceConfig, MarkersConfig
-from robot.markers import CameraModel, MarkerPose, MarkerTracker
+from core.config.sensors import CameraDeviceConfig, MarkersConfig
+from robot.sensors.markers import CameraModel, MarkerPose, MarkerTracker
 
 log = logging.getLogger(__name__)
 

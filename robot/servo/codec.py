@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-from robot.motors.tables import Register
+from robot.servo.tables import Register
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from learner.config import Config
-from robot.interface import ArraySpec, Robot, RobotError, flag_specs
-from robot.motors.bus import MotorBus
-from robot.motors.calibration import Calibration, default_path
-from robot.motors.errors import MotorConfigError, MotorError, ServoFault
-from robot.motors.tables import MODELS
+from core.config import Config
+from core.interface import ArraySpec, Robot, RobotError, flag_specs
 from robot.operator import OperatorPrompt
 from robot.real_tasks import JointReach, Reading, gravity_in_body, make_task, upright
 from robot.safety import CommandFilter, EStop, SafetyLog, Watchdog
-from robot.sensors import SensorFrame, Sensors
-from robot.usb_latency import warn_if_slow
+from robot.sensors.rig import SensorFrame, Sensors
+from robot.servo.bus import MotorBus
+from robot.servo.calibration import Calibration, default_path
+from robot.servo.errors import MotorConfigError, MotorError, ServoFault
+from robot.servo.tables import MODELS
+from robot.servo.usb_latency import warn_if_slow
 
 log = logging.getLogger("reverie.servo")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from robot.motors.errors import UnknownRegister
+from robot.servo.errors import UnknownRegister
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from robot.interface import RobotError
+from core.interface import RobotError
 
 
 class MotorError(RobotError):

@@ -1,4 +1,4 @@
-"""An emulated BNO055 on a pseudo-terminal, speaking the UART protocol byte for byte, so `robot.imu.BNO055`
+"""An emulated BNO055 on a pseudo-terminal, speaking the UART protocol byte for byte, so `robot.sensors.imu.BNO055`
 runs against it unchanged.
 
 The orientation and angular rate come from `source()` (a PyBullet body in `sim.emulation.imu_plant`, or None for a
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from robot.imu import world_up_in_body
-from robot.pty_device import PtyDevice, host_baud
+from robot.emulated.pty_device import PtyDevice, host_baud
+from robot.sensors.imu import world_up_in_body
 
 Source = Callable[[], tuple[np.ndarray, np.ndarray]]  # -> (quaternion w, x, y, z; gyro rad/s in the chip frame)
 

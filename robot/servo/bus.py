@@ -1,8 +1,8 @@
 """The serial servo bus driver: one class for both protocols.
 
 All request/response logic lives here (timeouts, retries, sync reads, fault reporting); the protocol
-codec (`robot.motors.protocols.codec_for`) only frames bytes and the control tables
-(`robot.motors.tables`) only name registers, so the emulated bus shares every byte with this driver.
+codec (`robot.servo.protocols.codec_for`) only frames bytes and the control tables
+(`robot.servo.tables`) only name registers, so the emulated bus shares every byte with this driver.
 
 Timeouts are computed per request from the baud rate and the packet lengths, plus a margin for the
 USB adapter and the OS. FTDI-based adapters hold received bytes for their latency timer (16 ms by
@@ -25,11 +25,11 @@ from typing import Any
 
 import serial
 
-from robot.motors.codec import Codec, CorruptPacket, Packet
-from robot.motors.dynamixel import HARDWARE_ALERT, hardware_error_names
-from robot.motors.errors import BusCorrupt, BusTimeout, MotorConfigError, MotorError, ServoFault
-from robot.motors.protocols import codec_for
-from robot.motors.tables import MODELS, Model, Register, model_for
+from robot.servo.codec import Codec, CorruptPacket, Packet
+from robot.servo.dynamixel import HARDWARE_ALERT, hardware_error_names
+from robot.servo.errors import BusCorrupt, BusTimeout, MotorConfigError, MotorError, ServoFault
+from robot.servo.protocols import codec_for
+from robot.servo.tables import MODELS, Model, Register, model_for
 
 log = logging.getLogger(__name__)
 

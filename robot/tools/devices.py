@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from robot import usb_latency
+from core.interface import RobotError
 from robot.cli_errors import run_guarded
-from robot.interface import RobotError
+from robot.servo import usb_latency
 
 V4L_BY_ID = "/dev/v4l/by-id"
 UPRIGHT_DEG = 5.0
@@ -131,11 +131,11 @@ def _say(as_json: bool, result: Any, text: str) -> None:
 
 def probe(path: str) -> dict[str, Any]:
     """The mode `path` is in (width, height, fps, fourcc) and whether it gives a frame; never raises.
-    A device is opened through V4L2 as robot.camera.Camera opens it; anything else (a file) through OpenCV's
+    A device is opened through V4L2 as robot.sensors.camera.Camera opens it; anything else (a file) through OpenCV's
     default backend."""
     import cv2
 
-    from robot.camera import fourcc_text
+    from robot.sensors.camera import fourcc_text
 
     real = os.path.realpath(path)
     info: dict[str, Any] = {"name": os.path.basename(path), "path": path, "target": real}
@@ -189,7 +189,7 @@ def cameras_command(args: argparse.Namespace) -> int:
 def camera_command(args: argparse.Namespace) -> int:
     import cv2
 
-    from robot.camera import Camera
+    from robot.sensors.camera import Camera
 
     camera = Camera(args.device, args.width, args.height, fps=args.fps, pixel_format=args.pixel_format,
                     out_size=(args.width, args.height), keep_full=True, loop=True)
@@ -237,13 +237,13 @@ def camera_command(args: argparse.Namespace) -> int:
 
 def tilt_deg(quaternion: Any) -> float:
     """Angle between the chip's z axis and world up, in degrees (0: lying level, face up)."""
-    from robot.imu import world_up_in_body
+    from robot.sensors.imu import world_up_in_body
 
     return math.degrees(math.acos(max(-1.0, min(1.0, float(world_up_in_body(quaternion)[2])))))
 
 
 def imu_command(args: argparse.Namespace) -> int:
-    from robot.imu import BNO055, ImuError
+    from robot.sensors.imu import BNO055, ImuError
 
     readings = []
     try:

@@ -20,7 +20,7 @@ from types import TracebackType
 import numpy as np
 import serial
 
-from robot.interface import RobotError
+from core.interface import RobotError
 
 START, WRITE, READ, READ_OK, STATUS = 0xAA, 0x00, 0x01, 0xBB, 0xEE
 WRITE_OK = 0x01

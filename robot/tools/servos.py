@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from learner.config import Config, ConfigError, load_config
+from core.config import Config, ConfigError, load_config
 from robot.cli_errors import run_guarded
 
 if TYPE_CHECKING:
-    from robot.motors.bus import MotorBus
+    from robot.servo.bus import MotorBus
 
 PROTOCOLS = ("dynamixel", "feetech")
 SCAN_MARGIN_S = 0.004  # per ping; a reply after its window is still caught by the sweep
@@ -74,7 +74,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the motor command `args` names; errors become one readable line and exit status 2."""
-    from robot.motors.errors import MotorError
+    from robot.servo.errors import MotorError
 
     return run_guarded(args.motor_command, args, (MotorError, ConfigError, OSError))
 
@@ -104,7 +104,7 @@ def id_range(text: str) -> range:
 
 def protocol_bauds(protocol: str) -> list[int]:
     """Every baud some model of `protocol` supports; the common fast ones first."""
-    from robot.motors.tables import MODELS
+    from robot.servo.tables import MODELS
 
     bauds = {b for m in MODELS.values() if m.protocol == protocol for b in m.baud_codes.values()}
     return sorted(bauds, key=lambda b: (b != 1_000_000, -b))
@@ -131,7 +131,7 @@ class _NoBar:
 
 def find_servos(port: str, protocols: list[str], bauds: dict[str, list[int]], ids: range) -> list[dict[str, Any]]:
     """Scan `ids` with each protocol at each of its bauds (progress on stderr)."""
-    from robot.motors.bus import MotorBus
+    from robot.servo.bus import MotorBus
 
     MotorBus(port, protocols[0]).open().close()  # a missing or busy port fails here, before any progress bar
     bar = _progress(sum(len(bauds[p]) for p in protocols) * len(ids))
@@ -173,8 +173,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def setup_motor_command(args: argparse.Namespace) -> int:
-    from robot.motors.bus import MotorBus
-    from robot.motors.errors import MotorError
+    from robot.servo.bus import MotorBus
+    from robot.servo.errors import MotorError
 
     found = find_servos(args.port, [args.protocol], {args.protocol: protocol_bauds(args.protocol)}, args.ids)
     if len(found) != 1:
@@ -196,7 +196,7 @@ def setup_motor_command(args: argparse.Namespace) -> int:
 def configure(bus: MotorBus, old_id: int, new_id: int, baud: int) -> list[str]:
     """Torque off, then write ID and Baud_Rate (EEPROM), then check the servo answers at both. Returns what
     was done, line by line."""
-    from robot.motors.errors import BusCorrupt, BusTimeout, MotorError
+    from robot.servo.errors import BusCorrupt, BusTimeout, MotorError
 
     model = bus.model(old_id)
     try:
@@ -267,7 +267,7 @@ class Sampler(threading.Thread):
         self.halt = threading.Event()
 
     def run(self) -> None:
-        from robot.motors.errors import MotorError
+        from robot.servo.errors import MotorError
 
         while not self.halt.is_set():
             try:
@@ -291,8 +291,8 @@ def _ask(prompt: str) -> None:
 
 def check_servos(bus: MotorBus, cfg: Config) -> None:
     """Every configured servo answers, with the configured model; else one error naming them all."""
-    from robot.motors.errors import MotorError
-    from robot.motors.tables import MODELS
+    from robot.servo.errors import MotorError
+    from robot.servo.tables import MODELS
 
     missing, wrong = [], []
     for servo in cfg.motors.servos:
@@ -309,8 +309,8 @@ def check_servos(bus: MotorBus, cfg: Config) -> None:
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
-    from robot.motors.bus import MotorBus
-    from robot.motors.calibration import default_path
+    from robot.servo.bus import MotorBus
+    from robot.servo.calibration import default_path
 
     cfg = load_config(args.config, args.set)
     if cfg.motors is None:
@@ -336,7 +336,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
 def record(bus: MotorBus, cfg: Config) -> tuple[Any, RangeRecorder]:
     """The two interactive steps: zero pose, then the range sweep."""
-    from robot.motors.calibration import Calibration, JointCalibration
+    from robot.servo.calibration import Calibration, JointCalibration
 
     servos = cfg.motors.servos
     ids = [s.id for s in servos]
@@ -378,7 +378,7 @@ def report(calibration: Any, cfg: Config) -> list[str]:
 def check_command(args: argparse.Namespace) -> int:
     """Power up, walk home, then move each joint by --delta toward the middle of its range and back, through
     the safety layer; report how each followed. Exit 1 if any did not."""
-    from robot.servo_robot import ServoRobot
+    from robot.servo.robot import ServoRobot
 
     cfg = load_config(args.config, args.set)
     if cfg.motors is None:

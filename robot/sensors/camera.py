@@ -35,7 +35,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from robot.interface import RobotError
+from core.interface import RobotError
 
 log = logging.getLogger(__name__)
 

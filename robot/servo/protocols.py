@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from robot.motors.codec import Codec
-from robot.motors.dynamixel import DynamixelCodec
-from robot.motors.feetech import FeetechCodec
+from robot.servo.codec import Codec
+from robot.servo.dynamixel import DynamixelCodec
+from robot.servo.feetech import FeetechCodec
 
 CODECS: dict[str, Codec] = {"dynamixel": DynamixelCodec(), "feetech": FeetechCodec()}
 

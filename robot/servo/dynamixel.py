@@ -7,8 +7,8 @@ first and un-stuffs after.
 
 from __future__ import annotations
 
-from robot.motors.codec import Codec, CorruptPacket, Packet
-from robot.motors.tables import Register
+from robot.servo.codec import Codec, CorruptPacket, Packet
+from robot.servo.tables import Register
 
 HEADER = b"\xff\xff\xfd\x00"
 STATUS = 0x55  # the instruction byte of every status packet

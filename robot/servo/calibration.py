@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from learner.atomic import atomic_write_bytes
-from learner.config import Config
-from learner.config_hardware import ServoConfig
-from robot.motors.errors import MotorConfigError
-from robot.motors.tables import MODELS
+from core.atomic import atomic_write_bytes
+from core.config import Config
+from core.config.hardware import ServoConfig
+from robot.servo.errors import MotorConfigError
+from robot.servo.tables import MODELS
 
 log = logging.getLogger(__name__)
 

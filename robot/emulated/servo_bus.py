@@ -31,11 +31,11 @@ from typing import Protocol
 
 import numpy as np
 
-from robot.motors.codec import Codec, CorruptPacket, Packet
-from robot.motors.dynamixel import HARDWARE_ALERT
-from robot.motors.protocols import codec_for
-from robot.motors.tables import DYNAMIXEL_OPERATING_MODES, MODELS, Model, Register
-from robot.pty_device import PtyDevice, host_baud
+from robot.emulated.pty_device import PtyDevice, host_baud
+from robot.servo.codec import Codec, CorruptPacket, Packet
+from robot.servo.dynamixel import HARDWARE_ALERT
+from robot.servo.protocols import codec_for
+from robot.servo.tables import DYNAMIXEL_OPERATING_MODES, MODELS, Model, Register
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ alike. Signed registers are sign-magnitude (a sign bit per register), not two's 
 
 from __future__ import annotations
 
-from robot.motors.codec import Codec, CorruptPacket, Packet
-from robot.motors.tables import Register
+from robot.servo.codec import Codec, CorruptPacket, Packet
+from robot.servo.tables import Register
 
 HEADER = b"\xff\xff"
 MIN_LEN = 2  # LEN counts the instruction/error byte and the checksum

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from learner.config import MARKER_TASKS, Config
-from robot.camera import Camera
-from robot.imu import BNO055, ImuReading
-from robot.tracking import TableTracker, camera_model
+from core.config import MARKER_TASKS, Config
+from robot.sensors.camera import Camera
+from robot.sensors.imu import BNO055, ImuReading
+from robot.sensors.tracking import TableTracker, camera_model
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,0 @@
-"""Servo buses: protocol codecs, control tables, the bus driver and an emulated bus for tests."""

@@ -17,10 +17,10 @@ import numpy as np
 from gymnasium import spaces
 
 from core.config import Config
+from core.config.tasks import TASKS
 from learner.dreamer.preprocess import ActSpace, ObsSpace
 
-SIM_PREFIX = "sim:reverie/"  # "module:id": Gymnasium imports `sim` (which registers its tasks) first
-SIM_IDS = {"arm_reach": "ArmReach-v0", "arm_pick": "ArmPick-v0", "quadruped_walk": "QuadrupedWalk-v0"}
+SIM_PREFIX = "sim:"  # "module:id": Gymnasium imports `sim` (which registers the table's gym ids) first
 GYM_PREFIX = "gymnasium:"
 
 
@@ -36,14 +36,15 @@ def env_id(cfg: Config, override: str | None = None) -> str:
         return override[len(GYM_PREFIX):]
     if cfg.backend == "gym":
         return str(cfg.gym_id)
-    if cfg.backend != "sim" or cfg.task not in SIM_IDS:
+    gym_id = TASKS[cfg.task].gym_id if cfg.task in TASKS else None
+    if cfg.backend != "sim" or gym_id is None:
         # A real robot is not stepped from here: it streams its experience to a serving learner.
         raise EnvError(
             f"{cfg.name}: `train` steps a simulated task or a Gymnasium env, and this config is a "
             f"{cfg.backend} robot (task {cfg.task!r}); train it with `reverie-learner serve --config ...` here "
             "and `reverie-robot run --config ...` on the robot"
         )
-    return SIM_PREFIX + SIM_IDS[str(cfg.task)]
+    return SIM_PREFIX + gym_id
 
 
 class Env:

@@ -23,6 +23,7 @@ import numpy as np
 
 from core.config import Config
 from core.config.real_tasks import RegionConfig
+from core.config.tasks import TASKS, load
 from core.interface import ArraySpec
 from robot.sensors.imu import world_up_in_body
 from robot.sensors.tracking import TableTracker
@@ -48,11 +49,15 @@ class Outcome:
 
 
 class Task:
-    """Base: no extra observations, reset to the home pose, nothing to ask a person."""
+    """Base: no extra observations, reset to the home pose, nothing to ask a person.
+
+    The task table (`core.config.tasks`) builds every real task as `Class(cfg, names, home)`: the config,
+    the servo names in bus order and their home pose (rad).
+    """
 
     name = "task"
 
-    def __init__(self, cfg: Config, names: list[str]) -> None:
+    def __init__(self, cfg: Config, names: list[str], home: np.ndarray) -> None:
         self.cfg, self.names = cfg, names
         self.max_lost_s = cfg.markers.max_lost_s
 
@@ -86,7 +91,7 @@ class JointReach(Task):
     name = "joint_reach"
 
     def __init__(self, cfg: Config, names: list[str], home: np.ndarray) -> None:
-        super().__init__(cfg, names)
+        super().__init__(cfg, names, home)
         self.target = np.array([cfg.joint_reach.target.get(n, h) for n, h in zip(names, home)])
 
     def step(self, r: Reading, first: bool) -> Outcome:
@@ -96,8 +101,8 @@ class JointReach(Task):
 class MarkerReach(Task):
     name = "marker_reach"
 
-    def __init__(self, cfg: Config, names: list[str]) -> None:
-        super().__init__(cfg, names)
+    def __init__(self, cfg: Config, names: list[str], home: np.ndarray) -> None:
+        super().__init__(cfg, names, home)
         self.c = cfg.marker_reach
 
     def observation_spec(self) -> dict[str, ArraySpec]:
@@ -127,8 +132,8 @@ class MarkerReach(Task):
 class PickPlace(Task):
     name = "pick_place"
 
-    def __init__(self, cfg: Config, names: list[str]) -> None:
-        super().__init__(cfg, names)
+    def __init__(self, cfg: Config, names: list[str], home: np.ndarray) -> None:
+        super().__init__(cfg, names, home)
         assert cfg.pick_place is not None  # the config validator guarantees it for this task
         self.c = cfg.pick_place
         self.regions = self.c.regions
@@ -194,8 +199,8 @@ def _inside(position: np.ndarray, region: RegionConfig) -> bool:
 class StandWalk(Task):
     name = "stand_walk"
 
-    def __init__(self, cfg: Config, names: list[str]) -> None:
-        super().__init__(cfg, names)
+    def __init__(self, cfg: Config, names: list[str], home: np.ndarray) -> None:
+        super().__init__(cfg, names, home)
         self.c = cfg.stand_walk
         forward = np.asarray(self.c.forward, dtype=np.float64)
         self.forward = forward / np.linalg.norm(forward)
@@ -238,15 +243,11 @@ class StandWalk(Task):
 
 
 def make_task(cfg: Config, names: list[str], home: np.ndarray) -> Task:
-    if cfg.task == "joint_reach":
-        return JointReach(cfg, names, home)
-    if cfg.task == "marker_reach":
-        return MarkerReach(cfg, names)
-    if cfg.task == "pick_place":
-        return PickPlace(cfg, names)
-    if cfg.task == "stand_walk":
-        return StandWalk(cfg, names)
-    raise ValueError(f"task {cfg.task!r} is not a servo task")
+    """The real task `cfg.task` names, as the task table says to build it."""
+    spec = TASKS.get(cfg.task)
+    if spec is None or spec.backend != "servo":
+        raise ValueError(f"task {cfg.task!r} is not a servo task")
+    return load(spec.factory)(cfg, names, home)
 
 
 def upright(quaternion_wxyz: np.ndarray) -> float:

@@ -1,37 +1,20 @@
-"""The simulated tasks by name: which class implements each, its Gymnasium id and default config."""
+"""The simulated tasks by name (the sim rows of `core.config.tasks.TASKS`): robots, controllers, default configs."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from core.config import Config, load_config
+from core.config.tasks import TASKS as ALL_TASKS
+from core.config.tasks import TaskSpec, load
 from core.interface import DiscreteSpec
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "hardware_configs"
-
-
-@dataclass(frozen=True)
-class TaskEntry:
-    module: str
-    robot_class: str
-    scripted_class: str | None  # a privileged-state controller that solves the task, if any
-    gym_id: str
-    default_config: str
-
-
-TASKS: dict[str, TaskEntry] = {
-    "arm_reach": TaskEntry("sim.arm_reach", "ArmReach", "ReachScripted", "reverie/ArmReach-v0", "sim_arm_reach.yaml"),
-    "arm_pick": TaskEntry("sim.arm_pick", "ArmPick", "PickScripted", "reverie/ArmPick-v0", "sim_arm_pick.yaml"),
-    "quadruped_walk": TaskEntry(
-        "sim.quadruped_walk", "QuadrupedWalk", None, "reverie/QuadrupedWalk-v0", "sim_quadruped_walk.yaml"
-    ),
-}
+TASKS: dict[str, TaskSpec] = {name: spec for name, spec in ALL_TASKS.items() if spec.backend == "sim"}
 
 
 def default_config(task: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -40,8 +23,7 @@ def default_config(task: str, overrides: list[str] | tuple[str, ...] = ()) -> Co
 
 def make_robot(cfg: Config) -> Any:
     """Build the simulated robot backend that `cfg.task` names."""
-    entry = TASKS[cfg.task]
-    return getattr(importlib.import_module(entry.module), entry.robot_class)(cfg)
+    return load(TASKS[cfg.task].factory)(cfg)
 
 
 Policy = Callable[[dict[str, np.ndarray]], Any]
@@ -56,10 +38,10 @@ def make_policy(name: str, robot: Any, seed: int = 0) -> Policy:
             return lambda obs: int(rng.integers(spec.n))
         return lambda obs: rng.uniform(spec.low, spec.high, size=spec.shape).astype(spec.dtype)
     if name == "scripted":
-        entry = TASKS[robot.cfg.task]
-        if entry.scripted_class is None:
+        scripted = TASKS[robot.cfg.task].scripted
+        if scripted is None:
             raise ValueError(f"task {robot.cfg.task!r} has no scripted policy; use --policy random")
-        return getattr(importlib.import_module(entry.module), entry.scripted_class)(robot)
+        return load(scripted)(robot)
     if name.endswith(".safetensors"):
         return learned_policy(Path(name), robot)
     raise ValueError(f"unknown policy {name!r}: expected 'random', 'scripted' or a policy .safetensors file")

@@ -305,3 +305,17 @@ def test_secrets_and_robot_state_are_ignored_by_git() -> None:
              "run.mp4.config.yaml", "videos/run.gif.config.yaml"]
     result = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True)
     assert sorted(result.stdout.split()) == sorted(paths), result.stdout + result.stderr
+
+
+def test_every_task_in_the_table_has_its_block_and_its_code() -> None:
+    """The task table drives the rest: a task's settings block is the Config field of its name, and the
+    code it names (robot, real task, scripted controller) exists."""
+    from core.config.tasks import MARKER_TASKS, SERVO_TASKS, SIM_TASKS, TASKS, load
+
+    assert set(SIM_TASKS) | set(SERVO_TASKS) == set(TASKS) and set(MARKER_TASKS) <= set(SERVO_TASKS)
+    for name, spec in TASKS.items():
+        assert name in Config.model_fields, name
+        assert callable(load(spec.factory)), spec.factory
+        if spec.backend == "sim":
+            assert spec.gym_id and (CONFIGS[0].parent / spec.default_config).is_file(), name
+        assert spec.scripted is None or callable(load(spec.scripted)), spec.scripted

@@ -1,4 +1,5 @@
-"""Reverie on-robot process: the robot interface, (later) drivers, safety layer and link client."""
+"""Reverie's on-robot process: the control loop, the servo and sensor drivers, the safety layer, the real
+tasks and the link client that streams experience to the learner and takes weights back."""
 
 from robot.interface import ArraySpec, DiscreteSpec, Robot, RobotError, flag_specs
 

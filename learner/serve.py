@@ -5,14 +5,15 @@ configured ratio of replayed steps per received step (`train.train_ratio`; negat
 it can), publishes policy weights every `link.weights_every_updates` updates or
 `link.weights_every_s` seconds, logs metrics and a learning curve from the robots' episodes,
 prints a per-robot status table and checkpoints. Robots are never waited on: when training is
-ahead of the data it sleeps, and when it is behind the robots simply keep going.
+ahead of the data it sleeps, and when it is behind the robots simply keep going. What it shares
+with `reverie-learner train` (checkpoints, the update, metrics rows, curves, the summary) is
+learner/run.py; here are the link server, weights publishing and the robots' status.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import signal
 import time
 from pathlib import Path
@@ -22,18 +23,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from learner.checkpoint import load_latest_checkpoint, save_checkpoint, save_weights, weights_to_bytes
-from learner.compute import configure_compute
-from learner.config import Config, write_resolved
-from learner.config_agent import DreamerConfig
+from core.config import Config, DreamerConfig
+from core.weights import weights_to_bytes
 from learner.dreamer.agent import Dreamer, DreamerModel
 from learner.dreamer.policy import policy_weights
 from learner.dreamer.preprocess import ActSpace
 from learner.link.server import LinkServer, RunSpec
-from learner.metrics import Mean, MetricsLogger
-from learner.plots import plot_learning_curve
+from learner.metrics import MetricsLogger
 from learner.replay import Replay
-from learner.replay.context import CONTEXT_PART, restore_context
+from learner.run import Run, RunCounters, mean_or_none, updates_allowed
 
 STATUS_EVERY_S = 10.0
 STATUS_ROBOTS = 20  # robots the status table lists (the most recently heard); the others are only counted
@@ -41,10 +39,8 @@ MAX_MODEL_PARAMS = 2**31  # a layout needing a bigger agent is refused: almost s
 
 
 @dataclasses.dataclass
-class ServeCounters:
+class ServeCounters(RunCounters):
     received: int = 0  # steps stored over the whole run (all restarts)
-    last_log: int = 0
-    last_checkpoint: int = 0
 
 
 def spaces_of(spec: RunSpec) -> tuple[dict[str, tuple[tuple[int, ...], str]], ActSpace]:
@@ -73,23 +69,14 @@ def layout_problem(cfg: DreamerConfig, spec: RunSpec) -> str | None:
     return None
 
 
-def updates_allowed(received: int, prefill: int, ratio: float, batch_steps: int) -> float:
-    """Updates the learner may have done after `received` steps: `ratio` replayed steps (batch x
-    length per update) per received step once the prefill is in; a negative ratio means no limit."""
-    if received < max(prefill, 1):
-        return 0.0
-    if ratio < 0:
-        return float("inf")
-    return 1.0 + ratio * (received - prefill) / batch_steps
+class Server(Run):
+    """`reverie-learner serve`: trains on what robots stream, publishes weights, shows the robots."""
 
+    STEP_KEY, STEP_UNIT = "received_steps", "received steps"
+    counters: ServeCounters
 
-class Server:
     def __init__(self, cfg: Config, logdir: str | Path, bind: str | None = None, progress: bool = True) -> None:
-        self.cfg, self.logdir, self.progress = cfg, Path(logdir), progress
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        write_resolved(cfg, self.logdir)
-        configure_compute(cfg.dreamer)
-        torch.manual_seed(cfg.seed)
+        super().__init__(cfg, logdir, progress)
         self.replay = Replay.from_config(self.logdir / "replay", cfg.replay, seed=cfg.seed)
         try:
             self.link = LinkServer(cfg.link, self.replay, self.logdir, address=bind,
@@ -99,8 +86,7 @@ class Server:
             raise
         self.logger = MetricsLogger(self.logdir)
         self.counters = ServeCounters()
-        self.stats = Mean()
-        self.agent: Dreamer | None = None
+        self.agent = None  # built for the robots' step layout once the first one says it
         self.returns_seen: dict[str, int] = {}
         self.all_returns: list[float] = []
         self.published = (0, time.monotonic())  # (version, when)
@@ -108,23 +94,18 @@ class Server:
         self._stop = False
         self._stop_reason = ""
 
+    @property
+    def step(self) -> int:
+        return self.counters.received
+
     def stop(self, reason: str) -> None:
         self._stop, self._stop_reason = True, self._stop_reason or reason
 
     # --- setup
-    def _build(self, spec: RunSpec) -> Dreamer:
+    def _build(self, spec: RunSpec) -> None:
         space, act = spaces_of(spec)
-        agent = Dreamer(self.cfg.dreamer, space, act)
-        found = load_latest_checkpoint(self.logdir / "checkpoints")  # skips (and names) corrupt ones
-        if found is not None:
-            path, parts, meta = found
-            agent.load_state_dict({"model": parts["model"], "optimizer": parts["optimizer"],
-                                   "updates": meta["updates"]})
-            self.counters = ServeCounters(**meta["counters"])
-            restored = restore_context(self.replay, parts, path)
-            tqdm.write(f"resumed from {path}: {agent.updates} updates, {self.counters.received} steps received, "
-                       f"replay context for {restored} steps")
-        return agent
+        self.agent = Dreamer(self.cfg.dreamer, space, act)
+        self._resume()
 
     def _wait_for_spec(self, deadline: float | None) -> RunSpec | None:
         if self.link.spec is None:
@@ -145,7 +126,7 @@ class Server:
             signal.signal(sig, lambda *_: self.stop("interrupted"))
         spec = self._wait_for_spec(deadline)
         if spec is not None:
-            self.agent = self._build(spec)
+            self._build(spec)
             self._loop(deadline)
         return self.finish(time.monotonic() - start)
 
@@ -163,7 +144,8 @@ class Server:
             bar.update(received - bar.n)
             trained = self._maybe_train(received, batch_steps)
             self._maybe_publish()
-            self._periodic(received)
+            self._maybe_log()
+            self._maybe_checkpoint()
             now = time.monotonic()
             if now >= next_status:
                 next_status = now + STATUS_EVERY_S
@@ -178,17 +160,14 @@ class Server:
         bar.close()
 
     def _maybe_train(self, received: int, batch_steps: int) -> bool:
+        """One update if the robots' steps allow another; whether it did one."""
         cfg, agent = self.cfg.train, self.agent
         assert agent is not None
-        if len(self.replay) < cfg.batch_length:
+        if not self._replay_ready():
             return False
         if agent.updates >= updates_allowed(received, cfg.prefill, cfg.train_ratio, batch_steps):
             return False
-        batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
-        metrics, context = agent.train(batch)
-        if self.cfg.dreamer.replay_context and context:  # none from a skipped (non-finite) update
-            self.replay.write_context(batch["ids"], {k: v.cpu().numpy() for k, v in context.items()})
-        self.stats.add(metrics)
+        self._update()
         return True
 
     def _maybe_publish(self, force: bool = False) -> None:
@@ -209,15 +188,6 @@ class Server:
         self.link.publish(weights_to_bytes(tensors, meta), agent.updates, agent.updates, link.weights_dtype)
         self.published = (agent.updates, time.monotonic())
 
-    def _periodic(self, received: int) -> None:
-        cfg, c = self.cfg.train, self.counters
-        if received - c.last_log >= cfg.log_every:
-            c.last_log = received
-            self._log(received)
-        if received - c.last_checkpoint >= cfg.checkpoint_every:
-            c.last_checkpoint = received
-            self.save()
-
     def _new_returns(self) -> list[float]:
         new: list[float] = []
         for stream, info in self.replay.stats()["streams"].items():
@@ -227,22 +197,23 @@ class Server:
         self.all_returns.extend(new)
         return new
 
-    def _log(self, received: int) -> None:
-        assert self.agent is not None
-        row = self.stats.result()
+    def _row(self) -> dict[str, float]:
+        """The robots' episode returns since the last row, and the link: robots connected, rejects, and
+        each robot's rate and lag."""
+        row = {}
         new = self._new_returns()
         if new:
             row["train/return"] = float(np.mean(new))
         table = self.link.robot_table()
-        row.update({"received_steps": received, "updates": self.agent.updates, "replay_steps": len(self.replay),
-                    "robots": sum(r["connected"] for r in table), "link/rejected": self.link.rejects.total,
-                    "skipped_updates": self.agent.skipped,
-                    "replay/refused_steps": self.replay.stats()["totals"]["refused_steps"]})
+        row.update({"robots": sum(r["connected"] for r in table), "link/rejected": self.link.rejects.total})
         for r in table:
             row[f"robot/{r['robot']}/steps_s"] = r["steps_s"]
             row[f"robot/{r['robot']}/lag_s"] = r["lag_s"]
-        self.logger.log(received, row)
-        plot_learning_curve(self.logdir / "metrics.jsonl", self.logdir / "learning_curve.png", keys=("train/return",))
+        return row
+
+    def _log(self) -> None:
+        super()._log()
+        self._plot(("train/return",), against_updates=False)
 
     def status_line(self) -> str:
         """The status table: the STATUS_ROBOTS most recently heard robots, the others counted (any peer can
@@ -258,34 +229,15 @@ class Server:
             lines.append(f"  ... and {seen - len(rows)} more robots ({connected} of all {seen} connected)")
         return "\n".join(lines)
 
-    # --- state
-    def save(self) -> Path | None:
-        if self.agent is None:
-            return None
-        self.replay.flush()
-        if self.agent.refuse_nonfinite(f"checkpoint at {self.counters.received} received steps not written"):
-            return None
-        parts = {"model": self.agent.model.state_dict(), "optimizer": self.agent.optimizer.state_dict(),
-                 CONTEXT_PART: self.replay.context_state()}
-        meta = {"counters": dataclasses.asdict(self.counters), "updates": self.agent.updates,
-                "config": self.cfg.to_dict()}
-        path = save_checkpoint(self.logdir / "checkpoints", self.counters.received, parts, meta)
-        save_weights(self.logdir / "policy.safetensors", *policy_weights(self.agent.model, self.agent.updates))
-        return path
-
     def finish(self, seconds: float) -> dict[str, Any]:
         if self.agent is not None:
-            self._log(self.counters.received)
+            self._log()
         checkpoint = self.save()
         self.link.close()
         self.replay.close()
         self.logger.close()
-        summary = {"stopped": self._stop_reason, "seconds": round(seconds, 1),
-                   "received_steps": self.counters.received, "updates": self.agent.updates if self.agent else 0,
-                   "weights_version": self.published[0], "robots": self.link.robot_table(),
-                   "rejected": dict(self.link.rejects.counts), "episodes": len(self.all_returns),
-                   "return_first10": float(np.mean(self.all_returns[:10])) if self.all_returns else None,
-                   "return_last10": float(np.mean(self.all_returns[-10:])) if self.all_returns else None,
-                   "checkpoint": str(checkpoint) if checkpoint else None}
-        (self.logdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
+        return self._summary(self._stop_reason, seconds, checkpoint, {
+            "weights_version": self.published[0], "robots": self.link.robot_table(),
+            "rejected": dict(self.link.rejects.counts), "episodes": len(self.all_returns),
+            "return_first10": mean_or_none(self.all_returns[:10]),
+            "return_last10": mean_or_none(self.all_returns[-10:])})

@@ -5,14 +5,14 @@ update happens every batch*length/train_ratio environment steps. A run directory
 resolved config, metrics (JSONL + TensorBoard), videos, a learning curve, the replay store and
 checkpoints; running the same command again resumes from the newest complete checkpoint.
 Checkpoints are taken at episode boundaries, so a resumed run continues exactly as an
-uninterrupted one would.
+uninterrupted one would. What it shares with `reverie-learner serve` (checkpoints, the update,
+metrics rows, curves, the summary) is learner/run.py; here are the environment loop and evaluation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import signal
 import threading
 import time
@@ -24,19 +24,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from learner.checkpoint import load_latest_checkpoint, save_checkpoint, save_weights
-from learner.compute import configure_compute
-from learner.config import Config, ConfigError, write_resolved
+from core.config import Config, ConfigError
+from core.video import side_by_side, write_video
 from learner.dreamer.agent import CONTEXT_KEYS, Dreamer
-from learner.dreamer.policy import Policy, policy_weights
+from learner.dreamer.policy import Policy
 from learner.envs import Env
-from learner.metrics import Mean, MetricsLogger
+from learner.metrics import MetricsLogger
 from learner.openloop import write_openloop
-from learner.plots import plot_learning_curve
 from learner.replay import Replay
-from learner.replay.chunk import nonfinite_keys
-from learner.replay.context import CONTEXT_PART, restore_context
-from learner.video import side_by_side, write_video
+from learner.replay.validation import nonfinite_keys
+from learner.run import Run, RunCounters, mean_or_none, updates_earned
 
 STREAM = "0"
 EVAL_SEED_OFFSET = 1_000_000
@@ -45,79 +42,61 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclasses.dataclass
-class Counters:
+class Counters(RunCounters):
+    """Where a single-process run stands; checkpointed, so a resumed run counts on exactly."""
+
     env_steps: int = 0
     episodes: int = 0
-    train_credit: float = 0.0
+    train_credit: float = 0.0  # updates earned and not yet done (the train-ratio clock)
     eval_rounds: int = 0
-    last_log: int = 0
     last_eval: int = 0
-    last_checkpoint: int = 0
 
 
-class Trainer:
+class Trainer(Run):
+    """`reverie-learner train`: steps an environment, updates at the train ratio, evaluates."""
+
+    STEP_KEY, STEP_UNIT = "env_steps", "env steps"
+    agent: Dreamer
+    counters: Counters
+
     def __init__(self, cfg: Config, logdir: str | Path, env: str | None = None, progress: bool = True) -> None:
-        self.cfg, self.logdir, self.env_override, self.progress = cfg, Path(logdir), env, progress
         if cfg.train.train_ratio < 0:
             raise ConfigError(["train.train_ratio: unthrottled (< 0) only applies to reverie-learner serve; "
                                "single-process training needs a positive ratio"], "train")
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        write_resolved(cfg, self.logdir)
-        dcfg = cfg.dreamer
-        configure_compute(dcfg)
-        torch.manual_seed(cfg.seed)
+        super().__init__(cfg, logdir, progress)
+        self.env_override = env
         self.rng = np.random.default_rng(cfg.seed)
         self.env = Env(cfg, env, seed=cfg.seed)
-        self.agent = Dreamer(dcfg, self.env.obs_space, self.env.act_space)
+        self.agent = Dreamer(cfg.dreamer, self.env.obs_space, self.env.act_space)
         self.policy = Policy.from_model(self.agent.model)
         self.replay = Replay.from_config(self.logdir / "replay", cfg.replay, seed=cfg.seed)
         self.logger = MetricsLogger(self.logdir)
         self.counters = Counters()
-        self.train_stats = Mean()
         self.episode_returns: list[float] = []
         self.random_returns: list[float] = []
         self.stopped = ""  # the signal that ended the run early, if one did
-        self.checkpoint: Path | None = None  # the newest checkpoint this process wrote
         self._resume()
 
-    # --- checkpoints
-    def _resume(self) -> None:
-        found = load_latest_checkpoint(self.logdir / "checkpoints")  # skips (and names) corrupt ones
-        if found is None:
-            return
-        path, parts, meta = found
-        self.agent.load_state_dict({"model": parts["model"], "optimizer": parts["optimizer"],
-                                    "updates": meta["updates"]})
-        self.counters = Counters(**meta["counters"])
+    @property
+    def step(self) -> int:
+        return self.counters.env_steps
+
+    # --- checkpoints: the environment's episode count, the replay's positions, both generators and the
+    # returns so far, so that a resumed run continues exactly as an uninterrupted one would
+    def _restore(self, parts: dict[str, Any], meta: dict[str, Any]) -> None:
         self.env.episodes = self.counters.episodes
         self.replay.load(meta["replay"])
         self.rng.bit_generator.state = meta["numpy_rng"]
         torch.set_rng_state(parts["rng"]["torch"])
-        restored = restore_context(self.replay, parts, path)
         self.random_returns = list(meta.get("random_returns", []))
         self.episode_returns = list(meta.get("episode_returns", []))  # the progress bar and summary go on
-        tqdm.write(f"resumed from {path} at {self.counters.env_steps} env steps, {self.agent.updates} updates, "
-                   f"replay context for {restored} steps")
 
-    def save(self) -> Path | None:
-        """Flush the replay, then checkpoint and export the policy, unless the model went non-finite
-        (then the previous checkpoints and policy stay, and it says so): None when nothing was written."""
-        self.replay.flush()
-        if self.agent.refuse_nonfinite(f"checkpoint at {self.counters.env_steps} env steps not written"):
-            return None
-        parts = {"model": self.agent.model.state_dict(), "optimizer": self.agent.optimizer.state_dict(),
-                 "rng": {"torch": torch.get_rng_state()}, CONTEXT_PART: self.replay.context_state()}
-        meta = {"counters": dataclasses.asdict(self.counters), "updates": self.agent.updates,
-                "replay": self.replay.save(), "numpy_rng": self.rng.bit_generator.state,
-                "random_returns": self.random_returns, "episode_returns": self.episode_returns,
-                "config": self.cfg.to_dict()}
-        path = save_checkpoint(self.logdir / "checkpoints", self.counters.env_steps, parts, meta)
-        self.export_policy()
-        self.checkpoint = path
-        return path
+    def _checkpoint_parts(self) -> dict[str, Any]:
+        return {"rng": {"torch": torch.get_rng_state()}}
 
-    def export_policy(self) -> Path:
-        return save_weights(self.logdir / "policy.safetensors", *policy_weights(self.agent.model, self.agent.updates))
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        return {"replay": self.replay.save(), "numpy_rng": self.rng.bit_generator.state,
+                "random_returns": self.random_returns, "episode_returns": self.episode_returns}
 
     # --- the loop
     def run(self) -> dict[str, Any]:
@@ -214,37 +193,28 @@ class Trainer:
         self.train_stats.add({"train/return": episode_return, "train/reward_per_step": episode_return / max(1, length)})
 
     def _train(self, batch_steps: int) -> None:
-        cfg, c = self.cfg.train, self.counters
-        if len(self.replay) < cfg.batch_length:
+        """Earn one policy step's worth of updates and do the whole ones."""
+        c = self.counters
+        if not self._replay_ready():
             return
-        c.train_credit += cfg.train_ratio / batch_steps
+        c.train_credit += updates_earned(1, self.cfg.train.train_ratio, batch_steps)
         while c.train_credit >= 1.0:
             c.train_credit -= 1.0
-            batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
-            metrics, context = self.agent.train(batch)
-            if self.cfg.dreamer.replay_context and context:  # none from a skipped (non-finite) update
-                self.replay.write_context(batch["ids"], {k: v.cpu().numpy() for k, v in context.items()})
-            self.train_stats.add(metrics)
+            self._update()
 
     def _periodic(self, at_boundary: bool) -> None:
+        """Metrics rows between episode boundaries; evaluation and checkpoints at them."""
         cfg, c = self.cfg.train, self.counters
-        if not at_boundary and c.env_steps - c.last_log >= cfg.log_every:
-            c.last_log = c.env_steps
-            self._log()
+        if not at_boundary:
+            self._maybe_log()
         if at_boundary and cfg.eval_every and c.env_steps - c.last_eval >= cfg.eval_every:
             c.last_eval = c.env_steps
             self.evaluate()
-        if at_boundary and c.env_steps - c.last_checkpoint >= cfg.checkpoint_every:
-            c.last_checkpoint = c.env_steps
-            self.save()
+        if at_boundary:
+            self._maybe_checkpoint()
 
-    def _log(self) -> None:
-        row = self.train_stats.result()
-        row.update({"env_steps": self.counters.env_steps, "updates": self.agent.updates,
-                    "episodes": self.counters.episodes, "replay_steps": len(self.replay),
-                    "skipped_updates": self.agent.skipped,
-                    "replay/refused_steps": self.replay.stats()["totals"]["refused_steps"]})
-        self.logger.log(self.counters.env_steps, row)
+    def _row(self) -> dict[str, float]:
+        return {"episodes": self.counters.episodes}
 
     # --- evaluation
     def evaluate(self) -> float:
@@ -276,7 +246,9 @@ class Trainer:
                            fps=self.cfg.control.hz)
         row = {**self._eval_row(results), "updates": self.agent.updates}
         self.logger.log(c.env_steps, row)
-        self._plot()
+        random = mean_or_none(self.random_returns)
+        self._plot(("train/return", "eval/return", "eval/return_mode"),
+                   baseline=None if random is None else {"random policy": random})
         text = f"return {row['eval/return']:.3f} sampled, {row['eval/return_mode']:.3f} mode"
         if "eval/success" in row:
             text += f"; success {row['eval/success']:.0%} sampled, {row['eval/success_mode']:.0%} mode"
@@ -311,26 +283,14 @@ class Trainer:
             row["random/return"] = float(np.mean(self.random_returns))
         return row
 
-    def _plot(self) -> None:
-        baseline = {"random policy": float(np.mean(self.random_returns))} if self.random_returns else None
-        keys = ("train/return", "eval/return", "eval/return_mode")
-        plot_learning_curve(self.logdir / "metrics.jsonl", self.logdir / "learning_curve.png", keys=keys,
-                            baseline=baseline)
-        plot_learning_curve(self.logdir / "metrics.jsonl", self.logdir / "learning_curve_updates.png", keys=keys,
-                            x="updates", baseline=baseline, title="Learning curve against updates")
-
     def finish(self, seconds: float) -> dict[str, Any]:
         self._log()
         # Stopped by a signal: be quick (docker and systemd send SIGKILL after a grace period).
         final_eval = self.evaluate() if self.cfg.train.eval_every and not self.stopped else None
-        summary = {"stopped": self.stopped or f"train.steps ({self.cfg.train.steps}) reached",
-                   "env_steps": self.counters.env_steps, "updates": self.agent.updates,
-                   "episodes": self.counters.episodes, "seconds": round(seconds, 1),
-                   "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-                   "final_eval_return": final_eval,
-                   "random_return": float(np.mean(self.random_returns)) if self.random_returns else None,
-                   "train_return_last10": float(np.mean(self.episode_returns[-10:])) if self.episode_returns else None}
-        (self.logdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = self._summary(self.stopped or f"train.steps ({self.cfg.train.steps}) reached", seconds,
+                                self.checkpoint, {"episodes": self.counters.episodes, "final_eval_return": final_eval,
+                                                  "random_return": mean_or_none(self.random_returns),
+                                                  "train_return_last10": mean_or_none(self.episode_returns[-10:])})
         self.close()
         return summary
 

@@ -17,9 +17,9 @@ from learner.dreamer.agent import DreamerModel
 from learner.dreamer.policy import Policy, policy_weights
 from learner.dreamer.preprocess import ActSpace
 from learner.link.protocol import decode
-from learner.serve import updates_allowed
+from learner.run import updates_allowed
 from robot.demo import free_port
-from robot.spool import Spool
+from robot.link.spool import Spool
 
 ROOT = Path(__file__).resolve().parents[1]
 

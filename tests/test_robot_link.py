@@ -20,10 +20,13 @@ import torch
 import zmq
 from link_helpers import DEADLINE, HELLO, ROBOT, SPEC, wait_for
 
+from core.config.link import LinkConfig
 from learner.checkpoint import weights_to_bytes
 from learner.link.protocol import Message, check_steps, decode, encode, spec_of
 from robot.demo import free_port
 from robot.link.contract import ChunkTooBig, LinkError, LinkRefused
+from robot.link.factory import make_link
+from robot.link.process import LinkProcess
 from robot.link.spool import Spool, SpoolFull
 from robot.link.thread import RobotLink
 
@@ -479,3 +482,13 @@ def test_bad_inputs_are_refused_at_the_caller(tmp_path: Path) -> None:
         assert link.status().queued == 0
     finally:
         link.close()
+
+
+def test_make_link_builds_the_variant_link_process_names_with_the_config_s_limits(tmp_path: Path) -> None:
+    """One factory for both variants: link.process (the default) a child process, else a thread in this one."""
+    for process, variant in ((True, LinkProcess), (False, RobotLink)):
+        cfg = LinkConfig(process=process, heartbeat_s=0.1, lost_after_s=0.7, max_message_mb=4, spool_max_mb=2)
+        link = make_link(cfg, "tcp://127.0.0.1:9", ROBOT, tmp_path / variant.__name__, HELLO)
+        assert type(link) is variant
+        assert (link.robot_id, link.heartbeat_s, link.lost_after_s, link.max_bytes) == (ROBOT, 0.1, 0.7, 4 * 2**20)
+        link.close()  # never started: nothing to stop, nothing submitted to spool

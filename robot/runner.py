@@ -26,10 +26,10 @@ import numpy as np
 
 from core.agents import Policy, PolicyBlob, build_policy, policy_from_file, read_policy
 from core.agents.spaces import ActSpace
-from learner.config import Config
-from learner.config_link import chunk_steps
+from core.config import Config
+from core.config.link import chunk_steps
+from core.interface import ArraySpec, Robot, RobotError
 from robot.backends import action_dim
-from robot.interface import ArraySpec, Robot, RobotError
 from robot.link.contract import Link, LinkError, LinkRefused, Weights
 from robot.link.spool import SpoolFull
 

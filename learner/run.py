@@ -19,12 +19,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from core.config import Config, write_resolved
+from core.agents import Agent
+from core.config import Config, ConfigError, write_resolved
 from core.weights import save_weights
 from learner.checkpoint import load_latest_checkpoint, save_checkpoint
 from learner.compute import configure_compute
-from learner.dreamer.agent import Dreamer
-from learner.dreamer.policy import policy_weights
 from learner.metrics import Mean, MetricsLogger
 from learner.plots import plot_learning_curve
 from learner.replay import Replay
@@ -76,7 +75,7 @@ class Run:
 
     STEP_KEY: ClassVar[str]  # the step's name in metrics rows and the summary
     STEP_UNIT: ClassVar[str]  # the step's name in messages
-    agent: Dreamer | None
+    agent: Agent | None
     replay: Replay
     logger: MetricsLogger
     counters: RunCounters
@@ -105,8 +104,11 @@ class Run:
             return
         path, parts, meta = found
         assert self.agent is not None
-        self.agent.load_state_dict({"model": parts["model"], "optimizer": parts["optimizer"],
-                                    "updates": meta["updates"]})
+        trained = meta.get("config", {}).get("agent", "dreamer")  # checkpoints from before `agent`: Dreamer
+        if trained != self.cfg.agent:
+            raise ConfigError([f"agent: {self.cfg.agent!r}, but {path} holds a {trained!r} agent; resume it "
+                               f"with agent: {trained}, or start another run directory"], "checkpoint")
+        self.agent.load_state_dict({**parts, "updates": meta["updates"]})  # it takes the parts it saved
         self.counters = type(self.counters)(**meta["counters"])
         self._restore(parts, meta)
         restored = restore_context(self.replay, parts, path)
@@ -132,9 +134,10 @@ class Run:
         self.replay.flush()
         if self.agent.refuse_nonfinite(f"checkpoint at {self.step} {self.STEP_UNIT} not written"):
             return None
-        parts = {"model": self.agent.model.state_dict(), "optimizer": self.agent.optimizer.state_dict(),
-                 **self._checkpoint_parts(), CONTEXT_PART: self.replay.context_state()}
-        meta = {"counters": dataclasses.asdict(self.counters), "updates": self.agent.updates,
+        agent = self.agent.state_dict()  # 'updates' and its parts
+        updates = agent.pop("updates")
+        parts = {**agent, **self._checkpoint_parts(), CONTEXT_PART: self.replay.context_state()}
+        meta = {"counters": dataclasses.asdict(self.counters), "updates": updates,
                 **self._checkpoint_meta(), "config": self.cfg.to_dict()}
         path = save_checkpoint(self.logdir / CHECKPOINTS, self.step, parts, meta)
         self.export_policy()
@@ -144,7 +147,7 @@ class Run:
     def export_policy(self) -> Path:
         """The agent's policy as the weights blob a robot loads, beside the checkpoints."""
         assert self.agent is not None
-        return save_weights(self.logdir / POLICY_FILE, *policy_weights(self.agent.model, self.agent.updates))
+        return save_weights(self.logdir / POLICY_FILE, *self.agent.policy_weights())
 
     # --- updates
     def _replay_ready(self) -> bool:
@@ -157,7 +160,7 @@ class Run:
         cfg = self.cfg.train
         batch = self.replay.sample(cfg.batch_size, cfg.batch_length)
         metrics, context = self.agent.train(batch)
-        if self.cfg.dreamer.replay_context and context:
+        if self.agent.replay_context and context:
             self.replay.write_context(batch["ids"], {k: v.cpu().numpy() for k, v in context.items()})
         self.train_stats.add(metrics)
 

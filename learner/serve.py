@@ -1,4 +1,4 @@
-"""`reverie-learner serve`: train Dreamer continuously on experience streamed by robot processes.
+"""`reverie-learner serve`: train the agent continuously on experience streamed by robot processes.
 
 The link server thread (learner/link/server.py) stores what robots send; this loop trains at the
 configured ratio of replayed steps per received step (`train.train_ratio`; negative = as fast as
@@ -20,14 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from core.config import Config, DreamerConfig
+from core.agents.spaces import ActSpace
+from core.config import Config
 from core.weights import weights_to_bytes
-from learner.dreamer.agent import Dreamer, DreamerModel
-from learner.dreamer.policy import policy_weights
-from learner.dreamer.preprocess import ActSpace
+from learner.agents import agent_class, make_agent
 from learner.link.server import LinkServer, RunSpec
 from learner.metrics import MetricsLogger
 from learner.replay import Replay
@@ -52,17 +50,15 @@ def spaces_of(spec: RunSpec) -> tuple[dict[str, tuple[tuple[int, ...], str]], Ac
     return space, ActSpace(int(shape[0]), spec.discrete)
 
 
-def layout_problem(cfg: DreamerConfig, spec: RunSpec) -> str | None:
+def layout_problem(cfg: Config, spec: RunSpec) -> str | None:
     """Why the agent cannot be built for this step layout (None if it can). The link server asks before a
-    robot's layout becomes the run's (a saved one it could not train would stop every start), so it builds
-    the model on the meta device: shapes only, no memory, no weights."""
+    robot's layout becomes the run's (a saved one it could not train would stop every start), so the agent
+    counts its parameters without allocating them."""
     try:
         space, act = spaces_of(spec)
-        with torch.device("meta"):
-            model = DreamerModel(cfg, space, act)
+        params = agent_class(cfg.agent).parameter_count(cfg, space, act)
     except Exception as exc:  # noqa: BLE001  (whatever the model code raises, this layout cannot be trained)
         return f"the agent cannot be built for this layout: {exc}"
-    params = sum(p.numel() for p in model.parameters())
     if params > MAX_MODEL_PARAMS:
         return (f"the agent for this layout would have {params} parameters (limit {MAX_MODEL_PARAMS}); "
                 "is a dimension wrong?")
@@ -80,7 +76,7 @@ class Server(Run):
         self.replay = Replay.from_config(self.logdir / "replay", cfg.replay, seed=cfg.seed)
         try:
             self.link = LinkServer(cfg.link, self.replay, self.logdir, address=bind,
-                                   layout_check=functools.partial(layout_problem, cfg.dreamer))
+                                   layout_check=functools.partial(layout_problem, cfg))
         except BaseException:
             self.replay.close()
             raise
@@ -104,7 +100,7 @@ class Server(Run):
     # --- setup
     def _build(self, spec: RunSpec) -> None:
         space, act = spaces_of(spec)
-        self.agent = Dreamer(self.cfg.dreamer, space, act)
+        self.agent = make_agent(self.cfg, space, act)
         self._resume()
 
     def _wait_for_spec(self, deadline: float | None) -> RunSpec | None:
@@ -182,7 +178,7 @@ class Server(Run):
         if agent.refuse_nonfinite(f"weights version {agent.updates} not sent to the robots"):
             self._refused_version = agent.updates  # checked once per version
             return
-        tensors, meta = policy_weights(agent.model, agent.updates)
+        tensors, meta = agent.policy_weights()
         if link.weights_dtype == "float16":
             tensors = {k: v.half() for k, v in tensors.items()}
         self.link.publish(weights_to_bytes(tensors, meta), agent.updates, agent.updates, link.weights_dtype)

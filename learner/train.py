@@ -1,4 +1,4 @@
-"""Training in one process: step an environment, fill replay, update Dreamer at the train ratio.
+"""Training in one process: step an environment, fill replay, update the agent at the train ratio.
 
 The train ratio counts replayed steps per *policy* step (batch x length per update), so one
 update happens every batch*length/train_ratio environment steps. A run directory holds the
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from core.agents import Agent, Policy
 from core.config import Config, ConfigError
 from core.video import side_by_side, write_video
-from learner.dreamer.agent import CONTEXT_KEYS, Dreamer
-from learner.dreamer.policy import Policy
+from learner.agents import make_agent
 from learner.envs import Env
 from learner.metrics import MetricsLogger
 from learner.openloop import write_openloop
@@ -56,7 +56,7 @@ class Trainer(Run):
     """`reverie-learner train`: steps an environment, updates at the train ratio, evaluates."""
 
     STEP_KEY, STEP_UNIT = "env_steps", "env steps"
-    agent: Dreamer
+    agent: Agent
     counters: Counters
 
     def __init__(self, cfg: Config, logdir: str | Path, env: str | None = None, progress: bool = True) -> None:
@@ -67,8 +67,8 @@ class Trainer(Run):
         self.env_override = env
         self.rng = np.random.default_rng(cfg.seed)
         self.env = Env(cfg, env, seed=cfg.seed)
-        self.agent = Dreamer(cfg.dreamer, self.env.obs_space, self.env.act_space)
-        self.policy = Policy.from_model(self.agent.model)
+        self.agent = make_agent(cfg, self.env.obs_space, self.env.act_space)
+        self.policy = self.agent.policy()
         self.replay = Replay.from_config(self.logdir / "replay", cfg.replay, seed=cfg.seed)
         self.logger = MetricsLogger(self.logdir)
         self.counters = Counters()
@@ -160,9 +160,9 @@ class Trainer(Run):
         """The posterior latents acting just computed (deter, stoch, the action taken): stored with
         the step as its replay context, so a sequence starting after it has a start state before
         any update has touched it (the official agent does the same)."""
-        if not self.cfg.dreamer.replay_context:
+        if not self.agent.replay_context:
             return None
-        return {key: self.policy.state[key][0].detach().float().cpu().numpy() for key in CONTEXT_KEYS}
+        return {key: value[0] for key, value in self.policy.context().items()}
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -230,7 +230,7 @@ class Trainer(Run):
         video = self.cfg.train.video_every and c.eval_rounds % self.cfg.train.video_every == 0
         env = Env(self.cfg, self.env_override, seed=self.cfg.seed + EVAL_SEED_OFFSET + c.eval_rounds * 100,
                   render=bool(video))
-        policy = Policy.from_model(self.agent.model)
+        policy = self.agent.policy()
         frames: list[np.ndarray] = []
         results = {}
         for mode in ("sample", "mode"):
@@ -241,7 +241,7 @@ class Trainer(Run):
         videos = self.logdir / "videos"
         if frames:
             write_video(videos / f"eval_{c.env_steps:09d}.mp4", np.stack(frames), fps=self.cfg.control.hz)
-        if video and self.agent.model.keys.images and len(self.replay) >= self.cfg.train.batch_length:
+        if video and self.agent.image_keys and len(self.replay) >= self.cfg.train.batch_length:
             write_openloop(self.agent, self.replay, videos / f"openloop_{c.env_steps:09d}.mp4",
                            fps=self.cfg.control.hz)
         row = {**self._eval_row(results), "updates": self.agent.updates}
@@ -262,7 +262,7 @@ class Trainer(Run):
         while True:
             policy.act(obs, mode=mode)
             if frames is not None and (frame := env.render()) is not None:
-                image = next((obs[k] for k in self.agent.model.keys.images), None)
+                image = next((obs[k] for k in self.agent.image_keys), None)
                 frames.append(side_by_side(frame, image))
             total += float(obs["reward"])
             if obs["is_last"]:

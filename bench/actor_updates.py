@@ -16,6 +16,7 @@ window of updates, reports for the actor's tensors (and, for comparison, the wor
         --set train.steps=4000 --every 250 --logdir runs/actor_updates
 
 Prints one JSON object per window and a final summary; writes actor_updates.png in the logdir.
+`--quick` is a smoke run of a minute or two (`make bench`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +36,13 @@ import torch  # noqa: E402
 from learner.config import apply_overrides, config_from_dict, load_config, parse_overrides  # noqa: E402
 from learner.train import Trainer  # noqa: E402
 
+# --quick: Pendulum, size1m, 200 random steps, then 100 steps at 16 replayed steps each in 4x16 batches
+# (25 updates, five windows of 5), no evaluation: a smoke run of the measurement, not a measurement.
+QUICK_ENV = "gymnasium:Pendulum-v1"
+QUICK_SET = ["dreamer.size=size1m", "train.steps=300", "train.prefill=200", "train.train_ratio=16",
+             "train.batch_size=4", "train.batch_length=16", "train.eval_every=0", "train.log_every=100"]
+QUICK_EVERY = 5
+QUICK_NOTE = "Pendulum, size1m, 25 small updates in windows of 5, in a scratch logdir"
 METRICS = ("ac/adv", "ac/adv_std", "ac/adv_mag", "ac/return_scale", "ac/entropy", "ac/value", "ac/return")
 
 
@@ -127,7 +136,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], help="key=value overrides, as reverie-learner train")
     ap.add_argument("--every", type=int, default=250, help="updates per reported window")
     ap.add_argument("--logdir", default="runs/actor_updates")
+    ap.add_argument("--quick", action="store_true", help="smoke run (`make bench`): " + QUICK_NOTE)
     args = ap.parse_args(argv)
+    if args.quick:
+        return quick(args)
+    if not (args.env or args.config):
+        ap.error("give --env or --config (or --quick)")
+    return measure(args)
+
+
+def quick(args: argparse.Namespace) -> int:
+    """A few windows of a tiny run in a scratch logdir: a fresh run each time (a kept logdir would resume)."""
+    if not (args.env or args.config):
+        args.env = QUICK_ENV
+    args.set = QUICK_SET + args.set  # later overrides win
+    args.every = min(args.every, QUICK_EVERY)
+    with tempfile.TemporaryDirectory(prefix="reverie-actor-updates-") as scratch:
+        args.logdir = scratch
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> int:
+    """Train as `reverie-learner train` does, reporting each window of updates as it closes."""
     if args.config:
         cfg = load_config(args.config, args.set)
     else:

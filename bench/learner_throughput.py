@@ -14,6 +14,7 @@ a 24-D vector on the 2-core reference machine; the target is at least 2x faster.
     python bench/learner_throughput.py          # size1m + size12m (eager on CPU, eager + compiled on CUDA)
     python bench/learner_throughput.py --port-defaults --obs pixels vector --no-compile
     python bench/learner_throughput.py --preset size1m --deter 1024 --units 128 --json
+    python bench/learner_throughput.py --quick  # smoke run: one size1m case, about a minute
 
 Timings are only valid on an otherwise idle machine: see `others_cpu_share` and `--wait-idle`.
 """
@@ -50,6 +51,7 @@ PORT_RECIPE = "2023"  # the port's architecture: stride-2 conv encoder, one GRU 
 # Measured on the 2-core reference machine (torch 2.13, cold inductor cache): compiling the whole
 # update (64 unrolled observe steps, 15 imagination steps and their backward) took 634 s for size1m.
 CPU_COMPILE_NOTE = "torch.compile of the whole update takes ~10 min on a 2-core CPU (634 s measured, size1m)"
+QUICK = {"iters": 1, "act_calls": 30, "compile": "off"}  # with one size1m case: --quick, a smoke run
 
 
 # --------------------------------------------------------------------------- one case (worker side)
@@ -520,9 +522,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print only the JSON document")
     parser.add_argument("--system-malloc", dest="keep_heap", action="store_false",
                         help="dreamer.keep_heap off: glibc returns freed memory to the kernel (the old behaviour)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run (`make bench`): size1m only, eager, one timed update, 30 act() calls")
     parser.add_argument("--_worker", help=argparse.SUPPRESS)
     parser.add_argument("--_act", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:  # its figures are defaults, so flags given beside --quick still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+        args.preset = args.preset or ["size1m"]
     if args.compile is None:
         args.compile = "auto"
     return args

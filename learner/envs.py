@@ -16,9 +16,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from core.agents.spaces import ActSpace, ObsSpace
 from core.config import Config
 from core.config.tasks import TASKS
-from learner.dreamer.preprocess import ActSpace, ObsSpace
 
 SIM_PREFIX = "sim:"  # "module:id": Gymnasium imports `sim` (which registers the table's gym ids) first
 GYM_PREFIX = "gymnasium:"

@@ -1,4 +1,4 @@
-# Two entry points: `make demo` and `make test`. Both build .venv once and reuse it.
+# Two entry points: `make demo` and `make test` (`make help` lists the rest). All build .venv once and reuse it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,14 @@ PYTEST_ARGS ?=
 DEMO_OUT ?= runs/demo
 DEMO_SECONDS ?= 300
 
-.PHONY: demo test lint bench clean
+.PHONY: help demo test lint bench clean
+
+help:
+	@echo 'make demo    a learner and a simulated robot process on this machine, training ArmReach over the link'
+	@echo 'make test    the test suite on 2 workers (PYTEST_ARGS=--run-slow adds the long learning checks)'
+	@echo 'make lint    ruff over the repository'
+	@echo 'make bench   every benchmark in bench/ in its quick mode (JSON on stdout; bench/README.md: full runs)'
+	@echo 'make clean   remove .venv, runs/ and the pytest cache'
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +37,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Every script in bench/ as a smoke run, in its quick mode where it has one (a minute or two each); bench/README.md has
+# the full runs and the figures they reached. The learning benchmark runs for hours: only its cases are listed.
 bench: $(STAMP)
 	$(PY) bench/sim_throughput.py
+	$(PY) bench/learner_throughput.py --quick
+	$(PY) bench/link_throughput.py --quick
+	$(PY) bench/control_loop.py --quick
+	$(PY) bench/actor_updates.py --quick
+	$(PY) bench/learning.py --list
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,6 @@
 """Control loop on the emulated servo bus: bus round trips, then the robot process's rate with a policy.
 
-    python bench/control_loop.py [--seconds 20] [--size size12m] [--parts roundtrip,loop]
+    python bench/control_loop.py [--seconds 20] [--size size12m] [--parts roundtrip,loop] [--quick]
 
 Part `roundtrip`: one control tick's bus traffic (a sync read of positions + velocities and a sync
 write of goals) against the emulated bus at 1 Mbit/s, which delivers every reply no earlier than the
@@ -38,6 +38,8 @@ QUADRUPED = ROOT / "hardware_configs" / "servo_quadruped.yaml"
 CASES = [("feetech", "sts3215", 6), ("dynamixel", "xm430-w350", 6), ("feetech", "sts3215", 12),
          ("dynamixel", "xm430-w350", 12)]
 BAUD = 1_000_000
+QUICK = {"seconds": 3.0, "ticks": 100}  # about half a minute instead of about two
+QUICK_NOTE = "3 s per control-loop rate, 100 round trips per bus case"
 
 
 def say(msg: str) -> None:
@@ -54,7 +56,7 @@ def quantiles(values: list[float], scale: float = 1.0, digits: int = 3) -> dict[
 
 
 def _emulator_child(protocol: str, model: str, n: int, conn: Any) -> None:
-    from robot.motors.emulator import EmulatedServo, ServoEmulator
+    from robot.emulated.servo_bus import EmulatedServo, ServoEmulator
 
     servos = [EmulatedServo(i + 1, model, BAUD) for i in range(n)]
     with ServoEmulator(protocol, servos, timing=True) as emulator:
@@ -63,8 +65,8 @@ def _emulator_child(protocol: str, model: str, n: int, conn: Any) -> None:
 
 
 def roundtrip(protocol: str, model: str, n: int, ticks: int) -> dict[str, Any]:
-    from robot.motors.bus import MotorBus
-    from robot.motors.protocols import codec_for
+    from robot.servo.bus import MotorBus
+    from robot.servo.protocols import codec_for
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -138,9 +140,9 @@ def control_loop(hz: float, seconds: float, size: str, port: str, calibration: P
 
     from learner.config import load_config
     from learner.link.protocol import DEFAULT_MAX_BYTES
-    from robot.link_process import LinkProcess
+    from robot.link.process import LinkProcess
     from robot.runner import ControlLoop, step_spec, warm_up
-    from robot.servo_robot import ServoRobot
+    from robot.servo.robot import ServoRobot
 
     torch.set_num_threads(1)  # as reverie-robot run does
     cfg = load_config(QUADRUPED, [f"motors.port={port}", f"motors.calibration={calibration}", f"control.hz={hz}",
@@ -183,7 +185,11 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=500, help="round trips per bus case")
     parser.add_argument("--size", default="size12m", help="policy model size")
     parser.add_argument("--parts", default="roundtrip,loop")
+    parser.add_argument("--quick", action="store_true", help="smoke run (`make bench`): " + QUICK_NOTE)
     args = parser.parse_args()
+    if args.quick:  # its figures are defaults, so flags given beside --quick still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args()
     parts = args.parts.split(",")
     out: dict[str, Any] = {"cpu_count": os.cpu_count(), "baud": BAUD}
     if "roundtrip" in parts:

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ALGORITHMS", "ActSpace", "Agent", "Algorithm", "AlgorithmName", "ObsSpace", "Policy", "PolicyBlob",
-           "build_policy", "load_policy", "policy_class", "policy_from_file", "read_policy"]
+           "PolicyBuilder", "algorithm", "build_policy", "load_policy", "policy_class", "policy_from_file",
+           "read_policy", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ def algorithm(name: str) -> Algorithm:
 
 
 def policy_class(name: str) -> PolicyBuilder:
+    """What builds algorithm `name`'s policies (imports its acting code, never its trainer)."""
     return resolve(algorithm(name).policy)
 
 

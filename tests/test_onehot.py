@@ -147,7 +147,8 @@ def test_full_update_with_gathering_equals_the_dense_update(recipe, monkeypatch,
              "image": torch.randint(0, 255, (b, t, 16, 16, 3), generator=rng, dtype=torch.uint8).numpy(),
              "action": torch.rand(b, t, 2, generator=rng).mul(2).sub(1).numpy(),
              "reward": torch.randn(b, t, generator=rng).numpy(),
-             "is_first": torch.zeros(b, t).numpy(), "is_terminal": torch.zeros(b, t).numpy()}
+             "is_first": torch.zeros(b, t).numpy(), "is_terminal": torch.zeros(b, t).numpy(),
+             "is_last": torch.zeros(b, t).numpy()}
     batch["is_first"][:, 0] = 1
 
     def update(a: Dreamer) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from learner.config import apply_overrides, config_from_dict, load_config, parse_overrides  # noqa: E402
+from core.config import apply_overrides, config_from_dict, load_config, parse_overrides  # noqa: E402
 from learner.train import Trainer  # noqa: E402
 
 # --quick: Pendulum, size1m, 200 random steps, then 100 steps at 16 replayed steps each in 4x16 batches

@@ -123,10 +123,10 @@ def random_policy(cfg: Any, spec: dict[str, list[Any]], dim: int) -> Any:
     """A Policy of the configured size with untrained weights: acting costs the same as trained ones."""
     import torch
 
-    from learner.checkpoint import weights_to_bytes
-    from learner.dreamer.agent import DreamerModel
-    from learner.dreamer.policy import Policy, policy_weights
-    from learner.dreamer.preprocess import ActSpace
+    from core.agents.dreamer.policy import Policy, policy_weights
+    from core.agents.spaces import ActSpace
+    from core.weights import weights_to_bytes
+    from learner.agents.dreamer.agent import DreamerModel
 
     space = {k: (tuple(shape), dtype) for k, (dtype, shape) in spec.items() if k != "action"}
     torch.manual_seed(0)
@@ -138,8 +138,8 @@ def random_policy(cfg: Any, spec: dict[str, list[Any]], dim: int) -> Any:
 def control_loop(hz: float, seconds: float, size: str, port: str, calibration: Path, spool: Path) -> dict[str, Any]:
     import torch
 
-    from learner.config import load_config
-    from learner.link.protocol import DEFAULT_MAX_BYTES
+    from core.config import load_config
+    from core.link.protocol import DEFAULT_MAX_BYTES
     from robot.link.process import LinkProcess
     from robot.runner import ControlLoop, step_spec, warm_up
     from robot.servo.robot import ServoRobot

@@ -157,11 +157,11 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from core.agents.dreamer.policy import export_policy
+    from core.agents.spaces import ActSpace
+    from core.config.agent import DreamerConfig
+    from learner.agents.dreamer.agent import Dreamer, autocast_dtype, resolve_device
     from learner.compute import configure_compute
-    from learner.config_agent import DreamerConfig
-    from learner.dreamer.agent import Dreamer, autocast_dtype, resolve_device
-    from learner.dreamer.policy import export_policy
-    from learner.dreamer.preprocess import ActSpace
 
     if case["threads"]:
         torch.set_num_threads(case["threads"])
@@ -340,7 +340,7 @@ def act_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from learner.dreamer.policy import Policy
+    from core.agents.dreamer.policy import Policy
 
     torch.set_num_threads(1)
     policy = Policy.from_weights(Path(spec["blob"]).read_bytes(), "cpu")

@@ -143,7 +143,7 @@ def raw_sender(address: str, idx: int, n_chunks: int, ready: Any, go: Any, done:
 
 
 def _raw_sender(address: str, idx: int, n_chunks: int, ready: Any, go: Any, done: Any, results: Any) -> None:
-    from learner.link.protocol import Message, encode
+    from core.link.protocol import Message, encode
 
     frames = encode(Message("steps", f"bench-{idx}", "raw", 0, arrays=make_chunk(np.random.default_rng(idx))))
     ctx = zmq.Context()
@@ -166,7 +166,7 @@ def transport_sender(address: str, idx: int, n_chunks: int, ready: Any, go: Any,
 
 
 def _transport_sender(address: str, idx: int, n_chunks: int, ready: Any, go: Any, done: Any, results: Any) -> None:
-    from learner.link.protocol import Message, encode
+    from core.link.protocol import Message, encode
 
     arrays = make_chunk(np.random.default_rng(idx))
     run = f"run{idx}"
@@ -189,7 +189,7 @@ def _transport_sender(address: str, idx: int, n_chunks: int, ready: Any, go: Any
 def _robot_link(address: str, robot: str, spool_dir: str, hello: dict | None = None) -> Any:
     import torch
 
-    from learner.config_link import LinkConfig
+    from core.config.link import LinkConfig
     from robot.link.spool import Spool
     from robot.link.thread import RobotLink
 
@@ -203,7 +203,7 @@ def _robot_link(address: str, robot: str, spool_dir: str, hello: dict | None = N
 
 def _link_process(address: str, robot: str, spool_dir: str, hello: dict) -> Any:
     """The product default (link.process): the link in a child process of the robot (robot.link.process)."""
-    from learner.config_link import LinkConfig
+    from core.config.link import LinkConfig
     from robot.link.process import LinkProcess
 
     cfg = LinkConfig()
@@ -322,8 +322,8 @@ def control_robot(address: str, hz: float, seconds: float, spool_dir: str, ready
 def _control_robot(address: str, hz: float, seconds: float, spool_dir: str, ready: Any, go: Any,
                    results: Any) -> None:
     _pin("control")
-    from learner.config import Config
-    from robot.interface import ArraySpec, Robot, flag_specs
+    from core.config import Config
+    from core.interface import ArraySpec, Robot, flag_specs
     from robot.runner import ControlLoop, step_spec
 
     class BenchRobot(Robot):
@@ -465,7 +465,7 @@ def children() -> Iterator[Children]:
 @contextlib.contextmanager
 def learner(base: Path, name: str, ram_steps: int = 50_000) -> Iterator[Any]:
     """A LinkServer on a free loopback port over a fresh Replay (default chunk length) in base/name."""
-    from learner.config_link import LinkConfig
+    from core.config.link import LinkConfig
     from learner.link.server import LinkServer
     from learner.replay import Replay
 
@@ -535,7 +535,7 @@ def bench_raw(robots: int, steps: int) -> dict[str, Any]:
 
 def bench_transport(robots: int, steps: int, handoff: bool = True) -> dict[str, Any]:
     """Receive, decode and check every message; with `handoff`, put each into a queue.Queue another thread drains."""
-    from learner.link.protocol import check_steps, decode, spec_of
+    from core.link.protocol import check_steps, decode, spec_of
 
     spec = spec_of(SPEC)
     n_chunks = max(1, steps // CHUNK)
@@ -625,11 +625,11 @@ def bench_ingest(base: Path, robots: int, steps: int) -> dict[str, Any]:
 def policy_blobs() -> dict[str, bytes]:
     import torch
 
-    from learner.checkpoint import weights_to_bytes
-    from learner.config_agent import DreamerConfig
-    from learner.dreamer.agent import DreamerModel
-    from learner.dreamer.policy import export_policy, policy_weights
-    from learner.dreamer.preprocess import ActSpace
+    from core.agents.dreamer.policy import export_policy, policy_weights
+    from core.agents.spaces import ActSpace
+    from core.config.agent import DreamerConfig
+    from core.weights import weights_to_bytes
+    from learner.agents.dreamer.agent import DreamerModel
 
     torch.manual_seed(0)
     space = {"image": (IMAGE, "uint8"), "reward": ((), "float32"), "is_first": ((), "bool"),

@@ -34,7 +34,6 @@ from safetensors import safe_open
 
 from core.atomic import fsync_dir
 from core.tensor_tree import CheckpointError, flatten_state, meta_from_json, meta_to_json, unflatten_state
-from core.weights import load_weights, save_weights, weights_from_bytes, weights_to_bytes
 
 FORMAT = "reverie-checkpoint"
 VERSION = 1
@@ -43,23 +42,15 @@ STALE_TMP_S = 3600.0  # a temp dir this old belongs to a save that died
 _DIR_RE = re.compile(r"^ckpt-(\d+)$")
 _PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
-# The weights functions and flatten_state/unflatten_state are re-exported until every import names
-# core.weights and core.tensor_tree (issue 22).
 __all__ = [
     "CheckpointError",
     "CheckpointWarning",
     "checkpoint_step",
-    "flatten_state",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "load_latest_checkpoint",
-    "load_weights",
     "save_checkpoint",
-    "save_weights",
-    "unflatten_state",
-    "weights_from_bytes",
-    "weights_to_bytes",
 ]
 
 

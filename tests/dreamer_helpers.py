@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from learner.config_agent import DreamerConfig
+from core.config.agent import DreamerConfig
 
 FLAG_SPACE = {
     "reward": ((), "float32"),

@@ -11,8 +11,8 @@ from typing import Any
 
 import zmq
 
-from learner.link.protocol import Message, decode, encode
-from learner.link.security import ClientKeys, secure_client
+from core.link.protocol import Message, decode, encode
+from core.link.security import ClientKeys, secure_client
 
 DEADLINE = 30.0  # generous wait for an event over loopback (not a speed assertion)
 ROBOT = "rover-1"

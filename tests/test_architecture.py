@@ -30,3 +30,24 @@ def modules(package: str) -> list[Path]:
 def test_core_imports_no_process_package(path: Path) -> None:
     """core/ is what the robot and the learner agree on; it must stand alone below both of them."""
     assert not imported_packages(path) & {"learner", "robot", "sim"}
+
+
+# What each process package may import of ours (core/ is checked above). A robot install carries no
+# training code: robot/ never imports learner/. sim/ wraps the robot's device code in emulators and
+# stands in for the robot, so it may import robot/ but never learner/. The learner reaches the
+# simulator through Gymnasium ids and never imports the robot's code.
+ALLOWED = {"robot": {"core"}, "sim": {"core", "robot"}, "learner": {"core", "sim"}}
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_process_packages_import_only_what_the_layout_allows(package: str) -> None:
+    broken = {str(p.relative_to(ROOT)): sorted(imported_packages(p) & ({"core", "robot", "sim", "learner"} - {package}
+                                                                         - ALLOWED[package]))
+              for p in modules(package)}
+    assert not {k: v for k, v in broken.items() if v}
+
+
+def test_the_rule_sees_a_forbidden_import(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from learner.train import Trainer\n    return Trainer\n")
+    assert "learner" in imported_packages(module)  # a lazy import inside a function counts too

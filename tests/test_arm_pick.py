@@ -12,8 +12,8 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import sim  # noqa: F401 - registers the reverie/* ids
-from learner.config import ConfigError
-from robot.interface import DiscreteSpec, RobotError
+from core.config import ConfigError
+from core.interface import DiscreteSpec, RobotError
 from sim.arm import JOINT_TOLERANCE
 from sim.arm_pick import BIN_FLOOR, ArmPick, PickScripted
 from sim.tasks import default_config, make_policy

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from robot.interface import RobotError
+from core.interface import RobotError
 from sim.arm import JOINT_TOLERANCE
 from sim.arm_reach import ArmReach
 from sim.tasks import default_config, make_policy

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from learner.config_agent import DreamerConfig
-from learner.dreamer.agent import Dreamer
-from learner.dreamer.preprocess import ActSpace
+from core.agents.spaces import ActSpace
+from core.config.agent import DreamerConfig
+from learner.agents.dreamer.agent import Dreamer
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "learner_throughput.py"
 

@@ -46,7 +46,7 @@ def test_kept_heap_reuses_freed_memory_without_page_faults():
 
 
 def test_keep_heap_is_on_by_default_and_can_be_turned_off():
-    from learner.config_agent import DreamerConfig
+    from core.config.agent import DreamerConfig
 
     assert DreamerConfig().keep_heap
     assert not DreamerConfig.model_validate({"keep_heap": False}).keep_heap

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from learner.config import TASK_BLOCKS, Config, ConfigError, load_config, parse_overrides, write_resolved
+from core.config import TASK_BLOCKS, Config, ConfigError, load_config, parse_overrides, write_resolved
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "hardware_configs").glob("*.yaml"))
 ROBOT_CONFIG = CONFIGS[0].parent / "koch_arm.yaml"  # a task config with every block a robot has
@@ -163,7 +163,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 
 def test_configuration_reference_is_current() -> None:
     """docs/configuration.md is generated from the schema; regenerate it when the schema changes."""
-    from learner.config_doc import render
+    from core.config.doc import render
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert doc.read_text() == render(), "run: python -m core.config.doc > docs/configuration.md"
@@ -233,8 +233,8 @@ def test_values_that_would_run_forever_or_crash_later_are_refused(tmp_path: Path
 
 
 def test_the_config_robot_id_rule_is_the_wire_protocols() -> None:
-    from learner.config_link import ROBOT_ID_PATTERN
-    from learner.link.protocol import ID_RE
+    from core.config.link import ROBOT_ID_PATTERN
+    from core.link.protocol import ID_RE
 
     assert ID_RE.pattern == ROBOT_ID_PATTERN
 
@@ -282,7 +282,7 @@ def test_deeply_nested_override_is_refused(tmp_path: Path) -> None:
 
 def test_default_spool_is_in_the_users_state_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Not the working directory: a robot started from elsewhere must find its unsent experience again.
-    from learner.config_link import default_spool_dir
+    from core.config.link import default_spool_dir
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     assert default_spool_dir("arm1") == tmp_path / "state" / "reverie" / "spool" / "arm1"

@@ -18,16 +18,17 @@ import torch
 from dreamer_helpers import FLAG_SPACE, make_cfg
 from link_helpers import wait_for
 
-from learner.checkpoint import CheckpointError, weights_to_bytes
-from learner.config import Config
-from learner.config_link import LinkConfig
-from learner.dreamer.agent import DreamerModel
-from learner.dreamer.policy import Policy, policy_weights
-from learner.dreamer.preprocess import ActSpace
+from core.agents.dreamer.policy import Policy, policy_weights
+from core.agents.spaces import ActSpace
+from core.config import Config
+from core.config.link import LinkConfig
+from core.interface import ArraySpec, Robot, flag_specs
+from core.weights import weights_to_bytes
+from learner.agents.dreamer.agent import DreamerModel
+from learner.checkpoint import CheckpointError
 from learner.link.server import LinkServer
 from learner.replay import Replay
 from robot.demo import free_port
-from robot.interface import ArraySpec, Robot, flag_specs
 from robot.link.spool import Spool
 from robot.link.thread import RobotLink
 from robot.runner import ControlLoop, pin_cpus, step_spec, wait_until

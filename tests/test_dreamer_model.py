@@ -19,10 +19,10 @@ import pytest
 import torch
 from dreamer_helpers import FLAG_SPACE, make_cfg, randomise_biases
 
-from learner.dreamer.agent import Dreamer
-from learner.dreamer.optim import LaProp
-from learner.dreamer.policy import Policy, export_policy
-from learner.dreamer.preprocess import ActSpace
+from core.agents.dreamer.policy import Policy, export_policy
+from core.agents.spaces import ActSpace
+from learner.agents.dreamer.agent import Dreamer
+from learner.agents.dreamer.optim import LaProp
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -617,7 +617,7 @@ def test_policy_state_does_not_alias_trainer_updates():
 
 
 def test_onehot_samples_follow_the_probabilities_with_straight_through_gradient():
-    from learner.dreamer.dists import sample_onehot
+    from core.agents.dreamer.dists import sample_onehot
 
     probs = torch.tensor([0.5, 0.0, 0.2, 0.3])
     logits = torch.log(probs.clamp(min=1e-30)).expand(40_000, 4).clone().requires_grad_()
@@ -633,7 +633,7 @@ def test_onehot_samples_follow_the_probabilities_with_straight_through_gradient(
 
 @pytest.mark.parametrize("batch", [1, 5, 100])
 def test_block_linear_is_a_block_diagonal_linear_map_at_any_batch(batch):
-    from learner.dreamer.layers import BlockLinear
+    from core.agents.dreamer.layers import BlockLinear
 
     torch.manual_seed(0)
     layer = BlockLinear(6, 4, blocks=3)
@@ -648,7 +648,7 @@ def test_block_linear_is_a_block_diagonal_linear_map_at_any_batch(batch):
 def test_rms_norm_hand_written_backward_matches_the_formula():
     """RMSNorm's forward/backward are written out for speed; both must be those of
     x * rsqrt(mean(x^2) + eps) * scale, for any layout (ChannelNorm passes a permuted view)."""
-    from learner.dreamer.layers import ChannelNorm, Norm, RMSNormFn
+    from core.agents.dreamer.layers import ChannelNorm, Norm, RMSNormFn
 
     def formula(x, scale, eps):
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * scale
@@ -728,8 +728,8 @@ def test_heads_in_one_product_equal_the_separate_heads(recipe, rows):
 def test_mlps_with_unlike_first_layers_give_what_each_gives_alone():
     """`mlps_on` on MLPs that differ in their first layer (plain or one-hot, other one-hot columns,
     a bias, no layers at all) gives each MLP's own output."""
-    from learner.dreamer.layers import MLP, Norm, mlps_on
-    from learner.dreamer.onehot import OneHotCols
+    from core.agents.dreamer.layers import MLP, Norm, mlps_on
+    from core.agents.dreamer.onehot import OneHotCols
 
     torch.manual_seed(0)
     rows = 80  # above onehot.MIN_ROWS: one-hot layers gather

@@ -14,10 +14,10 @@ import pytest
 import torch
 from dreamer_helpers import FLAG_SPACE, make_cfg, randomise_biases
 
-from learner.dreamer.agent import Dreamer
-from learner.dreamer.behavior import Behavior, lambda_return
-from learner.dreamer.layers import BlockLinear, ChannelNorm, ConvDecoder, ConvEncoder, Norm, fans
-from learner.dreamer.preprocess import ActSpace
+from core.agents.dreamer.layers import BlockLinear, ChannelNorm, ConvDecoder, ConvEncoder, Norm, fans
+from core.agents.spaces import ActSpace
+from learner.agents.dreamer.agent import Dreamer
+from learner.agents.dreamer.behavior import Behavior, lambda_return
 
 IMAGE_SPACE = {"image": ((64, 64, 3), "uint8"), "pos": ((3,), "float32"), **FLAG_SPACE}
 VECTOR_SPACE = {"pos": ((3,), "float32"), **FLAG_SPACE}

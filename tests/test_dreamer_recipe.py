@@ -15,24 +15,17 @@ import torch
 import torch.nn.functional as F
 from dreamer_helpers import FLAG_SPACE, make_cfg
 
-from learner.config_agent import RECIPES, SIZES, DreamerConfig
-from learner.dreamer.agent import Dreamer
-from learner.dreamer.behavior import Behavior, ReturnNorm
-from learner.dreamer.dists import (
-    TwoHot,
-    categorical_kl,
-    make_bins,
-    symexp,
-    symlog,
-    twohot,
-    unimix_logits,
-)
-from learner.dreamer.layers import ConvEncoder, Norm, cnn_channels
-from learner.dreamer.optim import LaProp, PartsAdam
-from learner.dreamer.policy import Policy, export_policy
-from learner.dreamer.preprocess import ActSpace, ObsKeys, preprocess
-from learner.dreamer.rssm import RSSM
-from learner.dreamer.world_model import WorldModel
+from core.agents.dreamer.dists import TwoHot, categorical_kl, make_bins, symexp, symlog, twohot, unimix_logits
+from core.agents.dreamer.layers import ConvEncoder, Norm, cnn_channels
+from core.agents.dreamer.policy import Policy, export_policy
+from core.agents.dreamer.preprocess import ObsKeys, preprocess
+from core.agents.dreamer.rssm import RSSM
+from core.agents.spaces import ActSpace
+from core.config.agent import RECIPES, SIZES, DreamerConfig
+from learner.agents.dreamer.agent import Dreamer
+from learner.agents.dreamer.behavior import Behavior, ReturnNorm
+from learner.agents.dreamer.optim import LaProp, PartsAdam
+from learner.agents.dreamer.world_model import WorldModel
 
 
 def mixed_space(h: int = 16) -> dict:
@@ -610,7 +603,7 @@ def test_replay_context_round_trip(tmp_path):
 
 def test_train_ratio_counts_policy_steps_not_frames(tmp_path):
     Replay = _replay_or_skip()
-    from learner.config import Config
+    from core.config import Config
     from learner.metrics import Mean
     from learner.train import Counters, Trainer
 

@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 import pytest
 
-from learner.config import load_config
+from core.config import load_config
 from robot.emulated.servo_bus import EmulatedServo, ServoEmulator
 from robot.servo.tables import MODELS
 from robot.tools.servos import RANGE_PROMPT, ZERO_PROMPT

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import serial
 
-from learner.config import load_config
+from core.config import load_config
 from robot.emulated.imu import EmulatedBNO055, euler_from_quaternion
 from robot.sensors.imu import BNO055, ImuError, read_request, write_request
 from sim.emulation.imu_plant import pybullet_imu_source, quat_multiply, rotate_into

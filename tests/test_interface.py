@@ -8,7 +8,7 @@ import numpy as np
 import pybullet as p
 import pytest
 
-from robot.interface import ArraySpec, DiscreteSpec, Robot, flag_specs
+from core.interface import ArraySpec, DiscreteSpec, Robot, flag_specs
 from sim.assets import asset, render_proxy
 
 

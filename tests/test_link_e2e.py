@@ -25,7 +25,7 @@ import pytest
 
 from learner.checkpoint import latest_checkpoint, load_checkpoint
 from learner.replay import Replay
-from learner.replay.chunk import ChunkError, read_chunk
+from learner.replay.chunk_file import ChunkError, read_chunk
 from learner.replay.context import restore_context
 from robot.demo import free_port
 from robot.runner import ledger_keys, step_digests

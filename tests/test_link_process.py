@@ -23,10 +23,10 @@ import pytest
 import torch
 from link_helpers import DEADLINE, HELLO, ROBOT, wait_for
 
-from learner.checkpoint import weights_to_bytes
-from learner.config_link import LinkConfig
-from learner.link.protocol import Message, ProtocolError, decode, encode
-from learner.link.security import ClientKeys, LinkSecurityError
+from core.config.link import LinkConfig
+from core.link.protocol import Message, ProtocolError, decode, encode
+from core.link.security import ClientKeys, LinkSecurityError
+from core.weights import weights_to_bytes
 from learner.link.server import LinkServer
 from learner.replay import Replay
 from robot.demo import free_port

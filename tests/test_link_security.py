@@ -11,9 +11,9 @@ import pytest
 import zmq
 import zmq.auth
 
-from learner.link.keys_cli import main as keys_main
-from learner.link.protocol import Message, decode, encode
-from learner.link.security import (
+from core.link.keys_cli import main as keys_main
+from core.link.protocol import Message, decode, encode
+from core.link.security import (
     ClientKeys,
     LinkSecurityError,
     ServerKeys,

@@ -22,13 +22,13 @@ import pytest
 import torch
 from link_helpers import HELLO, ROBOT, SPEC, RawRobot, wait_for
 
-from learner.checkpoint import weights_from_bytes, weights_to_bytes
-from learner.config_link import LinkConfig
-from learner.link.protocol import weights_checksum
-from learner.link.security import ClientKeys, ServerKeys, create_keypair
+from core.config.link import LinkConfig
+from core.link.protocol import weights_checksum
+from core.link.security import ClientKeys, ServerKeys, create_keypair
+from core.weights import weights_from_bytes, weights_to_bytes
 from learner.link.server import SPEC_FILE, LinkServer
 from learner.replay import Replay
-from learner.replay.chunk import NAME_RE, read_chunk
+from learner.replay.chunk_file import NAME_RE, read_chunk
 from robot.link.spool import Spool
 from robot.link.thread import RobotLink
 

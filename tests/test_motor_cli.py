@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learner.config import load_config
+from core.config import load_config
 from robot.cli import main
 from robot.emulated.servo_bus import EmulatedServo, KinematicPlant, ServoEmulator
 from robot.servo.bus import MotorBus

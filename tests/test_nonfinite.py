@@ -20,12 +20,13 @@ from dreamer_helpers import FLAG_SPACE, make_cfg
 from link_helpers import RawRobot, wait_for
 from test_link_server import chunk, learner
 
-from learner.checkpoint import latest_checkpoint, load_checkpoint, load_weights
-from learner.config import load_config
-from learner.dreamer.agent import Dreamer
-from learner.dreamer.preprocess import ActSpace
+from core.agents.spaces import ActSpace
+from core.config import load_config
+from core.weights import load_weights
+from learner.agents.dreamer.agent import Dreamer
+from learner.checkpoint import latest_checkpoint, load_checkpoint
 from learner.replay import Replay, read_chunk
-from learner.replay.chunk import is_chunk_name
+from learner.replay.chunk_file import is_chunk_name
 from learner.serve import Server
 from learner.train import Trainer
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from dreamer_helpers import make_cfg
 
-import learner.dreamer.onehot as onehot
-from learner.dreamer.agent import Dreamer
-from learner.dreamer.onehot import OneHotCols, OneHotLinear, onehot_index
-from learner.dreamer.preprocess import ActSpace
+import core.agents.dreamer.onehot as onehot
+from core.agents.dreamer.onehot import OneHotCols, OneHotLinear, onehot_index
+from core.agents.spaces import ActSpace
+from learner.agents.dreamer.agent import Dreamer
 
 GROUPS, CLASSES = 6, 5
 # The two layouts the model uses: [deter, stoch] (heads, actor, critic) and [stoch, action] (GRU input).

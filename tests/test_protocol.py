@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
-from learner.link.protocol import (
+from core.link.protocol import (
     DTYPES,
     KINDS,
     MAX_CHUNK_STEPS,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from learner.config import Config, load_config
+from core.config import Config, load_config
 from robot.servo.robot import ServoRobot
 from sim.emulation.rig import EmulatedRig, true_calibration
 

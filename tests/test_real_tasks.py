@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from learner.config import Config
+from core.config import Config
 from robot.real_tasks import PickPlace, Reading, StandWalk, gravity_in_body, make_task, upright
 from robot.sensors.tracking import TableTracker
 from sim.emulation.marker_scene import LIFT_M, MarkerScene

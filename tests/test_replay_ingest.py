@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from learner.replay import Replay, read_chunk
-from learner.replay.chunk import INDEX_NAME, is_chunk_name
+from learner.replay.chunk_file import is_chunk_name
+from learner.replay.index import INDEX_NAME
 from learner.replay_cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]

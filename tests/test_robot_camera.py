@@ -13,7 +13,7 @@ import numpy as np
 import pybullet as p
 import pytest
 
-from learner.config import CameraConfig
+from core.config import CameraConfig
 from robot.sensors.camera import Camera, CameraError, Frame
 from sim.camera import Camera as SimCamera
 

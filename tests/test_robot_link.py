@@ -21,8 +21,8 @@ import zmq
 from link_helpers import DEADLINE, HELLO, ROBOT, SPEC, wait_for
 
 from core.config.link import LinkConfig
-from learner.checkpoint import weights_to_bytes
-from learner.link.protocol import Message, check_steps, decode, encode, spec_of
+from core.link.protocol import Message, check_steps, decode, encode, spec_of
+from core.weights import weights_to_bytes
 from robot.demo import free_port
 from robot.link.contract import ChunkTooBig, LinkError, LinkRefused
 from robot.link.factory import make_link

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from link_helpers import HELLO, wait_for
 
-from learner.config import Config, ConfigError, load_config
-from learner.config_link import LinkConfig
+from core.config import Config, ConfigError, load_config
+from core.config.link import LinkConfig
 from learner.link.server import LinkServer
 from learner.replay import Replay
 from robot.cli import main as robot_main

@@ -19,25 +19,21 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from core.tensor_tree import flatten_state, unflatten_state
+from core.video import episode_frames, openloop_grid, write_video
+from core.weights import load_weights, save_weights, weights_from_bytes, weights_to_bytes
 from learner.checkpoint import (
     CheckpointError,
     CheckpointWarning,
     checkpoint_step,
-    flatten_state,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     load_latest_checkpoint,
-    load_weights,
     save_checkpoint,
-    save_weights,
-    unflatten_state,
-    weights_from_bytes,
-    weights_to_bytes,
 )
 from learner.metrics import Mean, MetricsLogger, read_metrics
 from learner.plots import plot_learning_curve, plot_losses
-from learner.video import episode_frames, openloop_grid, write_video
 
 # --- helpers ---------------------------------------------------------------------------------------
 

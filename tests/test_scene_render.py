@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from learner.config import Config, load_config
+from core.config import Config, load_config
 from robot.sensors.camera import Camera
 from robot.sensors.imu import BNO055
 from robot.sensors.markers import CameraModel, MarkerTracker

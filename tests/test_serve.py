@@ -12,11 +12,11 @@ import pytest
 import torch
 from dreamer_helpers import make_cfg
 
-from learner.checkpoint import weights_to_bytes
-from learner.dreamer.agent import DreamerModel
-from learner.dreamer.policy import Policy, policy_weights
-from learner.dreamer.preprocess import ActSpace
-from learner.link.protocol import decode
+from core.agents.dreamer.policy import Policy, policy_weights
+from core.agents.spaces import ActSpace
+from core.link.protocol import decode
+from core.weights import weights_to_bytes
+from learner.agents.dreamer.agent import DreamerModel
 from learner.run import updates_allowed
 from robot.demo import free_port
 from robot.link.spool import Spool

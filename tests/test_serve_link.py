@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from link_helpers import SPEC, RawRobot, wait_for
 
+from core.config import load_config
 from learner.cli import main as learner_main
-from learner.config import load_config
 from learner.link.server import SPEC_FILE
 from learner.serve import STATUS_ROBOTS, Server
 from robot.demo import free_port

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from learner.link.protocol import decode
-from learner.replay.chunk import ChunkError, read_chunk
+from core.link.protocol import decode
+from learner.replay.chunk_file import ChunkError, read_chunk
 from robot.demo import free_port
 from robot.link.spool import Spool
 

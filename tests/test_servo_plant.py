@@ -18,7 +18,7 @@ import pytest
 import serial
 import yaml
 
-from learner.config import Config, config_from_dict, load_config
+from core.config import Config, config_from_dict, load_config
 from robot.servo.calibration import Calibration
 from robot.servo.codec import Codec, Packet
 from robot.servo.protocols import codec_for

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from learner.config import Config, load_config
-from learner.link.protocol import decode
+from core.config import Config, load_config
+from core.interface import RobotError
+from core.link.protocol import decode
 from robot.emulated.servo_bus import KinematicPlant
-from robot.interface import RobotError
 from robot.link.spool import SUFFIX, Spool
 from robot.servo.errors import MotorError, ServoFault
 from robot.servo.robot import ServoRobot

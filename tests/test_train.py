@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from core.agents.dreamer.policy import Policy
+from core.config import load_config
 from learner.checkpoint import CheckpointWarning, checkpoint_step, latest_checkpoint, load_checkpoint
 from learner.cli import main as learner_main
-from learner.config import load_config
-from learner.dreamer.policy import Policy
 from learner.metrics import read_metrics
 from learner.replay.context import CONTEXT_PART
 from learner.train import Trainer

@@ -13,9 +13,9 @@ import yaml
 from dreamer_helpers import FLAG_SPACE, make_cfg
 from PIL import Image
 
-from learner.dreamer.agent import DreamerModel
-from learner.dreamer.policy import export_policy
-from learner.dreamer.preprocess import ActSpace
+from core.agents.dreamer.policy import export_policy
+from core.agents.spaces import ActSpace
+from learner.agents.dreamer.agent import DreamerModel
 from sim.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import zmq
 
-from learner.atomic import atomic_write_bytes
-from learner.config_link import LinkConfig
-from learner.link.protocol import (
+from core.atomic import atomic_write_bytes
+from core.config.link import LinkConfig
+from core.link.protocol import (
     BOOKKEEPING,
     Message,
     ProtocolError,
@@ -45,9 +45,9 @@ from learner.link.protocol import (
     step_bytes,
     weights_checksum,
 )
-from learner.link.security import BINDINGS_FILE, KeyBindings, LinkSecurityError, ServerKeys, secure_server
+from core.link.security import BINDINGS_FILE, KeyBindings, LinkSecurityError, ServerKeys, secure_server
 from learner.replay import Replay
-from learner.replay.chunk import StepSpec
+from learner.replay.validation import StepSpec
 
 log = logging.getLogger("reverie.link")
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from learner.config import Config
-from learner.config_hardware import MotorsConfig
+from core.config import Config
+from core.config.hardware import MotorsConfig
 from robot.emulated.servo_bus import EmulatedServo, Plant, ServoEmulator
 from robot.servo.calibration import Calibration, JointCalibration
 from robot.servo.tables import MODELS

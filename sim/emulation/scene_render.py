@@ -41,7 +41,7 @@ import msgpack
 import numpy as np
 import pybullet as p
 
-from learner.config import Config
+from core.config import Config
 from robot.sensors.markers import CameraModel, aruco_dictionary
 from sim.emulation.marker_scene import LIFT_M, NEAR_M, PAPER, print_quad, render_view, table_from_camera, view_up
 from sim.emulation.servo_models import urdf_path

@@ -26,7 +26,7 @@ from types import TracebackType
 import numpy as np
 import pybullet as p
 
-from learner.config import Config
+from core.config import Config
 from sim.assets import asset
 from sim.emulation.servo_models import servo_model, urdf_path
 

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# ActSpace is re-exported for the importers issue 22's final import pass rewrites.
-from core.agents.spaces import ActSpace, ObsSpace  # noqa: F401
+from core.agents.spaces import ObsSpace
 
 FLAGS = ("reward", "is_first", "is_last", "is_terminal")
 NOT_INPUTS = (*FLAGS, "action")

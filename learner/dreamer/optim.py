@@ -1,6 +1,0 @@
-"""Moved to learner.agents.dreamer.optim: an alias until every import is rewritten (issue 22)."""
-import sys
-
-from learner.agents.dreamer import optim as _moved
-
-sys.modules[__name__] = _moved

@@ -1,6 +1,0 @@
-"""Moved to core.agents.dreamer.policy: an alias until every import is rewritten (issue 22)."""
-import sys
-
-from core.agents.dreamer import policy as _moved
-
-sys.modules[__name__] = _moved

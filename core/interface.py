@@ -22,8 +22,6 @@ from typing import Any
 
 import numpy as np
 
-FLAG_KEYS: tuple[str, ...] = ("reward", "is_first", "is_last", "is_terminal")
-
 
 @dataclass(frozen=True)
 class ArraySpec:

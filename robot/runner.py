@@ -29,6 +29,7 @@ from core.agents.spaces import ActSpace
 from core.config import Config
 from core.config.link import chunk_steps
 from core.interface import ArraySpec, Robot, RobotError
+from core.layout import BOOL_FLAGS
 from robot.backends import action_dim
 from robot.link.contract import Link, LinkError, LinkRefused, Weights
 from robot.link.spool import SpoolFull
@@ -180,7 +181,7 @@ def step_digests(arrays: dict[str, np.ndarray], keys: list[str]) -> list[str]:
 
 def ledger_keys(spec: dict[str, Any]) -> list[str]:
     """What a ledger digest covers: everything but the episode flags (the learner may cut an episode)."""
-    return sorted(k for k in spec if k not in ("is_first", "is_last", "is_terminal"))
+    return sorted(k for k in spec if k not in BOOL_FLAGS)
 
 
 def realtime(priority: int | None) -> bool:

@@ -15,6 +15,7 @@ import pybullet as p
 
 from core.config import Config
 from core.interface import ArraySpec, DiscreteSpec, Robot, RobotError, flag_specs
+from core.layout import BOOL_FLAGS
 from sim.camera import Camera
 from sim.randomization import Randomizer
 
@@ -114,7 +115,7 @@ class SimRobot(Robot):
         if "image" in self.observation_spec:
             obs["image"] = self.camera.render(self.camera_base_xy())
         obs["reward"] = np.float32(self._flags["reward"])
-        for key in ("is_first", "is_last", "is_terminal"):
+        for key in BOOL_FLAGS:
             obs[key] = np.bool_(self._flags[key])
         return obs
 

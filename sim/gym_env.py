@@ -9,7 +9,8 @@ import numpy as np
 from gymnasium import spaces
 
 from core.config import Config, load_config
-from core.interface import FLAG_KEYS, ArraySpec, DiscreteSpec
+from core.interface import ArraySpec, DiscreteSpec
+from core.layout import FLAG_KEYS
 from sim.tasks import default_config, make_robot
 
 

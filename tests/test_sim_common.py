@@ -9,7 +9,8 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import sim  # noqa: F401 - registers the reverie/* ids
-from core.interface import FLAG_KEYS, DiscreteSpec
+from core.interface import DiscreteSpec
+from core.layout import FLAG_KEYS
 from sim.tasks import TASKS, default_config, make_policy, make_robot
 
 TASK_NAMES = list(TASKS)

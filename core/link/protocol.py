@@ -27,6 +27,7 @@ import numpy as np
 import zmq
 
 from core.config.link import ROBOT_ID_PATTERN
+from core.layout import ACTION_KEY, FLAG_KEYS
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_BYTES = 256 * 2**20  # whole multipart message, all frames
@@ -45,7 +46,7 @@ ID_RE = re.compile(ROBOT_ID_PATTERN)  # robot ids, the config's rule (may be "" 
 REJECT_KINDS = ("size", "frames", "header", "version", "type", "field", "dtype", "shape")
 # Entries every hello spec must announce besides the observation keys; `policy_version` and `time`
 # are bookkeeping arrays every steps message carries, so a spec may not claim those names.
-REQUIRED_SPEC_KEYS = ("reward", "is_first", "is_last", "is_terminal", "action")
+REQUIRED_SPEC_KEYS = (*FLAG_KEYS, ACTION_KEY)
 BOOKKEEPING = {"policy_version": "int64", "time": "float64"}
 WEIGHTS_DTYPES = ("float32", "float16")
 

@@ -8,9 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from core.interface import FLAG_KEYS
-
-BOOL_FLAGS = tuple(key for key in FLAG_KEYS if key != "reward")
+from core.layout import BOOL_FLAGS, FLAG_KEYS
 
 
 def _as_array(value: Any) -> tuple[np.ndarray, bool]:

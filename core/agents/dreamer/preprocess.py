@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from core.agents.spaces import ObsSpace
+from core.layout import ACTION_KEY, FLAG_KEYS
 
-FLAGS = ("reward", "is_first", "is_last", "is_terminal")
-NOT_INPUTS = (*FLAGS, "action")
+NOT_INPUTS = (*FLAG_KEYS, ACTION_KEY)
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def preprocess(obs: Mapping[str, np.ndarray | Tensor], keys: ObsKeys, device: to
     for key in keys.vectors:
         x = torch.as_tensor(obs[key], device=device).float()
         out[key] = x[..., None] if key in keys.scalars else x
-    for key in FLAGS:
+    for key in FLAG_KEYS:
         if key in obs:
             out[key] = torch.as_tensor(obs[key], device=device).float()
     return out

@@ -18,6 +18,10 @@ import numpy as np
 FLAG_KEYS: tuple[str, ...] = ("reward", "is_first", "is_last", "is_terminal")
 BOOL_FLAGS: tuple[str, ...] = ("is_first", "is_last", "is_terminal")  # the flags that are bools (reward is not)
 ACTION_KEY = "action"  # the model-form action, stored beside the observation of the step it led to
+# The dtypes a layout that crosses a process boundary (the wire, a policy blob) may name.
+DTYPES = frozenset(
+    {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float16", "float32", "float64"}
+)
 
 
 class _FieldTuple(NamedTuple):

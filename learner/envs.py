@@ -19,6 +19,8 @@ from gymnasium import spaces
 from core.agents.spaces import ActSpace, ObsSpace
 from core.config import Config
 from core.config.tasks import TASKS
+from core.interface import flag_specs
+from core.layout import StepLayout
 
 SIM_PREFIX = "sim:"  # "module:id": Gymnasium imports `sim` (which registers the table's gym ids) first
 GYM_PREFIX = "gymnasium:"
@@ -75,9 +77,8 @@ class Env:
                 raise EnvError(f"{self.id}: observation {key!r} is {type(sub).__name__}; only Box is supported")
             dtype = "uint8" if sub.dtype == np.uint8 else "float32"
             out[key] = (tuple(sub.shape), dtype)
-        out.update({"reward": ((), "float32"), "is_first": ((), "bool"), "is_last": ((), "bool"),
-                    "is_terminal": ((), "bool")})
-        return out
+        out.update({key: (spec.shape, spec.dtype) for key, spec in flag_specs().items()})
+        return StepLayout(out)
 
     def _act_space(self, space: gym.Space) -> tuple[ActSpace, gym.Space]:
         if isinstance(space, spaces.Discrete):

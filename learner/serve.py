@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from core.agents.spaces import ActSpace
+from core.agents.spaces import ActSpace, ObsSpace
 from core.config import Config
+from core.layout import ACTION_KEY
 from core.weights import weights_to_bytes
 from learner.agents import agent_class, make_agent
 from learner.link.server import LinkServer, RunSpec
@@ -41,10 +42,10 @@ class ServeCounters(RunCounters):
     received: int = 0  # steps stored over the whole run (all restarts)
 
 
-def spaces_of(spec: RunSpec) -> tuple[dict[str, tuple[tuple[int, ...], str]], ActSpace]:
+def spaces_of(spec: RunSpec) -> tuple[ObsSpace, ActSpace]:
     """The model's observation and action spaces from the robots' step layout."""
-    space = {k: (shape, dtype) for k, (dtype, shape) in spec.spec.items() if k != "action"}
-    shape = spec.spec["action"][1]
+    space = spec.layout.without(ACTION_KEY)
+    shape = spec.layout[ACTION_KEY].shape
     if len(shape) != 1:
         raise ValueError(f"action must be a vector (one dimension), got shape {list(shape)}")
     return space, ActSpace(int(shape[0]), spec.discrete)

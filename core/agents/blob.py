@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from core.agents.spaces import ActSpace, ObsSpace
+from core.layout import DTYPES, StepLayout
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -32,7 +33,7 @@ class PolicyBlob(NamedTuple):
     algorithm: str
     tensors: dict[str, Tensor]
     config: Any  # the algorithm's config, as the blob declares it (validated and bounded by the algorithm)
-    space: dict[str, tuple[tuple[int, ...], str]]
+    space: ObsSpace
     act_space: ActSpace
     version: int
 
@@ -43,13 +44,13 @@ def blob_meta(algorithm: str, config: Mapping[str, Any], space: ObsSpace, act: A
         "format": FORMAT,
         "algorithm": algorithm,
         algorithm: dict(config),
-        "obs_space": {k: [list(s), d] for k, (s, d) in space.items()},
+        "obs_space": StepLayout.of(space).to_meta(),
         "act_space": act.to_dict(),
         "version": int(version),
     }
 
 
-def read_meta(meta: Mapping[str, Any]) -> tuple[str, dict[str, tuple[tuple[int, ...], str]], ActSpace, int]:
+def read_meta(meta: Mapping[str, Any]) -> tuple[str, ObsSpace, ActSpace, int]:
     """(algorithm, observation space, action space, version) of a blob's metadata; ValueError naming the entry
     that is missing, malformed or over the bounds. The algorithm's own config is left to the algorithm."""
     if meta.get("format") != FORMAT:
@@ -67,12 +68,11 @@ def read_meta(meta: Mapping[str, Any]) -> tuple[str, dict[str, tuple[tuple[int, 
     return algorithm, space, act, version
 
 
-def _declared_spaces(obs: Any, act: Any) -> tuple[dict[str, tuple[tuple[int, ...], str]], ActSpace]:
+def _declared_spaces(obs: Any, act: Any) -> tuple[ObsSpace, ActSpace]:
     """The observation and action spaces of a blob's metadata, in bounds (ValueError naming the entry)."""
     if not isinstance(obs, Mapping) or not 0 < len(obs) <= MAX_OBS_KEYS:
         raise ValueError(f"policy blob obs_space: expected 1 to {MAX_OBS_KEYS} entries, found "
                          f"{len(obs) if isinstance(obs, Mapping) else type(obs).__name__}")
-    space = {}
     for key, entry in obs.items():
         ok = isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[0], list | tuple)
         shape = tuple(entry[0]) if ok else ()
@@ -80,7 +80,9 @@ def _declared_spaces(obs: Any, act: Any) -> tuple[dict[str, tuple[tuple[int, ...
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_DIM for d in shape)):
             raise ValueError(f"policy blob obs_space[{str(key)[:64]!r}]: expected [shape of at most 3 dimensions "
                              f"of 1 to {MAX_DIM}, dtype name], found {str(entry)[:100]}")
-        space[key] = (shape, entry[1])
+        if entry[1] not in DTYPES:
+            raise ValueError(f"policy blob obs_space[{key!r}]: dtype {entry[1][:32]!r} is not one of {sorted(DTYPES)}")
+    space = StepLayout.from_meta(obs)
     if (not isinstance(act, Mapping) or set(act) != {"dim", "discrete"} or not isinstance(act["discrete"], bool)
             or isinstance(act["dim"], bool) or not isinstance(act["dim"], int) or not 1 <= act["dim"] <= MAX_DIM):
         raise ValueError(f"policy blob act_space: expected {{dim: 1 to {MAX_DIM}, discrete: true/false}}, "

@@ -6,12 +6,13 @@ beside the agent interface rather than inside one algorithm.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-ObsSpace = Mapping[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype name)
+from core.layout import StepLayout
+
+ObsSpace = StepLayout  # a step's layout less its action: the observation entries and the episode flags
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import numpy as np
 import zmq
 
 from core.config.link import ROBOT_ID_PATTERN
-from core.layout import ACTION_KEY, FLAG_KEYS
+from core.layout import ACTION_KEY, DTYPES, FLAG_KEYS
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_BYTES = 256 * 2**20  # whole multipart message, all frames
@@ -39,9 +39,6 @@ MAX_DIMS = 8
 # elsewhere cannot hide an absurd one): numpy accepts shapes like (2**40,) that no machine allocates.
 MAX_STEP_BYTES = DEFAULT_MAX_BYTES
 KINDS = ("hello", "welcome", "steps", "ack", "weights", "heartbeat", "bye")
-DTYPES = frozenset(
-    {"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float16", "float32", "float64"}
-)
 ID_RE = re.compile(ROBOT_ID_PATTERN)  # robot ids, the config's rule (may be "" for messages from the learner)
 REJECT_KINDS = ("size", "frames", "header", "version", "type", "field", "dtype", "shape")
 # Entries every hello spec must announce besides the observation keys; `policy_version` and `time`

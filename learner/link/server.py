@@ -32,6 +32,7 @@ import zmq
 
 from core.atomic import atomic_write_bytes
 from core.config.link import LinkConfig
+from core.layout import StepLayout
 from core.link.protocol import (
     BOOKKEEPING,
     Message,
@@ -68,30 +69,40 @@ LayoutCheck = Callable[["RunSpec"], "str | None"]  # why the trainer could not u
 
 @dataclass
 class RunSpec:
-    """What every robot of a run must send: the step layout, whether actions are discrete, the task."""
+    """What every robot of a run must send: the step layout, whether actions are discrete, the task.
+    `spec` is the layout as the hello gave it (`spec_of`: what each chunk is checked against), `layout`
+    the same as the one step-layout type."""
 
     spec: dict[str, tuple[str, tuple[int, ...]]]
     discrete: bool
     task: str
     hz: float
+    layout: StepLayout = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.layout = StepLayout.from_wire(self.spec)
 
     def to_json(self) -> dict[str, Any]:
-        return {"spec": {k: [d, list(s)] for k, (d, s) in self.spec.items()}, "discrete": self.discrete,
-                "task": self.task, "hz": self.hz}
+        return {"spec": self.layout.to_wire(), "discrete": self.discrete, "task": self.task, "hz": self.hz}
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> RunSpec:
         return RunSpec(spec_of(data["spec"]), bool(data["discrete"]), str(data["task"]), float(data["hz"]))
 
     def mismatch(self, other: RunSpec) -> str | None:
-        if self.spec != other.spec:
-            keys = sorted(set(self.spec) | set(other.spec))
-            diff = [f"{k}: {self.spec.get(k)} vs {other.spec.get(k)}" for k in keys
-                    if self.spec.get(k) != other.spec.get(k)]
+        if self.layout != other.layout:
+            keys = sorted(set(self.layout) | set(other.layout))
+            diff = [f"{k}: {_entry(self.layout, k)} vs {_entry(other.layout, k)}" for k in keys
+                    if self.layout.get(k) != other.layout.get(k)]
             return "step layout differs from the run's: " + "; ".join(diff)
         if self.discrete != other.discrete:
             return f"action kind differs (discrete {other.discrete}, the run's {self.discrete})"
         return None
+
+
+def _entry(layout: StepLayout, key: str) -> str:
+    entry = layout.get(key)
+    return "none" if entry is None else f"{entry.dtype.name}{list(entry.shape)}"
 
 
 @dataclass
@@ -380,7 +391,7 @@ class LinkServer:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, json.dumps(spec.to_json(), indent=1).encode())
         log.info("run step layout fixed by the first robot: %s",
-                 printable(", ".join(f"{k} {d}{list(s)}" for k, (d, s) in spec.spec.items()), 2000))
+                 printable(", ".join(f"{k} {f.dtype.name}{list(f.shape)}" for k, f in spec.layout.items()), 2000))
 
     def _load_spec(self) -> RunSpec | None:
         path = self.run_dir / SPEC_FILE
@@ -499,7 +510,7 @@ def _storable(spec: RunSpec, robot: str) -> str | None:
     """Why the replay store could not hold steps of this layout (None if it can): checked at hello,
     before the layout is adopted for the run."""
     # Zero-stride views: the layout is checked without allocating a step (a peer chose its size).
-    example = {k: np.broadcast_to(np.zeros((), dtype), shape) for k, (dtype, shape) in spec.spec.items()}
+    example = {k: np.broadcast_to(np.zeros((), f.dtype), f.shape) for k, f in spec.layout.items()}
     try:
         StepSpec.from_step(example, robot)
     except (ValueError, TypeError) as err:

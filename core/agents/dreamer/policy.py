@@ -25,6 +25,7 @@ from core.agents.dreamer.preprocess import ObsKeys, preprocess
 from core.agents.dreamer.rssm import RSSM
 from core.agents.spaces import ActSpace, ObsSpace
 from core.config.agent import DreamerConfig
+from core.layout import StepLayout
 from core.weights import weights_to_bytes
 
 ALGORITHM = "dreamer"  # its name in the registry, the config and a policy blob
@@ -74,7 +75,7 @@ class Policy:
 
     def __init__(self, cfg: DreamerConfig, space: ObsSpace, act: ActSpace, net: nn.Module,
                  device: torch.device, version: int = 0) -> None:
-        self.cfg, self.space, self.act_space = cfg, dict(space), act
+        self.cfg, self.space, self.act_space = cfg, StepLayout.of(space), act
         self.keys = ObsKeys.select(space, cfg.image_keys, cfg.vector_keys)
         self.encoder, self.rssm, self.actor = net.encoder, net.rssm, net.actor
         self.device, self.version = device, version

@@ -24,6 +24,7 @@ from core.agents.dreamer.rssm import State
 from core.agents.spaces import ActSpace, ObsSpace
 from core.config import Config
 from core.config.agent import DreamerConfig
+from core.layout import StepLayout
 from learner.agents.dreamer.behavior import Behavior
 from learner.agents.dreamer.openloop import openloop
 from learner.agents.dreamer.optim import make_optimizer
@@ -69,7 +70,7 @@ class DreamerModel(nn.Module):
 
     def __init__(self, cfg: DreamerConfig, space: ObsSpace, act: ActSpace) -> None:
         super().__init__()
-        self.cfg, self.space, self.act_space = cfg, dict(space), act
+        self.cfg, self.space, self.act_space = cfg, StepLayout.of(space), act
         self.keys = ObsKeys.select(space, cfg.image_keys, cfg.vector_keys)
         self.wm = WorldModel(cfg, space, self.keys, act)
         self.behavior = Behavior(cfg, self.wm.feat_dim, act, self.wm.rssm.feat_cols)

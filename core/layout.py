@@ -10,7 +10,7 @@ policy blob's `[dims, dtype]` metadata. The episode-flag keys every step carries
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -103,6 +103,16 @@ class StepLayout(Mapping[str, Field]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._fields)
+
+    # The dict's own views: as read-only as the Mapping's, and cheaper on the replay's per-step path.
+    def keys(self) -> KeysView[str]:
+        return self._fields.keys()
+
+    def values(self) -> ValuesView[Field]:
+        return self._fields.values()
+
+    def items(self) -> ItemsView[str, Field]:
+        return self._fields.items()
 
     def __len__(self) -> int:
         return len(self._fields)

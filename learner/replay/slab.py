@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from core.layout import StepLayout
 from learner.replay.chunk_file import TIME, VERSION
 from learner.replay.context import Context
 from learner.replay.validation import StepSpec
@@ -39,11 +40,9 @@ class Slab:
         """Fix the layout. Reserve what ram_steps needs at once (np.zeros is backed by memory only where
         written) unless that is a large share of physical memory; then grow geometrically as data arrives."""
         self.spec = spec
-        columns = dict(spec.fields)
-        columns[TIME] = ((), np.dtype(np.float64))
-        columns[VERSION] = ((), np.dtype(np.int64))
+        columns = StepLayout({**spec.layout, TIME: ((), np.float64), VERSION: ((), np.int64)})
         self.data = {key: np.zeros((0, *shape), dtype) for key, (shape, dtype) in columns.items()}
-        row_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in columns.values())
+        row_bytes = columns.step_bytes()
         hint = self._slots_hint()
         self._grow(hint if hint * self.slot_size * row_bytes <= _physical_memory() // 4 else min(8, hint))
 
@@ -94,7 +93,7 @@ class Slab:
         (valid where the sequence has a step before it in its run, within the same episode, that has
         latents)."""
         assert self.spec is not None
-        out = {key: self.data[key][rows[:, 1:]] for key in self.spec.fields}
+        out = {key: self.data[key][rows[:, 1:]] for key in self.spec.layout}
         out["ids"] = ids
         prev = rows[:, 0]
         valid = has_prev & self.context.ok[prev] & ~out["is_first"][:, 0]

@@ -1,5 +1,5 @@
-"""What a step must look like to be stored: the key set, shapes and dtypes a store fixes at its first
-step (`StepSpec`), the episode flags every step carries, and the NaN/inf check that refuses a step."""
+"""What a step must look like to be stored: the layout a store fixes at its first step (`StepSpec`, the
+replay's checks around a `core.layout.StepLayout`), and the NaN/inf check that refuses a step."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from core.layout import BOOL_FLAGS, FLAG_KEYS
+from core.layout import BOOL_FLAGS, FLAG_KEYS, Field, StepLayout
 
 
 def _as_array(value: Any) -> tuple[np.ndarray, bool]:
@@ -59,11 +59,11 @@ def step_count(steps: dict[str, np.ndarray], stream: str) -> int:
 
 
 class StepSpec:
-    """The key set and each key's per-step shape and dtype, fixed by the first step a store sees (or by
-    the chunk files it loads), so that every chunk of a store stacks into one array per key."""
+    """The step layout fixed by the first step a store sees (or by the chunk files it loads), so that every
+    chunk of a store stacks into one array per key; `origin` says what fixed it, for error messages."""
 
-    def __init__(self, fields: dict[str, tuple[tuple[int, ...], np.dtype]], origin: str) -> None:
-        self.fields = fields
+    def __init__(self, layout: StepLayout, origin: str) -> None:
+        self.layout = layout
         self.origin = origin
 
     @staticmethod
@@ -78,21 +78,21 @@ class StepSpec:
             if arr.dtype.kind in "OV":
                 raise ValueError(f"replay step from stream {stream!r}: key {key!r} has unsupported dtype {arr.dtype}")
             fields[key] = (arr.shape, arr.dtype)
-        return StepSpec(fields, f"the first step, from stream {stream!r}")._checked(f"stream {stream!r}")
+        return StepSpec(StepLayout(fields), f"the first step, from stream {stream!r}")._checked(f"stream {stream!r}")
 
     @staticmethod
     def from_arrays(arrays: dict[str, np.ndarray], origin: str) -> StepSpec:
         """The layout of a chunk file's step arrays (rows = steps); ValueError if it lacks what a step needs."""
-        return StepSpec({key: (value.shape[1:], value.dtype) for key, value in arrays.items()}, origin)._checked(origin)
+        return StepSpec(StepLayout.from_rows(arrays), origin)._checked(origin)
 
     def _checked(self, where: str) -> StepSpec:
-        missing = [key for key in FLAG_KEYS if key not in self.fields]
+        missing = [key for key in FLAG_KEYS if key not in self.layout]
         if missing:
             raise ValueError(f"replay step from {where}: missing required key(s) {missing}")
         for key in BOOL_FLAGS:
-            if self.fields[key] != ((), np.dtype(bool)):
+            if self.layout[key] != Field((), bool):
                 raise ValueError(f"replay step from {where}: key {key!r} must be a bool scalar")
-        if self.fields["reward"][0] != () or self.fields["reward"][1].kind not in "fiu":
+        if self.layout["reward"].shape != () or self.layout["reward"].dtype.kind not in "fiu":
             raise ValueError(f"replay step from {where}: key 'reward' must be a numeric scalar")
         return self
 
@@ -101,7 +101,7 @@ class StepSpec:
         where = f"replay step from stream {stream!r}"
         self._check_keys(step.keys(), where)
         out = {}
-        for key, (shape, dtype) in self.fields.items():
+        for key, (shape, dtype) in self.layout.items():
             value = step[key]
             if type(value) is np.ndarray and value.dtype == dtype and value.shape == shape:
                 out[key] = value  # the common case, kept cheap
@@ -122,7 +122,7 @@ class StepSpec:
         where = f"replay steps from stream {stream!r}"
         self._check_keys(steps.keys(), where)
         count = step_count(steps, stream)
-        for key, (shape, dtype) in self.fields.items():
+        for key, (shape, dtype) in self.layout.items():
             value = steps[key]
             if value.shape[1:] != shape or value.dtype != dtype:
                 differs = self._differs(value.shape[1:], value.dtype, shape, dtype)
@@ -130,8 +130,8 @@ class StepSpec:
         return steps, count
 
     def _check_keys(self, keys: KeysView[str], where: str) -> None:
-        if keys != self.fields.keys():
-            missing, extra = sorted(self.fields.keys() - keys), sorted(keys - self.fields.keys())
+        if keys != self.layout.keys():
+            missing, extra = sorted(self.layout.keys() - keys), sorted(keys - self.layout.keys())
             raise ValueError(
                 f"{where}: keys differ from the ones this replay stores (fixed by {self.origin}): "
                 f"missing {missing}, unexpected {extra}"
@@ -139,10 +139,10 @@ class StepSpec:
 
     def mismatch(self, other: StepSpec) -> str | None:
         """How `other` (e.g. a loaded chunk's arrays) differs, or None."""
-        if other.fields.keys() != self.fields.keys():
-            return f"keys {sorted(other.fields)} instead of {sorted(self.fields)}"
-        for key, (shape, dtype) in self.fields.items():
-            oshape, odtype = other.fields[key]
+        if other.layout.keys() != self.layout.keys():
+            return f"keys {sorted(other.layout)} instead of {sorted(self.layout)}"
+        for key, (shape, dtype) in self.layout.items():
+            oshape, odtype = other.layout[key]
             if (oshape, odtype) != (shape, dtype):
                 return f"key {key!r} has shape {oshape} dtype {odtype}, expected shape {shape} dtype {dtype}"
         return None

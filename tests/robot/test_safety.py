@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from robot.safety import CommandFilter, EStop, SafetyEvent, SafetyLog, Watchdog
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-9  # float rounding of last +- max_step; angles here are at most tens of radians
 
 

@@ -19,7 +19,7 @@ from robot.sensors.imu import BNO055, ImuError, read_request, write_request
 from sim.emulation.imu_plant import pybullet_imu_source, quat_multiply, rotate_into
 from sim.emulation.servo_plant import PyBulletPlant
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 1.0  # generous: the emulator answers within a few ms
 QUAT_LSB = 1 / 2**14
 RAD_LSB = 1 / 900

@@ -9,7 +9,7 @@ import yaml
 
 from core.config import TASK_BLOCKS, Config, ConfigError, load_config, parse_overrides, write_resolved
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "hardware_configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "hardware_configs").glob("*.yaml"))
 ROBOT_CONFIG = CONFIGS[0].parent / "koch_arm.yaml"  # a task config with every block a robot has
 
 
@@ -165,7 +165,7 @@ def test_configuration_reference_is_current() -> None:
     """docs/configuration.md is generated from the schema; regenerate it when the schema changes."""
     from core.config.doc import render
 
-    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    doc = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
     assert doc.read_text() == render(), "run: python -m core.config.doc > docs/configuration.md"
 
 
@@ -298,7 +298,7 @@ def test_secrets_and_robot_state_are_ignored_by_git() -> None:
     import shutil
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if shutil.which("git") is None or not (root / ".git").exists():
         pytest.skip("not a git checkout")
     paths = ["keys/arm1.key_secret", "keys/learner.key", "calibration/so101_arm.json", "spool/arm1/next_seq",

@@ -20,7 +20,7 @@ from learner.link.server import SPEC_FILE
 from learner.serve import STATUS_ROBOTS, Server
 from robot.demo import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "hardware_configs" / "sim_arm_reach.yaml"  # its agent has a CNN: images must be 16k x 16k
 TINY = ["dreamer.size=tiny", "link.heartbeat_s=0.1"]
 GOOD_SPEC = SPEC | {"image": ["uint8", [16, 16, 3]]}

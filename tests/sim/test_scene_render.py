@@ -21,7 +21,7 @@ from robot.sensors.markers import CameraModel, MarkerTracker
 from sim.emulation.camera_server import MjpegServer
 from sim.emulation.rig import EmulatedRig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("so101_arm", "koch_arm", "servo_quadruped")
 TOLERANCE_M = 0.01
 SETTLE_S = 30.0  # generous: the physics runs in real time on a busy machine

@@ -30,7 +30,7 @@ from learner.replay.chunk_file import is_chunk_name
 from learner.serve import Server
 from learner.train import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPACE = {"joint_vel": ((3,), "float32"), **FLAG_SPACE}
 ACT = ActSpace(2, False)
 

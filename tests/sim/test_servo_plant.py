@@ -27,7 +27,7 @@ from sim.emulation.rig import emulate, emulated_servos, true_calibration
 from sim.emulation.servo_models import LIMIT_MARGIN, servo_model, urdf_path
 from sim.emulation.servo_plant import PlantError, PyBulletPlant
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "hardware_configs"
 SERVO_CONFIGS = ("so101_arm.yaml", "koch_arm.yaml", "servo_quadruped.yaml")
 DEADLINE = 20.0  # generous wait for physics to get somewhere (not a speed assertion)

@@ -23,7 +23,7 @@ from learner.replay.context import CONTEXT_PART, restore_context
 from learner.replay.index import INDEX_NAME
 from learner.replay_cli import main as cli_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def step(t: int, stream_no: int = 0, *, first: bool = False, last: bool = False, reward: float = 0.0) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Allocate, write and free a 64 MB tensor over and over (as each Dreamer update does with its
 # activations) and count the page faults of the repeats.

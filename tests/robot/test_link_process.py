@@ -35,7 +35,7 @@ from robot.link.process import LinkProcess
 from robot.link.spool import Spool, SpoolFull
 
 T = 5
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def chunk(i: int) -> dict[str, np.ndarray]:
@@ -186,7 +186,7 @@ def test_reverie_robot_run_reports_a_link_that_cannot_start_and_exits_2(
     from robot.cli import main as robot_main
 
     monkeypatch.setattr(link_process, "_CTX", _CtrlCAtBirth(link_process._CTX, _BornKilled))
-    config = Path(__file__).resolve().parents[1] / "hardware_configs" / "sim_arm_reach.yaml"
+    config = Path(__file__).resolve().parents[2] / "hardware_configs" / "sim_arm_reach.yaml"
     code = robot_main(["run", "--config", str(config), "--learner", f"tcp://127.0.0.1:{free_port()}",
                        "--spool", str(tmp_path / "spool"), "--steps", "5", "--set", "camera.enabled=false"])
     err = capsys.readouterr().err

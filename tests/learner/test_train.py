@@ -21,7 +21,7 @@ from learner.metrics import read_metrics
 from learner.replay.context import CONTEXT_PART
 from learner.train import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "hardware_configs" / "sim_arm_reach.yaml"
 # A tiny, fast variant: 32x32 images, 10-step episodes, 2x8 batches.
 FAST = [

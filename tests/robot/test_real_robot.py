@@ -19,7 +19,7 @@ from core.config import Config, load_config
 from robot.servo.robot import ServoRobot
 from sim.emulation.rig import EmulatedRig, true_calibration
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Joint goals that bring the SO-101's effector marker next to the target marker (as tests/test_scene_render.py).
 SO101_REACH = {"shoulder_lift": 0.4, "elbow_flex": -0.1, "wrist_flex": 1.4}
 # A loaded CI machine pauses threads (the emulator shares this process): room for the watchdog and the bus.

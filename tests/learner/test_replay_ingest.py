@@ -22,7 +22,7 @@ from learner.replay.chunk_file import is_chunk_name
 from learner.replay.index import INDEX_NAME
 from learner.replay_cli import main as cli_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def robot_chunk(seq: int, n: int, t0: int = 0, *, episode: int = 0) -> dict[str, np.ndarray]:

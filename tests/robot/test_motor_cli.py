@@ -26,7 +26,7 @@ from robot.servo.calibration import Calibration, JointCalibration, default_path
 from robot.servo.errors import MotorConfigError
 from robot.tools.servos import RANGE_PROMPT, SCAN_COLUMNS, ZERO_PROMPT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SO101 = ROOT / "hardware_configs" / "so101_arm.yaml"
 CLI = ROOT / ".venv" / "bin" / "reverie-robot"
 IDS = "0-12"  # a short id range keeps a sweep over every baud quick

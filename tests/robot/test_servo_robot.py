@@ -25,7 +25,7 @@ from robot.servo.errors import MotorError, ServoFault
 from robot.servo.robot import ServoRobot
 from sim.emulation.rig import emulate, true_calibration
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SO101 = ROOT / "hardware_configs" / "so101_arm.yaml"
 KOCH = ROOT / "hardware_configs" / "koch_arm.yaml"
 DEADLINE = 30.0  # generous wait for something to happen (not a speed assertion)

@@ -13,7 +13,7 @@ from core.agents.spaces import ActSpace
 from core.config.agent import DreamerConfig
 from learner.agents.dreamer.agent import Dreamer
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "learner_throughput.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "learner_throughput.py"
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from robot.emulated.imu import EmulatedBNO055
 from robot.servo import usb_latency
 from robot.tools.devices import V4L_BY_ID, tilt_deg
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BY_ID = "usb-FTDI_FT232R_USB_UART_A50285BI-if00-port0"
 W, H, FPS = 96, 64, 30.0
 RED_BGR, BLUE_BGR = (0, 0, 255), (255, 0, 0)

@@ -17,7 +17,7 @@ from learner.replay.chunk_file import ChunkError, read_chunk
 from robot.demo import free_port
 from robot.link.spool import Spool
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SO101 = ROOT / "hardware_configs" / "so101_arm.yaml"
 SECONDS = 30
 

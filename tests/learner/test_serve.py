@@ -21,7 +21,7 @@ from learner.run import updates_allowed
 from robot.demo import free_port
 from robot.link.spool import Spool
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_train_ratio_counts_replayed_steps_per_received_step():

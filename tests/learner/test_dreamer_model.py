@@ -24,7 +24,7 @@ from core.agents.spaces import ActSpace
 from learner.agents.dreamer.agent import Dreamer
 from learner.agents.dreamer.optim import LaProp
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SPACES = {
     "image": {"image": ((16, 16, 3), "uint8"), **FLAG_SPACE},

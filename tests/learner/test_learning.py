@@ -11,7 +11,7 @@ import pytest
 
 from learner.cli import main as learner_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "hardware_configs"
 
 

@@ -242,7 +242,7 @@ def test_a_policy_for_another_robot_is_refused_initially_and_on_the_wire(tmp_pat
 def test_reverie_robot_run_refuses_initial_weights_it_cannot_use(tmp_path: Path, capsys) -> None:
     from robot.cli import main as robot_main
 
-    config = Path(__file__).resolve().parents[1] / "hardware_configs" / "sim_arm_reach_proprio.yaml"
+    config = Path(__file__).resolve().parents[2] / "hardware_configs" / "sim_arm_reach_proprio.yaml"
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\xff" * 64)
     other_task = _policy_file(tmp_path, "other.safetensors", 3, 1, 1)
@@ -258,7 +258,7 @@ def test_reverie_robot_run_refuses_initial_weights_it_cannot_use(tmp_path: Path,
 def test_reverie_robot_run_refuses_a_learner_flag_it_cannot_connect_to(tmp_path: Path, capsys) -> None:
     from robot.cli import main as robot_main
 
-    config = Path(__file__).resolve().parents[1] / "hardware_configs" / "sim_arm_reach_proprio.yaml"
+    config = Path(__file__).resolve().parents[2] / "hardware_configs" / "sim_arm_reach_proprio.yaml"
     code = robot_main(["run", "--config", str(config), "--learner", "tcp://*:5555", "--spool", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert code == 2 and "--learner 'tcp://*:5555': expected a host and port to connect to" in err, err
@@ -267,7 +267,7 @@ def test_reverie_robot_run_refuses_a_learner_flag_it_cannot_connect_to(tmp_path:
 
 # --- issue 20: reverie-robot run refuses what would run forever, mean nothing or crash after the robot opened -----
 
-PROPRIO = Path(__file__).resolve().parents[1] / "hardware_configs" / "sim_arm_reach_proprio.yaml"
+PROPRIO = Path(__file__).resolve().parents[2] / "hardware_configs" / "sim_arm_reach_proprio.yaml"
 SECONDS = "argument --duration: expected a finite number of seconds > 0, found"
 
 

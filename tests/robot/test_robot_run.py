@@ -28,7 +28,7 @@ from robot.cli import main as robot_main
 from robot.link.spool import Spool
 from robot.link.thread import RobotLink
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "hardware_configs" / "sim_arm_reach_proprio.yaml"
 ROBOT = "arm-run"
 # 20 Hz, 5 steps per chunk: 23 steps are four full chunks and a last one of three.

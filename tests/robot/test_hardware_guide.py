@@ -47,7 +47,7 @@ from robot.servo.tables import MODELS
 from robot.tools.servos import RANGE_PROMPT, ZERO_PROMPT
 from sim.emulation.rig import EmulatedRig, true_calibration
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "hardware.md"
 VENV_BIN = ROOT / ".venv" / "bin"
 LONG = "# runs until Ctrl-C"

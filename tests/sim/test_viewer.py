@@ -18,7 +18,7 @@ from core.agents.spaces import ActSpace
 from learner.agents.dreamer.agent import DreamerModel
 from sim.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _frames(path: Path) -> list:

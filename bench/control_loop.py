@@ -119,7 +119,7 @@ def start_emulator(cfg_path: Path, calibration: Path) -> tuple[subprocess.Popen,
     raise RuntimeError("the emulator did not print its port")
 
 
-def random_policy(cfg: Any, spec: dict[str, list[Any]], dim: int) -> Any:
+def random_policy(cfg: Any, spec: Any, dim: int) -> Any:
     """A Policy of the configured size with untrained weights: acting costs the same as trained ones."""
     import torch
 
@@ -128,7 +128,7 @@ def random_policy(cfg: Any, spec: dict[str, list[Any]], dim: int) -> Any:
     from core.weights import weights_to_bytes
     from learner.agents.dreamer.agent import DreamerModel
 
-    space = {k: (tuple(shape), dtype) for k, (dtype, shape) in spec.items() if k != "action"}
+    space = spec.without("action")
     torch.manual_seed(0)
     model = DreamerModel(cfg.dreamer, space, ActSpace(dim, False))
     tensors, meta = policy_weights(model, 1)
@@ -154,7 +154,7 @@ def control_loop(hz: float, seconds: float, size: str, port: str, calibration: P
         spec, act = step_spec(robot)
         policy = random_policy(cfg, spec, act.dim)
         link = LinkProcess("tcp://127.0.0.1:9", f"bench-{int(hz)}", (spool / f"{hz}", 2**30),  # as link.process
-                           {"spec": spec, "task": "bench", "hz": float(hz), "discrete": False},
+                           {"spec": spec.to_wire(), "task": "bench", "hz": float(hz), "discrete": False},
                            max_bytes=DEFAULT_MAX_BYTES)
         link.start()
         warm_up(policy, spec)  # the loop does this too; here so that the one-off first call is not timed

@@ -365,7 +365,7 @@ def _control_robot(address: str, hz: float, seconds: float, spool_dir: str, read
                                  "sim": {"physics_hz": 1000.0}, "link": {"chunk_seconds": 1.0}})
     robot = BenchRobot()
     spec, act = step_spec(robot)
-    hello = {"spec": spec, "task": "link-bench", "hz": float(hz), "discrete": act.discrete}
+    hello = {"spec": spec.to_wire(), "task": "link-bench", "hz": float(hz), "discrete": act.discrete}
     make_link = _link_process if os.environ.get(LP_ENV) == "1" else _robot_link
     link = make_link(address, f"control-{int(hz)}", spool_dir, hello)
     try:

@@ -28,6 +28,7 @@ from core.config.link import (
     message_room_problem,
     robot_id_problem,
 )
+from core.layout import StepLayout
 from core.link.security import LinkSecurityError
 from robot.tools import devices, servos
 
@@ -71,7 +72,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"reverie-robot: link.max_message_mb: expected {problem}, found {link_cfg.max_message_mb}",
                   file=sys.stderr)
             return 2
-        hello = {"spec": spec, "task": cfg.task or cfg.name, "hz": float(cfg.control.hz), "discrete": act.discrete}
+        hello = {"spec": spec.to_wire(), "task": cfg.task or cfg.name, "hz": float(cfg.control.hz),
+                 "discrete": act.discrete}
         link = make_link(link_cfg, address, robot_id, spool_dir, hello)
         try:
             loop = ControlLoop(cfg, robot, link, seed=cfg.seed, initial=initial, ledger=args.ledger)
@@ -118,7 +120,7 @@ def _exit_code(stopped: str, refused: str) -> int:
     return 0
 
 
-def _chunk_problem(cfg: Any, spec: dict[str, Any], robot_id: str) -> str | None:
+def _chunk_problem(cfg: Any, spec: StepLayout, robot_id: str) -> str | None:
     """Why link.max_message_mb cannot carry one chunk of this robot's step layout, else None."""
     from robot.link.base import chunk_message_bytes
 

@@ -20,7 +20,6 @@ from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -29,7 +28,7 @@ from core.agents.spaces import ActSpace
 from core.config import Config
 from core.config.link import chunk_steps
 from core.interface import ArraySpec, Robot, RobotError
-from core.layout import BOOL_FLAGS
+from core.layout import ACTION_KEY, BOOL_FLAGS, StepLayout
 from robot.backends import action_dim
 from robot.link.contract import Link, LinkError, LinkRefused, Weights
 from robot.link.spool import SpoolFull
@@ -39,19 +38,18 @@ status_log = logging.getLogger("reverie.robot.status")  # the periodic status li
 RECENT_STEPS = 3000  # one minute at 50 Hz
 
 
-def step_spec(robot: Robot) -> tuple[dict[str, list[Any]], ActSpace]:
+def step_spec(robot: Robot) -> tuple[StepLayout, ActSpace]:
     """The per-step layout announced to the learner (observation entries + model-form action)."""
-    spec: dict[str, list[Any]] = {k: [np.dtype(s.dtype).name, list(s.shape)] for k, s in robot.observation_spec.items()}
     dim, discrete = action_dim(robot.action_spec)
-    spec["action"] = ["float32", [dim]]
-    return spec, ActSpace(dim, discrete)
+    fields = {k: (s.shape, s.dtype) for k, s in robot.observation_spec.items()}
+    return StepLayout({**fields, ACTION_KEY: ((dim,), np.float32)}), ActSpace(dim, discrete)
 
 
 def _act_kind(act: ActSpace) -> str:
     return f"{act.dim} {'discrete choices' if act.discrete else 'continuous dimensions'}"
 
 
-def policy_misfit(policy: Policy, spec: dict[str, list[Any]], act: ActSpace) -> str | None:
+def policy_misfit(policy: Policy, spec: StepLayout, act: ActSpace) -> str | None:
     """Why `policy` cannot drive a robot with this step layout (another task's weights), else None."""
     if (policy.act_space.dim, policy.act_space.discrete) != (act.dim, act.discrete):
         return f"the policy acts in {_act_kind(policy.act_space)}, the robot in {_act_kind(act)}"
@@ -59,30 +57,30 @@ def policy_misfit(policy: Policy, spec: dict[str, list[Any]], act: ActSpace) -> 
         shape = tuple(policy.space[key][0])
         if key not in spec:
             return f"the policy reads observation {key!r}, which the robot does not have"
-        if tuple(spec[key][1]) != shape:
-            return f"observation {key!r}: the policy expects shape {shape}, the robot gives {tuple(spec[key][1])}"
+        if spec[key].shape != shape:
+            return f"observation {key!r}: the policy expects shape {shape}, the robot gives {spec[key].shape}"
     return None
 
 
-def blob_misfit(blob: PolicyBlob, spec: dict[str, list[Any]], act: ActSpace) -> str | None:
+def blob_misfit(blob: PolicyBlob, spec: StepLayout, act: ActSpace) -> str | None:
     """Why a received blob cannot be this robot's, from what it declares, before anything is built. Every
     observation key it declares must be the robot's, with the robot's shape: the keys its patterns are then
     matched against while building are the robot's own."""
     if (blob.act_space.dim, blob.act_space.discrete) != (act.dim, act.discrete):
         return f"the policy acts in {_act_kind(blob.act_space)}, the robot in {_act_kind(act)}"
     for key, (shape, _) in blob.space.items():
-        if key not in spec or key == "action":
+        if key not in spec or key == ACTION_KEY:
             return f"the policy's observation space has {key[:64]!r}, which the robot does not have"
-        if tuple(spec[key][1]) != shape:
-            return f"observation {key!r}: the policy expects shape {shape}, the robot gives {tuple(spec[key][1])}"
+        if spec[key].shape != tuple(shape):
+            return f"observation {key!r}: the policy expects shape {tuple(shape)}, the robot gives {spec[key].shape}"
     return None
 
 
-def warm_up(policy: Policy, spec: dict[str, list[Any]], rounds: int = 3) -> None:
+def warm_up(policy: Policy, spec: StepLayout, rounds: int = 3) -> None:
     """Act a few times on a blank observation, then forget it. A fresh policy's first calls are slow
     (torch allocates and picks kernels: seconds, once); paying that here keeps it out of a control period,
     where it would trip the motors' watchdog."""
-    obs = {k: np.zeros(shape, dtype) for k, (dtype, shape) in spec.items() if k != "action"}
+    obs = {k: np.zeros(shape, dtype) for k, (shape, dtype) in spec.without(ACTION_KEY).items()}
     for i in range(rounds):
         obs["is_first"] = np.bool_(i == 0)
         policy.act(obs, mode="sample")
@@ -96,7 +94,7 @@ class PolicyLoader:
     declares is bounded and checked against this robot before anything is built (`read_policy`, `blob_misfit`,
     `build_policy`), so a blob describing a huge network costs milliseconds, not seconds and gigabytes."""
 
-    def __init__(self, link: Link, spec: dict[str, list[Any]], act: ActSpace) -> None:
+    def __init__(self, link: Link, spec: StepLayout, act: ActSpace) -> None:
         self.link = link
         self.spec, self.act = spec, act
         self.ready: Policy | None = None
@@ -179,7 +177,7 @@ def step_digests(arrays: dict[str, np.ndarray], keys: list[str]) -> list[str]:
     return out
 
 
-def ledger_keys(spec: dict[str, Any]) -> list[str]:
+def ledger_keys(spec: StepLayout) -> list[str]:
     """What a ledger digest covers: everything but the episode flags (the learner may cut an episode)."""
     return sorted(k for k in spec if k not in BOOL_FLAGS)
 
@@ -364,7 +362,7 @@ class ControlLoop:
         return np.asarray(self.policy.last_action[0], np.float32)
 
     def _record(self, obs: dict[str, np.ndarray], action: np.ndarray) -> None:
-        step = {k: np.asarray(obs[k]) for k in self.spec if k != "action"}
+        step = {k: np.asarray(obs[k]) for k in self.spec if k != ACTION_KEY}
         step["action"] = action
         step["policy_version"] = np.int64(self.version)
         step["time"] = np.float64(time.time())
@@ -376,7 +374,7 @@ class ControlLoop:
         if not self.buffer:
             return
         arrays = {k: np.stack([s[k] for s in self.buffer]) for k in self.buffer[0]}
-        for key, (dtype, _) in self.spec.items():
+        for key, (_, dtype) in self.spec.items():
             arrays[key] = arrays[key].astype(dtype, copy=False)
         self.buffer = []
         self.stats.chunks += 1

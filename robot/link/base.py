@@ -16,6 +16,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from core.layout import Field, StepLayout
 from core.link.protocol import BOOKKEEPING, ID_RE, Message, encode
 from core.link.security import ClientKeys
 from robot.link.contract import ChunkTooBig, LinkError, LinkRefused, LinkStatus, Weights
@@ -38,12 +39,11 @@ def raise_unsendable(robot_id: str, frames: list, max_bytes: int) -> None:
                           "(robot and learner) or lower link.chunk_seconds")
 
 
-def chunk_message_bytes(spec: dict[str, Any], steps: int, robot_id: str) -> int:
-    """Wire size of one steps message of `steps` steps in this layout (a hello's spec), counted by encoding a
-    one-step message: its header grows by a few bytes per array with the step count (allowed for here)."""
-    layout = {name: (dtype, tuple(shape)) for name, (dtype, shape) in spec.items()}
-    layout |= {name: (dtype, ()) for name, dtype in BOOKKEEPING.items()}
-    one = {name: np.zeros((1, *shape), dtype) for name, (dtype, shape) in layout.items()}
+def chunk_message_bytes(spec: StepLayout, steps: int, robot_id: str) -> int:
+    """Wire size of one steps message of `steps` steps in this layout, counted by encoding a one-step
+    message: its header grows by a few bytes per array with the step count (allowed for here)."""
+    layout = {**spec, **{name: Field((), dtype) for name, dtype in BOOKKEEPING.items()}}
+    one = {name: np.zeros((1, *shape), dtype) for name, (shape, dtype) in layout.items()}
     frames = encode(Message("steps", robot_id, uuid.uuid4().hex, 2**62, arrays=one))
     return memoryview(frames[0]).nbytes + 4 * len(one) + steps * sum(a.nbytes for a in one.values())
 

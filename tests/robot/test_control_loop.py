@@ -123,7 +123,7 @@ def test_loop_runs_on_its_configured_cpu_at_its_rate_and_spools_while_no_learner
     robot = ThreadProbe()
     spec, act = step_spec(robot)
     link = RobotLink(f"tcp://127.0.0.1:{free_port()}", "loop-test", Spool(tmp_path / "spool", 1 << 24),
-                     {"spec": spec, "task": "loop-test", "hz": hz, "discrete": act.discrete})
+                     {"spec": spec.to_wire(), "task": "loop-test", "hz": hz, "discrete": act.discrete})
     link.start()
     result: dict = {}
 
@@ -159,7 +159,7 @@ def test_status_line_and_run_summary(tmp_path: Path, caplog) -> None:
     robot = ThreadProbe()
     spec, act = step_spec(robot)
     link = RobotLink(f"tcp://127.0.0.1:{free_port()}", "status-test", Spool(tmp_path / "spool", 1 << 24),
-                     {"spec": spec, "task": "loop-test", "hz": 100.0, "discrete": act.discrete})
+                     {"spec": spec.to_wire(), "task": "loop-test", "hz": 100.0, "discrete": act.discrete})
     link.start()
     try:
         with caplog.at_level(logging.INFO, logger="reverie.robot.status"):
@@ -211,7 +211,7 @@ def test_a_policy_for_another_robot_is_refused_initially_and_on_the_wire(tmp_pat
     server = LinkServer(LinkConfig(bind="tcp://127.0.0.1:*", heartbeat_s=0.1), replay, tmp_path / "run")
     server.start()
     link = RobotLink(server.endpoint, "loop-test", Spool(tmp_path / "spool", 1 << 24),
-                     {"spec": spec, "task": "loop-test", "hz": 50.0, "discrete": act.discrete})
+                     {"spec": spec.to_wire(), "task": "loop-test", "hz": 50.0, "discrete": act.discrete})
     link.start()
     try:
         with pytest.raises(ValueError, match="acts in 1 continuous dimensions, the robot in 2"):
@@ -375,10 +375,10 @@ def test_a_blob_declaring_a_huge_network_is_refused_while_the_loop_keeps_its_per
     server.start()
     with make_robot(cfg) as robot:
         spec, act = step_spec(robot)
-        space = {k: (tuple(shape), dtype) for k, (dtype, shape) in spec.items() if k != "action"}
+        space = spec.without("action")
         model = DreamerModel(make_cfg(), space, act)
         link = RobotLink(server.endpoint, "huge-test", Spool(tmp_path / "spool", 1 << 26),
-                         {"spec": spec, "task": "arm_reach", "hz": cfg.control.hz, "discrete": act.discrete})
+                         {"spec": spec.to_wire(), "task": "arm_reach", "hz": cfg.control.hz, "discrete": act.discrete})
         link.start()
         loop = ControlLoop(cfg, robot, link)
         runner = threading.Thread(target=loop.run)

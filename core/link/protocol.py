@@ -27,7 +27,7 @@ import numpy as np
 import zmq
 
 from core.config.link import ROBOT_ID_PATTERN
-from core.layout import ACTION_KEY, DTYPES, FLAG_KEYS
+from core.layout import ACTION_KEY, DTYPES, FLAG_KEYS, Field, StepLayout
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_BYTES = 256 * 2**20  # whole multipart message, all frames
@@ -399,9 +399,9 @@ _CHECKS = {
 }
 
 
-def spec_of(meta_spec: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Parse and validate a hello's meta['spec'] ({name: [dtype, [dims...]]}) -> dict;
-    raises ProtocolError('field', ...).
+def spec_of(meta_spec: Any) -> StepLayout:
+    """Parse and validate a hello's meta['spec'] ({name: [dtype, [dims...]]}, the wire's order) into the step
+    layout; raises ProtocolError('field', ...).
 
     The spec is what every later steps message from that robot is checked against, so it must be exact:
     known dtypes, per-step dims, the REQUIRED_SPEC_KEYS present, and no bookkeeping names.
@@ -411,7 +411,7 @@ def spec_of(meta_spec: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise ProtocolError("field", f"spec must be {expected}, got {_show(meta_spec)}")
     if len(meta_spec) > MAX_FRAMES - 1 - len(BOOKKEEPING):
         raise ProtocolError("field", f"spec has {len(meta_spec)} entries; at most {MAX_FRAMES - 1 - len(BOOKKEEPING)}")
-    spec: dict[str, tuple[str, tuple[int, ...]]] = {}
+    spec: dict[str, Field] = {}
     for name, entry in meta_spec.items():
         _check_name(name, "spec entry")
         if name in BOOKKEEPING:
@@ -425,26 +425,27 @@ def spec_of(meta_spec: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
             shape = _check_dims(dims, name, MAX_DIMS - 1, "spec entry")
         except ProtocolError as err:
             raise ProtocolError("field", str(err)) from None
-        spec[name] = (dtype, shape)
+        spec[name] = Field(shape, dtype)
     missing = [key for key in REQUIRED_SPEC_KEYS if key not in spec]
     if missing:
         raise ProtocolError("field", f"spec lacks required entries {missing}")
-    step_bytes(spec)
-    return spec
+    layout = StepLayout(spec)
+    step_bytes(layout)
+    return layout
 
 
-def step_bytes(spec: dict[str, tuple[str, tuple[int, ...]]], limit: int = MAX_STEP_BYTES) -> int:
+def step_bytes(spec: StepLayout, limit: int = MAX_STEP_BYTES) -> int:
     """Bytes of one step of `spec`; ProtocolError('field') naming the entry when a dimension or the step is over
     `limit` (computed with Python ints: no overflow, nothing allocated)."""
     total = 0
-    for name, (dtype, shape) in spec.items():
+    for name, (shape, dtype) in spec.items():
         for dim in shape:
             if dim > limit:
                 raise ProtocolError("field", f"spec entry {_show(name)}: dimension {dim} is over the limit {limit} "
                                              f"(the bytes one step may take)")
-        size = math.prod(shape) * _WIRE_DTYPES[dtype].itemsize
+        size = math.prod(shape) * dtype.itemsize
         if size > limit:
-            raise ProtocolError("field", f"spec entry {_show(name)}: {dtype}{list(shape)} is {size} bytes a step, "
+            raise ProtocolError("field", f"spec entry {_show(name)}: {dtype.name}{list(shape)} is {size} bytes a step, "
                                          f"over the limit {limit}")
         total += size
     if total > limit:
@@ -452,8 +453,8 @@ def step_bytes(spec: dict[str, tuple[str, tuple[int, ...]]], limit: int = MAX_ST
     return total
 
 
-def check_steps(msg: Message, spec: dict[str, tuple[str, tuple[int, ...]]]) -> int:
-    """Check a 'steps' message against the per-step spec announced in 'hello' (name -> (dtype, per-step shape));
+def check_steps(msg: Message, spec: StepLayout) -> int:
+    """Check a 'steps' message against the per-step layout announced in 'hello' (name -> (per-step shape, dtype));
     returns T (the number of steps). Every spec key must be present with that dtype and shape (T, *shape); extra
     arrays are rejected; plus the bookkeeping arrays "policy_version" (int64, (T,)) and "time" (float64, (T,)).
 
@@ -470,10 +471,10 @@ def check_steps(msg: Message, spec: dict[str, tuple[str, tuple[int, ...]]]) -> i
     if missing or extra:
         raise ProtocolError("field", f"steps from {msg.robot!r} seq {msg.seq}: missing arrays {missing}, "
                                      f"arrays not in the hello spec {extra}")
-    for name, (dtype, shape) in spec.items():
+    for name, (shape, dtype) in spec.items():
         arr = msg.arrays[name]
-        if arr.dtype.name != dtype:
-            raise ProtocolError("dtype", f"steps: array {name!r}: expected {dtype}, got {arr.dtype.name}")
+        if arr.dtype.name != dtype.name:
+            raise ProtocolError("dtype", f"steps: array {name!r}: expected {dtype.name}, got {arr.dtype.name}")
         if arr.shape != (steps, *shape):
             raise ProtocolError("shape", f"steps: array {name!r}: expected shape {(steps, *shape)}, got {arr.shape}")
     return steps

@@ -69,18 +69,13 @@ LayoutCheck = Callable[["RunSpec"], "str | None"]  # why the trainer could not u
 
 @dataclass
 class RunSpec:
-    """What every robot of a run must send: the step layout, whether actions are discrete, the task.
-    `spec` is the layout as the hello gave it (`spec_of`: what each chunk is checked against), `layout`
-    the same as the one step-layout type."""
+    """What every robot of a run must send: the step layout (`spec_of` of the hello's: what each chunk is
+    checked against), whether actions are discrete, the task."""
 
-    spec: dict[str, tuple[str, tuple[int, ...]]]
+    layout: StepLayout
     discrete: bool
     task: str
     hz: float
-    layout: StepLayout = field(init=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self.layout = StepLayout.from_wire(self.spec)
 
     def to_json(self) -> dict[str, Any]:
         return {"spec": self.layout.to_wire(), "discrete": self.discrete, "task": self.task, "hz": self.hz}
@@ -374,7 +369,7 @@ class LinkServer:
         if self.bindings is not None and (problem := self.bindings.claim(robot, key)):
             return problem
         bookkeeping = sum(np.dtype(d).itemsize for d in BOOKKEEPING.values())
-        if (size := step_bytes(offered.spec)) + bookkeeping > self.max_bytes:
+        if (size := step_bytes(offered.layout)) + bookkeeping > self.max_bytes:
             return (f"one step is {size} bytes, so no chunk fits in a message of link.max_message_mb "
                     f"({self.cfg.max_message_mb:g} MiB) on this learner")
         if self._spec is not None:
@@ -417,7 +412,7 @@ class LinkServer:
 
     def _steps(self, state: RobotState, msg: Message) -> bool:
         assert self._spec is not None
-        total = check_steps(msg, self._spec.spec)
+        total = check_steps(msg, self._spec.layout)
         pos = self._position(state.robot)
         if pos is None or msg.seq == pos.seq + 1 and pos.complete:
             first = 0
@@ -428,7 +423,7 @@ class LinkServer:
             first = pos.index + 1  # the learner died mid-chunk: store the rest
         else:
             return False  # a gap: wait for the robot to resend in order
-        steps = {k: msg.arrays[k][first:] for k in self._spec.spec}
+        steps = {k: msg.arrays[k][first:] for k in self._spec.layout}
         self.replay.add_steps(steps, state.robot, task=state.task, policy_version=msg.arrays["policy_version"][first:],
                               time=msg.arrays["time"][first:], source=msg.seq, first_index=first, total=total)
         self.positions[state.robot] = Position(msg.seq, total - 1, total)

@@ -394,7 +394,7 @@ def test_reject_kinds_are_closed() -> None:
 
 def test_spec_of_parses_lists_and_tuples() -> None:
     spec = spec_of(SPEC_META)
-    assert spec["image"] == ("uint8", (8, 8, 3)) and spec["reward"] == ("float32", ())
+    assert spec["image"] == ((8, 8, 3), "uint8") and spec["reward"] == ((), "float32")
     assert spec_of({k: tuple(v) for k, v in SPEC_META.items()}) == spec
 
 

@@ -213,7 +213,7 @@ def test_restarted_learner_knows_what_it_has(tmp_path: Path) -> None:
     assert (tmp_path / "run" / SPEC_FILE).is_file()
 
     with learner(tmp_path) as server, raw_robot(server, ROBOT) as robot:
-        assert server.spec is not None and server.spec.spec["image"] == ("uint8", (8, 8, 3))  # layout reloaded
+        assert server.spec is not None and server.spec.layout["image"] == ((8, 8, 3), "uint8")  # layout reloaded
         assert server.replay.source_position(ROBOT) == (2, T - 1, T)
         welcome = robot.hello()
         assert welcome.kind == "welcome" and welcome.meta["next_seq"] == 3

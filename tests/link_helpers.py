@@ -1,18 +1,23 @@
-"""What the link tests share: a small robot step layout and its hello, a hand-driven robot socket, and waiting
-for something."""
+"""What the link tests share: a small robot step layout and its hello, a learner's link server on loopback, a
+hand-driven robot socket, and waiting for something."""
 
 from __future__ import annotations
 
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import zmq
 
+from core.config.link import LinkConfig
 from core.link.protocol import Message, decode, encode
-from core.link.security import ClientKeys, secure_client
+from core.link.security import ClientKeys, ServerKeys, secure_client
+from learner.link.server import LinkServer
+from learner.replay import Replay
 
 DEADLINE = 30.0  # generous wait for an event over loopback (not a speed assertion)
 ROBOT = "rover-1"
@@ -26,6 +31,25 @@ SPEC = {
     "is_terminal": ["bool", []],
 }
 HELLO = {"spec": SPEC, "task": "test-task", "hz": 20.0}
+
+
+@contextmanager
+def learner(tmp_path: Path, keys: ServerKeys | None = None, port: int | None = None, chunk_length: int = 16,
+            **cfg: Any) -> Iterator[LinkServer]:
+    """A LinkServer on loopback (a free port unless given) over a Replay in tmp_path/replay (run dir
+    tmp_path/run); `cfg` overrides LinkConfig fields. On leaving, the server thread must still be alive."""
+    opts = {"bind": f"tcp://127.0.0.1:{'*' if port is None else port}", "heartbeat_s": 0.1,
+            "robot_lost_s": 30.0} | cfg
+    replay = Replay(tmp_path / "replay", chunk_length=chunk_length)
+    server = LinkServer(LinkConfig(**opts), replay, tmp_path / "run", keys=keys)
+    try:
+        server.start()
+        assert server.endpoint.startswith("tcp://127.0.0.1:") and not server.endpoint.endswith(":*")
+        yield server
+        server.check()  # the thread survived everything the test sent it
+    finally:
+        server.close()
+        replay.close()
 
 
 def wait_for(cond: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:

@@ -20,9 +20,8 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from link_helpers import HELLO, ROBOT, SPEC, RawRobot, wait_for
+from link_helpers import HELLO, ROBOT, SPEC, RawRobot, learner, wait_for
 
-from core.config.link import LinkConfig
 from core.link.protocol import weights_checksum
 from core.link.security import ClientKeys, ServerKeys, create_keypair
 from core.weights import weights_from_bytes, weights_to_bytes
@@ -54,22 +53,6 @@ def chunk(i: int, mark: float = 0.0, steps: int = T) -> dict[str, np.ndarray]:
 def times(*seqs: int) -> np.ndarray:
     return np.concatenate([chunk(i)["time"] for i in seqs])
 
-
-
-@contextmanager
-def learner(tmp_path: Path, keys: ServerKeys | None = None, **cfg: Any) -> Iterator[LinkServer]:
-    """A LinkServer on a free loopback port over a Replay in tmp_path/replay (run dir tmp_path/run)."""
-    opts = {"bind": "tcp://127.0.0.1:*", "heartbeat_s": 0.1, "robot_lost_s": 30.0} | cfg
-    replay = Replay(tmp_path / "replay", chunk_length=CHUNK_LENGTH)
-    server = LinkServer(LinkConfig(**opts), replay, tmp_path / "run", keys=keys)
-    try:
-        server.start()
-        assert server.endpoint.startswith("tcp://127.0.0.1:") and not server.endpoint.endswith(":*")
-        yield server
-        server.check()  # the thread survived everything the test sent it
-    finally:
-        server.close()
-        replay.close()
 
 
 @contextmanager

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 from dreamer_helpers import FLAG_SPACE, make_cfg
-from link_helpers import RawRobot, wait_for
-from test_link_server import chunk, learner
+from link_helpers import RawRobot, learner, wait_for
+from test_link_server import chunk
 
 from core.agents.spaces import ActSpace
 from core.config import load_config

@@ -21,14 +21,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from link_helpers import DEADLINE, HELLO, ROBOT, wait_for
+from link_helpers import DEADLINE, HELLO, ROBOT, learner, wait_for
 
-from core.config.link import LinkConfig
 from core.link.protocol import Message, ProtocolError, decode, encode
 from core.link.security import ClientKeys, LinkSecurityError
 from core.weights import weights_to_bytes
 from learner.link.server import LinkServer
-from learner.replay import Replay
 from robot.demo import free_port
 from robot.link.contract import ChunkTooBig, LinkError, LinkRefused, Weights
 from robot.link.process import LinkProcess
@@ -53,21 +51,6 @@ def chunk(i: int) -> dict[str, np.ndarray]:
     }
 
 
-
-
-@contextmanager
-def learner(tmp_path: Path, port: int | None = None) -> Iterator[LinkServer]:
-    """A LinkServer on loopback (a free port unless given) over a Replay in tmp_path/replay."""
-    bind = f"tcp://127.0.0.1:{'*' if port is None else port}"
-    replay = Replay(tmp_path / "replay", chunk_length=16)
-    server = LinkServer(LinkConfig(bind=bind, heartbeat_s=0.1, robot_lost_s=30.0), replay, tmp_path / "run")
-    try:
-        server.start()
-        yield server
-        server.check()
-    finally:
-        server.close()
-        replay.close()
 
 
 def make_link(address: str, spool_dir: Path, max_bytes: int = 1 << 24, **kw: Any) -> LinkProcess:

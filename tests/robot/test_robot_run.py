@@ -12,18 +12,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
-from link_helpers import HELLO, wait_for
+from link_helpers import HELLO, learner, wait_for
 
 from core.config import Config, ConfigError, load_config
-from core.config.link import LinkConfig
-from learner.link.server import LinkServer
-from learner.replay import Replay
 from robot.cli import main as robot_main
 from robot.link.spool import Spool
 from robot.link.thread import RobotLink
@@ -35,21 +29,6 @@ ROBOT = "arm-run"
 FAST = ["--set", "control.hz=20", "--set", "sim.physics_hz=240", "--set", "link.chunk_seconds=0.25",
         "--set", "link.heartbeat_s=0.1"]
 VARIANTS = pytest.mark.parametrize("process", [False, True], ids=["link-thread", "link-process"])
-
-
-@contextmanager
-def learner(tmp_path: Path, **cfg: Any) -> Iterator[LinkServer]:
-    """A LinkServer on a free loopback port over a Replay in tmp_path/replay."""
-    opts = {"bind": "tcp://127.0.0.1:*", "heartbeat_s": 0.1, "robot_lost_s": 30.0} | cfg
-    replay = Replay(tmp_path / "replay", chunk_length=16)
-    server = LinkServer(LinkConfig(**opts), replay, tmp_path / "run")
-    try:
-        server.start()
-        yield server
-        server.check()
-    finally:
-        server.close()
-        replay.close()
 
 
 def run_robot(server_endpoint: str, tmp_path: Path, process: bool, *extra: str) -> int:

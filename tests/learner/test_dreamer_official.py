@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from dreamer_helpers import FLAG_SPACE, make_cfg, randomise_biases
+from dreamer_helpers import FLAG_SPACE, make_batch, make_cfg, randomise_biases
 
 from core.agents.dreamer.layers import BlockLinear, ChannelNorm, ConvDecoder, ConvEncoder, Norm, fans
 from core.agents.spaces import ActSpace
@@ -23,16 +23,10 @@ IMAGE_SPACE = {"image": ((64, 64, 3), "uint8"), "pos": ((3,), "float32"), **FLAG
 VECTOR_SPACE = {"pos": ((3,), "float32"), **FLAG_SPACE}
 
 
-def make_batch(space: dict, act: ActSpace, b: int = 2, t: int = 8, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    batch = {k: rng.normal(size=(b, t, *shape)).astype(np.float32) if dtype != "uint8"
-             else rng.integers(0, 256, (b, t, *shape), dtype=np.uint8)
-             for k, (shape, dtype) in space.items() if k not in FLAG_SPACE}
-    batch["reward"] = -np.abs(rng.normal(size=(b, t))).astype(np.float32)  # negative, as Pendulum's
-    for flag in ("is_first", "is_last", "is_terminal"):
-        batch[flag] = np.zeros((b, t), bool)
-    batch["is_first"][:, 0] = True
-    batch["action"] = rng.uniform(-1, 1, (b, t, act.dim)).astype(np.float32)
+def negative_batch(space: dict, act: ActSpace) -> dict:
+    """A replay-like batch whose rewards are all negative, as Pendulum's."""
+    batch = make_batch(space, act, 2, 8)
+    batch["reward"] = -np.abs(batch["reward"])
     return batch
 
 
@@ -222,8 +216,8 @@ def test_2023_imagined_continuation_is_the_heads_mode_without_gradient():
     with torch.no_grad():
         agent.wm.cont_out.weight.normal_(0, 1.0)
         agent.wm.cont_out.bias.fill_(0.5)
-    data = agent.to_inputs(make_batch(VECTOR_SPACE, act))
-    start = agent.context_from_batch(make_batch(VECTOR_SPACE, act))
+    data = agent.to_inputs(negative_batch(VECTOR_SPACE, act))
+    start = agent.context_from_batch(negative_batch(VECTOR_SPACE, act))
     before = _actor_grads(agent, data, start)
     with torch.no_grad():
         agent.wm.cont_out.weight.mul_(2.0)

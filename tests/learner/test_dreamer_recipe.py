@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from dreamer_helpers import FLAG_SPACE, make_cfg
+from dreamer_helpers import FLAG_SPACE, make_batch, make_cfg
 
 from core.agents.dreamer.dists import TwoHot, categorical_kl, make_bins, symexp, symlog, twohot, unimix_logits
 from core.agents.dreamer.layers import ConvEncoder, Norm, cnn_channels
@@ -34,28 +34,6 @@ def mixed_space(h: int = 16) -> dict:
 
 def vector_space() -> dict:
     return {"pos": ((3,), "float32"), **FLAG_SPACE}
-
-
-def make_batch(space: dict, act: ActSpace, b: int, t: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    batch: dict[str, np.ndarray] = {}
-    for key, (shape, dtype) in space.items():
-        if key in FLAG_SPACE:
-            continue
-        if dtype == "uint8":
-            batch[key] = rng.integers(0, 256, (b, t, *shape), dtype=np.uint8)
-        else:
-            batch[key] = rng.normal(size=(b, t, *shape)).astype(np.float32)
-    batch["reward"] = rng.normal(size=(b, t)).astype(np.float32)
-    batch["is_first"] = np.zeros((b, t), bool)
-    batch["is_first"][:, 0] = True
-    batch["is_last"] = np.zeros((b, t), bool)
-    batch["is_terminal"] = np.zeros((b, t), bool)
-    if act.discrete:
-        batch["action"] = np.eye(act.dim, dtype=np.float32)[rng.integers(0, act.dim, (b, t))]
-    else:
-        batch["action"] = rng.uniform(-1, 1, (b, t, act.dim)).astype(np.float32)
-    return batch
 
 
 def random_logp(shape: tuple[int, ...], scale: float | torch.Tensor = 1.0, seed: int = 0) -> torch.Tensor:

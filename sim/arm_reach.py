@@ -21,6 +21,11 @@ from sim.base import SimRobot
 
 MARKER_RADIUS = 0.03
 HOME_TOOL = np.array([0.35, 0.0, 0.3])
+# The videos' scene view (the policy's camera stays the config's): low from the front left, where the arm
+# at home hides half the marker or more for 2 % of targets drawn from the default box (from the config
+# camera: 4 %, the first evaluation episode's among them). A target right at the tool is hidden from any side.
+SCENE_EYE = (1.06, -0.41, 0.68)
+SCENE_TARGET = (0.35, 0.0, 0.3)
 
 
 class ArmReach(SimRobot):
@@ -84,6 +89,9 @@ class ArmReach(SimRobot):
         if self.cfg.arm_reach.observe_target:
             obs["target"] = self.target.astype(np.float32)
         return obs
+
+    def render_frame(self, width: int = 256, height: int = 256) -> np.ndarray:
+        return self.camera.render(size=(width, height), view=(SCENE_EYE, SCENE_TARGET))
 
     def distance(self) -> float:
         return float(np.linalg.norm(self.arm.ee_position() - self.target))

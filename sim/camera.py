@@ -9,7 +9,7 @@ import os
 import pkgutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,18 +55,23 @@ class Camera:
         return p.computeViewMatrix(eye.tolist(), target.tolist(), self.cfg.up)
 
     def render(
-        self, base_xy: tuple[float, float] = (0.0, 0.0), size: tuple[int, int] | None = None
+        self,
+        base_xy: tuple[float, float] = (0.0, 0.0),
+        size: tuple[int, int] | None = None,
+        view: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> np.ndarray:
-        """An RGB uint8 image (H, W, 3); `size` = (width, height) overrides the config's."""
+        """An RGB uint8 image (H, W, 3); `size` = (width, height) overrides the config's, `view` = (eye,
+        target) its placement (a video's scene view, unjittered, need not be the policy's camera)."""
         width, height = size or (self.cfg.width, self.cfg.height)
         proj = self._proj
         if size is not None:
             proj = p.computeProjectionMatrixFOV(self.cfg.fov_deg, width / height, self.cfg.near, self.cfg.far)
+        matrix = self.view_matrix(base_xy) if view is None else p.computeViewMatrix(*map(list, view), self.cfg.up)
         light = self.lighting
         _, _, rgba, _, _ = p.getCameraImage(
             width,
             height,
-            self.view_matrix(base_xy),
+            matrix,
             proj,
             lightDirection=list(light.direction),
             lightAmbientCoeff=light.ambient,

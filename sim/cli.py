@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from core.config import Config, ConfigError, flags, load_config, write_resolved
 from core.interface import ArraySpec, DiscreteSpec
 from core.video import FORMATS, VideoWriter, side_by_side
-from sim.tasks import make_policy, make_robot
+from sim.tasks import TASKS, make_policy, make_robot
 
 if TYPE_CHECKING:  # the emulator's modules load only for `emulate`
     from robot.emulated.servo_bus import ServoEmulator
@@ -35,38 +36,60 @@ if TYPE_CHECKING:  # the emulator's modules load only for `emulate`
 class EpisodeStats:
     returns: list[float] = field(default_factory=list)
     successes: list[bool] = field(default_factory=list)
+    partial: tuple[int, float] | None = None  # (steps, return) of an episode the run stopped inside
 
-    def summary(self) -> dict[str, object]:
+    def summary(self, episode_steps: int) -> dict[str, object]:
         out: dict[str, object] = {
             "episodes": len(self.returns),
-            "mean_return": float(np.mean(self.returns)) if self.returns else None,
+            "mean_return": float(np.mean(self.returns)) if self.returns else None,  # complete episodes only
             "returns": [round(r, 3) for r in self.returns],
         }
         if self.successes:
             out["success_rate"] = float(np.mean(self.successes))
+        if self.partial:
+            steps, ret = self.partial
+            out["partial_episode"] = {"steps": steps, "of": episode_steps, "return": round(ret, 3)}
         return out
 
 
-def view(cfg: Config, policy_name: str, steps: int, out: Path, size: int, seed: int) -> dict[str, object]:
-    """Run `steps` policy steps (resetting at episode ends) and write one video frame per step."""
+def view(cfg: Config, policy_name: str, out: Path, size: int, seed: int, steps: int | None = None,
+         episodes: int | None = None, act: str = "mode", warn: Callable[[str], None] | None = None,
+         ) -> dict[str, object]:
+    """Run the policy for `steps` steps, or until `episodes` episodes have ended, resetting at episode ends;
+    one video frame per step. `act`: how a trained policy picks its actions (mode or sample)."""
+    if (steps is None) == (episodes is None):
+        raise ValueError("view: give steps or episodes")
     write_resolved(cfg, out.parent, name=f"{out.name}.config.yaml")
     stats = EpisodeStats()
-    with make_robot(cfg) as robot, VideoWriter(out, fps=cfg.control.hz) as video:
-        policy = make_policy(policy_name, robot, seed=seed)
+    total, unit = (steps, "step") if steps is not None else (episodes, "episode")
+    with make_robot(cfg) as robot, VideoWriter(out, fps=cfg.control.hz) as video, \
+            tqdm(total=total, desc=f"{cfg.name} {policy_name}", unit=unit, file=sys.stderr) as bar:
+        policy = make_policy(policy_name, robot, seed=seed, mode=act, warn=warn)
         obs = robot.reset(seed=cfg.seed)
-        ret = 0.0
-        for _ in tqdm(range(steps), desc=f"{cfg.name} {policy_name}", unit="step", file=sys.stderr):
+        ret, length, taken = 0.0, 0, 0
+        while (steps is None or taken < steps) and (episodes is None or len(stats.returns) < episodes):
             robot.send(policy(obs))
             obs = robot.observe()
-            ret += float(obs["reward"])
+            ret, length, taken = ret + float(obs["reward"]), length + 1, taken + 1
             video.append(side_by_side(robot.render_frame(size, size), obs.get("image")))
+            bar.update(steps is not None)
             if obs["is_last"]:
                 stats.returns.append(ret)
                 if "success" in robot.info:
                     stats.successes.append(bool(robot.info["success"]))
-                obs, ret = robot.reset(), 0.0
+                bar.update(episodes is not None)
+                obs, ret, length = robot.reset(), 0.0, 0
+        stats.partial = (length, ret) if length else None
         frames = video.frames
-    return {"video": str(out), "frames": frames, **stats.summary()}
+    return {"video": str(out), "frames": frames, **stats.summary(cfg.control.episode_steps)}
+
+
+def free_name(path: Path) -> Path:
+    """`path`, or the first of name-2.ext, name-3.ext, ... that does not exist yet."""
+    candidate, n = path, 2
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
+    return candidate
 
 
 def _spec_row(name: str, spec: ArraySpec | DiscreteSpec) -> dict[str, object]:
@@ -95,6 +118,7 @@ def specs(cfg: Config) -> dict[str, object]:
 
 
 STATUS_EVERY_S = 5.0  # seconds between status lines of `emulate`
+DEFAULT_OUT = Path("run.mp4")  # `view`'s video when --out is not given
 
 
 def _rate(text: str) -> float:
@@ -193,12 +217,17 @@ def _parser() -> argparse.ArgumentParser:
     common(v)
     v.add_argument("--policy", default="random",
                    help="random, scripted, or a trained policy file (a run's policy.safetensors)")
+    v.add_argument("--act", choices=("mode", "sample"), default="mode",
+                   help="how a trained policy picks actions: its most likely one (mode), or drawn from its "
+                        "distribution as while training (sample)")
     v.add_argument("--steps", type=flags.count, default=200, help="policy steps = video frames")
-    v.add_argument("--out", type=Path, default=Path("run.mp4"), help="output video (.mp4 or .gif)")
+    v.add_argument("--out", type=Path, default=None,
+                   help=f"output video (.mp4 or .gif; default {DEFAULT_OUT}, or {DEFAULT_OUT.stem}-2.mp4 ... if taken)")
+    v.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     v.add_argument("--size", type=flags.pixels, default=256, help="height and width of the scene view, pixels")
     v.add_argument("--seed", type=flags.seed, default=0, help="seed of the random policy")
     v.add_argument("--episodes", type=flags.count, default=None,
-                   help="instead of --steps: this many times control.episode_steps")
+                   help="instead of --steps: run until this many episodes have ended")
 
     s = sub.add_parser("specs", help="print the observation and action specs as JSON")
     common(s)
@@ -216,12 +245,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_simulated(cfg: Config, config: Path, command: str) -> str | None:
+    """Why `view` and `specs` cannot build this config's robot (a real robot's or a Gymnasium env's), else None."""
+    if cfg.task in TASKS:
+        return None
+    simulated = ", ".join(TASKS)
+    if cfg.backend == "servo":
+        return (f"{config}: task {cfg.task!r} runs on a real robot (backend {cfg.backend!r}); `{command}` builds only "
+                f"the simulated tasks ({simulated}). Without the hardware, run it on an emulated bus: "
+                f"`reverie-sim emulate --config {config}`, then the `reverie-robot run` line it prints")
+    return (f"{config}: backend {cfg.backend!r} ({cfg.gym_id or cfg.task}) is not a simulated robot; `{command}` "
+            f"builds only the simulated tasks ({simulated}); train a Gymnasium env with "
+            f"`reverie-learner train --config {config}`")
+
+
+def _output(args: argparse.Namespace) -> Path | str:
+    """Where `view` writes its video, or why it may not (an existing file is overwritten only with --force)."""
+    if args.out is None:
+        out = free_name(DEFAULT_OUT)
+        if out != DEFAULT_OUT:
+            print(f"{DEFAULT_OUT} exists: writing {out} (--out names the file, --force overwrites)", file=sys.stderr)
+        return out
+    if args.out.suffix.lower() not in FORMATS:
+        return f"--out {args.out}: expected a name ending in .mp4 or .gif"
+    if args.out.exists() and not args.force:
+        return f"--out {args.out} exists; add --force to overwrite it, or name another file"
+    return args.out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as exc:
         print(f"reverie-sim: {exc}", file=sys.stderr)
+        return 2
+    if args.command in ("view", "specs") and (why := _not_simulated(cfg, args.config, args.command)):
+        print(f"reverie-sim {args.command}: {why}", file=sys.stderr)
         return 2
     if args.command == "specs":
         print(json.dumps(specs(cfg), indent=2))
@@ -236,20 +296,27 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError, RuntimeError) as exc:  # a model or baud the servos lack, an unwritable file
             print(f"reverie-sim emulate: {exc}", file=sys.stderr)
             return 2
-    if args.out.suffix.lower() not in FORMATS:
-        print(f"reverie-sim: --out {args.out}: expected a name ending in .mp4 or .gif", file=sys.stderr)
+    out = _output(args)
+    if isinstance(out, str):
+        print(f"reverie-sim: {out}", file=sys.stderr)
         return 2
-    steps = args.steps if args.episodes is None else args.episodes * cfg.control.episode_steps
+    length = {"steps": args.steps} if args.episodes is None else {"episodes": args.episodes}
     try:
-        result = view(cfg, args.policy, steps, args.out, args.size, args.seed)
+        result = view(cfg, args.policy, out, args.size, args.seed, act=args.act,
+                      warn=lambda text: print(f"reverie-sim: warning: {text}", file=sys.stderr), **length)
     except ValueError as exc:
         print(f"reverie-sim: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the video or its config beside it cannot be written there
-        print(f"reverie-sim: --out {args.out}: cannot write it ({exc.strerror or exc})", file=sys.stderr)
+        print(f"reverie-sim: --out {out}: cannot write it ({exc.strerror or exc})", file=sys.stderr)
         return 2
     print(json.dumps(result))
-    print(f"video written to {args.out.resolve()}")
+    if partial := result.get("partial_episode"):
+        counted = (f"mean_return counts the {result['episodes']} complete episodes only" if result["episodes"]
+                   else "no episode ended, so mean_return is null")
+        print(f"the last episode is partial ({partial['steps']} of {partial['of']} steps, return "
+              f"{partial['return']:g}); {counted}")
+    print(f"video written to {out.resolve()}")
     return 0
 
 

@@ -156,3 +156,18 @@ def test_observe_target_adds_the_marker_position_to_the_observations() -> None:
             robot.send(np.zeros(3, np.float32))
             np.testing.assert_allclose(robot.observe()["target"], seen[-1])  # it stays where it is
         assert not np.allclose(seen[0], seen[1])
+
+
+def test_video_scene_view_shows_the_first_evaluation_target() -> None:
+    """`train`'s first evaluation episode (seed 1_000_100 for seed 0) drew a target that the config camera saw
+    only through the arm: its video showed no marker. The videos' scene view sees it; observations keep the
+    config camera."""
+    from learner.train import EVAL_SEED_OFFSET
+
+    cfg = default_config("arm_reach")
+    with ArmReach(cfg) as robot:
+        obs = robot.reset(seed=cfg.seed + EVAL_SEED_OFFSET + 100)
+        frame = robot.render_frame(256, 256)
+        assert np.array_equal(obs["image"], robot.camera.render())  # the policy's camera is unchanged
+    red = (frame[..., 0] > 150) & (frame[..., 1] < 80) & (frame[..., 2] < 80)
+    assert red.sum() > 100  # the marker is ~20 px across at 256 px

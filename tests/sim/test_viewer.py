@@ -139,3 +139,87 @@ def test_emulate_refuses_a_duration_it_cannot_honour(capsys: pytest.CaptureFixtu
     assert info.value.code == 2
     assert err.splitlines()[-1] == ("reverie-sim emulate: error: argument --duration: expected a finite number of "
                                     f"seconds > 0, found {value!r}")
+
+
+@pytest.mark.parametrize("name,task", [("so101_arm", "marker_reach"), ("koch_arm", "pick_place"),
+                                       ("servo_quadruped", "stand_walk")])
+@pytest.mark.parametrize("command", ["specs", "view"])
+def test_real_robot_configs_point_to_emulate(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str,
+                                             task: str, command: str) -> None:
+    """A real robot's config was a bare `KeyError: 'marker_reach'`; it names config and task and says what runs it."""
+    config = f"hardware_configs/{name}.yaml"
+    extra = ["--out", str(tmp_path / "v.mp4")] if command == "view" else []
+    assert main([command, "--config", config, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "KeyError" not in err
+    assert config in err and f"task {task!r} runs on a real robot" in err
+    assert f"`reverie-sim emulate --config {config}`" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_view_runs_exactly_the_episodes_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--episodes 3 ran 3 x episode_steps steps: 15 episodes where episodes end early (here on success)."""
+    out = tmp_path / "v.mp4"
+    assert main(["view", "--config", str(ROOT / "hardware_configs/sim_arm_reach_proprio.yaml"), "--policy", "scripted",
+                 "--episodes", "3", "--size", "32", "--out", str(out),
+                 "--set", "arm_reach.terminate_on_success=true"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert summary["episodes"] == 3 and len(summary["returns"]) == 3 and summary["success_rate"] == 1.0
+    assert summary["frames"] < 3 * 20 and "partial_episode" not in summary
+    assert len(_frames(out)) == summary["frames"]
+
+
+def test_view_never_overwrites_a_video_silently(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = str(ROOT / "hardware_configs/sim_arm_reach_proprio.yaml")
+    (tmp_path / "run.mp4").write_bytes(b"an earlier video")
+    # no --out: the default name is taken, so the next free one is used and named
+    assert main(["view", "--config", cfg, "--steps", "2", "--size", "32"]) == 0
+    captured = capsys.readouterr()
+    assert "run.mp4 exists: writing run-2.mp4" in captured.err
+    assert f"video written to {tmp_path / 'run-2.mp4'}" in captured.out
+    assert (tmp_path / "run.mp4").read_bytes() == b"an earlier video" and len(_frames(tmp_path / "run-2.mp4")) == 2
+    # an explicit --out that exists: refused, untouched, unless --force
+    assert main(["view", "--config", cfg, "--steps", "2", "--size", "32", "--out", "run.mp4"]) == 2
+    assert "--out run.mp4 exists; add --force to overwrite it" in capsys.readouterr().err
+    assert (tmp_path / "run.mp4").read_bytes() == b"an earlier video"
+    assert main(["view", "--config", cfg, "--steps", "3", "--size", "32", "--out", "run.mp4", "--force"]) == 0
+    assert len(_frames(tmp_path / "run.mp4")) == 3
+
+
+def _proprio_policy(path: Path) -> Path:
+    """An untrained policy blob for sim_arm_reach_proprio's observations (no camera) and 3-D actions."""
+    space = {"joint_pos": ((6,), "float32"), "joint_vel": ((6,), "float32"), "tool_pos": ((3,), "float32"),
+             **FLAG_SPACE}
+    path.write_bytes(export_policy(DreamerModel(make_cfg(), space, ActSpace(3, False)), 1))
+    return path
+
+
+@pytest.mark.parametrize("act", ["mode", "sample"])
+def test_view_warns_of_a_policy_made_for_another_config(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         act: str) -> None:
+    """A policy trained without a camera ran on the camera config without a word (its actions still fit)."""
+    policy = _proprio_policy(tmp_path / "policy.safetensors")
+    for config, warned in (("sim_arm_reach_proprio", False), ("sim_arm_reach", True)):
+        out = tmp_path / f"{config}.mp4"
+        assert main(["view", "--config", str(ROOT / f"hardware_configs/{config}.yaml"), "--policy", str(policy),
+                     "--act", act, "--steps", "3", "--size", "32", "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert ("warning:" in err) is warned, err
+        if warned:
+            assert (f"reverie-sim: warning: {policy} was trained on other observations than sim_arm_reach gives "
+                    "('image' uint8[64, 64, 3] is new to it)") in err
+
+
+def test_view_reports_a_partial_episode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """30 steps of 50-step episodes: no episode ends; the return so far is reported, marked partial."""
+    assert main(["view", "--config", str(ROOT / "hardware_configs/sim_arm_reach.yaml"), "--policy", "scripted",
+                 "--steps", "30", "--size", "32", "--out", str(tmp_path / "v.mp4")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    summary = json.loads(lines[0])
+    assert summary["episodes"] == 0 and summary["mean_return"] is None
+    partial = summary["partial_episode"]
+    assert partial["steps"] == 30 and partial["of"] == 50 and -30 * 0.5 < partial["return"] < 0
+    assert lines[1] == (f"the last episode is partial (30 of 50 steps, return {partial['return']:g}); no episode "
+                        "ended, so mean_return is null")

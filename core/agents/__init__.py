@@ -38,6 +38,8 @@ class Algorithm:
 
 ALGORITHMS: dict[str, Algorithm] = {
     "dreamer": Algorithm(policy="core.agents.dreamer.policy:Policy", agent="learner.agents.dreamer.agent:Dreamer"),
+    "world_models": Algorithm(policy="core.agents.world_models.policy:Policy",
+                              agent="learner.agents.world_models.agent:WorldModels"),
 }
 AlgorithmName = Literal[tuple(ALGORITHMS)]  # the config's `agent`: one of the names above
 

@@ -29,6 +29,7 @@ from core.config.sim_tasks import (
     SimConfig,
 )
 from core.config.tasks import MARKER_TASKS, SERVO_TASKS, SIM_TASKS, TASK_BLOCKS, TaskName
+from core.config.world_models import WorldModelsConfig
 
 MAX_SEED = 2**32 - 1  # numpy, torch, gymnasium and random.Random all take seeds this large (torch: not 2**70)
 
@@ -65,6 +66,7 @@ class Config(Block):
         "dreamer", description="the learning algorithm (core.agents.ALGORITHMS); its settings are the block named so"
     )
     dreamer: DreamerConfig = DreamerConfig()
+    world_models: WorldModelsConfig = WorldModelsConfig()
     replay: ReplayConfig = ReplayConfig()
     train: TrainConfig = TrainConfig()
     link: LinkConfig = LinkConfig()

@@ -9,12 +9,13 @@ registered Gymnasium environment works the same way.
 
 from __future__ import annotations
 
-import warnings
+import sys
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from tqdm import tqdm
 
 from core.agents.spaces import ActSpace, ObsSpace
 from core.config import Config
@@ -123,7 +124,8 @@ class Env:
         try:
             return self.env.render()
         except gym.error.DependencyNotInstalled as exc:
-            warnings.warn(f"{self.id}: no episode videos ({exc})", stacklevel=2)
+            # One line above the progress bar (a UserWarning landed inside the bar's line, two lines long).
+            tqdm.write(f"{self.id}: no episode videos: {exc}", file=sys.stderr)
             self.render_enabled = False
             return None
 

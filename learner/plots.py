@@ -2,12 +2,19 @@
 
 Figures go through matplotlib's Agg canvas directly (no pyplot), so nothing needs a display, no
 global backend is switched under other code, and figures are not kept alive by pyplot's registry.
+The command line redraws a run's learning curve with points and reference lines added (`make demo`
+draws its evaluation so, from a process that carries no matplotlib):
+
+    python -m learner.plots runs/demo/learner/metrics.jsonl --out curve.png \\
+        --point eval/return 3000 -0.4 --baseline "random policy" -4.1
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -146,3 +153,41 @@ def plot_losses(
         log_y = bool(values) and min(values) > 0
     fig = _curves(rows, keys, x, title, "loss", smooth, None, log_y=log_y)
     return _save(fig, out_png)
+
+
+def _number_arg(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise SystemExit(f"python -m learner.plots: {what}: expected a finite number, found {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m learner.plots", description="Redraw a run's learning curve.")
+    parser.add_argument("metrics", type=Path, help="a metrics.jsonl, or the run directory holding it")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    parser.add_argument("--point", nargs=3, action="append", default=[], metavar=("KEY", "STEP", "VALUE"),
+                        help="add a value at a step, e.g. --point eval/return 3000 -0.4 (repeatable)")
+    parser.add_argument("--baseline", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="a dashed reference line, e.g. --baseline 'random policy' -4.1 (repeatable)")
+    parser.add_argument("--title", default="Learning curve")
+    args = parser.parse_args(argv)
+    try:
+        rows = list(read_metrics(args.metrics)) if args.metrics.exists() else []
+    except OSError as exc:
+        print(f"python -m learner.plots: {args.metrics}: cannot read it ({exc.strerror or exc})", file=sys.stderr)
+        return 2
+    keys = ["train/return", "eval/return"]
+    for key, step, value in args.point:
+        rows.append({"step": _number_arg(step, f"--point {key} STEP"), key: _number_arg(value, f"--point {key}")})
+        keys += [key] if key not in keys else []
+    baseline = {name: _number_arg(value, f"--baseline {name}") for name, value in args.baseline}
+    print(plot_learning_curve(rows, args.out, keys=keys, baseline=baseline or None, title=args.title))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

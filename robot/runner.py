@@ -88,15 +88,48 @@ def warm_up(policy: Policy, spec: StepLayout, rounds: int = 3) -> None:
     policy.reset()
 
 
+ACT_TIMINGS = 20  # act() calls timed before a policy is used: its p99 must fit the control period
+
+
+def act_time_problem(policy: Policy, spec: StepLayout, period: float, calls: int = ACT_TIMINGS) -> str | None:
+    """Why `policy` cannot act at this control rate, measured after a warm-up, else None: the p99 of `calls`
+    control steps' act() and prepare() (what a tick spends on the policy) must fit in `period`. A planner
+    (PlaNet) can take far longer than a period; acting with it would miss every deadline. The timing stops
+    once two calls overran: the p99 of up to 101 calls is then over the period whatever the rest take.
+    The time is the calling thread's CPU time: what the policy costs, not what other processes took from it
+    while it ran (a busy machine must not refuse a policy that fits; the status line shows period errors);
+    the robot runs torch on this one thread (robot.cli), so nothing of the policy's work is missed.
+    A policy may name what shrinks its cost (`cost_settings`, e.g. a planner's candidates, iterations and
+    horizon); the message passes that on."""
+    warm_up(policy, spec)
+    obs = {k: np.zeros(shape, dtype) for k, (shape, dtype) in spec.without(ACTION_KEY).items()}
+    times: list[float] = []
+    for i in range(calls):
+        obs["is_first"] = np.bool_(i == 0)
+        start = time.thread_time()
+        policy.act(obs, mode="sample")
+        policy.prepare()
+        times.append(time.thread_time() - start)
+        if sum(t > period for t in times) >= 2:
+            break
+    policy.reset()
+    p99 = float(np.quantile(times, 0.99))
+    if p99 <= period:
+        return None
+    shrink = getattr(policy, "cost_settings", None) or "the policy's size"
+    return (f"act() takes {1e3 * p99:.1f} ms (p99 of {len(times)} calls, CPU time), more than the control "
+            f"period of {1e3 * period:.1f} ms (control.hz {1 / period:g}); lower {shrink}, or control.hz")
+
+
 class PolicyLoader:
     """Builds a Policy from received weights in a background thread (it takes milliseconds to tens of
     milliseconds, more than a control period can spare); the loop picks up the newest one ready. What a blob
     declares is bounded and checked against this robot before anything is built (`read_policy`, `blob_misfit`,
     `build_policy`), so a blob describing a huge network costs milliseconds, not seconds and gigabytes."""
 
-    def __init__(self, link: Link, spec: StepLayout, act: ActSpace) -> None:
+    def __init__(self, link: Link, spec: StepLayout, act: ActSpace, period: float) -> None:
         self.link = link
-        self.spec, self.act = spec, act
+        self.spec, self.act, self.period = spec, act, period
         self.ready: Policy | None = None
         self.failures = 0
         self._stop = threading.Event()
@@ -128,7 +161,8 @@ class PolicyLoader:
                 policy.version = weights.version
                 if why := policy_misfit(policy, self.spec, self.act):
                     raise ValueError(why)
-                warm_up(policy, self.spec)
+                if why := act_time_problem(policy, self.spec, self.period):  # warms it up first
+                    raise ValueError(why)
             except Exception as exc:  # noqa: BLE001  (bad weights must never stop the robot)
                 self.failures += 1
                 log.warning("weights v%d could not be turned into a policy (%s); keeping the old one",
@@ -234,11 +268,12 @@ class ControlLoop:
         action = robot.action_spec
         self.low = np.asarray(action.low, np.float32) if isinstance(action, ArraySpec) else None
         self.high = np.asarray(action.high, np.float32) if isinstance(action, ArraySpec) else None
-        if initial is not None and (why := policy_misfit(initial, self.spec, self.act_space)):
+        if initial is not None and (why := policy_misfit(initial, self.spec, self.act_space)
+                                    or act_time_problem(initial, self.spec, 1.0 / cfg.control.hz)):
             raise ValueError(f"initial policy v{initial.version}: {why}")
         self.policy = initial
         self.rng = np.random.default_rng(seed)
-        self.loader = PolicyLoader(link, self.spec, self.act_space)
+        self.loader = PolicyLoader(link, self.spec, self.act_space, 1.0 / cfg.control.hz)
         self.chunk_steps = chunk_steps(cfg.link.chunk_seconds, cfg.control.hz)
         self.buffer: list[dict[str, np.ndarray]] = []
         self.stats = LoopStats()

@@ -38,6 +38,7 @@ class Algorithm:
 
 ALGORITHMS: dict[str, Algorithm] = {
     "dreamer": Algorithm(policy="core.agents.dreamer.policy:Policy", agent="learner.agents.dreamer.agent:Dreamer"),
+    "planet": Algorithm(policy="core.agents.planet.policy:Policy", agent="learner.agents.planet.agent:Planet"),
     "world_models": Algorithm(policy="core.agents.world_models.policy:Policy",
                               agent="learner.agents.world_models.agent:WorldModels"),
 }

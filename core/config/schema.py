@@ -19,6 +19,7 @@ from core.config.control import CameraConfig, ControlConfig
 from core.config.emulator import EmulatorConfig
 from core.config.hardware import MotorsConfig, SafetyConfig
 from core.config.link import MIN_STEP_EXTRA_BYTES, LinkConfig, chunk_steps, message_room_problem
+from core.config.planet import PlanetConfig
 from core.config.real_tasks import JointReachConfig, MarkerReachConfig, PickPlaceConfig, StandWalkConfig
 from core.config.sensors import MarkersConfig, SensorsConfig
 from core.config.sim_tasks import (
@@ -66,6 +67,7 @@ class Config(Block):
         "dreamer", description="the learning algorithm (core.agents.ALGORITHMS); its settings are the block named so"
     )
     dreamer: DreamerConfig = DreamerConfig()
+    planet: PlanetConfig = PlanetConfig()
     world_models: WorldModelsConfig = WorldModelsConfig()
     replay: ReplayConfig = ReplayConfig()
     train: TrainConfig = TrainConfig()

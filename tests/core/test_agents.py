@@ -51,8 +51,8 @@ def test_a_blob_names_its_algorithm_and_one_without_a_name_is_dreamers() -> None
 
 def test_a_blob_of_an_unknown_algorithm_is_refused_naming_it() -> None:
     tensors, meta = policy_weights(DreamerModel(make_cfg(), SPACE, ACT), 1)
-    with pytest.raises(ValueError, match="unknown algorithm 'planet'"):
-        read_policy(weights_to_bytes(tensors, {**meta, "algorithm": "planet", "planet": {}}))
+    with pytest.raises(ValueError, match="unknown algorithm 'no_such_algorithm'"):
+        read_policy(weights_to_bytes(tensors, {**meta, "algorithm": "no_such_algorithm", "no_such_algorithm": {}}))
 
 
 def test_the_config_names_the_trainer_built() -> None:
@@ -63,4 +63,4 @@ def test_the_config_names_the_trainer_built() -> None:
     params = sum(p.numel() for p in agent.model.parameters())
     assert type(agent).parameter_count(cfg, SPACE, ACT) == params
     with pytest.raises(ValueError, match="agent"):
-        Config.model_validate({"name": "t", "task": "arm_reach", "agent": "planet"})
+        Config.model_validate({"name": "t", "task": "arm_reach", "agent": "no_such_algorithm"})

@@ -22,16 +22,18 @@ State = dict[str, Tensor]
 
 
 class RSSM(nn.Module):
+    ONEHOT = True  # latent samples are one-hot (a Gaussian-latent subclass, PlaNet's, sets False)
+
     def __init__(self, cfg: DreamerConfig, act_dim: int, embed_dim: int) -> None:
         super().__init__()
         self.cfg = cfg
         d, h, g = cfg.deter, cfg.hidden, cfg.gru_blocks
         self.deter, self.stoch, self.classes, self.blocks = d, cfg.stoch, cfg.classes, g
-        self.stoch_dim = cfg.stoch * cfg.classes
+        self.stoch_dim, params = self.latent_widths()
         self.act_dim = act_dim
         # feat() = [deter, flat stoch]: where layers fed by it find the one-hot latent samples
-        self.feat_cols = OneHotCols(d, d + self.stoch_dim, cfg.classes)
-        stoch_cols = OneHotCols(0, self.stoch_dim, cfg.classes)
+        self.feat_cols = OneHotCols(d, d + self.stoch_dim, cfg.classes) if self.ONEHOT else None
+        stoch_cols = OneHotCols(0, self.stoch_dim, cfg.classes) if self.ONEHOT else None
         if cfg.gru_input_layers:  # 2024: each input through its own Linear+Norm+SiLU
             self.in_deter = Dense(d, h, cfg.norm)
             self.in_stoch = Dense(self.stoch_dim, h, cfg.norm, stoch_cols)
@@ -47,9 +49,14 @@ class RSSM(nn.Module):
             self.gates_norm = Norm(3 * d, cfg.norm)
             img_layers = 1
         self.prior_net = nn.Sequential(*[Dense(d if i == 0 else h, h, cfg.norm) for i in range(img_layers)])
-        self.prior_out = nn.Linear(h, self.stoch_dim)
+        self.prior_out = nn.Linear(h, params)
         self.post_net = Dense(d + embed_dim, h, cfg.norm)
-        self.post_out = nn.Linear(h, self.stoch_dim)
+        self.post_out = nn.Linear(h, params)
+
+    def latent_widths(self) -> tuple[int, int]:
+        """(flat latent width, width of the distribution parameters prior and posterior output): the
+        logits of `stoch` categoricals of `classes`."""
+        return self.stoch * self.classes, self.stoch * self.classes
 
     # --- state helpers
     def initial(self, batch: int, device: torch.device) -> State:

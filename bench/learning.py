@@ -107,6 +107,11 @@ CASES: dict[str, Case] = {
                             Target("train/reward_per_step", 3.5, 50_000, "stands: reward/step >= 3.5 (last ~10 "
                                    "episodes) within 50k", smooth_rows=3), sets=("camera.enabled=false",),
                             note="the quadruped_walk runs, first 50k steps", runs_of="quadruped_walk"),
+    # Issue 25: PlaNet plans with CEM in its learned latent space (agent: planet, no actor).
+    "planet_pendulum": Case("gym_pendulum_planet.yaml", 30_000,
+                            Target("eval/return", -200.0, 30_000, ">= -200 within 30k env steps, every seed"),
+                            note="PlaNet, official model and loss, action repeat 2; CEM cut for CPUs: 100 "
+                            "candidates, top 10, 5 iterations (official 1000, 100, 10), horizon 12"),
 }
 
 

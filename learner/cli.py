@@ -19,6 +19,8 @@ from pathlib import Path
 from core.config import Config, ConfigError, apply_overrides, config_from_dict, flags, load_config, parse_overrides
 from core.config.link import address_problem
 from learner.envs import GYM_PREFIX, EnvError, env_id
+from learner.gato.cli import add_parser as add_gato_parser
+from learner.gato.cli import run as run_gato
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -106,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--duration", type=flags.seconds, help="stop after this many seconds")
     serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     serve.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_gato_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "gato":
+        return run_gato(args)
     try:
         return _serve(args) if args.command == "serve" else _train(args)
     except (ConfigError, EnvError) as exc:

@@ -41,6 +41,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     "planet": Algorithm(policy="core.agents.planet.policy:Policy", agent="learner.agents.planet.agent:Planet"),
     "world_models": Algorithm(policy="core.agents.world_models.policy:Policy",
                               agent="learner.agents.world_models.agent:WorldModels"),
+    "gato": Algorithm(policy="core.agents.gato.policy:Policy", agent="learner.gato.agent:Gato"),
 }
 AlgorithmName = Literal[tuple(ALGORITHMS)]  # the config's `agent`: one of the names above
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from core.config import Config, ConfigError, apply_overrides, config_from_dict, flags, load_config, parse_overrides
 from core.config.link import address_problem
+from learner.compute import prepare_openmp
 from learner.envs import GYM_PREFIX, EnvError, env_id
 from learner.gato.cli import add_parser as add_gato_parser
 from learner.gato.cli import run as run_gato
@@ -93,6 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prepare_openmp()  # before torch loads: idle OpenMP threads must sleep, not spin (learner/compute.py)
     parser = argparse.ArgumentParser(prog="reverie-learner", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train Dreamer on a simulated task or a Gymnasium env")

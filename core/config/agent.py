@@ -180,7 +180,12 @@ class DreamerConfig(Block):
         "needs AVX512-BF16/AMX to pay off. Norms, distributions, KL and two-hot stay float32"
     )
     compile: bool = Field(False, description="torch.compile the update (slow first step; worth it on long runs)")
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch's default")
+    threads: int = Field(
+        0, ge=0, description="torch CPU threads of the learner; 0 = one per CPU this process may use (its affinity "
+        "mask, capped by its cgroup's CPU quota). Whatever the count, reverie-learner makes idle OpenMP threads sleep "
+        "instead of spinning (OMP_WAIT_POLICY=PASSIVE unless the environment sets a wait policy), so that other busy "
+        "processes slow an update by their share of the CPU, not many times over (learner/compute.py)"
+    )
     keep_heap: bool = Field(
         True, description="keep freed memory in the learner process for reuse (glibc malloc: no mmap, no trim), so "
         "an update's large tensors are not page-faulted in afresh each time (2x faster updates on CPU); the "

@@ -42,6 +42,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/sim_throughput.py
 	$(PY) bench/learner_throughput.py --quick
+	$(PY) bench/shared_cpu.py --quick
 	$(PY) bench/link_throughput.py --quick
 	$(PY) bench/control_loop.py --quick
 	$(PY) bench/actor_updates.py --quick

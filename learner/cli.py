@@ -73,6 +73,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from core.link.security import LinkSecurityError
+    from learner.distributed import launched
     from learner.link.server import LinkServerError
     from learner.serve import Server
 
@@ -81,6 +82,8 @@ def _serve(args: argparse.Namespace) -> int:
         return _fail(f"--bind {args.bind!r}: expected {expected}")
     if problem := _logdir_problem(args.logdir):
         return _fail(problem)
+    if args.gpus is not None or launched():
+        return _serve_ranks(args, cfg)
     try:
         server = Server(cfg, args.logdir, bind=args.bind, progress=not args.quiet)
         summary = server.run(duration=args.duration)
@@ -90,6 +93,50 @@ def _serve(args: argparse.Namespace) -> int:
     out = server.logdir
     print(f"run directory {out}: learning curve {out / 'learning_curve.png'}, metrics {out / 'metrics.jsonl'}, "
           f"checkpoints {out / 'checkpoints'}, policy {out / 'policy.safetensors'}", file=sys.stderr)
+    return 0
+
+
+def _serve_ranks(args: argparse.Namespace, cfg: Config) -> int:
+    """`serve` on several ranks (docs/scaling.md): --gpus N starts N local ranks (learner/launch.py); a rank
+    started by torchrun or by that joins the job: rank 0 serves, the others train (learner/serve_ranks.py)."""
+    from core.link.security import LinkSecurityError
+    from learner.distributed import (
+        DEFAULT_TIMEOUT_S,
+        DistributedError,
+        RankLost,
+        close_world,
+        init_world,
+        launched,
+        ranks_problem,
+    )
+    from learner.launch import launch, without_gpus
+    from learner.link.server import LinkServerError
+    from learner.serve_ranks import RankedServer, follow
+
+    if args.gpus is not None:
+        if launched():
+            return _fail("--gpus starts the ranks itself; under torchrun leave it out")
+        if problem := ranks_problem(cfg, args.gpus):
+            return _fail(f"--gpus {args.gpus}: {problem}")
+        return launch(without_gpus(args.argv), args.gpus) if args.gpus > 1 else _serve(
+            argparse.Namespace(**{**vars(args), "gpus": None}))
+    try:
+        world = init_world(cfg.dreamer.device, args.rank_timeout or DEFAULT_TIMEOUT_S)
+        if problem := ranks_problem(cfg, world.size, local=True):
+            raise DistributedError(problem)
+        if not world.is_main:
+            follow(cfg, world)
+            return 0
+        server = RankedServer(cfg, args.logdir, world, bind=args.bind, progress=not args.quiet)
+        summary = server.run(duration=args.duration)
+    except (DistributedError, LinkSecurityError, LinkServerError) as exc:
+        return _fail(str(exc))
+    except RankLost as exc:
+        print(f"reverie-learner: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        close_world()
+    print(json.dumps(summary))
     return 0
 
 
@@ -110,8 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--duration", type=flags.seconds, help="stop after this many seconds")
     serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     serve.add_argument("--quiet", action="store_true", help="no progress bar")
+    serve.add_argument("--gpus", type=int, metavar="N", help="train on N local GPUs, one rank each "
+                       "(docs/scaling.md; with dreamer.device=cpu, N CPU processes)")
+    serve.add_argument("--rank-timeout", type=flags.seconds, metavar="SECONDS",
+                       help="with several ranks: how long a rank waits for a silent one before the job stops "
+                       "(default 300)")
     add_gato_parser(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --gpus N starts each rank with
     if args.command == "gato":
         return run_gato(args)
     try:

@@ -128,12 +128,20 @@ def collective(world: World, what: str) -> Iterator[None]:
                        f"{what} ({first}); stopping the job") from exc
 
 
-def local_batch_size(batch_size: int, world: World) -> int:
-    """Each rank's share of the global batch (`train.batch_size`), which must split evenly."""
-    if batch_size % world.size:
-        raise DistributedError(f"train.batch_size={batch_size} does not split evenly over {world.size} ranks; "
-                               f"use a multiple of {world.size}")
-    return batch_size // world.size
+def ranks_problem(cfg: Any, ranks: int, local: bool = False) -> str | None:
+    """Why `cfg` cannot train on `ranks` ranks (None if it can): the global batch must split evenly and, for
+    a launch on this machine (not `local`: one rank's own check), there must be a GPU per rank."""
+    if ranks < 1:
+        return f"{ranks} ranks: need at least 1"
+    if cfg.agent != "dreamer":
+        return f"data-parallel training supports agent: dreamer, not {cfg.agent!r}"
+    if cfg.train.batch_size % ranks:
+        return (f"train.batch_size={cfg.train.batch_size} does not split evenly over {ranks} ranks; use a "
+                f"multiple of {ranks}")
+    if not local and cfg.dreamer.device != "cpu" and torch.cuda.device_count() < ranks:
+        return (f"torch sees {torch.cuda.device_count()} CUDA device(s); to run {ranks} ranks on the CPU "
+                "(gloo; for tests) set dreamer.device=cpu")
+    return None
 
 
 # --- what an update shares across ranks

@@ -104,11 +104,15 @@ class Server(Run):
         self.agent = make_agent(self.cfg, space, act)
         self._resume()
 
+    def _idle(self) -> None:
+        """A pass of waiting with nothing to train: rank 0 of several tells the others it lives (serve_ranks)."""
+
     def _wait_for_spec(self, deadline: float | None) -> RunSpec | None:
         if self.link.spec is None:
             tqdm.write(f"waiting for the first robot on {self.link.endpoint} ...")
         while self.link.spec is None and not self._stop:
             self.link.check()
+            self._idle()
             if deadline is not None and time.monotonic() >= deadline:
                 self.stop("time limit reached before any robot connected")
             time.sleep(0.05)

@@ -9,9 +9,13 @@ DEADLINE (generous: a hang fails the test rather than blocking CI; no speed is a
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 DEADLINE = 240.0  # seconds any one job may take before the test fails as hung
+CONFIG = ROOT / "hardware_configs" / "sim_arm_reach.yaml"
+SERVE = ["--quiet", "--set", "dreamer.size=tiny", "--set", "dreamer.device=cpu", "--set", "link.heartbeat_s=0.1",
+         "--set", "train.batch_size=4", "--set", "train.batch_length=8", "--set", "train.prefill=40",
+         "--set", "train.train_ratio=-1", "--set", "train.log_every=5"]
 SPACE_KEYS = {"obs": ((5,), "float32"), "image": ((16, 16, 3), "uint8")}
 BATCH, LENGTH, UPDATES, NOISE_SEED = 4, 8, 3, 7  # the global batch; each of two ranks trains on 2 rows
 
@@ -58,10 +66,16 @@ def _free_port() -> int:
     return free_port()
 
 
+def _env() -> dict[str, str]:
+    """This environment less any torchrun variables, with the repository and tests/ importable."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return env | {"OMP_NUM_THREADS": "1",
+                  "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
 def _rank_env(rank: int, size: int, port: int) -> dict[str, str]:
-    return {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return _env() | {"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
+                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
 def _run_ranks(args: list[str], size: int = 2) -> list[subprocess.CompletedProcess]:
@@ -131,6 +145,137 @@ def test_two_ranks_with_half_the_batch_update_like_one_process_with_the_whole(tm
     assert worst and max(worst.values()) < 1e-3, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
     for key, want in context.items():
         np.testing.assert_allclose(got[f"context.{key}"].numpy(), want.numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+# --- serve on two ranks: a lost rank, a checkpoint resumed on one
+
+
+class Job:
+    """A command run as a subprocess with its output in files (read while it runs); killed if left running."""
+
+    def __init__(self, args: list[str], out: Path, env: dict[str, str] | None = None) -> None:
+        self.out, self.err = out.with_suffix(".out"), out.with_suffix(".err")
+        with self.out.open("w") as stdout, self.err.open("w") as stderr:
+            self.proc = subprocess.Popen([sys.executable, "-m", "learner.cli", *args], cwd=ROOT, stdout=stdout,
+                                         stderr=stderr, env=env or _env())
+
+    def text(self) -> str:
+        return self.out.read_text() + self.err.read_text()
+
+    def wait_for(self, what: str) -> None:
+        end = time.monotonic() + DEADLINE
+        while what not in self.text():
+            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {what!r}: {self.text()[-3000:]}"
+            assert time.monotonic() < end, f"no {what!r} within {DEADLINE} s: {self.text()[-3000:]}"
+            time.sleep(0.2)
+
+    def finish(self) -> int:
+        try:
+            return self.proc.wait(timeout=DEADLINE)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"still running after {DEADLINE} s (hung): {self.text()[-3000:]}") from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _serve_args(logdir: Path, port: int) -> list[str]:
+    return ["serve", "--config", str(CONFIG), "--logdir", str(logdir), "--bind", f"tcp://127.0.0.1:{port}", *SERVE]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # exited, not yet reaped
+
+
+def test_a_killed_rank_stops_the_launched_job_with_a_message(tmp_path: Path) -> None:
+    """`serve --gpus 2` (two CPU ranks): rank 1 killed while rank 0 waits for robots -> the launcher says which
+    rank died and how, stops rank 0 and exits non-zero, instead of rank 0 waiting forever."""
+    job = Job([*_serve_args(tmp_path / "run", _free_port()), "--gpus", "2"], tmp_path / "launcher")
+    try:
+        job.wait_for("waiting for the first robot")
+        pids = [int(p) for p in job.text().split("(pids ")[1].split(";")[0].split(", ")]
+        os.kill(pids[1], signal.SIGKILL)
+        assert job.finish() == 1
+    finally:
+        job.kill()
+    err = job.err.read_text()
+    assert f"rank 1 (pid {pids[1]}) was killed by SIGKILL; stopping the other ranks" in err, err
+    assert "Traceback" not in err, err
+    assert all(_gone(pid) for pid in pids)
+
+
+def test_a_killed_rank_stops_a_torchrun_rank_0_with_a_message(tmp_path: Path) -> None:
+    """Ranks started as torchrun starts them, no launcher: rank 0 notices the lost rank at its next command
+    and exits non-zero, saying what it was doing."""
+    port, link = _free_port(), _free_port()
+    ranks = [Job(_serve_args(tmp_path / "run", link), tmp_path / f"rank{r}", env=_rank_env(r, 2, port))
+             for r in range(2)]
+    try:
+        ranks[0].wait_for("waiting for the first robot")
+        ranks[1].kill()
+        assert ranks[0].finish() == 1
+    finally:
+        for job in ranks:
+            job.kill()
+    err = ranks[0].err.read_text()
+    assert "rank 0 of 2: another rank exited or stopped answering" in err and "Traceback" not in err, err
+
+
+def robot_chunk(i: int, steps: int = 5) -> dict[str, np.ndarray]:
+    """The i-th chunk of a robot with the test layout (GOOD_SPEC), one episode throughout."""
+    rng = np.random.default_rng(i)
+    return {"obs": rng.normal(size=(steps, 3)).astype(np.float32),
+            "image": rng.integers(0, 256, (steps, 16, 16, 3), dtype=np.uint8),
+            "action": rng.uniform(-1, 1, (steps, 2)).astype(np.float32),
+            "reward": rng.normal(size=steps).astype(np.float32),
+            "is_first": (np.arange(steps) == 0) & (i == 0), "is_last": np.zeros(steps, bool),
+            "is_terminal": np.zeros(steps, bool), "policy_version": np.zeros(steps, np.int64),
+            "time": i * steps + np.arange(steps, dtype=np.float64)}
+
+
+def _updates(job: Job) -> int:
+    """The update count of rank 0's latest status line (every STATUS_EVERY_S)."""
+    counts = [int(m) for m in re.findall(r"^updates (\d+) ", job.out.read_text(), re.M)]
+    return counts[-1] if counts else 0
+
+
+def test_a_checkpoint_written_by_two_ranks_resumes_on_one(tmp_path: Path) -> None:
+    from link_helpers import SPEC, RawRobot
+
+    logdir, port = tmp_path / "run", _free_port()
+    job = Job([*_serve_args(logdir, port), "--gpus", "2"], tmp_path / "two")
+    try:
+        job.wait_for("waiting for the first robot")
+        with RawRobot(f"tcp://127.0.0.1:{port}", "arm-1") as robot:
+            assert robot.hello(spec=SPEC | {"image": ["uint8", [16, 16, 3]]}).kind == "welcome"
+            for seq in range(12):
+                robot.steps(seq, robot_chunk(seq))
+                assert robot.ack() == seq
+            end = time.monotonic() + DEADLINE
+            while _updates(job) < 2:
+                assert job.proc.poll() is None and time.monotonic() < end, job.text()[-3000:]
+                time.sleep(0.5)
+        job.proc.send_signal(signal.SIGINT)  # rank 0 stops, checkpoints, then stops rank 1
+        assert job.finish() == 0, job.text()[-3000:]
+    finally:
+        job.kill()
+    two = json.loads(job.out.read_text().strip().splitlines()[-1])
+    assert two["updates"] >= 2 and two["checkpoint"], two
+    one = Job([*_serve_args(logdir, _free_port()), "--duration", "5"], tmp_path / "one")
+    try:
+        assert one.finish() == 0, one.text()[-3000:]
+    finally:
+        one.kill()
+    assert f"resumed from {two['checkpoint']}" in one.text() and f"{two['updates']} updates" in one.text(), one.text()
+    assert json.loads(one.out.read_text().strip().splitlines()[-1])["updates"] >= two["updates"]
+
 
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT), str(TESTS)]

@@ -1,8 +1,10 @@
 """Training metrics as JSON lines (the record plots and tests read) plus TensorBoard scalars (for people).
 
 `metrics.jsonl` is appended to and flushed row by row, so a killed run loses at most the row being
-written; `read_metrics` drops such a truncated last line. Non-finite values are stored as the strings
-"nan", "inf", "-inf" (strict JSON has no NaN) and read back as floats.
+written; `read_metrics` drops such a truncated last line. TensorBoard's event file is flushed row by
+row too (its writer would otherwise hold scalars for up to two minutes: a new run would look empty).
+Non-finite values are stored as the strings "nan", "inf", "-inf" (strict JSON has no NaN) and read
+back as floats.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import KeysView, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -75,6 +77,7 @@ class MetricsLogger:
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, int(step), walltime=row["time"])
+            self._tb.flush()
 
     def flush(self) -> None:
         self._file.flush()
@@ -164,6 +167,10 @@ class Mean:
         if reset:
             self.reset()
         return out
+
+    def keys(self) -> KeysView[str]:
+        """The keys added since the last reset."""
+        return self._count.keys()
 
     def reset(self) -> None:
         self._py.clear()

@@ -86,8 +86,10 @@ class Run:
         write_resolved(cfg, self.logdir)
         configure_compute(cfg.dreamer)
         torch.manual_seed(cfg.seed)
-        self.train_stats = Mean()  # update metrics (and train's episode returns) since the last row
+        self.train_stats = Mean()  # update metrics and episode returns since the last row
         self.checkpoint: Path | None = None  # the newest checkpoint this process wrote
+        self._shown: set[str] = set()  # metric keys a row of this process has held
+        self._interval_row = False  # whether this process has written a row at `log_every` yet
 
     @property
     def step(self) -> int:
@@ -166,8 +168,15 @@ class Run:
 
     # --- periodic outputs
     def _maybe_log(self) -> None:
+        """A row every `train.log_every` steps. Before this process's first such row, also a row as soon
+        as a metric appears that no row of it has held yet (the first episode's return, the first
+        update's losses): a new or resumed run shows its files within a minute, not after `log_every`
+        steps (many minutes on a small CPU). These early rows leave the interval's grid as it is."""
         if self.step - self.counters.last_log >= self.cfg.train.log_every:
             self.counters.last_log = self.step
+            self._interval_row = True
+            self._log()
+        elif not self._interval_row and self.agent is not None and self.train_stats.keys() - self._shown:
             self._log()
 
     def _maybe_checkpoint(self) -> None:
@@ -183,6 +192,7 @@ class Run:
                     "replay_steps": len(self.replay), "skipped_updates": self.agent.skipped,
                     "replay/refused_steps": self.replay.stats()["totals"]["refused_steps"]})
         self.logger.log(self.step, row)
+        self._shown.update(row)
 
     def _row(self) -> dict[str, float]:
         """What this run adds to a metrics row."""

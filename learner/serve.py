@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from core.agents.spaces import ActSpace, ObsSpace
@@ -33,6 +32,7 @@ from learner.replay import Replay
 from learner.run import Run, RunCounters, mean_or_none, updates_allowed
 
 STATUS_EVERY_S = 10.0
+RETURNS_EVERY_S = 1.0  # how often the loop takes the robots' finished episodes from the replay
 STATUS_ROBOTS = 20  # robots the status table lists (the most recently heard); the others are only counted
 MAX_MODEL_PARAMS = 2**31  # a layout needing a bigger agent is refused: almost surely a wrong dimension
 
@@ -84,8 +84,11 @@ class Server(Run):
         self.logger = MetricsLogger(self.logdir)
         self.counters = ServeCounters()
         self.agent = None  # built for the robots' step layout once the first one says it
-        self.returns_seen: dict[str, int] = {}
-        self.all_returns: list[float] = []
+        # Episodes the replay holds at start were reported by the run that stored them: only those that
+        # finish from now on are this run's to report (averaging the old ones into the first row after a
+        # restart dragged the curve back to the early returns).
+        self.returns_seen = {stream: info["episodes"] for stream, info in self.replay.stats()["streams"].items()}
+        self.all_returns: list[float] = []  # every reported episode's return, over restarts (checkpointed)
         self.published = (0, time.monotonic())  # (version, when)
         self._refused_version = -1  # weights of this many updates were non-finite: not sent
         self._stop = False
@@ -99,6 +102,12 @@ class Server(Run):
         self._stop, self._stop_reason = True, self._stop_reason or reason
 
     # --- setup
+    def _restore(self, parts: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.all_returns = [*meta.get("returns", []), *self.all_returns]  # the summary spans restarts
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        return {"returns": self.all_returns}
+
     def _build(self, spec: RunSpec) -> None:
         space, act = spaces_of(spec)
         self.agent = make_agent(self.cfg, space, act)
@@ -136,13 +145,19 @@ class Server(Run):
         batch_steps = cfg.batch_size * cfg.batch_length
         # What the replay holds is the truth (a checkpoint may be older than the last stored chunk).
         base = self.replay.stats()["totals"]["steps"] - self.link.received
-        bar = tqdm(unit="step", disable=not self.progress, dynamic_ncols=True, desc="received", mininterval=1.0)
+        bar = tqdm(unit="step", disable=not self.progress, dynamic_ncols=True, desc=self._bar_text(base),
+                   mininterval=1.0)
         next_status = time.monotonic() + STATUS_EVERY_S
+        next_returns = time.monotonic() + RETURNS_EVERY_S
         while not self._stop:
             self.link.check()
             received = base + self.link.received
             self.counters.received = received
+            bar.set_description(self._bar_text(received), refresh=False)
             bar.update(received - bar.n)
+            if time.monotonic() >= next_returns:
+                next_returns = time.monotonic() + RETURNS_EVERY_S
+                self._collect_returns()
             trained = self._maybe_train(received, batch_steps)
             self._maybe_publish()
             self._maybe_log()
@@ -158,7 +173,13 @@ class Server(Run):
             if not trained:
                 time.sleep(0.02)
             bar.set_postfix(updates=self.agent.updates if self.agent else 0, robots=len(self.link.robots))
+        self.counters.received = base + self.link.received  # steps stored during the last pass count too
         bar.close()
+
+    def _bar_text(self, received: int) -> str:
+        """What the progress bar counts: the prefill the first update waits for, then received steps."""
+        prefill = self.cfg.train.prefill
+        return f"prefill {received}/{prefill}" if received < prefill else "received"
 
     def _maybe_train(self, received: int, batch_steps: int) -> bool:
         """One update if the robots' steps allow another; whether it did one."""
@@ -189,30 +210,26 @@ class Server(Run):
         self.link.publish(weights_to_bytes(tensors, meta), agent.updates, agent.updates, link.weights_dtype)
         self.published = (agent.updates, time.monotonic())
 
-    def _new_returns(self) -> list[float]:
-        new: list[float] = []
+    def _collect_returns(self) -> None:
+        """The robots' episodes finished since the last look, into the next row's `train/return` mean."""
         for stream, info in self.replay.stats()["streams"].items():
             seen = self.returns_seen.get(stream, 0)
-            new.extend(info["returns"][seen:])
+            for value in info["returns"][seen:]:
+                self.train_stats.add({"train/return": value})
+                self.all_returns.append(value)
             self.returns_seen[stream] = len(info["returns"])
-        self.all_returns.extend(new)
-        return new
 
     def _row(self) -> dict[str, float]:
-        """The robots' episode returns since the last row, and the link: robots connected, rejects, and
-        each robot's rate and lag."""
-        row = {}
-        new = self._new_returns()
-        if new:
-            row["train/return"] = float(np.mean(new))
+        """The link: robots connected, rejects, and each robot's rate and lag."""
         table = self.link.robot_table()
-        row.update({"robots": sum(r["connected"] for r in table), "link/rejected": self.link.rejects.total})
+        row: dict[str, float] = {"robots": sum(r["connected"] for r in table), "link/rejected": self.link.rejects.total}
         for r in table:
             row[f"robot/{r['robot']}/steps_s"] = r["steps_s"]
             row[f"robot/{r['robot']}/lag_s"] = r["lag_s"]
         return row
 
     def _log(self) -> None:
+        self._collect_returns()
         super()._log()
         self._plot(("train/return",), against_updates=False)
 

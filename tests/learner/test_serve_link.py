@@ -1,6 +1,7 @@
 """The serve loop's side of the link, in process over real loopback sockets: a layout the agent cannot train
 is refused before it becomes the run's, heartbeat values reach summary.json as JSON, and the status table
-stays short whatever peers send (issue 20 items 8, 10 and 15)."""
+stays short whatever peers send (issue 20 items 8, 10 and 15); a restarted serve reports only the episodes
+that finish after it started (issue 23 item 3)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 from link_helpers import SPEC, RawRobot, wait_for
 
 from core.config import load_config
 from learner.cli import main as learner_main
 from learner.link.server import SPEC_FILE
+from learner.metrics import read_metrics
 from learner.serve import STATUS_ROBOTS, Server
 from robot.demo import free_port
 
@@ -122,3 +125,65 @@ def test_status_table_lists_a_bounded_number_of_robots_with_short_values(tmp_pat
     assert "25 more" in lines[-1]
     assert max(map(len, lines)) < 200 and "forged line" not in text
     assert f"fake-{robots - 1:03d}" in text and "fake-000" not in text  # the most recently heard are shown
+
+
+PROPRIO = ROOT / "hardware_configs" / "sim_arm_reach_proprio.yaml"
+ARM_SPEC = {"joint_pos": ["float32", [3]], "action": ["float32", [2]], "reward": ["float32", []],
+            "is_first": ["bool", []], "is_last": ["bool", []], "is_terminal": ["bool", []]}
+
+
+def _serve_episodes(logdir: Path, returns: list[float]) -> dict:
+    """One `serve` run in process (real link, real replay, real agent): a robot sends 10-step episodes with
+    these returns in one chunk; once the replay holds them, the run is stopped. Its summary."""
+    # No update is needed here: the prefill is never reached.
+    cfg = load_config(PROPRIO, ["train.prefill=100000", "link.heartbeat_s=0.1"])
+    server = Server(cfg, logdir, bind="tcp://127.0.0.1:*", progress=False)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failure: list[BaseException] = []
+
+    def robot() -> None:
+        try:
+            wait_for(lambda: bool(server.link.endpoint), "the link listening")
+            with RawRobot(server.link.endpoint, "arm-1") as peer:
+                welcome = peer.hello(spec=ARM_SPEC, task="arm_reach", hz=10.0)
+                assert welcome.kind == "welcome", welcome.meta
+                before = server.replay.stats()["totals"]["episodes"]
+                rows = np.arange(10 * len(returns)) % 10
+                peer.steps(welcome.meta["next_seq"], {
+                    "joint_pos": np.zeros((rows.size, 3), np.float32), "action": np.zeros((rows.size, 2), np.float32),
+                    "reward": np.repeat(np.float32(returns) / 10, 10), "is_first": rows == 0, "is_last": rows == 9,
+                    "is_terminal": np.zeros(rows.size, bool), "policy_version": np.zeros(rows.size, np.int64),
+                    "time": np.arange(rows.size, dtype=np.float64)})
+                wait_for(lambda: server.replay.stats()["totals"]["episodes"] == before + len(returns),
+                         "the episodes stored")
+        except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
+            failure.append(exc)
+        finally:
+            server.stop("test done")
+
+    thread = threading.Thread(target=robot)
+    thread.start()
+    try:
+        summary = server.run(duration=120)  # stopped by the robot thread long before
+    finally:
+        thread.join()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert not failure, failure
+    return summary
+
+
+def test_a_resumed_serve_reports_the_returns_of_its_new_episodes_only(tmp_path: Path) -> None:
+    """Issue 23 item 3: after a restart the first `train/return` averaged every episode in the replay, so
+    each re-run of `make demo` dragged the curve back to the early returns (-1.2 to -3.0)."""
+    logdir = tmp_path / "run"
+    first = _serve_episodes(logdir, [-5.0] * 4)
+    rows = read_metrics(logdir)
+    assert [r["train/return"] for r in rows if "train/return" in r] == [-5.0]
+    resumed = _serve_episodes(logdir, [-1.25, -3.75])
+    after = [r["train/return"] for r in read_metrics(logdir)[len(rows):] if "train/return" in r]
+    assert after == [-2.5], after  # the mean of the two new episodes, not of all six
+    # The summary's episode count and means span the restart (they are checkpointed).
+    assert first["episodes"] == 4 and resumed["episodes"] == 6
+    assert first["received_steps"] == 40 and resumed["received_steps"] == 60  # the final checkpoint's step
+    assert resumed["return_first10"] == resumed["return_last10"] == pytest.approx((4 * -5.0 - 5.0) / 6)

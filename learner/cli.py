@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args) if args.command == "serve" else _train(args)
     except (ConfigError, EnvError) as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:  # Ctrl-C while starting up, before the run's own handlers are in place
+        print("reverie-learner: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

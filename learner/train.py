@@ -5,14 +5,17 @@ update happens every batch*length/train_ratio environment steps. A run directory
 resolved config, metrics (JSONL + TensorBoard), videos, a learning curve, the replay store and
 checkpoints; running the same command again resumes from the newest complete checkpoint.
 Checkpoints are taken at episode boundaries, so a resumed run continues exactly as an
-uninterrupted one would. What it shares with `reverie-learner serve` (checkpoints, the update,
-metrics rows, curves, the summary) is learner/run.py; here are the environment loop and evaluation.
+uninterrupted one would; a run that ends mid-episode (Ctrl-C, SIGTERM) stores that episode as
+cut first, so its checkpoint falls at a boundary too. What it shares with `reverie-learner serve`
+(checkpoints, the update, metrics rows, curves, the summary) is learner/run.py; here are the
+environment loop and evaluation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
 import threading
 import time
@@ -41,6 +44,33 @@ EVAL_SEED_OFFSET = 1_000_000
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class EvaluationStopped(Exception):
+    """A stop signal arrived during an evaluation, which is then dropped (no row, no videos)."""
+
+
+class Rate:
+    """Updates per second for the progress bar, timed from this process's first update (the prefill and
+    the agent's construction before it do not count); None until there is a rate to show."""
+
+    def __init__(self, updates: int) -> None:
+        self.initial, self.start = updates, None
+
+    def per_second(self, updates: int) -> float | None:
+        now = time.monotonic()
+        if self.start is None:
+            if updates > self.initial:
+                self.start = (updates, now)
+            return None
+        done, seconds = updates - self.start[0], now - self.start[1]
+        return done / seconds if done and seconds > 0 else None
+
+
+def _say(text: str) -> None:
+    """A line on stderr from a signal handler. os.write, because the interrupted code may be inside a
+    buffered write to the same stream (re-entering it raises, and would print a traceback)."""
+    os.write(2, f"\n{text}\n".encode())
+
+
 @dataclasses.dataclass
 class Counters(RunCounters):
     """Where a single-process run stands; checkpointed, so a resumed run counts on exactly."""
@@ -58,6 +88,7 @@ class Trainer(Run):
     STEP_KEY, STEP_UNIT = "env_steps", "env steps"
     agent: Agent
     counters: Counters
+    stopped = ""  # the signal that ended the run early, if one did
 
     def __init__(self, cfg: Config, logdir: str | Path, env: str | None = None, progress: bool = True) -> None:
         if cfg.train.train_ratio < 0:
@@ -70,11 +101,11 @@ class Trainer(Run):
         self.agent = make_agent(cfg, self.env.obs_space, self.env.act_space)
         self.policy = self.agent.policy()
         self.replay = Replay.from_config(self.logdir / "replay", cfg.replay, seed=cfg.seed)
+        self.replay.describe(STREAM, self.env.describe(cfg))  # streams.json: names, units, bounds, rate
         self.logger = MetricsLogger(self.logdir)
         self.counters = Counters()
         self.episode_returns: list[float] = []
         self.random_returns: list[float] = []
-        self.stopped = ""  # the signal that ended the run early, if one did
         self._resume()
 
     @property
@@ -100,29 +131,31 @@ class Trainer(Run):
 
     # --- the loop
     def run(self) -> dict[str, Any]:
-        """Train until `train.steps` env steps or a stop signal; checkpoint; return the summary."""
-        cfg, c = self.cfg.train, self.counters
+        """Train until `train.steps` env steps or a stop signal; store a running episode as cut,
+        checkpoint, evaluate (not after a stop signal) and return the summary."""
         start = time.time()
-        bar = tqdm(total=cfg.steps, initial=c.env_steps, disable=not self.progress, unit="step", dynamic_ncols=True)
-        updates_at_start, t_start = self.agent.updates, time.time()
-        try:
-            with self._stop_on_signals():
-                self._loop(bar, updates_at_start, t_start)
-        except KeyboardInterrupt:
-            tqdm.write("interrupted: saving a checkpoint and the replay")
-        finally:
-            bar.close()
-            self.save()
-        return self.finish(time.time() - start)
+        with self._stop_on_signals():
+            bar = tqdm(total=self.cfg.train.steps, initial=self.counters.env_steps, disable=not self.progress,
+                       unit="step", dynamic_ncols=True, desc=self._bar_desc())
+            try:
+                self._loop(bar)
+            finally:
+                bar.close()
+                self.replay.close_episode(STREAM)  # ended mid-episode: stored as cut (no-op at a boundary)
+                self.save()
+            return self.finish(time.time() - start)
 
-    def _loop(self, bar: tqdm, updates_at_start: int, t_start: float) -> None:
+    def _loop(self, bar: tqdm) -> None:
         cfg, c = self.cfg.train, self.counters
         batch_steps = cfg.batch_size * cfg.batch_length
         obs = self.env.reset()
         episode_return, episode_length = 0.0, 0
+        rate = Rate(self.agent.updates)
         while c.env_steps < cfg.steps and not self.stopped:
             if obs["is_first"] and c.env_steps:
                 self._periodic(at_boundary=True)  # evaluate and checkpoint between episodes
+                if self.stopped:
+                    break  # during the evaluation: stop at this boundary
             prefill = c.env_steps < cfg.prefill
             context = None
             if prefill:
@@ -151,10 +184,26 @@ class Trainer(Run):
             if not prefill or c.env_steps == cfg.prefill:
                 self._train(batch_steps)
             self._periodic(at_boundary=False)
-            if c.env_steps % 50 == 0:
-                rate = (self.agent.updates - updates_at_start) / max(1e-9, time.time() - t_start)
-                last = self.episode_returns[-1] if self.episode_returns else float("nan")
-                bar.set_postfix(updates=self.agent.updates, upd_s=f"{rate:.2f}", ret=f"{last:.2f}")
+            if self.progress:
+                bar.set_description(self._bar_desc(), refresh=False)
+                bar.set_postfix_str(self._bar_postfix(rate.per_second(self.agent.updates)), refresh=False)
+
+    def _bar_desc(self) -> str:
+        """What the bar is waiting for: the random-action prefill, then training."""
+        prefill, steps = self.cfg.train.prefill, self.counters.env_steps
+        return f"prefill {steps}/{prefill}" if steps < prefill else "train"
+
+    def _bar_postfix(self, updates_per_s: float | None) -> str:
+        """The numbers that exist so far: the prefill's random returns, then updates, their rate and
+        the latest policy episode's return (none is shown before there is one)."""
+        if self.counters.env_steps < self.cfg.train.prefill:
+            return f"random return={self.random_returns[-1]:.2f}" if self.random_returns else ""
+        parts = [f"updates={self.agent.updates}"]
+        if updates_per_s is not None:
+            parts.append(f"upd/s={updates_per_s:.2f}")
+        if self.episode_returns:
+            parts.append(f"return={self.episode_returns[-1]:.2f}")
+        return " ".join(parts)
 
     def _acting_context(self) -> dict[str, np.ndarray] | None:
         """The posterior latents acting just computed (deter, stoch, the action taken): stored with
@@ -166,18 +215,25 @@ class Trainer(Run):
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
-        """SIGINT and SIGTERM end the loop after the current step (the caller then checkpoints); a second
-        one stops at once (KeyboardInterrupt: the checkpoint is still written). Only the main thread can
-        own signals; elsewhere (a caller's worker thread) they keep their handlers."""
+        """SIGINT and SIGTERM stop the run promptly: after the current step (an evaluation under way is
+        dropped), the running episode is stored as cut, a checkpoint is written, and there is no final
+        evaluation. A second one exits at once (status 128 + signal number, one line, no traceback),
+        even mid-checkpoint: checkpoints, the policy file and replay chunks are written atomically, so
+        the newest complete checkpoint stays whole and resumes. Held until the summary is written. Only
+        the main thread can own signals; elsewhere (a caller's worker thread) they keep their handlers."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum: int, _frame: object) -> None:
+            name = signal.Signals(signum).name
             if self.stopped:
-                raise KeyboardInterrupt
-            self.stopped = signal.Signals(signum).name
-            tqdm.write(f"{self.stopped}: stopping after this step; saving a checkpoint and the replay first")
+                _say(f"reverie-learner: {name} again: exiting now, without a new checkpoint; the same command "
+                     "resumes from the newest complete one")
+                os._exit(128 + signum)
+            self.stopped = name
+            _say(f"{name}: stopping (an evaluation under way is dropped): an episode under way is stored as cut, "
+                 "then a checkpoint is written; no final evaluation. A second signal exits at once, without it")
 
         previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
         try:
@@ -198,7 +254,7 @@ class Trainer(Run):
         if not self._replay_ready():
             return
         c.train_credit += updates_earned(1, self.cfg.train.train_ratio, batch_steps)
-        while c.train_credit >= 1.0:
+        while c.train_credit >= 1.0 and not self.stopped:  # what is left is checkpointed for the resume
             c.train_credit -= 1.0
             self._update()
 
@@ -207,39 +263,51 @@ class Trainer(Run):
         cfg, c = self.cfg.train, self.counters
         if not at_boundary:
             self._maybe_log()
-        if at_boundary and cfg.eval_every and c.env_steps - c.last_eval >= cfg.eval_every:
+        due = at_boundary and cfg.eval_every and c.env_steps - c.last_eval >= cfg.eval_every
+        if due and self.evaluate() is not None:  # a dropped one is due again when the run resumes
             c.last_eval = c.env_steps
-            self.evaluate()
-        if at_boundary:
+        if at_boundary and not self.stopped:  # stopping: the final checkpoint follows
             self._maybe_checkpoint()
 
     def _row(self) -> dict[str, float]:
         return {"episodes": self.counters.episodes}
 
     # --- evaluation
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
+        """An evaluation round (`_evaluate`); None when a stop signal dropped it."""
         with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training run's randomness
-            return self._evaluate()
+            try:
+                return self._evaluate()
+            except EvaluationStopped:
+                tqdm.write(f"evaluation at {self.counters.env_steps} env steps dropped")
+                return None
 
     def _evaluate(self) -> float:
         """`eval_episodes` episodes acting with sampled actions (as the official agent acts, and as
         training does) and as many with the mode action, from the same start states; returns the
-        sampled-action mean (`eval/return`). Tasks that report success get its rate too."""
-        c = self.counters
-        c.eval_rounds += 1
-        video = self.cfg.train.video_every and c.eval_rounds % self.cfg.train.video_every == 0
-        env = Env(self.cfg, self.env_override, seed=self.cfg.seed + EVAL_SEED_OFFSET + c.eval_rounds * 100,
+        sampled-action mean (`eval/return`). Tasks that report success get its rate too. A stop signal
+        raises EvaluationStopped before the round counts; one after its episodes skips the videos."""
+        c, episodes = self.counters, self.cfg.train.eval_episodes
+        round_ = c.eval_rounds + 1
+        video = self.cfg.train.video_every and round_ % self.cfg.train.video_every == 0
+        tqdm.write(f"evaluating at {c.env_steps} env steps: {episodes} episodes with sampled actions and "
+                   f"{episodes} with the mode{' (videos)' if video else ''}")
+        env = Env(self.cfg, self.env_override, seed=self.cfg.seed + EVAL_SEED_OFFSET + round_ * 100,
                   render=bool(video))
         policy = self.agent.policy()
         frames: list[np.ndarray] = []
         results = {}
-        for mode in ("sample", "mode"):
-            env.episodes = 0  # both modes start from the same states
-            results[mode] = [self._eval_episode(env, policy, mode, frames if video and mode == "sample" and i == 0
-                                                else None) for i in range(self.cfg.train.eval_episodes)]
-        env.close()
+        try:
+            for mode in ("sample", "mode"):
+                env.episodes = 0  # both modes start from the same states
+                results[mode] = [self._eval_episode(env, policy, mode, frames if video and mode == "sample" and i == 0
+                                                    else None) for i in range(episodes)]
+        finally:
+            env.close()
+        c.eval_rounds = round_
         videos = self.logdir / "videos"
-        if frames:
+        video = video and not self.stopped
+        if frames and video:
             write_video(videos / f"eval_{c.env_steps:09d}.mp4", np.stack(frames), fps=self.cfg.control.hz)
         if video and self.agent.image_keys and len(self.replay) >= self.cfg.train.batch_length:
             write_openloop(self.agent, self.replay, videos / f"openloop_{c.env_steps:09d}.mp4",
@@ -252,7 +320,7 @@ class Trainer(Run):
         text = f"return {row['eval/return']:.3f} sampled, {row['eval/return_mode']:.3f} mode"
         if "eval/success" in row:
             text += f"; success {row['eval/success']:.0%} sampled, {row['eval/success_mode']:.0%} mode"
-        tqdm.write(f"eval at {c.env_steps} steps: {text} ({self.cfg.train.eval_episodes} episodes each)")
+        tqdm.write(f"eval at {c.env_steps} steps: {text} ({episodes} episodes each)")
         return row["eval/return"]
 
     def _eval_episode(self, env: Env, policy: Policy, mode: str, frames: list | None) -> tuple[float, bool | None]:
@@ -260,6 +328,8 @@ class Trainer(Run):
         obs, total = env.reset(), 0.0
         policy.reset()
         while True:
+            if self.stopped:
+                raise EvaluationStopped
             policy.act(obs, mode=mode)
             if frames is not None and (frame := env.render()) is not None:
                 image = next((obs[k] for k in self.agent.image_keys), None)

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from core.agents.dreamer.policy import Policy
 from core.config import load_config
 from learner.checkpoint import CheckpointWarning, checkpoint_step, latest_checkpoint, load_checkpoint
 from learner.cli import main as learner_main
 from learner.metrics import read_metrics
+from learner.replay import Replay
 from learner.replay.context import CONTEXT_PART
 from learner.train import Trainer
 
@@ -178,35 +183,124 @@ def test_resume_falls_back_past_a_checkpoint_with_flipped_bytes(tmp_path: Path) 
     assert summary["env_steps"] == 80
 
 
-def test_cli_train_on_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
-    """docker stop, systemd and Slurm send SIGTERM: it must end the run like Ctrl-C, checkpoint first."""
-    logdir = tmp_path / "run"
-    sets = [x for s in FAST for x in ("--set", s)]
-    cmd = [sys.executable, "-m", "learner.cli", "train", "--config", str(CONFIG), "--logdir", str(logdir), "--quiet",
-           *sets, "--set", "train.steps=100000", "--set", "train.checkpoint_every=100000",
-           "--set", "train.eval_every=0"]
-    log = (tmp_path / "train.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+def _start_cli(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """`reverie-learner train` in a child process on the fast config, its output in tmp_path/train.log."""
+    sets = [x for s in [*FAST, *extra] for x in ("--set", s)]
+    cmd = [sys.executable, "-m", "learner.cli", "train", "--config", str(CONFIG), "--logdir", str(tmp_path / "run"),
+           "--quiet", *sets]
+    log_path = tmp_path / "train.log"
+    with log_path.open("w") as log:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log_path
+
+
+def _wait_until(proc: subprocess.Popen, log: Path, cond: Callable[[], bool]) -> None:
+    """Poll until `cond()` holds while the child runs (a generous deadline: not a timing test)."""
+    deadline = time.monotonic() + 120
+    while not cond():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def _ended(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
+    """The child's exit status and output (killed if it does not end)."""
     try:
-        deadline = time.monotonic() + 120
-        while not any("updates" in r and r["updates"] > 0 for r in _rows(logdir / "metrics.jsonl")):
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 0, (tmp_path / "train.log").read_text()[-3000:]
+        code = proc.wait(120)
     finally:
         if proc.poll() is None:
             proc.kill()
-        log.close()
-    output = (tmp_path / "train.log").read_text()
+    return code, log.read_text()
+
+
+def _summary(output: str) -> dict:
+    return json.loads([ln for ln in output.splitlines() if ln.startswith("{")][-1])
+
+
+def test_cli_train_on_sigterm_cuts_the_episode_and_checkpoints_at_that_boundary(tmp_path: Path) -> None:
+    """docker stop, systemd and Slurm send SIGTERM: it ends the run like Ctrl-C. A stop mid-episode stores
+    the episode as cut (is_last, not terminal), so the checkpoint falls at a boundary as the README says;
+    the resumed run starts that episode over. Issue 23 item 5 too: with a log interval the run never
+    reaches, the first update still writes a metrics row, and TensorBoard shows it while the run goes on."""
+    episode = 1000  # steps; the stop lands in the first episode, long after the prefill's 20 steps
+    proc, log = _start_cli(tmp_path, "train.steps=100000", "train.checkpoint_every=100000", "train.eval_every=0",
+                           f"control.episode_steps={episode}", "train.log_every=1000000")
+    logdir = tmp_path / "run"
+    try:
+        _wait_until(proc, log, lambda: any(r.get("updates", 0) > 0 for r in _rows(logdir / "metrics.jsonl")))
+        first = next(r for r in _rows(logdir / "metrics.jsonl") if r.get("updates", 0) > 0)
+        assert first["step"] < episode and "train/return" not in first  # the first update's row, early
+        events = EventAccumulator(str(logdir / "tb"))
+        events.Reload()
+        assert set(first) - {"step", "time"} <= set(events.Tags()["scalars"])
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        code, output = _ended(proc, log)
+    assert code == 0, output[-3000:]
     assert "SIGTERM" in output and "checkpoint" in output and "Traceback" not in output, output[-3000:]
-    summary = json.loads([ln for ln in output.splitlines() if ln.startswith("{")][-1])
-    assert summary["stopped"] == "SIGTERM" and summary["updates"] > 0
+    summary = _summary(output)
+    assert summary["stopped"] == "SIGTERM" and summary["updates"] > 0 and summary["env_steps"] < episode
     ckpts = sorted((logdir / "checkpoints").glob("ckpt-*"))
     assert [checkpoint_step(p) for p in ckpts] == [summary["env_steps"]]
-    resumed = Trainer(load_config(CONFIG, [*FAST, f"train.steps={summary['env_steps']}", "train.eval_every=0"]),
-                      logdir, progress=False)
+    with Replay(logdir / "replay") as replay:
+        stats = replay.stats()["totals"]
+        assert stats["steps"] == summary["env_steps"] and stats["abandoned"] == 1 and stats["episodes"] == 0
+        (stream,) = replay.stats()["streams"].values()
+        assert stream["returns"] == []
+    resumed = Trainer(load_config(CONFIG, [*FAST, f"train.steps={summary['env_steps']}", "train.eval_every=0",
+                                           f"control.episode_steps={episode}"]), logdir, progress=False)
     assert resumed.counters.env_steps == summary["env_steps"] and resumed.agent.updates == summary["updates"]
+    assert resumed.env.episodes == 0  # the cut episode starts over from its start state
+    resumed.close()
+
+
+def test_ctrl_c_during_an_evaluation_drops_it_and_stops_at_that_boundary(tmp_path: Path) -> None:
+    """Issue 23 item 4: Ctrl-C ran the evaluation under way, with its videos, to the end (26-33 s). It is
+    dropped now: no eval row, no video; the checkpoint is taken at the boundary the evaluation began at,
+    and the resumed run evaluates there again."""
+    proc, log = _start_cli(tmp_path, "train.steps=100000", "train.eval_every=20", "train.eval_episodes=1000",
+                           "train.checkpoint_every=100000")
+    logdir = tmp_path / "run"
+    try:
+        _wait_until(proc, log, lambda: "evaluating at 20 env steps" in log.read_text())
+        proc.send_signal(signal.SIGINT)
+    finally:
+        code, output = _ended(proc, log)
+    assert code == 0 and "Traceback" not in output, output[-3000:]
+    assert "evaluation at 20 env steps dropped" in output and "eval at" not in output, output[-3000:]
+    summary = _summary(output)
+    assert summary["stopped"] == "SIGINT" and summary["env_steps"] == 20 and summary["final_eval_return"] is None
+    assert not any("eval/return" in r for r in read_metrics(logdir)) and not (logdir / "videos").exists()
+    assert summary["checkpoint"] == str(latest_checkpoint(logdir / "checkpoints"))
+    resumed = Trainer(load_config(CONFIG, [*FAST, "train.steps=20", "train.eval_every=20"]), logdir, progress=False)
+    assert resumed.counters.env_steps == 20 and resumed.counters.eval_rounds == resumed.counters.last_eval == 0
+    resumed.close()
+
+
+def test_a_second_signal_exits_at_once_in_one_line_leaving_whole_checkpoints(tmp_path: Path) -> None:
+    """Issue 23 item 4: a second Ctrl-C printed a 30-line traceback. It exits at once now (status 128 + the
+    signal), saying so in one line; what is on disk stays whole. Two SIGINTs pending together merge into one,
+    so the child is paused while SIGINT and then SIGTERM are sent: it handles them in one go, mid-evaluation."""
+    proc, log = _start_cli(tmp_path, "train.steps=100000", "train.eval_every=20", "train.eval_episodes=1000",
+                           "train.checkpoint_every=10")
+    logdir = tmp_path / "run"
+    try:
+        _wait_until(proc, log, lambda: "evaluating at 20 env steps" in log.read_text())
+        proc.send_signal(signal.SIGSTOP)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)
+    finally:
+        code, output = _ended(proc, log)
+    assert code == 128 + signal.SIGTERM, output[-3000:]
+    lines = output.strip().splitlines()
+    assert lines[-1].startswith("reverie-learner: SIGTERM again: exiting now, without a new checkpoint"), lines[-3:]
+    assert "Traceback" not in output and not any(ln.startswith("{") for ln in lines), output[-3000:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)  # no damaged checkpoint to skip
+        # The boundary at 20 evaluates before it checkpoints: the newest checkpoint is 10's, not a part of 20's.
+        assert [checkpoint_step(p) for p in sorted((logdir / "checkpoints").glob("ckpt-*"))] == [10]
+        resumed = Trainer(load_config(CONFIG, [*FAST, "train.steps=20", "train.eval_every=0"]), logdir,
+                          progress=False)
+    assert resumed.counters.env_steps == 10
     resumed.close()
 
 
@@ -309,3 +403,24 @@ def test_episode_reward_per_step_is_logged(tmp_path: Path) -> None:
     per_step = [r["train/reward_per_step"] for r in rows if "train/reward_per_step" in r]
     returns = [r["train/return"] for r in rows if "train/reward_per_step" in r]
     assert per_step and all(abs(p * 10 - r) < 1e-6 for p, r in zip(per_step, returns))  # 10-step episodes
+
+
+def test_first_rows_come_before_the_first_log_interval(tmp_path: Path) -> None:
+    """Issue 23 item 5: metrics.jsonl and tb/ stayed empty until the first log interval (1000 steps: many
+    minutes on a small CPU). The first episode and the first update write a row each; then the interval."""
+    _run(tmp_path, "train.steps=40", "train.eval_every=0", "train.log_every=30")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[0]["step"] == 10 and rows[0]["train/return"] < 0 and rows[0]["updates"] == 0  # the first episode
+    assert rows[1]["step"] < 30 and rows[1]["updates"] == 1 and "wm/dec" in rows[1]  # the first update
+    assert [r["step"] for r in rows[2:]] == [30, 40]  # the interval's row, and the final one
+
+
+def test_progress_bar_says_what_it_waits_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 23 item 5: the bar showed `updates=0 upd_s=0.00 ret=nan` through the prefill. It counts the
+    prefill now, then shows updates and the latest return, and never a nan."""
+    cfg = load_config(CONFIG, [*FAST, "train.steps=30", "train.eval_every=0"])
+    Trainer(cfg, tmp_path, progress=True).run()
+    err = capsys.readouterr().err
+    assert "prefill 0/20" in err and "nan" not in err, err
+    last = err.rstrip().split("\r")[-1]  # the bar's final state
+    assert last.startswith("train") and re.search(r"updates=[1-9]", last) and "return=" in last, last

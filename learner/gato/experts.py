@@ -41,13 +41,18 @@ class SuiteTask:
 
 
 # Both action modes of both arms, and CartPole: five bodies, three action kinds (joint and Cartesian
-# vectors, discrete choices), with and without images.
+# vectors, discrete choices), with and without images; and a pair of tasks of one body that only the
+# prompt tells apart.
 SUITE: dict[str, SuiteTask] = {
     "reach_cartesian": SuiteTask("sim_arm_reach_state.yaml", ("arm_reach.action_mode=cartesian",)),
     "reach_joint": SuiteTask("sim_arm_reach_state.yaml", ("arm_reach.action_mode=joint",)),
     "pick_discrete": SuiteTask("sim_arm_pick.yaml", ("arm_pick.action_mode=discrete",)),
     "pick_cartesian": SuiteTask("sim_arm_pick.yaml", ("arm_pick.action_mode=cartesian",)),
     "cartpole": SuiteTask("gym_cartpole.yaml"),
+    # One body, two tasks: the target is fixed and not observed, so only the prompt says which one to reach.
+    "reach_fixed_a": SuiteTask("sim_arm_reach_proprio.yaml"),
+    "reach_fixed_b": SuiteTask("sim_arm_reach_proprio.yaml", ("arm_reach.target_low=[0.45, -0.12, 0.2]",
+                                                              "arm_reach.target_high=[0.45, -0.12, 0.2]")),
 }
 
 Expert = Callable[[dict[str, np.ndarray]], Any]  # an observation -> the environment's action

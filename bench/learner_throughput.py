@@ -2,7 +2,8 @@
 call), peak memory and the exported policy's act() latency on one CPU thread.
 
 Each case runs in its own process (clean peak-RSS, thread settings and compile caches). A case
-is a size preset (or explicit dimensions) x recipe x observation kind x eager/compiled. Default:
+is a size preset (or explicit dimensions) x recipe x observation kind x compile mode (off; cell: each
+recurrent step compiled, dreamer.compile=cell; full: the whole update). Default:
 presets size1m and size12m, 2024 recipe, 64x64 pixels, 16x64 batches, a 6-D continuous action.
 
 `--port-defaults` adds the dimensions of the best-known public PyTorch DreamerV3 port (GRU deter
@@ -11,7 +12,7 @@ presets size1m and size12m, 2024 recipe, 64x64 pixels, 16x64 batches, a 6-D cont
 at the same dimensions. That port measured 10.9 s/update from 64x64 pixels and 8.5 s/update from
 a 24-D vector on the 2-core reference machine; the target is at least 2x faster.
 
-    python bench/learner_throughput.py          # size1m + size12m (eager on CPU, eager + compiled on CUDA)
+    python bench/learner_throughput.py          # size1m + size12m (CPU: eager + cell-compiled; CUDA: eager + compiled)
     python bench/learner_throughput.py --port-defaults --obs pixels vector --no-compile
     python bench/learner_throughput.py --preset size1m --deter 1024 --units 128 --json
     python bench/learner_throughput.py --quick  # smoke run: one size1m case, about a minute
@@ -168,6 +169,7 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     device = resolve_device(opts["device"])
+    compiled = case["compile"] not in (False, "off")  # "cell" (each recurrent step) or "full" (the whole update)
     cfg = DreamerConfig(recipe=case["recipe"], size=case["preset"], device=device.type, compile=case["compile"],
                         precision=case["precision"], keep_heap=opts["keep_heap"], **case["overrides"])
     configure_compute(cfg)  # as the learner does: dreamer.keep_heap
@@ -208,22 +210,22 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     # Warm-up; when compiled, the first call compiles. An alarm bounds compile + warm-up.
     warm: list[float] = []
-    if case["compile"] and opts["compile_timeout"] > 0:
+    if compiled and opts["compile_timeout"] > 0:
         signal.signal(signal.SIGALRM, _on_alarm)
         signal.alarm(int(opts["compile_timeout"]))
     try:
-        for _ in range(max(1, opts["warmup"]) if case["compile"] else opts["warmup"]):
+        for _ in range(max(1, opts["warmup"]) if compiled else opts["warmup"]):
             warm.append(update())
     except _Timeout:
         signal.alarm(0)
         return {**out, "error": f"torch.compile + warm-up exceeded {opts['compile_timeout']} s "
                                 f"(--compile-timeout); no steady-state numbers; raise --compile-timeout"}
     except Exception as exc:  # noqa: BLE001  (a compile failure must not end the benchmark)
-        if not case["compile"]:
+        if not compiled:
             raise
         return {**out, "error": f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
     finally:
-        if case["compile"]:
+        if compiled:
             signal.alarm(0)
     busy.clear()
     cpu.clear()
@@ -242,7 +244,7 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
         "others_cpu_share": round(max(busy), 3) if busy else None,
         "load_avg_1m": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
     })
-    if case["compile"] and warm:
+    if compiled and warm:
         out["first_update_s"] = round(warm[0], 2)
         out["compile_s"] = round(max(0.0, warm[0] - min(times)), 2)  # first call minus a steady call
     if device.type == "cuda":
@@ -253,7 +255,7 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
         out["peak_mem_kind"] = "cpu peak RSS delta over the updates"
         out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
 
-    if not case["compile"]:
+    if not compiled:
         out.update(_arithmetic(agent, batch, device, autocast_dtype(cfg.precision, device), mean))
 
     if opts["profile"]:
@@ -401,7 +403,8 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
         for recipe in recipes:
             groups.append((f"port-defaults/{recipe}", "size1m", recipe, {**PORT_DIMS, **overrides},
                            "port" if recipe == PORT_RECIPE else None))
-    modes = {"both": [False, True], "on": [True], "off": [False], "auto": [False]}[args.compile]
+    modes = {"both": ["off", "full"], "on": ["full"], "off": ["off"], "cell": ["cell"], "cells": ["off", "cell"],
+             "auto": ["off"]}[args.compile]
     cases = []
     for name, preset, recipe, dims, target in groups:
         for obs in args.obs:
@@ -501,10 +504,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--compile", dest="compile", action="store_const", const="on",
-                       help="only the torch.compile'd update")
+                       help="only the whole update torch.compile'd (dreamer.compile=full)")
+    group.add_argument("--cell", dest="compile", action="store_const", const="cell",
+                       help="only the update with its recurrent steps compiled (dreamer.compile=cell)")
     group.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="only eager")
     group.add_argument("--both", dest="compile", action="store_const", const="both",
-                       help="eager and compiled (the default on CUDA; on CPU compiling takes ~10 min)")
+                       help="eager and whole-update compiled (the default on CUDA; on CPU compiling takes ~10 min)")
+    group.add_argument("--cells", dest="compile", action="store_const", const="cells",
+                       help="eager and cell-compiled (the default on CPU)")
     parser.add_argument("--compile-timeout", type=float, default=900.0,
                         help="seconds allowed for compile + warm-up before a compiled case is abandoned")
     parser.add_argument("--precision", nargs="+", choices=("auto", "float32", "bfloat16"), default=["auto"],
@@ -552,13 +559,14 @@ def main(argv: list[str] | None = None) -> None:
     feasible, why = compile_feasible(args.device)
     on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.compile == "auto":
-        args.compile = "both" if feasible and on_cuda else "off"
+        args.compile = ("both" if on_cuda else "cells") if feasible else "off"
         if feasible and not on_cuda:
-            notes.append(f"compiled cases skipped by default on CPU: {CPU_COMPILE_NOTE}; run with --compile or --both")
+            notes.append(f"whole-update compiled cases skipped by default on CPU: {CPU_COMPILE_NOTE}; run with "
+                         "--compile or --both")
     if not feasible:
         if args.compile == "on":
             notes.append(f"--compile requested but {why}; compiled cases are reported as errors")
-        elif args.compile == "both":
+        elif args.compile in ("both", "cells"):
             notes.append(f"compiled cases skipped: {why}")
             args.compile = "off"
     opts = {k: getattr(args, k) for k in ("batch", "length", "image", "device", "warmup", "iters",
@@ -568,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
         label = (f"{case['name']} {case['obs']} recipe={case['recipe']} compile={case['compile']} "
                  f"precision={case['precision']} "
                  f"threads={case['threads'] or 'default'}")
-        if case["compile"] and not feasible:
+        if case["compile"] not in (False, "off") and not feasible:
             result = {"error": f"torch.compile unavailable: {why}"}
         else:
             log(f"running {label} ...")

@@ -179,7 +179,12 @@ class DreamerConfig(Block):
         "auto", description="compute dtype: auto = bfloat16 autocast on CUDA, float32 on CPU; bfloat16 on CPU "
         "needs AVX512-BF16/AMX to pay off. Norms, distributions, KL and two-hot stay float32"
     )
-    compile: bool = Field(False, description="torch.compile the update (slow first step; worth it on long runs)")
+    compile: Literal["auto", "off", "cell", "full"] = Field(
+        "auto", description="torch.compile: cell = each recurrent step (observed, imagined) compiled once and reused "
+        "(float32 CPU: ~1 min the first time, seconds from the cache after); full = the whole update (~10 min on a "
+        "2-core CPU); auto = cell on CPU for sizes above tiny when a C++ compiler is found, else off; true/false "
+        "read as full/off"
+    )
     threads: int = Field(
         0, ge=0, description="torch CPU threads of the learner; 0 = one per CPU this process may use (its affinity "
         "mask, capped by its cgroup's CPU quota). Whatever the count, reverie-learner makes idle OpenMP threads sleep "
@@ -199,6 +204,8 @@ class DreamerConfig(Block):
             return data
         if isinstance(data.get("recipe"), int):  # YAML reads `recipe: 2024` as a number
             data = {**data, "recipe": str(data["recipe"])}
+        if isinstance(data.get("compile"), bool):  # the field was a bool: older files and policy blobs
+            data = {**data, "compile": "full" if data["compile"] else "off"}
         # An unknown (or non-string) name fills from the default, so that the field's own error is
         # the only one reported, not a missing key for every value the preset would have supplied.
         recipe, size = data.get("recipe", "2024"), data.get("size", "size1m")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -42,6 +43,12 @@ class Actor(nn.Module):
         for layer in list(self.net)[1:]:
             x = layer(x)
         return self.dist(self.out(x))
+
+    def noise(self, n: int, device: torch.device | None = None) -> Tensor:
+        """The random numbers `dist(out).rsample()` draws for `n` rows, drawn beforehand: a compiled
+        step takes them as an input and samples exactly what the eager step would."""
+        dist = OneHotDist if self.act.discrete else BoundedNormal
+        return dist.noise((n, self.out.out_features), device)
 
     def dist(self, out: Tensor) -> OneHotDist | BoundedNormal:
         """The action distribution of raw outputs `params(feat)` (any leading shape)."""

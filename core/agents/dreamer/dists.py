@@ -55,11 +55,16 @@ class TwoHot:
         target = target.float()
         if self.kind == "symlog":
             target = symlog(target)
-        return (twohot(target, self.bins) * torch.log_softmax(self.logits, -1)).sum(-1)
+        # sum(twohot(target) * log_softmax(logits)) read at the two non-zero bins: the same sum
+        # without two (..., bins) one-hot tensors per call (the critic's targets: 16k rows x 255).
+        below, above, w_below, w_above = twohot_parts(target, self.bins)
+        logp = torch.log_softmax(self.logits, -1)
+        return (w_below * logp.gather(-1, below[..., None]).squeeze(-1)
+                + w_above * logp.gather(-1, above[..., None]).squeeze(-1))
 
 
-def twohot(x: Tensor, bins: Tensor) -> Tensor:
-    """Two-hot encoding of `x` over `bins`; values beyond the ends go wholly to the end bins."""
+def twohot_parts(x: Tensor, bins: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(index below, index above, weight below, weight above) of `x`'s two-hot encoding over `bins`."""
     n = bins.shape[0]
     x = x.clamp(bins[0], bins[-1])
     below = (torch.searchsorted(bins, x.contiguous(), right=True) - 1).clamp(0, n - 1)
@@ -67,7 +72,13 @@ def twohot(x: Tensor, bins: Tensor) -> Tensor:
     lo, hi = bins[below], bins[above]
     span = hi - lo
     w_above = torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(x))
-    w_below = 1.0 - w_above
+    return below, above, 1.0 - w_above, w_above
+
+
+def twohot(x: Tensor, bins: Tensor) -> Tensor:
+    """Two-hot encoding of `x` over `bins`; values beyond the ends go wholly to the end bins."""
+    below, above, w_below, w_above = twohot_parts(x, bins)
+    n = bins.shape[0]
     return F.one_hot(below, n) * w_below[..., None] + F.one_hot(above, n) * w_above[..., None]
 
 
@@ -81,14 +92,24 @@ def unimix_logits(logits: Tensor, unimix: float) -> Tensor:
     return torch.log(probs)
 
 
-def sample_onehot(logp: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One-hot sample with straight-through gradients (gradient of the probabilities)."""
+def onehot_noise(shape: torch.Size | tuple[int, ...], device: torch.device | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """The uniforms `sample_onehot` draws for log-probabilities of `shape`: one per categorical."""
+    return torch.rand(tuple(shape[:-1]) + (1,), generator=generator, device=device)
+
+
+def sample_onehot(logp: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+    """One-hot sample with straight-through gradients (gradient of the probabilities).
+
+    `noise`: the uniforms (`onehot_noise`) drawn beforehand; a compiled step takes them as an input,
+    so that it samples exactly what the eager step samples from the same generator state.
+    """
     probs = logp.exp()
     # Inverse-CDF sampling: one uniform per categorical and a comparison, several times cheaper on
     # CPU than torch.multinomial for the thousands of small categoricals of an imagination step.
     cdf = probs.detach().cumsum(-1)
-    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device, dtype=cdf.dtype)
-    idx = (cdf <= u * cdf[..., -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
+    u = onehot_noise(probs.shape, probs.device, generator) if noise is None else noise
+    idx = (cdf <= u.to(cdf.dtype) * cdf[..., -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
     onehot = F.one_hot(idx, probs.shape[-1]).to(probs.dtype)
     return onehot + (probs - probs.detach())  # exactly one-hot in value, gradient of probs
 
@@ -113,8 +134,15 @@ class BoundedNormal:
         self.mean = torch.tanh(mean)
         self.std = (self.MAX_STD - self.MIN_STD) * torch.sigmoid(std + 2.0) + self.MIN_STD
 
-    def rsample(self, generator: torch.Generator | None = None) -> Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
+    @staticmethod
+    def noise(shape: torch.Size | tuple[int, ...], device: torch.device | None = None,
+              generator: torch.Generator | None = None) -> Tensor:
+        """The unit normals `rsample` draws for raw outputs of `shape` (mean and std halves)."""
+        return torch.randn(tuple(shape[:-1]) + (shape[-1] // 2,), generator=generator, device=device)
+
+    def rsample(self, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
         return self.mean + self.std * noise
 
     def mode(self) -> Tensor:
@@ -134,8 +162,14 @@ class OneHotDist:
     def __init__(self, logits: Tensor, unimix: float) -> None:
         self.logp = unimix_logits(logits, unimix)
 
-    def rsample(self, generator: torch.Generator | None = None) -> Tensor:
-        return sample_onehot(self.logp, generator)
+    @staticmethod
+    def noise(shape: torch.Size | tuple[int, ...], device: torch.device | None = None,
+              generator: torch.Generator | None = None) -> Tensor:
+        """The uniforms `rsample` draws for logits of `shape`."""
+        return onehot_noise(shape, device, generator)
+
+    def rsample(self, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        return sample_onehot(self.logp, generator, noise)
 
     def mode(self) -> Tensor:
         return F.one_hot(self.logp.argmax(-1), self.logp.shape[-1]).float()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.agents.dreamer.dists import categorical_kl, sample_onehot, unimix_logits
+from core.agents.dreamer.dists import categorical_kl, onehot_noise, sample_onehot, unimix_logits
 from core.agents.dreamer.layers import BlockLinear, Dense, Norm
 from core.agents.dreamer.onehot import OneHotCols
 from core.config.agent import DreamerConfig
@@ -94,11 +94,12 @@ class RSSM(nn.Module):
         new = update * cand + (1.0 - update) * deter.reshape(b, g, -1)
         return new.reshape(b, -1)
 
-    def img_step(self, state: State, action: Tensor) -> State:
-        """Prior: the next state predicted from the state and action alone."""
+    def img_step(self, state: State, action: Tensor, noise: Tensor | None = None) -> State:
+        """Prior: the next state predicted from the state and action alone (`noise`: the sample's
+        uniforms, `onehot_noise`, drawn beforehand; else drawn here)."""
         deter = self._gru(state["deter"], state["stoch"], action)
         logp = self.prior_logp(deter)
-        return {"deter": deter, "stoch": sample_onehot(logp), "logp": logp}
+        return {"deter": deter, "stoch": sample_onehot(logp, noise=noise), "logp": logp}
 
     def prior_logp(self, deter: Tensor) -> Tensor:
         """The prior's log-probabilities given the deterministic state (any leading axes)."""
@@ -137,16 +138,28 @@ class RSSM(nn.Module):
         """The posterior's first layer applied to the embedding alone (any leading axes), no bias."""
         return F.linear(embed, self.post_net[0].weight[:, self.deter :])
 
-    def post_from_parts(self, deter: Tensor, deter_part: Tensor, embed_part: Tensor) -> State:
+    def post_from_parts(self, deter: Tensor, deter_part: Tensor, embed_part: Tensor,
+                        noise: Tensor | None = None) -> State:
         """The posterior from the two halves of its first layer; equal to the layer applied to
         [deter, embed] up to float rounding (the sum is split in two)."""
         _, norm, act = self.post_net
         logp = self._logp(self.post_out(act(norm(deter_part + embed_part))))
-        return {"deter": deter, "stoch": sample_onehot(logp), "logp": logp}
+        return {"deter": deter, "stoch": sample_onehot(logp, noise=noise), "logp": logp}
+
+    def post_cell(self, deter: Tensor, stoch: Tensor, prev_action: Tensor, embed_part: Tensor, is_first: Tensor,
+                  noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One observed step on plain tensors, its sample's uniforms given: (deter, stoch, logp) of the
+        posterior. What observe() loops over; the trainer may pass a torch.compile'd twin of it."""
+        deter = self.observed_deter({"deter": deter, "stoch": stoch}, prev_action, is_first)
+        post = self.post_from_parts(deter, self.post_deter_part(deter), embed_part, noise)
+        return post["deter"], post["stoch"], post["logp"]
 
     # --- sequences
-    def observe(self, embed: Tensor, prev_action: Tensor, is_first: Tensor, state: State) -> tuple[State, State]:
+    def observe(self, embed: Tensor, prev_action: Tensor, is_first: Tensor, state: State,
+                cell: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None) -> tuple[State, State]:
         """Roll the posterior over (B, T) inputs; returns stacked (B, T, ...) posts and priors.
+        `cell`: the step (default `post_cell`); every step's uniforms are drawn at once beforehand,
+        the same numbers as drawn step by step.
 
         Only the GRU and the posterior run step by step (the next step needs the sample). The
         embedding half of the posterior's first layer runs once over the sequence, and the prior
@@ -154,13 +167,15 @@ class RSSM(nn.Module):
         products instead of T small ones. unbind() hands the per-step slices to the loop so that
         their gradients are stacked once instead of T zero-padded copies being summed.
         """
+        cell = cell or self.post_cell
         embed_parts = self.post_embed_part(embed).unbind(1)
         actions, firsts = prev_action.unbind(1), is_first.unbind(1)
-        posts = []
+        noise = onehot_noise((len(embed_parts), *state["stoch"].shape), embed.device).unbind(0)
+        deter, stoch, posts = state["deter"], state["stoch"], []
         for t in range(len(embed_parts)):
-            state = self._post_step(state, actions[t], embed_parts[t], firsts[t])
-            posts.append(state)
-        post = {k: torch.stack([s[k] for s in posts], 1) for k in posts[0]}
+            deter, stoch, logp = cell(deter, stoch, actions[t], embed_parts[t], firsts[t], noise[t])
+            posts.append((deter, stoch, logp))
+        post = {k: torch.stack(v, 1) for k, v in zip(("deter", "stoch", "logp"), zip(*posts))}
         return post, {"deter": post["deter"], "logp": self.prior_logp(post["deter"])}
 
     def imagine(self, state: State, policy: Callable[[State], Tensor], horizon: int) -> tuple[State, Tensor]:

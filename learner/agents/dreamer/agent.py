@@ -26,6 +26,7 @@ from core.config import Config
 from core.config.agent import DreamerConfig
 from core.layout import StepLayout
 from learner.agents.dreamer.behavior import Behavior
+from learner.agents.dreamer.cells import Cells, compile_mode
 from learner.agents.dreamer.openloop import openloop
 from learner.agents.dreamer.optim import make_optimizer
 from learner.agents.dreamer.world_model import WorldModel
@@ -87,8 +88,10 @@ class Dreamer:
         self.optimizer = make_optimizer(cfg, self.wm, self.behavior.actor, self.behavior.critic)
         self.updates = 0
         self.skipped = 0  # updates refused for non-finite inputs, losses or gradients (this process)
+        mode = compile_mode(cfg, self.device)
+        self.cells = Cells(self.wm.rssm, self.behavior.actor, self.behavior.uses_dynamics_grad(), mode == "cell")
         self._update_fn = self._update
-        if cfg.compile:
+        if mode == "full":
             self._update_fn = torch.compile(self._update)
 
     # --- the agent interface (core.agents.interface.Agent)
@@ -226,25 +229,13 @@ class Dreamer:
 
     def _update(self, data: dict[str, Tensor], start: State) -> tuple[Tensor, State, dict[str, Tensor]]:
         cfg, wm, beh = self.cfg, self.wm, self.behavior
-        wm_loss, post, metrics = wm.loss(data, start)
+        wm_loss, post, metrics = wm.loss(data, start, self.cells.post)
         b, t = data["action"].shape[:2]
         flat = {k: post[k].detach().reshape(b * t, *post[k].shape[2:]) for k in ("deter", "stoch")}
-        dynamics = beh.uses_dynamics_grad()
-        outs: list[Tensor] = []
-
-        def policy(state: State) -> Tensor:
-            # The actor sees sg(state), as in the reference implementations, so its outputs here are
-            # the very ones its loss needs: kept with their graph instead of a second actor pass.
-            out = beh.actor.params(wm.rssm.feat(state).detach())
-            outs.append(out)
-            action = beh.actor.dist(out).rsample()
-            # Backprop through the dynamics needs the sample's gradient; REINFORCE must not have it.
-            return action if dynamics else action.detach()
-
         # World-model weights are constants here. Under REINFORCE no input of the dynamics or heads
         # carries a gradient, so they build no graph; only the actor's steps do.
         with frozen(wm):
-            states, actions = wm.rssm.imagine(flat, policy, cfg.imag_horizon)
+            states, actions, outs = self.cells.imagine(flat, cfg.imag_horizon)
             feat = wm.rssm.feat(states)
             # The heads' values of the start state are not used: it is real, its continuation comes
             # from the data and its reward never counts (a return starts with the next state's). They
@@ -258,7 +249,7 @@ class Dreamer:
         imag_cont = torch.sigmoid(cont_logit[1:]) if cfg.imag_cont == "prob" else (cont_logit[1:] > 0).float()
         cont = torch.cat([(1.0 - data["is_terminal"]).reshape(1, -1), imag_cont], 0)
         ac_loss, start_return, ac_metrics = beh.loss(feat.float(), actions, reward, cont,
-                                                     policy=beh.actor.dist(torch.stack(outs).float()))
+                                                     policy=beh.actor.dist(outs.float()))
         metrics.update(ac_metrics)
         loss = wm_loss.mean() + ac_loss
         if cfg.repval_scale > 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,8 +50,11 @@ class WorldModel(nn.Module):
     def _cont_from(self, hidden: Tensor) -> Tensor:
         return self.cont_out(hidden).squeeze(-1).float()
 
-    def loss(self, data: dict[str, Tensor], state: State) -> tuple[Tensor, State, dict[str, Tensor]]:
-        """Per-(B, T) world-model loss, the posterior states, and metrics.
+    def loss(self, data: dict[str, Tensor], state: State,
+             cell: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None,
+             ) -> tuple[Tensor, State, dict[str, Tensor]]:
+        """Per-(B, T) world-model loss, the posterior states, and metrics (`cell`: the observe step,
+        `RSSM.observe`'s).
 
         `data["action"]` holds the action taken at each step; the model at step t is driven by the
         action of step t-1 (for t = 0 it comes from `state["action"]`, the replay context).
@@ -57,7 +62,7 @@ class WorldModel(nn.Module):
         cfg = self.cfg
         embed = self.encoder(data)
         prev_action = torch.cat([state["action"][:, None], data["action"][:, :-1]], 1)
-        post, prior = self.rssm.observe(embed, prev_action, data["is_first"], state)
+        post, prior = self.rssm.observe(embed, prev_action, data["is_first"], state, cell)
         dyn, rep = self.rssm.kl_losses(post, prior)
         feat = self.rssm.feat(post)
         recon = self.decoder(feat)

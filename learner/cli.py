@@ -55,6 +55,22 @@ def _logdir_problem(logdir: str) -> str | None:
     return None
 
 
+def _rerun(target: str) -> str | None:
+    """Check --rerun and hand it to the metrics writer of this process and of any rank it starts (through the
+    environment: learner/viewers/rerun_live.py); why it cannot be used, else None."""
+    from learner.formats import FormatError, require
+    from learner.viewers.rerun_live import RERUN_ENV, target_problem
+
+    try:
+        require("rerun", "--rerun")
+    except FormatError as exc:
+        return str(exc)
+    if problem := target_problem(target):
+        return problem
+    os.environ[RERUN_ENV] = target
+    return None
+
+
 def _train(args: argparse.Namespace) -> int:
     from learner.train import Trainer  # torch loads only when a command needs it
 
@@ -162,8 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--rank-timeout", type=flags.seconds, metavar="SECONDS",
                        help="with several ranks: how long a rank waits for a silent one before the job stops "
                        "(default 300)")
+    for p in (train, serve):
+        p.add_argument("--rerun", nargs="?", const="save", metavar="TARGET", help="log scalars, evaluation and "
+                       "open-loop videos live to rerun: LOGDIR/rerun.rrd (default), FILE.rrd, spawn, or a viewer URL")
     add_gato_parser(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "rerun", None) is not None and (problem := _rerun(args.rerun)):
+        return _fail(problem)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --gpus N starts each rank with
     if args.command == "gato":
         return run_gato(args)

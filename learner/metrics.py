@@ -1,4 +1,6 @@
-"""Training metrics as JSON lines (the record plots and tests read) plus TensorBoard scalars (for people).
+"""Training metrics as JSON lines (the record plots and tests read) plus TensorBoard scalars (for people),
+and, through `media`, the run's videos and learning curves as TensorBoard images; rerun gets both when
+asked (`--rerun`: `learner/viewers/rerun_live.py`).
 
 `metrics.jsonl` is appended to and flushed row by row, so a killed run loses at most the row being
 written; `read_metrics` drops such a truncated last line. TensorBoard's event file is flushed row by
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import KeysView, Mapping
@@ -20,6 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from learner.viewers.media import MediaWatch, tb_media
+from learner.viewers.rerun_live import RERUN_ENV, RerunSink
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -50,7 +56,9 @@ class MetricsLogger:
     Reopening an existing log appends (a resumed run continues the same file).
     """
 
-    def __init__(self, logdir: str | Path, tensorboard: bool = True) -> None:
+    def __init__(self, logdir: str | Path, tensorboard: bool = True, rerun: str | None = None) -> None:
+        """`rerun`: where live rerun logging goes (rerun_live's targets); None: the REVERIE_RERUN variable,
+        unset for none."""
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.path = self.logdir / METRICS_FILE
@@ -64,6 +72,9 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard
 
             self._tb = SummaryWriter(log_dir=str(self.logdir / TB_DIR))
+        target = os.environ.get(RERUN_ENV) if rerun is None else rerun
+        self._rerun = None if target is None else RerunSink(target, self.logdir)
+        self._media = MediaWatch(self.logdir)
 
     def log(self, step: int, metrics: Mapping[str, Number]) -> None:
         """Record `metrics` at `step`; tensors are read with `.item()` (a host sync: log sparingly)."""
@@ -78,6 +89,20 @@ class MetricsLogger:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, int(step), walltime=row["time"])
             self._tb.flush()
+        if self._rerun is not None:
+            self._rerun.scalars(int(step), values)
+
+    def media(self, step: int) -> None:
+        """Hand the videos and learning curves written since the last call to TensorBoard and rerun."""
+        if self._tb is None and self._rerun is None:
+            return
+        for item in self._media.new():
+            if self._tb is not None:
+                tb_media(self._tb, item, int(step))
+            if self._rerun is not None:
+                self._rerun.media(int(step), item)
+        if self._tb is not None:
+            self._tb.flush()
 
     def flush(self) -> None:
         self._file.flush()
@@ -90,6 +115,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._rerun is not None:
+            self._rerun.close()
+            self._rerun = None
 
     def __enter__(self) -> MetricsLogger:
         return self

@@ -206,6 +206,7 @@ class Run:
         if against_updates:
             plot_learning_curve(metrics, self.logdir / "learning_curve_updates.png", keys=keys, x="updates",
                                 baseline=baseline, title="Learning curve against updates")
+        self.logger.media(self.step)  # these curves and the videos written since: TensorBoard images, rerun
 
     def _summary(self, stopped: str, seconds: float, checkpoint: Path | None,
                  fields: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Shared fixtures. `--run-slow` enables the long checks marked `slow`."""
+"""Shared fixtures. `--run-slow` enables the long checks marked `slow`; tests marked `gpu` run only where
+torch sees a CUDA device."""
 
 from __future__ import annotations
 
@@ -10,12 +11,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if any("gpu" in item.keywords for item in items) and not _cuda():
+        no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(no_gpu)
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="long check: run with --run-slow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def pytest_configure(config: pytest.Config) -> None:

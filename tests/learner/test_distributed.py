@@ -48,7 +48,7 @@ def _agent(cfg, space, act):
     return agent
 
 
-def _setup(recipe: str):
+def _setup(recipe: str, device: str = "cpu"):
     from dreamer_helpers import FLAG_SPACE, make_batch, make_cfg
 
     from core.agents.spaces import ActSpace
@@ -57,7 +57,8 @@ def _setup(recipe: str):
     act = ActSpace(2, False)
     # No warm-up (every update moves the weights well above float resolution) and a low floor on the return
     # scale (the percentiles of the returns decide it).
-    return make_cfg(recipe, warmup=0, retnorm_limit=1e-3), space, act, make_batch(space, act, BATCH, LENGTH)
+    cfg = make_cfg(recipe, warmup=0, retnorm_limit=1e-3, device=device, precision="float32")
+    return cfg, space, act, make_batch(space, act, BATCH, LENGTH)
 
 
 def _free_port() -> int:
@@ -79,6 +80,7 @@ def _rank_env(rank: int, size: int, port: int) -> dict[str, str]:
 
 
 def _run_ranks(args: list[str], size: int = 2) -> list[subprocess.CompletedProcess]:
+    """This file's `args` command as `size` ranks; each one's result (every wait bounded by DEADLINE)."""
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, __file__, *args], env=_rank_env(r, size, port), cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(size)]
@@ -95,14 +97,14 @@ def _run_ranks(args: list[str], size: int = 2) -> list[subprocess.CompletedProce
     return done
 
 
-def update_rank(recipe: str, out: str) -> None:
+def update_rank(recipe: str, out: str, device: str = "cpu") -> None:
     """A rank's program: the agent built from the same seed, `distribute`d, UPDATES updates on its share of
     the fixed global batch (rank 0 scatters it); rank 0 saves the weights and the gathered context."""
     from learner.distributed import close_world, distribute, gather_context, init_world, scatter_batch
 
     torch.set_num_threads(1)
-    cfg, space, act, batch = _setup(recipe)
-    world = init_world("cpu")
+    cfg, space, act, batch = _setup(recipe, device)
+    world = init_world(device)
     agent = _agent(cfg, space, act)
     distribute(agent, world, seed=NOISE_SEED)
     context = None
@@ -114,8 +116,8 @@ def update_rank(recipe: str, out: str) -> None:
         context = gather_context(world, ctx)
     if world.is_main:
         assert context is not None
-        state = {f"model.{k}": v.contiguous() for k, v in agent.model.state_dict().items()}
-        state |= {f"context.{k}": v.contiguous() for k, v in context.items()}
+        state = {f"model.{k}": v.cpu().contiguous() for k, v in agent.model.state_dict().items()}
+        state |= {f"context.{k}": v.cpu().contiguous() for k, v in context.items()}
         safetensors.torch.save_file(state, out)
     close_world()
 
@@ -145,6 +147,27 @@ def test_two_ranks_with_half_the_batch_update_like_one_process_with_the_whole(tm
     assert worst and max(worst.values()) < 1e-3, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
     for key, want in context.items():
         np.testing.assert_allclose(got[f"context.{key}"].numpy(), want.numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.gpu
+def test_one_rank_on_cuda_with_nccl_updates_like_the_plain_agent(tmp_path: Path) -> None:
+    """The CUDA path (NCCL, DDP with device_ids, the noise generator and the packed tensors on the GPU), on one
+    GPU: a one-rank job's updates are the plain agent's (CUDA kernels need not be bitwise repeatable: a
+    looser tolerance than on the CPU)."""
+    out = tmp_path / "rank0.safetensors"
+    (job,) = _run_ranks(["update", "2024", str(out), "cuda"], size=1)
+    assert job.returncode == 0, job.stderr[-3000:]
+    cfg, space, act, batch = _setup("2024", "cuda")
+    agent = _agent(cfg, space, act)
+    initial = {k: v.cpu() for k, v in _agent(cfg, space, act).model.state_dict().items()}
+    torch.manual_seed(NOISE_SEED)
+    for _ in range(UPDATES):
+        agent.train(batch)
+    got = safetensors.torch.load_file(out)
+    for key, want in agent.model.state_dict().items():
+        step = (want.cpu() - initial[key]).double()
+        if step.abs().max() > 0 and not key.endswith("bins"):
+            assert float((got[f"model.{key}"] - want.cpu()).double().norm() / step.norm()) < 5e-2, key
 
 
 # --- serve on two ranks: a lost rank, a checkpoint resumed on one

@@ -74,9 +74,14 @@ def _rerun(target: str) -> str | None:
 def _train(args: argparse.Namespace) -> int:
     from learner.train import Trainer  # torch loads only when a command needs it
 
+    if args.offline:  # no env: world model and behaviour on a recorded replay (learner/offline/train.py)
+        from learner.offline.prefill import train_offline
+        return train_offline(args) if not (problem := _logdir_problem(args.logdir)) else _fail(problem)
     cfg = _config(args)
     env_id(cfg, args.env)  # a config that names nothing `train` can step fails here, before the logdir is made
     if problem := _logdir_problem(args.logdir):
+        return _fail(problem)
+    if args.prefill_from and (problem := _prefill(args, cfg)):
         return _fail(problem)
     trainer = Trainer(cfg, args.logdir, env=args.env, progress=not args.quiet)
     summary = trainer.run()
@@ -85,6 +90,20 @@ def _train(args: argparse.Namespace) -> int:
         print(f"reverie-learner: stopped by {trainer.stopped} at {summary['env_steps']} env steps; checkpoint "
               f"{summary['checkpoint']}; run the same command to resume", file=sys.stderr)
     return 0
+
+
+def _prefill(args: argparse.Namespace, cfg: Config) -> str | None:
+    """--prefill-from DIR: recorded steps (demonstrations, earlier data) into a new run's replay before it
+    learns (learner/offline/prefill.py); the problem, or None."""
+    from learner.offline.prefill import ReplayDirError, prefill_serve, prefill_train
+
+    try:
+        done = (prefill_serve(cfg, Path(args.logdir), Path(args.prefill_from)) if args.command == "serve"
+                else prefill_train(cfg, Path(args.logdir), Path(args.prefill_from), args.env))
+    except ReplayDirError as exc:
+        return f"--prefill-from: {exc}"
+    print(f"reverie-learner: {done}", file=sys.stderr)
+    return None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -97,6 +116,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.bind and (expected := address_problem(args.bind, bind=True)):
         return _fail(f"--bind {args.bind!r}: expected {expected}")
     if problem := _logdir_problem(args.logdir):
+        return _fail(problem)
+    if args.prefill_from and (problem := _prefill(args, cfg)):
         return _fail(problem)
     if args.gpus is not None or launched():
         return _serve_ranks(args, cfg)
@@ -166,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--logdir", required=True, help="run directory (resumed when it exists)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--offline", metavar="REPLAY_DIR", help="train on this recorded replay alone: no env, no robot "
+                       "(docs/offline.md)")
+    train.add_argument("--updates", type=int, metavar="N", help="with --offline: stop after N updates (default: "
+                       "train.train_ratio replayed steps per recorded step)")
+    train.add_argument("--prefill-from", metavar="REPLAY_DIR", help="a new run's replay starts with these steps "
+                       "(demonstrations: reverie-replay record)")
     serve = sub.add_parser("serve", help="train on experience streamed by robot processes over the network")
     serve.add_argument("--config", required=True, help="a YAML file from hardware_configs/")
     serve.add_argument("--logdir", required=True, help="run directory (resumed when it exists)")
@@ -173,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--duration", type=flags.seconds, help="stop after this many seconds")
     serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     serve.add_argument("--quiet", action="store_true", help="no progress bar")
+    serve.add_argument("--prefill-from", metavar="REPLAY_DIR", help="a new run's replay starts with these steps "
+                       "(demonstrations, earlier robot data); robots must send the same step layout")
     serve.add_argument("--gpus", type=int, metavar="N", help="train on N local GPUs, one rank each "
                        "(docs/scaling.md; with dreamer.device=cpu, N CPU processes)")
     serve.add_argument("--rank-timeout", type=flags.seconds, metavar="SECONDS",

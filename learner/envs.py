@@ -20,7 +20,8 @@ from tqdm import tqdm
 from core.agents.spaces import ActSpace, ObsSpace
 from core.config import Config
 from core.config.tasks import TASKS
-from core.interface import flag_specs
+from core.describe import describe_specs, success_rule
+from core.interface import ArraySpec, DiscreteSpec, flag_specs
 from core.layout import StepLayout
 
 SIM_PREFIX = "sim:"  # "module:id": Gymnasium imports `sim` (which registers the table's gym ids) first
@@ -128,6 +129,22 @@ class Env:
             tqdm.write(f"{self.id}: no episode videos: {exc}", file=sys.stderr)
             self.render_enabled = False
             return None
+
+    def describe(self, cfg: Config) -> dict[str, Any]:
+        """What this env's steps mean (`core.describe`), for the replay's streams.json: a simulated robot's own
+        specs (names, units, bounds), else what the Gymnasium spaces say (bounds only)."""
+        if self.sim:
+            robot = self.env.unwrapped.robot
+            return describe_specs(robot.observation_spec, robot.action_spec, hz=cfg.control.hz, task=cfg.task,
+                                  success=success_rule(cfg.task, cfg), source=f"simulated robot ({self.id})")
+        space = self.env.observation_space
+        items = space.spaces.items() if isinstance(space, spaces.Dict) else [("vector", space)]
+        obs = {key: ArraySpec(sub.shape, sub.dtype, sub.low, sub.high) for key, sub in items}
+        act = self.env.action_space
+        action = (DiscreteSpec(int(act.n)) if isinstance(act, spaces.Discrete)
+                  else ArraySpec(act.shape, act.dtype, act.low, act.high))
+        hz = float(self.env.metadata.get("render_fps") or cfg.control.hz)
+        return describe_specs({**obs, **flag_specs()}, action, hz=hz, task=self.id, source=f"Gymnasium env {self.id}")
 
     def close(self) -> None:
         self.env.close()

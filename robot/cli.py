@@ -28,6 +28,7 @@ from core.config.link import (
     message_room_problem,
     robot_id_problem,
 )
+from core.describe import describe_specs, success_rule
 from core.layout import StepLayout
 from core.link.security import LinkSecurityError
 from robot.tools import devices, servos
@@ -72,8 +73,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"reverie-robot: link.max_message_mb: expected {problem}, found {link_cfg.max_message_mb}",
                   file=sys.stderr)
             return 2
-        hello = {"spec": spec.to_wire(), "task": cfg.task or cfg.name, "hz": float(cfg.control.hz),
-                 "discrete": act.discrete}
+        task = cfg.task or cfg.name
+        hello = {"spec": spec.to_wire(), "task": task, "hz": float(cfg.control.hz), "discrete": act.discrete,
+                 # what the arrays mean (names, units, bounds), kept by the learner's replay: core/describe.py
+                 "describe": describe_specs(robot.observation_spec, robot.action_spec, hz=cfg.control.hz, task=task,
+                                            success=success_rule(cfg.task, cfg), source=f"robot {cfg.name}")}
         link = make_link(link_cfg, address, robot_id, spool_dir, hello)
         try:
             loop = ControlLoop(cfg, robot, link, seed=cfg.seed, initial=initial, ledger=args.ledger)

@@ -27,6 +27,7 @@ import numpy as np
 import zmq
 
 from core.config.link import ROBOT_ID_PATTERN
+from core.describe import check_description
 from core.layout import ACTION_KEY, DTYPES, FLAG_KEYS, Field, StepLayout
 
 PROTOCOL_VERSION = 1
@@ -337,6 +338,11 @@ def _check_hello(msg: Message) -> None:
     spec_of(msg.meta["spec"])
     _meta(msg, "task", _is_str, "str")
     _meta(msg, "hz", lambda v: _is_number(v) and math.isfinite(v) and v > 0, "a finite number > 0")
+    if "describe" in msg.meta:  # optional: what the arrays mean (older robots send none)
+        try:
+            check_description(msg.meta["describe"], "hello: meta['describe']")
+        except ValueError as exc:
+            raise ProtocolError("field", str(exc)) from None
     _no_arrays(msg)
 
 

@@ -353,6 +353,8 @@ class LinkServer:
                 self.robots[msg.robot] = RobotState(msg.robot, identity, msg.run, offered.task, key)
         state = self.robots[msg.robot]
         state.last_heard, state.connected = time.monotonic(), True
+        if isinstance(meta.get("describe"), dict):  # checked with the hello; streams.json keeps it
+            self.replay.describe(msg.robot, {**meta["describe"], "task": offered.task, "control_hz": offered.hz})
         # Only what this learner stored decides where the robot goes on: a welcome's next_seq makes the robot
         # delete every spooled chunk below it, so nothing a peer claims in a hello may move it.
         pos = self._position(msg.robot)

@@ -27,6 +27,7 @@ import numpy as np
 
 from learner.replay.chunk_file import TIME, ChunkMeta, Source
 from learner.replay.context import state_ids
+from learner.replay.describe import read_descriptions, write_descriptions
 from learner.replay.disk import ChunkFiles
 from learner.replay.ingest import Ingest, Rows, cap_disk
 from learner.replay.runs import Runs
@@ -94,6 +95,7 @@ class Replay:
             self._slab, self._runs, self._streams, self._files, chunk_length=chunk_length, ram_steps=ram_steps
         )
         self._sampler = Sampler(seed, online=online, recency=recency)
+        self._descriptions = read_descriptions(self.directory)  # streams.json: what each stream's arrays mean
         self._load(chosen)
         if stale:
             self._files.write_index()
@@ -210,6 +212,16 @@ class Replay:
         versions = per_step(policy_version, 0, count, np.int64, f"{where}: policy_version")
         times = per_step(time, _time.time(), count, np.float64, f"{where}: time")
         self._ingest.add_rows(Rows(values, versions, times, source, first_index, total), stream, task)
+
+    @_locked
+    def describe(self, stream: str, description: dict[str, Any]) -> None:
+        """Record what `stream`'s arrays mean (`core.describe`: names, units, bounds, control rate, task) in
+        the directory's streams.json, written at once when it is new or changed."""
+        self._check_open()
+        stream = str(stream)
+        if self._descriptions.get(stream) != description:
+            self._descriptions[stream] = description
+            write_descriptions(self.directory, self._descriptions)
 
     @_locked
     def close_episode(self, stream: str) -> bool:

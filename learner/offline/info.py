@@ -143,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
         hint = f"; its replay store is {directory / 'replay'}" if (directory / "replay").is_dir() else ""
         return fail(f"{directory}: not a replay directory (no {INDEX_NAME} and no chunk files){hint}")
     report = summarize(directory)
+    if not report["totals"]["chunks"]:  # nothing readable: say so as the other verbs do, not "0 streams"
+        unreadable = "; ".join(f"{name} ({why})" for name, why in report["problems"].items())
+        return fail(f"{directory}: the replay is empty (no readable chunk files{'; unreadable: ' if unreadable else ''}"
+                    f"{unreadable})")
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0
 

@@ -164,3 +164,84 @@ def test_a_replay_without_streams_json_still_reads(served: Path, tmp_path: Path)
     assert replay_main(["plot", str(old), "--out", str(tmp_path / "plots")]) == 0
     meta, *_ = read_chunk(sorted(old.iterdir())[0])
     assert meta.stream == ROBOT
+
+
+def test_keyboard_demonstrations_from_a_terminal(tmp_path: Path) -> None:
+    """`record --controller keyboard` in a real pseudo-terminal: held `q` pushes the first action dimension to +1,
+    `n` cuts the episode, `x` stops; the terminal's settings come back."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    import termios
+    import time
+
+    leader, follower = pty.openpty()
+    before = termios.tcgetattr(follower)
+    out = tmp_path / "kb"
+    cmd = [sys.executable, "-m", "learner.replay_cli", "record", "--config", str(CONFIG), "--controller", "keyboard",
+           "--episodes", "5", "--out", str(out), *FAST, "--set", "control.episode_steps=200"]  # 10 s: keys end it
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "streams.json").exists():  # recording has started (the env is built)
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        for keys in ("q", "q", "q", "n", "x"):
+            os.write(leader, keys.encode())
+            time.sleep(0.3)
+        stdout, stderr = proc.communicate(timeout=120)
+        after = termios.tcgetattr(follower)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+        os.close(follower)
+    assert proc.returncode == 0, stderr.decode()
+    assert "demo-keyboard" in stdout.decode()
+    assert after == before
+    replay = ReplayDir(out)
+    first, second = replay.episodes()  # n cut the first, x the second
+    steps = replay.steps(first)
+    assert (steps["action"][:, 0] == 1.0).any() and (steps["action"][:, 1:] == 0.0).all()
+    assert first.end == second.end == "abandoned" and first.length < 200
+    assert read_descriptions(out)["demo-keyboard"]["source"].startswith("keyboard demonstrations")
+
+
+def test_a_peer_description_is_checked() -> None:
+    from core.describe import check_description
+    from core.link.protocol import Message, ProtocolError, decode, encode
+
+    with pytest.raises(ValueError, match="names must be a list"):
+        check_description({"observations": {"q": {"names": "joint1"}}}, "hello")
+    bad = Message("hello", "r", "x" * 32, 0, {"spec": {"action": ["float32", [1]], "reward": ["float32", []],
+                                                       "is_first": ["bool", []], "is_last": ["bool", []],
+                                                       "is_terminal": ["bool", []]},
+                                              "task": "t", "hz": 10.0, "describe": {"control_hz": -1}})
+    with pytest.raises(ProtocolError, match="control_hz"):
+        decode(encode(bad))
+
+
+def test_serve_prefill_fixes_the_runs_layout(served: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve --prefill-from`: the recorded steps are in the run's replay before any robot, and a robot of
+    another step layout is refused at its hello with the difference named."""
+    from link_helpers import RawRobot
+
+    from core.config import load_config
+    from core.config.link import LinkConfig
+    from learner.link.server import LinkServer
+    from learner.offline.prefill import prefill_serve
+
+    logdir = tmp_path / "serve"
+    prefill_serve(load_config(CONFIG), logdir, served)
+    with Replay(logdir / "replay", chunk_length=8) as replay:
+        assert replay.stats()["streams"][ROBOT]["steps"] == 30
+        assert replay.source_position(ROBOT) is None  # a robot of that name starts afresh, nothing taken as sent
+        server = LinkServer(LinkConfig(bind="tcp://127.0.0.1:*", heartbeat_s=0.1), replay, logdir)
+        try:
+            server.start()
+            with RawRobot(server.endpoint, "other-1") as robot:
+                answer = robot.hello()
+            assert answer.kind == "bye" and "step layout differs" in answer.meta["reason"]
+        finally:
+            server.close()

@@ -156,6 +156,12 @@ class DreamerConfig(Block):
     replay_context: bool = Field(
         description="start replayed sequences from stored posterior latents, refreshed after updates"
     )
+    # --- exploration (the `explore` block holds its settings)
+    explore: Literal["none", "plan2explore", "cascade"] = Field(
+        "none", description="reward-free exploration: plan2explore = an ensemble's disagreement drives an explorer "
+        "actor-critic that acts while collecting; cascade = a population of such explorers over deployments "
+        "(docs/lineage.md); the task actor-critic stays separate"
+    )
     # --- optimisation
     optimizer: Literal["laprop", "adam"] = Field(
         description="laprop: one optimiser, AGC then RMS scaling then momentum (2024); adam: per-part Adam (2023)"

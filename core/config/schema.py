@@ -17,6 +17,7 @@ from core.config.agent import DreamerConfig, ReplayConfig, TrainConfig
 from core.config.base import Block, FieldError
 from core.config.control import CameraConfig, ControlConfig
 from core.config.emulator import EmulatorConfig
+from core.config.explore import ExploreConfig
 from core.config.gato import GatoConfig
 from core.config.hardware import MotorsConfig, SafetyConfig
 from core.config.link import MIN_STEP_EXTRA_BYTES, LinkConfig, chunk_steps, message_room_problem
@@ -68,6 +69,7 @@ class Config(Block):
         "dreamer", description="the learning algorithm (core.agents.ALGORITHMS); its settings are the block named so"
     )
     dreamer: DreamerConfig = DreamerConfig()
+    explore: ExploreConfig = ExploreConfig()
     gato: GatoConfig = GatoConfig()
     planet: PlanetConfig = PlanetConfig()
     world_models: WorldModelsConfig = WorldModelsConfig()

@@ -24,9 +24,11 @@ from core.agents.dreamer.rssm import State
 from core.agents.spaces import ActSpace, ObsSpace
 from core.config import Config
 from core.config.agent import DreamerConfig
+from core.config.explore import ExploreConfig
 from core.layout import StepLayout
 from learner.agents.dreamer.behavior import Behavior
 from learner.agents.dreamer.cells import Cells, compile_mode
+from learner.agents.dreamer.explore import Exploration
 from learner.agents.dreamer.openloop import openloop
 from learner.agents.dreamer.optim import make_optimizer
 from learner.agents.dreamer.world_model import WorldModel
@@ -80,7 +82,8 @@ class DreamerModel(nn.Module):
 class Dreamer:
     """The trainer: owns the model, the optimiser and the update counter (`core.agents.Agent`)."""
 
-    def __init__(self, cfg: DreamerConfig, space: ObsSpace, act: ActSpace, device: torch.device | None = None) -> None:
+    def __init__(self, cfg: DreamerConfig, space: ObsSpace, act: ActSpace, device: torch.device | None = None,
+                 explore: ExploreConfig | None = None) -> None:
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
         self.model = DreamerModel(cfg, space, act).to(self.device)
@@ -91,17 +94,24 @@ class Dreamer:
         mode = compile_mode(cfg, self.device)
         self.cells = Cells(self.wm.rssm, self.behavior.actor, self.behavior.uses_dynamics_grad(), mode == "cell")
         self._update_fn = self._update
+        # dreamer.explore: the ensemble and explorers join the model and the optimiser (explore.py)
+        self.exploration = None if cfg.explore == "none" else Exploration(self, explore or ExploreConfig())
+        if self.exploration is not None:
+            self._update_fn = self.exploration.update
         if mode == "full":
-            self._update_fn = torch.compile(self._update)
+            self._update_fn = torch.compile(self._update_fn)
 
     # --- the agent interface (core.agents.interface.Agent)
     @classmethod
     def from_config(cls, cfg: Config, space: ObsSpace, act: ActSpace) -> Dreamer:
-        return cls(cfg.dreamer, space, act)
+        return cls(cfg.dreamer, space, act, explore=cfg.explore)
 
     @classmethod
     def parameter_count(cls, cfg: Config, space: ObsSpace, act: ActSpace) -> int:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
+            if cfg.dreamer.explore != "none":  # the ensemble and explorers count too
+                return sum(p.numel() for p in cls(cfg.dreamer, space, act, torch.device("meta"),
+                                                  cfg.explore).model.parameters())
             model = DreamerModel(cfg.dreamer, space, act)
         return sum(p.numel() for p in model.parameters())
 
@@ -114,9 +124,13 @@ class Dreamer:
         return self.model.keys.images
 
     def policy(self) -> Policy:
+        if self.exploration is not None:  # collecting: the explorer acts
+            return self.exploration.policy()
         return Policy.from_model(self.model)
 
     def policy_weights(self) -> tuple[dict[str, Tensor], dict]:
+        if self.exploration is not None:
+            return self.exploration.policy_weights()
         return policy_weights(self.model, self.updates)
 
     def openloop(self, batch: Mapping[str, Any], context: int) -> tuple[np.ndarray, np.ndarray]:

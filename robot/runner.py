@@ -320,7 +320,8 @@ class ControlLoop:
                         raise
                 self._record(obs, action)
                 episode_return += float(obs["reward"])
-                if obs["is_last"]:
+                reset = bool(obs["is_last"])  # a reset moves the robot home over many periods: no control period
+                if reset:
                     self.stats.episodes += 1
                     self.stats.returns.append(episode_return)
                     episode_return = 0.0
@@ -338,7 +339,8 @@ class ControlLoop:
                 # than bursting to catch up (a burst of commands is worse than a late one).
                 wait_until(deadline, spin)
                 now = time.monotonic()
-                self.stats.add_period_error(abs((now - last) - period) / period)
+                if not reset:
+                    self.stats.add_period_error(abs((now - last) - period) / period)
                 last = now
                 deadline = max(deadline + period, now)
                 if self.stats.steps % self.chunk_steps == 0:

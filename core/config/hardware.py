@@ -48,9 +48,10 @@ class MotorsConfig(Block):
         None, description="calibration file written by reverie-robot calibrate; null = calibration/<name>.json"
     )
     read_velocity: bool = Field(True, description="read present velocities too (one wider sync read)")
-    timeout_margin_ms: float = Field(
-        10.0, gt=0, le=1000, description="added to each reply's wire time before it counts as missing, ms (USB "
-        "latency and OS scheduling; FTDI adapters need their latency timer at 1 ms)"
+    timeout_margin_ms: float | None = Field(
+        None, gt=0, le=1000, description="added to each reply's wire time before it counts as missing, ms (USB "
+        "latency and OS scheduling; FTDI adapters need their latency timer at 1 ms); null = 10 on a USB adapter, 30 "
+        "on a pseudo-terminal (an emulated bus: its replies wait for the emulator process to be scheduled)"
     )
     retries: int = Field(2, ge=0, le=10, description="a failed read is retried this many times within a tick")
     read_budget_ms: float | None = Field(

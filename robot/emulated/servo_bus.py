@@ -40,7 +40,7 @@ from robot.servo.tables import DYNAMIXEL_OPERATING_MODES, MODELS, Model, Registe
 log = logging.getLogger(__name__)
 
 BITS_PER_BYTE = 10  # 8N1
-POLL_S = 0.005  # longest the serving thread sleeps: how fast watchdogs and close() are noticed
+SPIN_S = 0.002  # a wait for the wire shorter than this is spun, not slept: a sleeping thread wakes late on a busy host
 WRITE_GIVE_UP_S = 1.0  # a host that does not read its port for this long loses the reply
 
 # Dynamixel status error numbers the emulator produces
@@ -329,32 +329,39 @@ class ServoEmulator(PtyDevice):
             self.stats[key] += n
 
     def _reply_all(self, replies: list[_Reply], received: float, request_bytes: int) -> None:
-        """Send replies one after the other, each no earlier than a real half-duplex bus would."""
-        baud = max(host_baud(self._master), 1)
+        """Send the statuses of one instruction together, once the last of them has crossed a real half-duplex
+        bus (no byte comes earlier than it would): one sleep and one write per instruction, as a USB adapter
+        hands the host what it gathered in one transfer. Sleeping once per status instead made a sync read of
+        six servos six wake-ups on each side, each one late on a busy machine."""
+        if not replies:
+            return
         due = received + self.faults.delay_s
         if self.timing:
+            baud = max(host_baud(self._master), 1)
             due += request_bytes * BITS_PER_BYTE / baud
+            due += sum(r.wire_s + len(r.frame) * BITS_PER_BYTE / baud for r in replies)
+        wait = due - time.monotonic()
+        if wait > SPIN_S and self._stop.wait(wait - SPIN_S):
+            return
+        while time.monotonic() < due:  # at 1 Mbit/s the whole exchange is under a millisecond: never sleep for it
+            pass
+        self._put(b"".join(self._faulted(reply.frame) for reply in replies))
         for reply in replies:
-            if self.timing:
-                due += reply.wire_s + len(reply.frame) * BITS_PER_BYTE / baud
-            wait = due - time.monotonic()
-            if wait > 0 and self._stop.wait(wait):
-                return
-            self._send(reply.frame)
             if reply.after is not None:
                 with self._lock:
                     reply.after()
 
-    def _send(self, frame: bytes) -> None:
+    def _faulted(self, frame: bytes) -> bytes:
+        """The frame as the injected faults let it through: b"" when dropped, garbled when corrupted."""
         faults = self.faults
         if self._rng.random() < faults.drop_rate:
             self._count("dropped")
-            return
+            return b""
         if self._rng.random() < faults.corrupt_rate:
             frame = frame[:-1] + bytes([frame[-1] ^ 0xFF])
             self._count("corrupted")
-        self._put(frame)
         self._count("answered")
+        return frame
 
     def _put(self, data: bytes) -> None:
         if not self._write_all(data, WRITE_GIVE_UP_S):

@@ -5,8 +5,9 @@ codec (`robot.servo.protocols.codec_for`) only frames bytes and the control tabl
 (`robot.servo.tables`) only name registers, so the emulated bus shares every byte with this driver.
 
 Timeouts are computed per request from the baud rate and the packet lengths, plus a margin for the
-USB adapter and the OS. FTDI-based adapters hold received bytes for their latency timer (16 ms by
-default) before passing them on: set it to 1 ms, for example
+USB adapter and the OS (`default_margin_s`: wider on a pseudo-terminal, whose "servos" are an emulator
+process that must be scheduled before it answers). FTDI-based adapters hold received bytes for their
+latency timer (16 ms by default) before passing them on: set it to 1 ms, for example
 `echo 1 | sudo tee /sys/bus/usb-serial/devices/ttyUSB0/latency_timer`, or every reply arrives after
 its deadline.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import threading
 import time
@@ -40,6 +42,25 @@ PROBE_MODEL = {"dynamixel": "xl430-w250", "feetech": "sts3215"}
 SCAN_STRAGGLERS_S = 0.05  # after a sweep, late replies still count
 IDENTIFY_MARGIN_S = 0.05  # reading a found servo's model needs no hurry
 RETURN_DELAY_S = 0.0005  # a servo waits this long before its status (Dynamixel X factory Return_Delay_Time)
+USB_MARGIN_S = 0.01  # a USB adapter's transfer and the OS waking this process (FTDI latency timer at 1 ms)
+# A pseudo-terminal's replies come from an emulator process (`reverie-sim emulate`) that must itself be scheduled
+# to read the request and again to answer; on a busy machine each wake-up can take ten milliseconds or more.
+PTY_MARGIN_S = 0.03
+PTY_HINT = ("an emulated bus (pseudo-terminal): is `reverie-sim emulate` still running? Replies that come late "
+            "mean this computer is too busy to run the emulator and the robot at once")
+
+
+def is_pseudo_terminal(port: str) -> bool:
+    """Whether `port` is a pseudo-terminal (/dev/pts/N, or a link to one, or spy://ONE?...): an emulated or
+    bridged bus."""
+    if port.startswith("spy://"):  # pyserial's logging wrapper around a port
+        port = port.removeprefix("spy://").split("?", 1)[0]
+    return os.path.realpath(port).startswith("/dev/pts/")
+
+
+def default_margin_s(port: str) -> float:
+    """The timeout margin for a port whose config leaves it open (motors.timeout_margin_ms: null)."""
+    return PTY_MARGIN_S if is_pseudo_terminal(port) else USB_MARGIN_S
 
 
 @dataclass
@@ -51,6 +72,7 @@ class BusStats:
     requests: int = 0
     expected: int = 0  # statuses awaited, over every try: with `unanswered`, the bus's measured reply loss
     unanswered: dict[int, int] = field(default_factory=dict)  # servo id -> statuses it did not send in time
+    late_bytes: int = 0  # bytes that arrived after their request's deadline (dropped before the next request)
     reads: int = 0
     writes: int = 0
     retries: int = 0
@@ -68,14 +90,14 @@ class MotorBus:
     """
 
     def __init__(self, port: str, protocol: str, baud: int = 1_000_000, models: dict[int, str] | None = None,
-                 retries: int = 2, timeout_margin_s: float = 0.01) -> None:
+                 retries: int = 2, timeout_margin_s: float | None = None) -> None:
         self.port = port
         self.protocol = protocol
         self.baud = int(baud)
         self.codec: Codec = codec_for(protocol)
         self.models: dict[int, str] = dict(models or {})
         self.retries = int(retries)
-        self.timeout_margin_s = float(timeout_margin_s)
+        self.timeout_margin_s = default_margin_s(port) if timeout_margin_s is None else float(timeout_margin_s)
         self.stats = BusStats()
         self._serial: Any = None
         self._lock = threading.RLock()
@@ -221,6 +243,7 @@ class MotorBus:
         try:
             if flush_input:
                 self._unanswered = None
+                self.stats.late_bytes += int(port.in_waiting)  # replies that came after their deadline
                 port.reset_input_buffer()
             port.write(packet)
         except serial.SerialException as exc:
@@ -247,13 +270,18 @@ class MotorBus:
         if remaining <= 0:
             return False
         self._wait_readable(port, remaining)
+        self._take_waiting(port, buf)
+        return True
+
+    def _take_waiting(self, port: Any, buf: bytearray) -> int:
+        """Append what the port holds now to `buf` (no waiting); the number of bytes."""
         try:
             n = port.in_waiting
             if n:
                 buf += port.read(n)
         except (serial.SerialException, OSError) as exc:
             raise MotorError(f"port {self.port}: read failed: {exc}") from None
-        return True
+        return n
 
     def _packets(self, buf: bytearray, bad: list[int | None]) -> Iterable[Packet]:
         """Complete status packets in `buf`; corrupt ones are counted into `bad` (their id, when known)."""
@@ -274,24 +302,34 @@ class MotorBus:
         got: dict[int, Packet] = {}
         bad: list[int | None] = []
         buf = bytearray()
+        final = False
         while True:
             for packet in self._packets(buf, bad):
                 if packet.id in wanted and packet.id not in got:
                     got[packet.id] = packet
                 else:
                     log.debug("bus %s: ignored a status from servo %d", self.port, packet.id)
-            if len(got) == len(wanted) or not self._pump(buf, deadline):
+            if len(got) == len(wanted) or final:
                 return got, bad
+            if not self._pump(buf, deadline):
+                # The wait is over; one last look costs no time. On a busy machine this process is often scheduled
+                # late, after the replies came: they count, rather than being dropped as missing.
+                final = True
+                if not self._take_waiting(self._port_open(), buf):
+                    return got, bad
 
     def _transact(self, packet: bytes, ids: list[int], reply_params: int, deadline: float | None = None,
-                  kind: tuple | None = None) -> tuple[dict[int, Packet], list[int | None]]:
+                  kind: tuple | None = None, last: bool = False) -> tuple[dict[int, Packet], list[int | None]]:
         """Send one instruction and collect the status of each of `ids` (one lock around both), waiting no
-        later than `deadline` (time.monotonic()) when one is given."""
+        later than `deadline` (time.monotonic()) when one is given; the `last` try under a deadline waits for
+        the whole of it (giving up earlier would only lose a reply that is late, not missing)."""
         with self._lock:
             retry = self._send(packet, kind=kind)
             reply = len(ids) * self.codec.wire_bytes(reply_params, True)
             end = time.monotonic() + self.timeout_s(len(packet), reply, len(ids))
-            got, bad = self._receive(ids, end if deadline is None else min(end, deadline))
+            if deadline is not None:
+                end = deadline if last else min(end, deadline)
+            got, bad = self._receive(ids, end)
             self.stats.expected += len(ids)
             for id in ids:
                 if id not in got:
@@ -328,6 +366,8 @@ class MotorBus:
             others = f"no valid reply from servos {ids} after {attempts} tries; " if len(ids) > 1 else ""
             return BusCorrupt(self.port, garbled[0] if garbled else None, what,
                               f"{others}noise, a baud mismatch or two servos sharing an id?")
+        if is_pseudo_terminal(self.port):
+            return BusTimeout(self.port, ids, what, attempts, f"{self.protocol} at {self.baud} bit/s; {PTY_HINT}")
         return BusTimeout(self.port, ids, what, attempts, f"{self.protocol} at {self.baud} bit/s; check power, "
                           "wiring, id and baud; FTDI adapters need their latency timer at 1 ms")
 
@@ -441,7 +481,7 @@ class MotorBus:
             if attempt:
                 self.stats.retries += 1
             tries += 1
-            got, garbled = self._transact(packet, pending, length, deadline, kind)
+            got, garbled = self._transact(packet, pending, length, deadline, kind, last=attempt == self.retries)
             bad += garbled
             self.stats.timeouts += len(set(pending) - set(got))
             for id, packet in got.items():

@@ -8,6 +8,9 @@ Angles are taken relative to the zero reading and wrapped to half a turn either 
 joint whose range crosses the encoder's 0/4095 seam still reads continuously (joints turn less than
 one revolution). Goals from `to_ticks` are not wrapped: servos in position mode expect the zero near
 the middle of their range, which is where calibration puts it on a well-assembled arm.
+
+A calibration `reverie-sim emulate` writes for its emulated servos says so (`"emulated": true`): it may sit
+at the default path while a person tries the guide without hardware, and must never drive a real robot.
 """
 
 from __future__ import annotations
@@ -48,8 +51,10 @@ class JointCalibration:
 class Calibration:
     """Per-joint mapping between raw ticks and radians; arrays are ordered by the `names` passed in."""
 
-    def __init__(self, joints: dict[str, JointCalibration], ticks_per_rev: dict[str, int] | int = 4096) -> None:
+    def __init__(self, joints: dict[str, JointCalibration], ticks_per_rev: dict[str, int] | int = 4096,
+                 emulated: bool = False) -> None:
         self.joints = dict(joints)
+        self.emulated = emulated  # written for the emulated servos of `reverie-sim emulate`, not for hardware
         if isinstance(ticks_per_rev, int):
             ticks_per_rev = {name: ticks_per_rev for name in self.joints}
         missing = sorted(set(self.joints) - set(ticks_per_rev))
@@ -92,11 +97,14 @@ class Calibration:
         extra = sorted(set(joints_data) - {s.name for s in servos})
         if extra:
             log.warning("calibration file %s: joints %s are not in the config; ignored", path, extra)
-        return cls(joints, ticks)
+        emulated = data.get("emulated", False)
+        if not isinstance(emulated, bool):
+            raise MotorConfigError(f"calibration file {path}: key 'emulated' must be true or false, found {emulated!r}")
+        return cls(joints, ticks, emulated)
 
     def to_dict(self) -> dict[str, Any]:
         joints = {name: {**asdict(j), "ticks_per_rev": self.ticks_per_rev[name]} for name, j in self.joints.items()}
-        return {"format": FORMAT, "version": VERSION, "joints": joints}
+        return {"format": FORMAT, "version": VERSION, **({"emulated": True} if self.emulated else {}), "joints": joints}
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the file atomically as indented JSON (a crash never leaves half a calibration)."""

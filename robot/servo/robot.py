@@ -24,7 +24,7 @@ from robot.operator import OperatorPrompt
 from robot.real_tasks import JointReach, Reading, gravity_in_body, make_task, upright
 from robot.safety import CommandFilter, EStop, SafetyLog, Watchdog
 from robot.sensors.rig import SensorFrame, Sensors
-from robot.servo.bus import MotorBus
+from robot.servo.bus import PTY_HINT, MotorBus, is_pseudo_terminal
 from robot.servo.calibration import Calibration, default_path
 from robot.servo.errors import MotorConfigError, MotorError, ServoFault
 from robot.servo.tables import MODELS
@@ -64,8 +64,9 @@ class ServoRobot(Robot):
         self.period = 1.0 / cfg.control.hz
         # the control step's read must fit here (retries included): by default one period, so the rate holds
         self.read_budget = m.read_budget_ms / 1000 if m.read_budget_ms is not None else self.period
+        margin = None if m.timeout_margin_ms is None else m.timeout_margin_ms / 1000  # None: by the kind of port
         self.bus = MotorBus(m.port, m.protocol, m.baud, models={sv.id: sv.model for sv in self.servos},
-                            retries=m.retries, timeout_margin_s=m.timeout_margin_ms / 1000)
+                            retries=m.retries, timeout_margin_s=margin)
         self.filter = CommandFilter(self.lower, self.upper, s.max_step, self.names)
         self.events = SafetyLog()
         self.watchdog = Watchdog(s.watchdog_s, self._on_watchdog, name=f"{cfg.name}-watchdog")
@@ -88,6 +89,7 @@ class ServoRobot(Robot):
         self._last: tuple[np.ndarray, np.ndarray | None] = (self._goal.copy(), None)  # the last positions read
         self._missed = 0  # control ticks in a row whose read did not complete within the period
         self._replies: deque[tuple[int, dict[int, int]]] = deque(maxlen=RECENT_READS)  # per control read
+        self._late_since = 0  # the bus's late_bytes when the current run of missed ticks began
         self.observation_spec = self._observation_spec()
         self.action_spec = ArraySpec((len(self.names),), np.float32, -1.0, 1.0, self._action_unit(), tuple(self.names),
                                      f"joint goal {m.action_mode} per servo")
@@ -101,7 +103,13 @@ class ServoRobot(Robot):
     def _load_calibration(self) -> Calibration:
         path = default_path(self.cfg)
         if Path(path).is_file():
-            return Calibration.load(path, self.servos)
+            calibration = Calibration.load(path, self.servos)
+            port = self.cfg.motors.port
+            if calibration.emulated and not is_pseudo_terminal(port):
+                raise MotorConfigError(f"calibration file {path} was written by `reverie-sim emulate` for its emulated "
+                                       f"servos, and {port} is not an emulated bus: calibrate this robot first "
+                                       f"(reverie-robot calibrate --config ...), which replaces the file")
+            return calibration
         log.warning("%s: no calibration file at %s; using raw ticks around 2048 as angle 0 "
                     "(run reverie-robot calibrate --config ... first on real hardware)", self.cfg.name, path)
         return Calibration.default(self.servos)
@@ -251,6 +259,8 @@ class ServoRobot(Robot):
             raise
         except MotorError as exc:
             self._replies.append(self._reply_loss(expected, unanswered))
+            if self._missed == 0:
+                self._late_since = stats.late_bytes
             self._missed += 1
             self.events.record("bus_fault", f"{exc} (missed tick {self._missed} of {self.cfg.safety.max_failed_ticks})")
             self._interrupted = True
@@ -285,11 +295,15 @@ class ServoRobot(Robot):
                    + ", ".join(f"{self.names[self.ids.index(id)]} {lost[id]}" for id in ranked) + "); ")
         else:
             who = "no reply was lost, the reads did not fit the period; "
+        # Bytes found waiting before a later request came after their deadline: the bus answered, too late.
+        late = self.bus.stats.late_bytes - self._late_since
+        came = f"replies did come, too late ({late} bytes after their deadline); " if late else ""
+        advice = PTY_HINT if is_pseudo_terminal(m.port) else "check the wiring, power and baud, or lower the margin"
         message = (f"{m.port}: the servo bus cannot keep control.hz={self.cfg.control.hz:g}: {self._missed} control "
                    f"ticks in a row had no complete read within {budget}; "
-                   f"{who}{100 * share:.0f} % of the {expected} replies awaited over the last {len(self._replies)} "
-                   f"reads were lost (motors.timeout_margin_ms={m.timeout_margin_ms:g}, motors.retries={m.retries}): "
-                   "check the wiring, power and baud, or lower the margin")
+                   f"{who}{came}{100 * share:.0f} % of the {expected} replies awaited over the last "
+                   f"{len(self._replies)} reads were lost (motors.timeout_margin_ms="
+                   f"{1000 * self.bus.timeout_margin_s:g}, motors.retries={m.retries}): {advice}")
         self._fault = message
         self.events.record("bus_fault", message)
         self._torque_off_best_effort()

@@ -37,6 +37,9 @@ NOTHING_FOUND_HINT = ("check that the servos are powered (a USB cable alone does
 ZERO_PROMPT = ("Move the robot to its calibration pose (every joint at angle 0 as the config defines it) "
                "and press Enter")
 RANGE_PROMPT = "Move every joint slowly through its full range; press Enter when done"
+# A joint recorded over less than this (or half its configured range, if that is smaller) did not move: its
+# calibration would pin the joint where it stood, so it is refused rather than written.
+MIN_SPAN_RAD = 0.1
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -311,6 +314,7 @@ def check_servos(bus: MotorBus, cfg: Config) -> None:
 def calibrate_command(args: argparse.Namespace) -> int:
     from robot.servo.bus import MotorBus
     from robot.servo.calibration import default_path
+    from robot.servo.errors import MotorError
 
     cfg = load_config(args.config, args.set)
     if cfg.motors is None:
@@ -324,6 +328,8 @@ def calibrate_command(args: argparse.Namespace) -> int:
         print(f"torque is off on {len(m.servos)} servos: the arm can be moved by hand", flush=True)
         calibration, recorder = record(bus, cfg)
     path = args.out or default_path(cfg)
+    if problem := unusable(calibration, cfg, bus.port):
+        raise MotorError(f"calibration refused, {path} not written: {problem}")
     calibration.save(path)
     print(f"saved {path} ({recorder.samples} samples)")
     for line in report(calibration, cfg):
@@ -358,6 +364,25 @@ def record(bus: MotorBus, cfg: Config) -> tuple[Any, RangeRecorder]:
     joints = {s.name: JointCalibration(s.id, zero[s.id], 1, zero[s.id] + recorder.low[s.id],
                                        zero[s.id] + recorder.high[s.id]) for s in servos}
     return Calibration(joints, {s.name: ticks[s.id] for s in servos}), recorder
+
+
+def unusable(calibration: Any, cfg: Config, port: str) -> str | None:
+    """Why the recorded calibration must not be saved (joints that did not move, naming their servo ids and
+    measured ranges), else None."""
+    from robot.servo.bus import is_pseudo_terminal
+
+    still = []
+    for servo in cfg.motors.servos:
+        low, high = calibration.range_radians(servo.name)
+        if high - low < min(MIN_SPAN_RAD, (servo.upper - servo.lower) / 2):
+            still.append(f"servo {servo.id} ({servo.name}) [{low:+.3f}, {high:+.3f}] rad")
+    if not still:
+        return None
+    hint = ("this port is a pseudo-terminal, an emulated bus, whose joints no hand can move: use the calibration "
+            "`reverie-sim emulate --write-calibration FILE` writes instead" if is_pseudo_terminal(port) else
+            "after the second prompt, move every joint slowly from one end of its range to the other")
+    return (f"{len(still)} joint{'s' if len(still) > 1 else ''} moved less than {MIN_SPAN_RAD} rad while recording, "
+            f"so there is no usable range: {'; '.join(still)}. {hint}")
 
 
 def report(calibration: Any, cfg: Config) -> list[str]:

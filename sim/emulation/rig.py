@@ -56,7 +56,7 @@ def emulated_servos(cfg: Config) -> list[EmulatedServo]:
 
 def true_calibration(cfg: Config) -> Calibration:
     """The calibration of the emulated servos of `cfg`: their zero ticks and direction, and the
-    config's [lower, upper] as the recorded range. `.save(path)` writes the calibration file."""
+    config's [lower, upper] as the recorded range, marked emulated. `.save(path)` writes the calibration file."""
     joints, per_rev = {}, {}
     for servo, emulated in zip(_motors(cfg).servos, emulated_servos(cfg)):
         n = int(MODELS[servo.model].ticks_per_rev)
@@ -64,7 +64,7 @@ def true_calibration(cfg: Config) -> Calibration:
         ends = sorted(round(emulated.zero_ticks + scale * angle) for angle in (servo.lower, servo.upper))
         joints[servo.name] = JointCalibration(servo.id, emulated.zero_ticks, emulated.direction, ends[0], ends[1])
         per_rev[servo.name] = n
-    return Calibration(joints, per_rev)
+    return Calibration(joints, per_rev, emulated=True)  # a real robot refuses it
 
 
 class PhysicsEmulator(ServoEmulator):

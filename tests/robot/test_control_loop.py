@@ -179,6 +179,43 @@ def test_status_line_and_run_summary(tmp_path: Path, caplog) -> None:
     assert stats.recent_period_error(1.0) == 0.0 and stats.period_error(1.0) == 1.0
 
 
+class Episodic(ThreadProbe):
+    """Ends an episode every `length` steps; its reset walks home over several control periods, as a servo
+    robot's does."""
+
+    def __init__(self, length: int, reset_s: float) -> None:
+        super().__init__()
+        self.length, self.reset_s, self.steps, self.resets = length, reset_s, 0, 0
+
+    def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        self.resets += 1
+        self.steps = 0
+        time.sleep(self.reset_s)
+        return self._obs(True)
+
+    def observe(self) -> dict[str, np.ndarray]:
+        self.steps += 1
+        return self._obs(False) | {"is_last": np.bool_(self.steps >= self.length)}
+
+
+def test_a_reset_between_episodes_is_not_counted_as_a_control_period(tmp_path: Path) -> None:
+    """The period error measures control ticks: the walk home of a reset (many periods) is left out, or every
+    reset would read as a late tick and the run's p99 would be the reset's length (issue 23: "p99 500-1400 %")."""
+    cfg = Config.model_validate({"name": "loop-test", "task": "arm_reach", "control": {"hz": 50.0},
+                                 "sim": {"physics_hz": 1000.0}, "link": {"chunk_seconds": 0.2}})
+    robot = Episodic(length=4, reset_s=0.1)
+    spec, act = step_spec(robot)
+    link = RobotLink(f"tcp://127.0.0.1:{free_port()}", "reset-test", Spool(tmp_path / "spool", 1 << 24),
+                     {"spec": spec.to_wire(), "task": "loop-test", "hz": 50.0, "discrete": act.discrete})
+    link.start()
+    try:
+        stats = ControlLoop(cfg, robot, link).run(max_steps=20)
+    finally:
+        link.close(5.0)
+    assert stats.episodes == 4 and robot.resets == 1 + stats.episodes  # the first reset comes before the loop
+    assert len(stats.period_errors) == stats.steps - stats.episodes  # one per tick, none for a reset
+
+
 def _policy_file(tmp_path: Path, name: str, obs_dim: int, act_dim: int, version: int) -> Path:
     """A policy file as a learner writes it, for a robot with a `proprio` vector of obs_dim and act_dim actions."""
     model = DreamerModel(make_cfg(), {"proprio": ((obs_dim,), "float32"), **FLAG_SPACE}, ActSpace(act_dim, False))

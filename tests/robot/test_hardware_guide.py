@@ -174,8 +174,8 @@ def run_emulate(walk: Walk, command: str) -> None:
     proc, log = start(walk, "emulate", command, [])
     found = wait_for(proc, log, r"run the robot with:\n  (reverie-robot run .*)\n")
     assert "serial port: /dev/pts/" in log.read_text()
-    assert "motors.calibration=calibration/emulated.json" in found.group(1)
-    assert (walk.cwd / "calibration" / "emulated.json").is_file()
+    assert "motors.calibration=calibration/so101_arm.json" in found.group(1)  # where check and run look for it
+    assert json.loads((walk.cwd / "calibration" / "so101_arm.json").read_text())["emulated"] is True
     assert "emulated bus closed" in interrupt(proc, log)
 
 

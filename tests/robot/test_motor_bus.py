@@ -8,8 +8,10 @@ silent servos) are injected in the emulator, never mocked in the driver.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
+import tty
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from robot.emulated.servo_bus import EmulatedServo, KinematicPlant, ServoEmulator
-from robot.servo.bus import MotorBus
+from robot.servo.bus import PTY_MARGIN_S, USB_MARGIN_S, MotorBus
 from robot.servo.errors import BusCorrupt, BusTimeout, MotorConfigError, MotorError, ServoFault
 from robot.servo.tables import MODELS
 
@@ -252,6 +254,54 @@ def test_slow_bus_within_and_over_the_timeout(protocol: str) -> None:
         emu.faults.delay_s = 0.0
         bus.timeout_margin_s = PATIENT
         assert bus.read("ID", 1) == 1  # not the stale Firmware_Version reply (same size, other value)
+        assert bus.stats.late_bytes == 2 * reply  # the late replies were counted as they were dropped
+
+
+def test_a_pseudo_terminal_gets_the_wider_margin_and_its_own_advice(tmp_path: Path) -> None:
+    """A pseudo-terminal's "servos" are an emulator process that must be scheduled to read a request and again to
+    answer it: by default the bus waits PTY_MARGIN_S there (a link to the pty too), USB_MARGIN_S on an adapter, and
+    a margin given is kept. A servo missing on a pty is not blamed on wiring or an FTDI latency timer."""
+    with ServoEmulator("feetech", servos("feetech", 1)) as emu:
+        link = tmp_path / "usb-emulated-if00"
+        link.symlink_to(emu.port)  # as /dev/serial/by-id names a real adapter
+        assert MotorBus(emu.port, "feetech").timeout_margin_s == PTY_MARGIN_S > USB_MARGIN_S
+        assert MotorBus(str(link), "feetech").timeout_margin_s == PTY_MARGIN_S
+        assert MotorBus(f"spy://{emu.port}?file=bus.log", "feetech").timeout_margin_s == PTY_MARGIN_S
+        assert MotorBus(emu.port, "feetech", timeout_margin_s=0.2).timeout_margin_s == 0.2
+        emu.faults.silent = {1}
+        with MotorBus(emu.port, "feetech", models={1: "sts3215"}, retries=0) as bus, \
+                pytest.raises(BusTimeout) as info:
+            bus.read("ID", 1)
+    assert "reverie-sim emulate" in str(info.value) and "latency timer" not in str(info.value), str(info.value)
+    assert MotorBus("/dev/ttyUSB0", "feetech").timeout_margin_s == USB_MARGIN_S
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_last_try_under_a_deadline_waits_out_the_budget(protocol: str) -> None:
+    """Replies later than a try's own window but inside the control step's budget are used: giving up at the end
+    of the last try's window would lose a tick to replies that were only late (a busy machine), not missing."""
+    with emulated(protocol, n=3, retries=1, margin=0.005) as (emu, bus):
+        emu.faults.delay_s = 0.05  # after each try's own window (~6 ms), far inside the budget
+        values = bus.sync_read(["Present_Position"], [1, 2, 3], deadline=time.monotonic() + 2.0)
+    assert sorted(values["Present_Position"]) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_replies_waiting_when_a_late_process_looks_are_taken(protocol: str) -> None:
+    """A process the OS schedules late looks at the port only after its deadline: the statuses already there are
+    read (one look, no waiting) instead of reported missing. A plain pty stands in for the bus, so the reply is
+    certainly there before the look."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    try:
+        with MotorBus(os.ttyname(slave), protocol, models={1: MODEL[protocol]}) as bus:
+            os.write(master, bus.codec.status(1, 0, b""))
+            assert wait_for(lambda: bus.input_waiting() > 0)
+            got, bad = bus._receive([1], time.monotonic() - 1.0)  # the deadline has passed
+        assert list(got) == [1] and not bad
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -3,6 +3,7 @@ calibration file they write (ticks <-> radians, load errors)."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -229,6 +230,24 @@ def test_calibrate_names_a_missing_servo(tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "c.json").exists()
 
 
+def test_calibrate_refuses_joints_that_did_not_move(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Enter pressed twice with nothing moved (against an emulated bus, whose joints no hand turns): no joint has a
+    usable range, so nothing is written; the error names every still servo with its measured range, and on a
+    pseudo-terminal points to the calibration `reverie-sim emulate` writes."""
+    out = tmp_path / "c.json"
+    emu, plant = so101_emulator([1, 2, 3, 4, 5, 6])
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n\n"))
+    with emu:
+        rc = main(["calibrate", "--config", str(SO101), "--set", f"motors.port={emu.port}", "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"calibration refused, {out} not written" in err, err
+    assert "servo 1 (shoulder_pan) [+0.000, +0.000] rad" in err and "servo 6 (gripper) [+0.000, +0.000] rad" in err
+    assert "--write-calibration" in err
+    assert not out.exists()
+
+
 def test_calibrate_without_a_motors_block(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["calibrate", "--config", str(ROOT / "hardware_configs" / "sim_arm_reach.yaml")]) == 2
     assert "motors" in capsys.readouterr().err
@@ -275,7 +294,24 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert text.startswith("{\n") and '"format": "reverie-calibration"' in text  # readable, editable
     loaded = Calibration.load(path, servos)
     assert loaded.joints == joints and loaded.ticks_per_rev == dict.fromkeys(joints, 4096)
+    assert not loaded.emulated and '"emulated"' not in text  # a recorded calibration is the hardware's own
     assert [p.name for p in path.parent.iterdir()] == ["cal.json"]  # no temp file left behind
+
+
+def test_an_emulated_calibration_never_drives_a_real_robot(tmp_path: Path) -> None:
+    """`reverie-sim emulate --write-calibration` marks its file emulated: a person trying the guide leaves it at
+    the default path, and a robot on a real port refuses it (on a pseudo-terminal, the emulated bus, it is used)."""
+    from robot.servo.robot import ServoRobot
+    from sim.emulation.rig import true_calibration
+
+    cfg = load_config(SO101)
+    path = tmp_path / "so101_arm.json"
+    true_calibration(cfg).save(path)
+    assert '"emulated": true' in path.read_text() and Calibration.load(path, cfg.motors.servos).emulated
+    real = load_config(SO101, [f"motors.calibration={path}", "motors.port=/dev/ttyUSB-reverie-test"])
+    with pytest.raises(MotorConfigError, match=f"calibration file {path} was written by `reverie-sim emulate`.*"
+                                               "/dev/ttyUSB-reverie-test is not an emulated bus"):
+        ServoRobot(real, sensors=False)
 
 
 def _saved(tmp_path: Path, edit) -> Path:

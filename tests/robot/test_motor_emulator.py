@@ -4,6 +4,7 @@ replies byte for byte as servos give them, baud matching, faults, EEPROM rules, 
 from __future__ import annotations
 
 import math
+import select
 import time
 from collections.abc import Iterator
 
@@ -245,6 +246,30 @@ def test_timing_reply_comes_no_earlier_than_the_wire_allows():
         host.close()
     wire = (len(ping) + host.codec.wire_bytes(3, True)) * 10 / 9600 + 250 * 2e-6
     assert reply.id == 1 and elapsed >= wire
+
+
+def test_a_sync_reads_statuses_come_in_one_transfer_once_the_last_is_due(protocol: str):
+    """Six statuses reach the host together, as a USB adapter hands over what it gathered, and no earlier than the
+    last of them could have crossed the wire: one wake-up of the host per request instead of six, each of which
+    comes late on a busy machine (issue 23)."""
+    baud = 57_600  # statuses ~2 ms apart on the wire: sent one by one, the host would see them one by one
+    servos = [EmulatedServo(i, MODEL[protocol], baud=baud) for i in range(1, 7)]
+    with ServoEmulator(protocol, servos) as emulator:
+        host = Host(emulator, protocol, baud=baud)
+        reg = host.model.reg("Present_Position")
+        request = host.codec.sync_read(reg.address, reg.size, list(range(1, 7)))
+        delays = sum(emulator.register(i, "Return_Delay_Time") * 2e-6 for i in range(1, 7))
+        host.port.reset_input_buffer()
+        start = time.monotonic()
+        host.port.write(request)
+        ready, _, _ = select.select([host.port.fileno()], [], [], WAIT_S)
+        elapsed = time.monotonic() - start
+        first = host.port.read(4096)
+        host.close()
+    assert ready
+    reply = host.codec.wire_bytes(reg.size, True)
+    assert len(first) == 6 * reply, f"{len(first)} bytes came first, of {6 * reply}"
+    assert elapsed >= (len(request) + 6 * reply) * 10 / baud + delays
 
 
 # ----- baud rates, ids --------------------------------------------------------------------------------------

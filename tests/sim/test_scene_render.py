@@ -5,6 +5,7 @@ table frame of the table marker, and the BNO055 read by `robot.imu.BNO055` on it
 from __future__ import annotations
 
 import http.client
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -102,6 +103,14 @@ def home(rig: EmulatedRig) -> None:
     drive(rig, {})
     if not rig.plant.model.fixed_base:
         rig.plant.reset_pose([s.home for s in rig.cfg.motors.servos])  # upright, standing at the start
+
+
+def test_the_render_worker_runs_in_a_session_of_its_own(rig: EmulatedRig) -> None:
+    """Linux shares CPU time between sessions (autogroups): drawing, the emulator's heaviest work, must not be
+    charged to the session of the servo emulator's serial thread and of a robot started from the same shell, whose
+    replies were late behind it (issue 23)."""
+    assert rig.scene is not None and rig.scene._process is not None
+    assert os.getsid(rig.scene._process.pid) != os.getsid(0)
 
 
 def test_stream_frames_and_markers_at_home(rig: EmulatedRig) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from core.config import Config, ConfigError, apply_overrides, config_from_dict, flags, load_config, parse_overrides
 from core.config.link import address_problem
+from learner.agents.dreamer.adapt_cli import add_parser as add_adapt_parser
+from learner.agents.dreamer.adapt_cli import run as run_adapt
 from learner.compute import prepare_openmp
 from learner.envs import GYM_PREFIX, EnvError, env_id
 from learner.gato.cli import add_parser as add_gato_parser
@@ -211,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--rerun", nargs="?", const="save", metavar="TARGET", help="log scalars, evaluation and "
                        "open-loop videos live to rerun: LOGDIR/rerun.rrd (default), FILE.rrd, spawn, or a viewer URL")
     add_gato_parser(sub)
+    add_adapt_parser(sub)
     args = parser.parse_args(argv)
     if getattr(args, "rerun", None) is not None and (problem := _rerun(args.rerun)):
         return _fail(problem)
@@ -218,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "gato":
         return run_gato(args)
     try:
+        if args.command == "adapt":
+            return run_adapt(args)
         return _serve(args) if args.command == "serve" else _train(args)
     except (ConfigError, EnvError) as exc:
         return _fail(str(exc))

@@ -209,3 +209,37 @@ def test_train_with_plan2explore_end_to_end(tmp_path: Path) -> None:
     assert any("explore/disagreement" in r for r in rows) and any("explore/ensemble_loss" in r for r in rows)
     tensors, meta = load_weights(tmp_path / "policy.safetensors")
     assert meta["dreamer"]["explore"] == "plan2explore" and "actor.out.weight" in tensors
+    # zero-shot: the reward head and task policy learn from the recorded data, then act with no collection
+    out = tmp_path / "adapted"
+    code = learner_main(["adapt", "--from", str(tmp_path), "--logdir", str(out), "--updates", "3", "--episodes", "1",
+                         "--quiet"])
+    assert code == 0
+    adapted = json.loads((out / "summary.json").read_text())
+    assert adapted["adapt_updates"] == 3 and np.isfinite(adapted["eval/return"]) and adapted["reward"] == "recorded"
+    task, _ = load_weights(out / "policy.safetensors")
+    assert not torch.equal(task["actor.out.weight"], tensors["actor.out.weight"])  # the task actor, not the explorer
+    assert torch.equal(task["rssm.gates.weight"], tensors["rssm.gates.weight"])  # the same world model
+    code = learner_main(["adapt", "--from", str(tmp_path), "--logdir", str(out), "--reward", "nosuch.module:fn"])
+    assert code == 2
+
+
+def test_adaptation_trains_reward_head_and_task_policy_only() -> None:
+    from learner.agents.dreamer.adapt import Adapter
+
+    agent = make_agent()
+    batch = make_batch(SPACE, ACT, 2, 6)
+    agent.train(batch)  # exploring: the reward head learned zeros
+    before = {k: v.clone() for k, v in agent.model.state_dict().items()}
+    adapter = Adapter(agent, reward_fn=lambda b: np.full(np.shape(b["reward"]), 3.0, np.float32))
+    for _ in range(3):
+        metrics = adapter.step(batch)
+    after = agent.model.state_dict()
+    changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    assert any(k.startswith("wm.reward_") for k in changed)
+    assert any(k.startswith("behavior.actor.") for k in changed) and any(k.startswith("behavior.critic.") for k in changed)
+    allowed = ("wm.reward_", "behavior.")
+    assert not [k for k in changed if not k.startswith(allowed)], "only the reward head and the task actor-critic"
+    assert float(metrics["adapt/reward_loss"]) > 0
+    wrong = Adapter(agent, reward_fn=lambda b: np.zeros(3))
+    with pytest.raises(ValueError, match=r"reward function returned shape \[3\], expected \[2, 6\]"):
+        wrong.step(batch)

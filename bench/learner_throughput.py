@@ -171,8 +171,9 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(opts["device"])
     compiled = case["compile"] not in (False, "off")  # "cell" (each recurrent step) or "full" (the whole update)
     cfg = DreamerConfig(recipe=case["recipe"], size=case["preset"], device=device.type, compile=case["compile"],
-                        precision=case["precision"], keep_heap=opts["keep_heap"], **case["overrides"])
-    configure_compute(cfg)  # as the learner does: dreamer.keep_heap
+                        precision=case["precision"], keep_heap=opts["keep_heap"], threads=case["threads"] or 0,
+                        **case["overrides"])
+    configure_compute(cfg)  # as the learner does: dreamer.keep_heap and dreamer.threads (0: one per usable CPU)
     out: dict[str, Any] = {"dims": {k: getattr(cfg, k) for k in DIM_FIELDS},
                            "arch": {"norm": cfg.norm, "gru_blocks": cfg.gru_blocks, "encoder": cfg.encoder,
                                     "optimizer": cfg.optimizer,

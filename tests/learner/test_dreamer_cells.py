@@ -143,3 +143,17 @@ def test_a_step_that_does_not_compile_runs_eagerly(caplog):
         assert torch.equal(step(x)[0], x + 1)
         assert torch.equal(step(-x)[0], -x - 1)
     assert sum("compiling branchy failed" in r.message for r in caplog.records) == 1
+
+
+def test_compile_cache_dir_keeps_a_chosen_folder(monkeypatch, tmp_path):
+    """The compiled kernels go to the user's TORCHINDUCTOR_CACHE_DIR when set; torch's own default (a
+    per-user folder in /tmp, filled in as soon as inductor loads) is replaced by ~/.cache/reverie."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from learner.agents.dreamer.cells import CACHE_ENV, compile_cache_dir
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    assert compile_cache_dir() == tmp_path
+    monkeypatch.setenv(CACHE_ENV, default_cache_dir())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert compile_cache_dir() == tmp_path / ".cache" / "reverie" / "inductor"

@@ -34,9 +34,13 @@ def compile_cache_dir() -> Path:
     """Where inductor keeps compiled kernels and graphs between runs (FX graph and AOTAutograd
     caches): $TORCHINDUCTOR_CACHE_DIR if set, else ~/.cache/reverie/inductor, so that a second run
     starts in seconds instead of recompiling (torch's default is a per-user folder in /tmp)."""
-    path = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "reverie" / "inductor")
-    os.environ[CACHE_ENV] = str(path)
-    return path
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get(CACHE_ENV)
+    if not chosen or chosen == default_cache_dir():  # unset, or torch's own default filled in on import
+        chosen = str(Path.home() / ".cache" / "reverie" / "inductor")
+    os.environ[CACHE_ENV] = chosen
+    return Path(chosen)
 
 
 def compile_step(fn: Callable) -> Callable:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from core.config.base import Block, FieldError
+from core.config.transformer import TransformerConfig
 
 # Official 2024 size presets (deter, hidden, classes, cnn depth, units); `tiny` is ours, for tests.
 SIZES: dict[str, dict[str, int]] = {
@@ -102,6 +103,14 @@ class DreamerConfig(Block):
     norm: Literal["rms", "layer"] = Field(description="normalisation layer (always computed in float32)")
     gru_blocks: int = Field(ge=1, description="blocks of the block-diagonal GRU (1 = a plain GRU)")
     gru_input_layers: bool = Field(description="deter, stoch and action each pass Linear+Norm+SiLU before the GRU")
+    dynamics: Literal["rssm", "transformer"] = Field(
+        "rssm", description="the world model's sequence model: rssm = the GRU's deterministic path; transformer = "
+        "a causal transformer over one token per step (latent + action), its settings in `transformer` (STORM-like; "
+        "posteriors from the observation alone; no dreamer.compile, no exploration)"
+    )
+    transformer: TransformerConfig = Field(
+        default_factory=TransformerConfig, description="the transformer sequence model (dynamics: transformer)"
+    )
     encoder: Literal["pool", "stride"] = Field(
         description="image encoder and decoder: pool = stride-1 5x5 conv + 2x2 max-pool, decoder from a block-linear "
         "spatial projection to a sigmoid (2024); stride = 4x4 stride-2 convs, unbounded decoder output (2023)"
@@ -231,6 +240,11 @@ class DreamerConfig(Block):
             raise FieldError("cnn_mults", "channel multipliers of at least 1", self.cnn_mults)
         if self.retnorm_low >= self.retnorm_high:
             raise FieldError("retnorm_low", f"a percentile below retnorm_high ({self.retnorm_high})", self.retnorm_low)
+        if self.dynamics == "transformer" and self.compile in ("cell", "full"):
+            raise FieldError("compile", "auto or off with dynamics: transformer (its update has no recurrent step to "
+                             "compile)", self.compile)
+        if self.dynamics == "transformer" and self.explore != "none":
+            raise FieldError("explore", "none with dynamics: transformer (exploration steps the RSSM)", self.explore)
         return self
 
     @property

@@ -101,9 +101,11 @@ def _block_section(name: str, annotation: Any) -> list[str]:
     doc = (sub.__doc__ or "").strip().splitlines()
     intro = doc[0] if doc and not doc[0].startswith("Base of") else ""
     lines = [f"## `{name}`", "", *([intro, ""] if intro else []), *block_table(sub), ""]
-    for field, info in sub.model_fields.items():  # blocks inside blocks (the servo list of `motors`)
+    for field, info in sub.model_fields.items():  # blocks inside blocks (motors.servos[], dreamer.transformer)
         if get_origin(info.annotation) is list:
             lines += _block_section(f"{name}.{field}[]", info.annotation)
+        elif _block_of(info.annotation) is not None:
+            lines += _block_section(f"{name}.{field}", info.annotation)
     return lines
 
 

@@ -22,7 +22,7 @@ from core.agents.blob import PolicyBlob, blob_meta, from_file
 from core.agents.dreamer.actor import Actor
 from core.agents.dreamer.codec import Encoder
 from core.agents.dreamer.preprocess import ObsKeys, preprocess
-from core.agents.dreamer.rssm import RSSM
+from core.agents.dreamer.transformer import make_dynamics
 from core.agents.spaces import ActSpace, ObsSpace
 from core.config.agent import DreamerConfig
 from core.layout import StepLayout
@@ -51,6 +51,7 @@ class Prepared(NamedTuple):
     deter: Tensor
     post: Tensor
     actor: Tensor
+    memory: dict[str, Tensor] | None = None  # what else the next state carries (a transformer's KV cache)
 
 
 class PolicyNet(nn.Module):
@@ -60,8 +61,8 @@ class PolicyNet(nn.Module):
         super().__init__()
         self.keys = ObsKeys.select(space, cfg.image_keys, cfg.vector_keys)
         self.encoder = Encoder(cfg, space, self.keys)
-        self.rssm = RSSM(cfg, act.dim, self.encoder.out_dim)
-        self.actor = Actor(cfg, cfg.deter + cfg.stoch * cfg.classes, act)
+        self.rssm = make_dynamics(cfg, act.dim, self.encoder.out_dim)
+        self.actor = Actor(cfg, self.rssm.feat_cols.hi, act)
 
 
 class Policy:
@@ -91,7 +92,7 @@ class Policy:
         view = nn.Module()
         view.encoder, view.rssm, view.actor = model.wm.encoder, model.wm.rssm, model.behavior.actor
         device = next(model.parameters()).device
-        return cls(model.cfg, model.space, model.act_space, view, device)
+        return cls._for(model.cfg)(model.cfg, model.space, model.act_space, view, device)
 
     @classmethod
     def from_weights(cls, blob: bytes, device: str | torch.device = "cpu") -> Policy:
@@ -112,7 +113,16 @@ class Policy:
         net.to(device).eval()
         # Images arrive as NHWC memory; channels-last conv weights avoid layout reorders per call.
         net.encoder.to(memory_format=torch.channels_last)
-        return cls(cfg, space, act, net, torch.device(device), blob.version)
+        return cls._for(cfg)(cfg, space, act, net, torch.device(device), blob.version)
+
+    @classmethod
+    def _for(cls, cfg: DreamerConfig) -> type[Policy]:
+        """The class that acts for `cfg`: a transformer world model's policy carries its KV cache."""
+        if cfg.dynamics == "transformer" and cls is Policy:
+            from core.agents.dreamer.transformer_policy import TransformerPolicy
+
+            return TransformerPolicy
+        return cls
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device = "cpu") -> Policy:
@@ -150,7 +160,15 @@ class Policy:
         episode recomputes anyway.
         """
         if self.state is not None and self._prepared is None:
-            self._prepared = self._parts(self.rssm.advance(self.state, self.state["action"]))
+            self._prepared = self._advance()
+
+    def _advance(self) -> Prepared:
+        """The next step's deter and parts, from the state and the action just taken."""
+        return self._parts(self.rssm.advance(self.state, self.state["action"]))
+
+    def _observed(self, is_first: Tensor) -> Prepared:
+        """This step's deter and parts, where rows that start an episode reset the state first."""
+        return self._parts(self.rssm.observed_deter(self.state, self.state["action"], is_first))
 
     def _parts(self, deter: Tensor) -> Prepared:
         return Prepared(deter, self.rssm.post_deter_part(deter), self.actor.deter_part(deter))
@@ -171,12 +189,12 @@ class Policy:
         is_first = data["is_first"].reshape(batch)
         prepared, self._prepared = self._prepared, None
         if prepared is None or bool(is_first.any()):  # an episode start resets the state first
-            prepared = self._parts(self.rssm.observed_deter(self.state, self.state["action"], is_first))
+            prepared = self._observed(is_first)
         post = self.rssm.post_from_parts(prepared.deter, prepared.post, self.rssm.post_embed_part(embed))
         dist = self.actor.from_part(prepared.actor, post["stoch"].flatten(1))
         action = dist.rsample() if mode == "sample" else dist.mode()
         action = self._explore(action.float(), noise)
-        self.state = {"deter": post["deter"], "stoch": post["stoch"], "action": action}
+        self.state = {"deter": post["deter"], "stoch": post["stoch"], "action": action, **(prepared.memory or {})}
         self.last_action = action.cpu().numpy()
         env = self._to_env(self.last_action)
         return env if batched else env[0]

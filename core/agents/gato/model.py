@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.agents.attention import KV, Block
 from core.agents.gato.tokens import Body, Vocabulary
 from core.config.gato import GatoConfig
-
-KV = tuple[Tensor, Tensor]
 
 
 class Packed(NamedTuple):
@@ -101,33 +100,6 @@ class PatchEmbed(nn.Module):
         h = self.conv1(F.gelu(self.norm1(x)))
         x = x + self.conv2(F.gelu(self.norm2(h)))
         return self.out(self.pool(x).flatten(1))
-
-
-class Block(nn.Module):
-    """Pre-norm decoder block: causal self-attention and an MLP."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.qkv, self.proj = nn.LayerNorm(width), nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
-
-    def forward(self, x: Tensor, cache: KV | None = None) -> tuple[Tensor, KV]:
-        """x (B, L, W): causal over its own slots; with `cache` (the keys and values of slots before x) x
-        also sees every cached slot. Returns the output and the keys and values so far."""
-        b, n, w = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-        if cache is None or n > 1:
-            past = k.shape[2] - n  # query i (at past + i) sees keys 0 .. past + i
-            mask = torch.ones(n, k.shape[2], dtype=torch.bool, device=x.device).tril(past)
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=None if past == 0 else mask, is_causal=past == 0)
-        else:
-            att = F.scaled_dot_product_attention(q, k, v)  # one new slot sees everything before it
-        x = x + self.proj(att.transpose(1, 2).reshape(b, n, w))
-        return x + self.mlp(self.norm2(x)), (k, v)
 
 
 class GatoNet(nn.Module):

@@ -31,6 +31,7 @@ from learner.agents.dreamer.cells import Cells, compile_mode
 from learner.agents.dreamer.explore import Exploration
 from learner.agents.dreamer.openloop import openloop
 from learner.agents.dreamer.optim import make_optimizer
+from learner.agents.dreamer.transformer_cells import TransformerCells
 from learner.agents.dreamer.world_model import WorldModel
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,11 @@ class Dreamer:
         self.optimizer = make_optimizer(cfg, self.wm, self.behavior.actor, self.behavior.critic)
         self.updates = 0
         self.skipped = 0  # updates refused for non-finite inputs, losses or gradients (this process)
-        mode = compile_mode(cfg, self.device)
-        self.cells = Cells(self.wm.rssm, self.behavior.actor, self.behavior.uses_dynamics_grad(), mode == "cell")
+        mode = compile_mode(cfg, self.device) if cfg.dynamics == "rssm" else "off"  # the config refuses others
+        if cfg.dynamics == "transformer":
+            self.cells = TransformerCells(self.wm.rssm, self.behavior.actor, self.behavior.uses_dynamics_grad())
+        else:
+            self.cells = Cells(self.wm.rssm, self.behavior.actor, self.behavior.uses_dynamics_grad(), mode == "cell")
         self._update_fn = self._update
         # dreamer.explore: the ensemble and explorers join the model and the optimiser (explore.py)
         self.exploration = None if cfg.explore == "none" else Exploration(self, explore or ExploreConfig())
@@ -245,7 +249,10 @@ class Dreamer:
         cfg, wm, beh = self.cfg, self.wm, self.behavior
         wm_loss, post, metrics = wm.loss(data, start, self.cells.post)
         b, t = data["action"].shape[:2]
-        flat = {k: post[k].detach().reshape(b * t, *post[k].shape[2:]) for k in ("deter", "stoch")}
+        if self.cfg.dynamics == "transformer":  # each start with its window of keys and values
+            flat = self.cells.starts(post)
+        else:
+            flat = {k: post[k].detach().reshape(b * t, *post[k].shape[2:]) for k in ("deter", "stoch")}
         # World-model weights are constants here. Under REINFORCE no input of the dynamics or heads
         # carries a gradient, so they build no graph; only the actor's steps do.
         with frozen(wm):

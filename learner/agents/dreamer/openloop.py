@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 def openloop_features(agent: Dreamer, batch: Mapping[str, Any], context: int) -> tuple[dict[str, Tensor], Tensor]:
     """(model inputs, features (B, T, F)): posterior features for the first `context` steps, then the prior's
     imagined from the recorded actions alone."""
+    if agent.cfg.dynamics == "transformer":
+        from learner.agents.dreamer.transformer_cells import openloop_features as transformer_openloop
+
+        return transformer_openloop(agent, batch, context)
     wm = agent.wm
     data = agent.to_inputs(batch)
     state = agent.context_from_batch(batch)

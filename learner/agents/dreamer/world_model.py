@@ -12,7 +12,8 @@ from core.agents.dreamer.codec import Decoder, Encoder
 from core.agents.dreamer.dists import TwoHot, categorical_kl, make_bins, symlog
 from core.agents.dreamer.layers import MLP, init_params_, mlps_on, zero_linear
 from core.agents.dreamer.preprocess import ObsKeys
-from core.agents.dreamer.rssm import RSSM, State
+from core.agents.dreamer.rssm import State
+from core.agents.dreamer.transformer import make_dynamics
 from core.agents.spaces import ActSpace, ObsSpace
 from core.config.agent import DreamerConfig
 
@@ -22,7 +23,7 @@ class WorldModel(nn.Module):
         super().__init__()
         self.cfg, self.keys, self.act = cfg, keys, act
         self.encoder = Encoder(cfg, space, keys)
-        self.rssm = RSSM(cfg, act.dim, self.encoder.out_dim)
+        self.rssm = make_dynamics(cfg, act.dim, self.encoder.out_dim)  # the RSSM, or the transformer
         cols = self.rssm.feat_cols  # feat = [deter, stoch]: its one-hot columns end it
         self.feat_dim = cols.hi
         self.decoder = Decoder(cfg, space, keys, self.feat_dim, cols)

@@ -98,3 +98,47 @@ def test_population_trains_every_member_and_acts_in_turn() -> None:
     assert acted == [0, 0, 1, 1, 2, 2, 0]  # one member per episode, in turn
     members = [agent.exploration.member_weights(k, 1)[0]["actor.out.weight"] for k in range(3)]
     assert not torch.equal(members[0], members[1]) and not torch.equal(members[1], members[2])
+
+
+def test_deployments_act_with_frozen_members_and_record_their_versions(tmp_path) -> None:
+    from core.config import config_from_dict
+    from learner.deployments import member_version, run_deployments, version_member
+    from learner.offline.reader import ReplayDir
+
+    raw = {"name": "pendulum", "backend": "gym", "gym_id": "Pendulum-v1",
+           "dreamer": {"size": "tiny", "device": "cpu", "threads": 1, "explore": "cascade", "imag_horizon": 3},
+           "explore": {"population": 2, "ensemble": 3, "deployments": 2, "deployment_steps": 300,
+                       "deployment_updates": 2},
+           "train": {"batch_size": 2, "batch_length": 8}}
+    cfg = config_from_dict(raw, "test")
+    rows = run_deployments(cfg, tmp_path, progress=False)
+    assert [r["versions"] for r in rows] == [[1, 2], [3, 4]]
+    assert [r["updates"] for r in rows] == [2, 4]  # trained only between deployments
+    assert [e["member"] for e in rows[0]["episodes"]] == [0, 1]  # whole episodes, members in turn
+    versions = np.concatenate([ReplayDir(tmp_path / "replay").read(p)[3] for p, _ in
+                               ReplayDir(tmp_path / "replay").chunks])
+    assert sorted(set(versions.tolist())) == [1, 2, 3, 4]
+    assert len(versions) == sum(e["length"] for r in rows for e in r["episodes"]) == 4 * 201  # reset + 200 steps
+    assert version_member(member_version(3, 1, 2), 2) == (3, 1)
+    assert (tmp_path / "deployments.jsonl").read_text().count("\n") == 2
+
+
+def test_frozen_members_do_not_follow_later_updates() -> None:
+    from learner.deployments import frozen_members
+
+    agent = make_agent(population=2)
+    members = frozen_members(agent, 0)
+    obs = {"pos": np.ones(5, np.float32), "reward": np.float32(0), "is_first": True, "is_last": False,
+           "is_terminal": False}
+    def act(policy) -> np.ndarray:
+        torch.manual_seed(5)  # the posterior's latent sample
+        policy.reset()
+        return policy.act(obs, mode="mode").copy()
+
+    before = [act(m) for m in members]
+    for _ in range(3):
+        agent.train(make_batch(SPACE, ACT, 2, 6))
+    assert [np.array_equal(act(m), old) for m, old in zip(members, before)] == [True, True]
+    live = agent.exploration.member_policy(0)
+    assert not np.array_equal(act(live), before[0])  # the live explorer did move
+    assert [m.version for m in members] == [1, 2]

@@ -6,8 +6,7 @@ during it. Between deployments the world model, the ensemble and the explorers t
 `explore.deployment_updates` updates on everything collected so far. Each step's replay record names the
 policy version that acted: deployment d's member k acts as version d * N + k + 1 (`member_version`), so
 the data of every explorer can be told apart afterwards (bench/exploration.py measures coverage per
-deployment). The same versions travel over the link in `reverie-learner serve` deployment mode
-(learner/serve_deploy.py).
+deployment). The same numbering is meant for the link (one frozen explorer per robot).
 
 Runs with any `dreamer.explore` (plan2explore: a population of one) and with a random population
 (`random=True`: the baseline, no learning at all).
@@ -28,6 +27,7 @@ from core.agents import load_policy
 from core.config import Config, ConfigError, write_resolved
 from core.weights import weights_to_bytes
 from learner.agents import make_agent
+from learner.checkpoint import save_checkpoint
 from learner.envs import Env
 from learner.replay import Replay
 
@@ -131,6 +131,12 @@ def run_deployments(cfg: Config, logdir: Path, env_id: str | None = None, random
             if progress:
                 print(f"deployment {d + 1}/{xcfg.deployments}: {len(episodes)} episodes, {len(replay)} steps, "
                       f"{row['updates']} updates", flush=True)
+        if agent is not None:  # what `reverie-learner adapt --from LOGDIR` starts from
+            replay.flush()
+            state = agent.state_dict()
+            updates = state.pop("updates")
+            save_checkpoint(logdir / "checkpoints", len(replay), state,
+                            {"updates": updates, "counters": {}, "config": cfg.to_dict()})
     finally:
         replay.close()
         env.close()

@@ -112,8 +112,10 @@ def load_reward_fn(path: str) -> RewardFn:
     return fn
 
 
-def evaluate(cfg: Config, policy: Policy, episodes: int, seed: int) -> dict[str, float]:
-    """The task policy on the run's environment: `episodes` with sampled actions and as many with the mode."""
+def evaluate(cfg: Config, policy: Policy, episodes: int, seed: int,
+             reward_fn: RewardFn | None = None) -> dict[str, float]:
+    """The task policy on the run's environment: `episodes` with sampled actions and as many with the mode. With
+    a reward function, each episode is also scored by it (`eval/goal_return`: the task it was adapted to)."""
     from learner.envs import Env
 
     env = Env(cfg, seed=seed)
@@ -121,19 +123,26 @@ def evaluate(cfg: Config, policy: Policy, episodes: int, seed: int) -> dict[str,
     try:
         for mode, key in (("sample", "eval/return"), ("mode", "eval/return_mode")):
             env.episodes = 0
-            returns = []
+            returns, goal_returns = [], []
             for _ in range(episodes):
-                obs, total = env.reset(), 0.0
+                obs, total, goal = env.reset(), 0.0, 0.0
                 policy.reset()
                 while True:
                     policy.act(obs, mode=mode)
                     total += float(obs["reward"])
+                    if reward_fn is not None and not obs["is_first"]:  # a step's reward is for arriving there
+                        step = {k: np.asarray(v)[None, None] for k, v in obs.items()}
+                        step["action"] = policy.last_action[None]
+                        goal += float(np.asarray(reward_fn(step)).reshape(-1)[0])
                     if obs["is_last"]:
                         break
                     obs = env.step(policy.last_action[0])
                 returns.append(total)
+                goal_returns.append(goal)
             out[key] = float(np.mean(returns))
             out[key + "_min"] = float(np.min(returns))
+            if reward_fn is not None:
+                out[key.replace("return", "goal_return")] = float(np.mean(goal_returns))
     finally:
         env.close()
     return out
@@ -195,7 +204,7 @@ def adapt_run(source: Path, logdir: Path, updates: int, overrides: list[str], re
                     print(f"adapt {i + 1}/{updates}: reward loss {row['adapt/reward_loss']:.3f}, imagined return "
                           f"{row['ac/return']:.3f}", file=sys.stderr)
         policy = Policy.from_model(agent.model)  # the task policy, not the explorer
-        result = evaluate(cfg, policy, episodes, cfg.seed + 1_000_000)
+        result = evaluate(cfg, policy, episodes, cfg.seed + 1_000_000, reward_fn)
         logger.log(updates, {"updates": updates, **result})
         save_weights(logdir / "policy.safetensors", *policy_weights(agent.model, agent.updates + updates))
     finally:

@@ -154,7 +154,15 @@ class TransformerDynamics(nn.Module):
             keep = 1.0 - is_first.float()
             stoch, action = stoch * keep[:, None, None], action * keep[:, None]
             memory["valid"] = memory["valid"] & ~is_first.bool()[:, None]
-        return self.step(self.token(stoch, action), memory, self.tcfg.context - 1)
+        deter, memory = self.step(self.token(stoch, action), memory, self.tcfg.context - 1)
+        live = memory["valid"].any(0)
+        if not bool(live[0]):
+            # Drop the entries no row may attend to (those before an episode start): masked they weigh exactly
+            # zero, yet a longer key axis rounds differently, and a resumed run must act as the uninterrupted one.
+            cut = int(torch.argmax(live.to(torch.uint8)))
+            memory = {**memory, "kv": memory["kv"][..., cut:, :], "pos": memory["pos"][:, cut:],
+                      "valid": memory["valid"][:, cut:]}
+        return deter, memory
 
     def starts(self, post: State) -> tuple[State, Memory]:
         """Imagination starts from every (B, T) posterior step, flat (B*T), each with the keys and values of

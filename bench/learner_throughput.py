@@ -366,6 +366,9 @@ def act_worker(spec: dict[str, Any]) -> dict[str, Any]:
         policy.act(pool[i % len(pool)])
         alone.append(time.perf_counter() - start)
     out: dict[str, Any] = {"act_calls": len(act), "act_threads": 1, "act_process": "fresh, policy blob only"}
+    if hasattr(policy, "cache_bytes"):  # a transformer world model: the KV cache it keeps (context - 1 steps)
+        out |= {"dynamics": policy.cfg.dynamics, "transformer": policy.cfg.transformer.model_dump(),
+                "kv_cache_kb": round(policy.cache_bytes() / 1024, 1)}
     for name, lat in (("act", act), ("prepare", prep), ("act_alone", alone)):
         ms = np.asarray(lat) * 1e3
         out |= {f"{name}_ms_p50": round(float(np.percentile(ms, 50)), 3),
@@ -389,6 +392,9 @@ def compile_feasible(device: str) -> tuple[bool, str]:
 
 def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     overrides = {k: getattr(args, k) for k in DIM_FIELDS if getattr(args, k) is not None}
+    if args.dynamics != "rssm":
+        overrides["dynamics"] = args.dynamics
+        overrides["transformer"] = {k: int(v) for k, v in (item.split("=", 1) for item in args.tf)}
     if args.layers is not None:
         overrides.setdefault("mlp_layers", args.layers)
         overrides.setdefault("ac_layers", args.layers)
@@ -499,6 +505,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mlp-layers", type=int, dest="mlp_layers", help=argparse.SUPPRESS)
     parser.add_argument("--ac-layers", type=int, dest="ac_layers", help=argparse.SUPPRESS)
     parser.add_argument("--head-layers", type=int, dest="head_layers", help="hidden layers of reward/cont heads")
+    parser.add_argument("--dynamics", choices=("rssm", "transformer"), default="rssm",
+                        help="dreamer.dynamics: the world model's sequence model (transformer: act() keeps a KV cache)")
+    parser.add_argument("--tf", nargs="+", default=[], metavar="KEY=N",
+                        help="dreamer.transformer settings, e.g. width=256 layers=2 heads=8 context=64")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--image", type=int, default=64, help="image height and width")

@@ -107,6 +107,12 @@ CASES: dict[str, Case] = {
                             Target("train/reward_per_step", 3.5, 50_000, "stands: reward/step >= 3.5 (last ~10 "
                                    "episodes) within 50k", smooth_rows=3), sets=("camera.enabled=false",),
                             note="the quadruped_walk runs, first 50k steps", runs_of="quadruped_walk"),
+    # Issue 27 s1: the transformer world model (dreamer.dynamics: transformer, 2 x 512 x 8 heads, context 64).
+    "pendulum_transformer": Case("gym_pendulum.yaml", 20_000,
+                                 Target("eval/return", -200.0, 20_000, ">= -200 within 20k env steps, every seed"),
+                                 sets=("dreamer.dynamics=transformer",),
+                                 note="2024 recipe, size1m heads and latents, the default transformer in place of "
+                                 "the GRU (STORM-like)"),
     # Issue 25: PlaNet plans with CEM in its learned latent space (agent: planet, no actor).
     "planet_pendulum": Case("gym_pendulum_planet.yaml", 30_000,
                             Target("eval/return", -200.0, 30_000, ">= -200 within 30k env steps, every seed"),

@@ -157,3 +157,27 @@ def test_compile_cache_dir_keeps_a_chosen_folder(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_ENV, default_cache_dir())
     monkeypatch.setenv("HOME", str(tmp_path))
     assert compile_cache_dir() == tmp_path / ".cache" / "reverie" / "inductor"
+
+
+def test_channels_last_update_as_the_contiguous_update():
+    """The trainer keeps its convolution weights channels-last (NHWC kernels); one update from pixels
+    gives the losses and parameters of the same model kept in the default (NCHW) layout."""
+    space = {"image": ((16, 16, 3), "uint8"), **FLAG_SPACE}
+    act = ActSpace(2, False)
+    batch = make_batch(space, act, 2, 4)
+    built = Dreamer(make_cfg(cnn_mults=[1, 2]), space, act)
+    assert built.wm.decoder.cnn.net[1].weight.is_contiguous(memory_format=torch.channels_last)
+    results = []
+    for layout in (torch.channels_last, torch.contiguous_format):
+        torch.manual_seed(0)
+        agent = Dreamer(make_cfg(cnn_mults=[1, 2]), space, act)
+        randomise_biases(agent.model)
+        agent.model.to(memory_format=layout)
+        conv = agent.wm.encoder.cnn.net[0].weight
+        assert conv.is_contiguous(memory_format=layout)
+        results.append(_two_updates(agent, batch))
+    (fast_metrics, fast_params), (ref_metrics, ref_params) = results
+    for key, value in ref_metrics.items():
+        torch.testing.assert_close(fast_metrics[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    for key, value in ref_params.items():
+        torch.testing.assert_close(fast_params[key], value, rtol=1e-4, atol=1e-6, msg=key)

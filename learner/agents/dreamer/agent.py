@@ -88,6 +88,10 @@ class Dreamer:
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
         self.model = DreamerModel(cfg, space, act).to(self.device)
+        # Convolution weights in channels-last memory, as the images arrive (NHWC): the encoder's and
+        # decoder's small-channel 5x5 convolutions then run NHWC kernels forward and backward, on
+        # CPU 1.3-2x faster per layer than NCHW (pixels, size1m: ~20 % of an update). Same results.
+        self.model.to(memory_format=torch.channels_last)
         self.wm, self.behavior = self.model.wm, self.model.behavior
         self.optimizer = make_optimizer(cfg, self.wm, self.behavior.actor, self.behavior.critic)
         self.updates = 0

@@ -138,16 +138,9 @@ class _DataFile:
         self.writer.close()
 
 
-def export_lerobot(replay: ReplayDir, episodes: list[Episode], out: Path, *, fps: float | None = None,
-                   images: str = "h264") -> ExportReport:
-    """Write `episodes` of `replay` as a LeRobotDataset v3.0 directory at `out` (which must not exist)."""
-    pa = require("pyarrow", "LeRobotDataset export")
-    if images not in IMAGE_MODES:
-        raise FormatError(f"--images {images!r}: expected one of {', '.join(IMAGE_MODES)}")
-    out = Path(out)
-    if out.exists():
-        raise FormatError(f"{out}: already exists (the export writes a new directory)")
-    report = ExportReport(out)
+def complete_episodes(replay: ReplayDir, episodes: list[Episode], report: ExportReport) -> list[Episode]:
+    """The complete ones of `episodes` (a dataset episode starts at a reset and ends), the others counted in
+    `report.skipped` by reason; FormatError when none is."""
     chosen = []
     for ep in episodes:
         if ep.complete:
@@ -158,6 +151,20 @@ def export_lerobot(replay: ReplayDir, episodes: list[Episode], out: Path, *, fps
     if not chosen:
         raise FormatError(f"{replay.directory}: no complete episode to export ({len(episodes)} selected, "
                           f"{sum(report.skipped.values())} incomplete or abandoned)")
+    return chosen
+
+
+def export_lerobot(replay: ReplayDir, episodes: list[Episode], out: Path, *, fps: float | None = None,
+                   images: str = "h264") -> ExportReport:
+    """Write `episodes` of `replay` as a LeRobotDataset v3.0 directory at `out` (which must not exist)."""
+    pa = require("pyarrow", "LeRobotDataset export")
+    if images not in IMAGE_MODES:
+        raise FormatError(f"--images {images!r}: expected one of {', '.join(IMAGE_MODES)}")
+    out = Path(out)
+    if out.exists():
+        raise FormatError(f"{out}: already exists (the export writes a new directory)")
+    report = ExportReport(out)
+    chosen = complete_episodes(replay, episodes, report)
     rate = control_rate(replay, chosen, fps)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -222,8 +229,8 @@ def _frames(fmap: FeatureMap, s: dict[str, np.ndarray], fps: int, ep_index: int,
     return cols
 
 
-def _unrepresentable(s: dict[str, np.ndarray]) -> list[str]:
-    """What of a replay episode the frame layout cannot carry (reward before the first action, a
+def unrepresentable(s: dict[str, np.ndarray]) -> list[str]:
+    """What of a replay episode a dataset's transitions cannot carry (reward before the first action, a
     terminal flag before the end): said, not silently lost."""
     out = []
     if float(s["reward"][0]) != 0.0:
@@ -254,7 +261,7 @@ def _write(pa: Any, replay: ReplayDir, episodes: list[Episode], root: Path, fps:
     total = 0
     for index, ep in enumerate(episodes):
         s = replay.steps(ep)
-        for why in _unrepresentable(s):
+        for why in unrepresentable(s):
             lossy[why] = lossy.get(why, 0) + 1
         cols = _frames(fmap, s, fps, index, total, tasks.index(ep.task))
         arrays = {name: _column(pa, v, tuple(features[name]["shape"])) for name, v in cols.items()}

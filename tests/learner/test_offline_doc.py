@@ -1,5 +1,5 @@
-"""docs/offline.md's commands, run as written (in order, in-process) on a replay recorded by a real short
-`train` run: only the sizes are made tiny (`FAST` for every train, record and offline run; a short eval
+"""docs/offline.md's commands (its `sh` blocks), run as written (in order, in-process) on a replay recorded by
+a real short `train` run: only the sizes are made tiny (`FAST` for every train, record and offline run; a short eval
 horizon for 10-step episodes) and `runs/` lies in a temp directory."""
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ def adapted(command: str, tmp: Path) -> list[str]:
 
 def test_the_doc_names_every_verb_of_section_one() -> None:
     text = " ".join(doc_commands())
-    for verb in ("info", "episodes", "plot", "video", "eval", "filter", "split", "merge", "record"):
+    for verb in ("info", "episodes", "plot", "video", "eval", "filter", "split", "merge", "record", "export",
+                 "import", "view"):
         assert f"reverie-replay {verb} " in text, verb
+    assert "--format lerobot" in text and "--format minari" in text
     assert "--offline" in text and "--prefill-from" in text
 
 
@@ -70,3 +72,8 @@ def test_every_command_of_the_doc_runs(tmp_path: Path, capsys: pytest.CaptureFix
     assert offline["updates"] == 2 and (runs / "reach-offline" / "policy.safetensors").is_file()
     demo = json.loads((runs / "reach-demo" / "prefilled_from.json").read_text())
     assert demo["streams"] == ["demo-scripted"] and demo["steps"] == 30
+    info = json.loads((runs / "datasets" / "reach" / "meta" / "info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["total_episodes"] == 4
+    assert (runs / "reach-imported" / "index.json").is_file()
+    assert (runs / "minari" / "reverie" / "ArmReach" / "reach-v0" / "data" / "metadata.json").is_file()
+    assert (runs / "reach" / "reach.rrd").stat().st_size > 0

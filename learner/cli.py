@@ -115,6 +115,8 @@ def _serve(args: argparse.Namespace) -> int:
     from learner.serve import Server
 
     cfg = load_config(args.config, args.set)
+    if problem := _deployments_problem(args, cfg):
+        return _fail(problem)
     if args.bind and (expected := address_problem(args.bind, bind=True)):
         return _fail(f"--bind {args.bind!r}: expected {expected}")
     if problem := _logdir_problem(args.logdir):
@@ -124,7 +126,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.gpus is not None or launched():
         return _serve_ranks(args, cfg)
     try:
-        server = Server(cfg, args.logdir, bind=args.bind, progress=not args.quiet)
+        if args.deployments:  # CASCADE's deployments over the link (learner/serve_deployments.py)
+            from learner.serve_deployments import DeploymentServer
+            server = DeploymentServer(cfg, args.logdir, bind=args.bind, progress=not args.quiet,
+                                      robots=args.robots or 1)
+        else:
+            server = Server(cfg, args.logdir, bind=args.bind, progress=not args.quiet)
         summary = server.run(duration=args.duration)
     except (LinkSecurityError, LinkServerError) as exc:
         return _fail(str(exc))
@@ -133,6 +140,20 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"run directory {out}: learning curve {out / 'learning_curve.png'}, metrics {out / 'metrics.jsonl'}, "
           f"checkpoints {out / 'checkpoints'}, policy {out / 'policy.safetensors'}", file=sys.stderr)
     return 0
+
+
+def _deployments_problem(args: argparse.Namespace, cfg: Config) -> str | None:
+    """Why serve --deployments / --robots cannot run as asked, else None (before any work starts)."""
+    from learner.distributed import launched
+
+    if not args.deployments:
+        return "--robots is for serve --deployments" if args.robots is not None else None
+    from learner.serve_deployments import deployment_problem
+    if (args.gpus or 1) > 1 or launched():
+        return "serve --deployments runs on one rank: leave out --gpus N (N > 1) and torchrun"
+    if args.robots is not None and args.robots < 1:
+        return f"--robots {args.robots}: must be >= 1"
+    return deployment_problem(cfg)
 
 
 def _serve_ranks(args: argparse.Namespace, cfg: Config) -> int:
@@ -206,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                        "(demonstrations, earlier robot data); robots must send the same step layout")
     serve.add_argument("--gpus", type=int, metavar="N", help="train on N local GPUs, one rank each "
                        "(docs/scaling.md; with dreamer.device=cpu, N CPU processes)")
+    serve.add_argument("--deployments", action="store_true", help="CASCADE's deployments (docs/lineage.md): "
+                       "each robot acts a frozen explorer per deployment, the learner trains only between them "
+                       "(explore.deployments, explore.deployment_steps, explore.deployment_updates)")
+    serve.add_argument("--robots", type=int, metavar="N", help="with --deployments: each deployment starts once N "
+                       "robots are connected (default 1)")
     serve.add_argument("--rank-timeout", type=flags.seconds, metavar="SECONDS",
                        help="with several ranks: how long a rank waits for a silent one before the job stops "
                        "(default 300)")

@@ -12,6 +12,9 @@ silent as abandoned. Malformed messages are rejected, counted and logged rate-li
 nothing a peer sends can stop the thread, and what a peer says about itself never moves another
 robot's position: a hello only learns where the stored stream ends. With CURVE, each robot id
 belongs to the first key that used it in the run (`robot_keys.json`); other keys are refused.
+
+Weights go to every robot (`publish`), or to one robot in place of those (`publish_to`: CASCADE's deployments
+give each robot its own frozen explorer, learner/serve_deployments.py); `on_steps` hears what was stored.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class LinkServerError(RuntimeError):
 
 
 LayoutCheck = Callable[["RunSpec"], "str | None"]  # why the trainer could not use a step layout, or None
+# Called in the server thread with a robot id and the policy_version and is_last of the rows just stored.
+StepsHook = Callable[[str, np.ndarray, np.ndarray], None]
 
 
 @dataclass
@@ -158,6 +163,9 @@ class LinkServer:
         self._spec: RunSpec | None = self._load_spec()
         self._weights: tuple[list[Any], int] | None = None  # encoded frames, version
         self._weights_new = False
+        self._robot_weights: dict[str, tuple[list[Any], int]] = {}  # a robot's own weights, over the run's
+        self._robot_weights_new: set[str] = set()
+        self.on_steps: StepsHook | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -182,12 +190,27 @@ class LinkServer:
 
     def publish(self, blob: bytes, version: int, step: int, dtype: str = "float32") -> None:
         """Send these policy weights to every robot (now, and to robots that connect later)."""
-        meta = {"step": int(step), "sha256": weights_checksum(blob), "dtype": dtype}
-        msg = Message("weights", run=self.server_id, seq=version, meta=meta,
-                      arrays={"blob": np.frombuffer(blob, np.uint8)})
+        frames = self._weights_frames(blob, version, step, dtype)
         with self._lock:
-            self._weights = (encode(msg), version)
+            self._weights = (frames, version)
             self._weights_new = True
+
+    def publish_to(self, robot: str, blob: bytes, version: int, step: int, dtype: str = "float32") -> None:
+        """Send these policy weights to `robot` only (now, and again at each of its hellos), in place of what
+        `publish` sends everyone. A robot takes only versions newer than the one it acts with."""
+        frames = self._weights_frames(blob, version, step, dtype)
+        with self._lock:
+            self._robot_weights[robot] = (frames, version)
+            self._robot_weights_new.add(robot)
+
+    def _weights_frames(self, blob: bytes, version: int, step: int, dtype: str) -> list[Any]:
+        meta = {"step": int(step), "sha256": weights_checksum(blob), "dtype": dtype}
+        return encode(Message("weights", run=self.server_id, seq=version, meta=meta,
+                              arrays={"blob": np.frombuffer(blob, np.uint8)}))
+
+    def _weights_of(self, robot: str) -> tuple[list[Any], int] | None:
+        with self._lock:
+            return self._robot_weights.get(robot, self._weights)
 
     def robot_table(self, limit: int | None = None) -> list[dict[str, Any]]:
         """One row per robot seen, for the status display, metrics and the summary; with `limit`, only the
@@ -359,11 +382,11 @@ class LinkServer:
         # delete every spooled chunk below it, so nothing a peer claims in a hello may move it.
         pos = self._position(msg.robot)
         next_seq = 0 if pos is None else (pos.seq + 1 if pos.complete else pos.seq)
-        version = self._weights[1] if self._weights else 0
+        weights = self._weights_of(msg.robot)
         self._send(sock, identity, Message("welcome", meta={"server": self.server_id, "next_seq": next_seq,
-                                                            "version": version}))
-        if self._weights is not None:
-            self._send(sock, identity, frames=self._weights[0])
+                                                            "version": weights[1] if weights else 0}))
+        if weights is not None:
+            self._send(sock, identity, frames=weights[0])
 
     def _refusal(self, offered: RunSpec, robot: str, key: str) -> str | None:
         """Why this hello is refused (None if it is not): a robot id bound to another key, a layout this run
@@ -429,6 +452,8 @@ class LinkServer:
         self.replay.add_steps(steps, state.robot, task=state.task, policy_version=msg.arrays["policy_version"][first:],
                               time=msg.arrays["time"][first:], source=msg.seq, first_index=first, total=total)
         self.positions[state.robot] = Position(msg.seq, total - 1, total)
+        if self.on_steps is not None:
+            self.on_steps(state.robot, msg.arrays["policy_version"][first:], msg.arrays["is_last"][first:])
         n = total - first
         self.received += n
         now = time.monotonic()
@@ -471,14 +496,16 @@ class LinkServer:
 
     def _send_weights(self, sock: zmq.Socket) -> None:
         with self._lock:
-            if not self._weights_new or self._weights is None:
-                return
-            frames, version = self._weights
+            everyone = self._weights if self._weights_new else None
             self._weights_new = False
+            own = {robot: self._robot_weights[robot] for robot in self._robot_weights_new}
+            self._robot_weights_new.clear()
+            mine = set(self._robot_weights)  # robots with their own weights: `publish` no longer reaches them
         for state in list(self.robots.values()):
-            if state.connected:
-                self._send(sock, state.identity, frames=frames)
-        log.debug("weights v%d sent", version)
+            weights = own.get(state.robot) or (everyone if state.robot not in mine else None)
+            if state.connected and weights is not None:
+                self._send(sock, state.identity, frames=weights[0])
+                log.debug("weights v%d sent to %s", weights[1], state.robot)
 
     def _send(self, sock: zmq.Socket, identity: bytes, msg: Message | None = None,
               frames: list[Any] | None = None) -> None:

@@ -76,6 +76,11 @@ class MetricsLogger:
         self._rerun = None if target is None else RerunSink(target, self.logdir)
         self._media = MediaWatch(self.logdir)
 
+    @property
+    def rerun(self) -> RerunSink | None:
+        """The live rerun sink when `--rerun` is on (serve adds the robots' camera images to it)."""
+        return self._rerun
+
     def log(self, step: int, metrics: Mapping[str, Number]) -> None:
         """Record `metrics` at `step`; tensors are read with `.item()` (a host sync: log sparingly)."""
         clash = [k for k in metrics if k in RESERVED]

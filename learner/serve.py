@@ -30,6 +30,7 @@ from learner.link.server import LinkServer, RunSpec
 from learner.metrics import MetricsLogger
 from learner.replay import Replay
 from learner.run import Run, RunCounters, mean_or_none, updates_allowed
+from learner.viewers.rerun_live import RobotCameras
 
 STATUS_EVERY_S = 10.0
 RETURNS_EVERY_S = 1.0  # how often the loop takes the robots' finished episodes from the replay
@@ -82,6 +83,8 @@ class Server(Run):
             self.replay.close()
             raise
         self.logger = MetricsLogger(self.logdir)
+        if self.logger.rerun is not None:  # --rerun: the robots' camera images too, as their chunks arrive
+            self.replay.on_steps_added = RobotCameras(self.logger.rerun)
         self.counters = ServeCounters()
         self.agent = None  # built for the robots' step layout once the first one says it
         # Episodes the replay holds at start were reported by the run that stored them: only those that

@@ -39,6 +39,8 @@ from learner.replay.validation import StepSpec, nonfinite_keys, per_step, step_c
 if TYPE_CHECKING:
     from core.config.agent import ReplayConfig
 
+# A stream's steps as add_steps was given them: (stream, arrays with a leading step axis, time argument).
+StepsAdded = Callable[[str, dict[str, np.ndarray], "np.ndarray | float | None"], None]
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -82,6 +84,7 @@ class Replay:
         self.online = online
         self.recency = recency
         self._closed = False
+        self.on_steps_added: StepsAdded | None = None  # see add_steps
         self._files = ChunkFiles(self.directory, compress=compress, disk_steps=disk_steps)
         self._streams = Streams()
         for entry in self._files.entries.values():
@@ -172,7 +175,6 @@ class Replay:
             return
         self._ingest.add(stream, task, values, time, policy_version, context)
 
-    @_locked
     def add_steps(
         self,
         steps: dict[str, np.ndarray],
@@ -189,7 +191,19 @@ class Replay:
         as T calls of `add`, written as slices. `policy_version` and `time` are per step (T,) or one
         value for all (time defaults to now). A robot chunk passes `source` (its chunk seq),
         `first_index` (the row of steps[0] in it, when resending a tail) and `total` (its rows, default
-        first_index + T); each replay chunk records the robot position of its newest row."""
+        first_index + T); each replay chunk records the robot position of its newest row.
+
+        Then `on_steps_added(stream, steps, time)`, when set, hears them (serve --rerun shows the robots'
+        camera images: learner/viewers/rerun_live.py), outside the lock so that sampling never waits on it."""
+        self._add_steps(steps, stream, task=task, policy_version=policy_version, time=time, source=source,
+                        first_index=first_index, total=total)
+        if self.on_steps_added is not None:
+            self.on_steps_added(str(stream), steps, time)
+
+    @_locked
+    def _add_steps(self, steps: dict[str, np.ndarray], stream: str, *, task: str,
+                   policy_version: np.ndarray | int | None, time: np.ndarray | float | None, source: int | None,
+                   first_index: int, total: int | None) -> None:
         self._check_open()
         stream = str(stream)
         spec = self._slab.spec

@@ -41,7 +41,7 @@ from core.weights import weights_to_bytes
 from learner.deployments import RESULTS, member_version
 from learner.serve import STATUS_EVERY_S, Server
 
-COLLECT, TRAIN, DONE = "collect", "train", "done"
+COLLECT, TRAIN = "collect", "train"
 POLL_S = 0.02
 
 
@@ -79,12 +79,15 @@ class Robot:
 
 @dataclasses.dataclass
 class Standing:
-    """Where the deployments stand (checkpointed): deployment index, phase, steps counted, updates done."""
+    """Where the deployments stand (checkpointed): deployment index (= deployments done when it is collecting),
+    phase, steps counted, updates done. A run resumed with more `explore.deployments` goes on from here."""
 
     deployment: int = 0
     phase: str = COLLECT
     collected: int = 0  # steps acted by this deployment's versions
     trained: int = 0  # offline updates done after this deployment
+    updates_before: int = 0  # the agent's updates when this deployment's blobs were made
+    updates_collecting: int = 0  # updates while it collected (none)
 
 
 class DeploymentServer(Server):
@@ -103,6 +106,9 @@ class DeploymentServer(Server):
         self.blobs: list[bytes] = []  # this deployment's member blobs
         self.stale = 0  # steps stored while collecting, acted by a version not sent in this deployment
         self.between = 0  # steps stored while training
+        self._started = time.time()  # this deployment's start (or this process's, when it resumed training)
+        self._base = 0  # steps stored before this process's link received any
+        self._next_status = 0.0
         self._lock = threading.Lock()
         self.link.on_steps = self._on_steps
 
@@ -154,12 +160,11 @@ class DeploymentServer(Server):
         self._base = self.replay.stats()["totals"]["steps"] - self.link.received
         self._next_status = time.monotonic() + STATUS_EVERY_S
         while not self._stop and self.standing.deployment < xcfg.deployments:
-            if self.standing.phase == COLLECT:
-                self._collect(deadline)
-            else:
+            if self.standing.phase == TRAIN:
                 self._train(deadline)
+            else:
+                self._collect(deadline)
         if self.standing.deployment >= xcfg.deployments:
-            self.standing.phase = DONE
             self.stop(f"explore.deployments ({xcfg.deployments}) done")
         self._tick(deadline)
 
@@ -193,7 +198,7 @@ class DeploymentServer(Server):
         self._start(d)
         self._say(f"deployment {d + 1}/{xcfg.deployments}: robots {', '.join(self.robots)} act versions "
                   f"{[member_version(d, k, self._population) for k in range(self._population)]}; nothing trains")
-        self._updates_before = agent.updates
+        self.standing.updates_before = agent.updates
         while not self._stop:
             self._assign_late()
             self._switch()
@@ -201,11 +206,11 @@ class DeploymentServer(Server):
                 done = self.standing.collected >= xcfg.deployment_steps
                 if done:
                     self.standing.phase, self.standing.trained = TRAIN, 0
+                    self.standing.updates_collecting = agent.updates - self.standing.updates_before
             self._tick(deadline)
             if done:
                 break
             time.sleep(POLL_S)
-        self._updates_collecting = agent.updates - self._updates_before
 
     def _start(self, d: int) -> None:
         """The deployment's blobs, and a member for every robot connected now (in the order they joined)."""
@@ -222,7 +227,7 @@ class DeploymentServer(Server):
             self.robots, self.stale, self.between = {}, 0, 0
             for i, robot in enumerate(connected):
                 self.robots[robot] = Robot(members_of(i, len(connected), n))
-        self._start_time = time.time()
+        self._started = time.time()
         for robot in connected:
             self._send(robot)
 
@@ -286,10 +291,9 @@ class DeploymentServer(Server):
                    "sha256": [weights_checksum(blob) for blob in self.blobs],
                    "robots": {robot: state.row() for robot, state in self.robots.items()},
                    "collected": self.standing.collected, "stale_steps": self.stale, "between_steps": self.between,
-                   "updates_before": getattr(self, "_updates_before", self.agent.updates),
-                   "updates_collecting": getattr(self, "_updates_collecting", 0),
-                   "updates_after": self.agent.updates,
-                   "seconds": round(time.time() - getattr(self, "_start_time", time.time()), 1)}
+                   "updates_before": self.standing.updates_before,
+                   "updates_collecting": self.standing.updates_collecting, "updates_after": self.agent.updates,
+                   "seconds": round(time.time() - self._started, 1)}
         with (self.logdir / RESULTS).open("a") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -39,7 +39,7 @@ from core.config import Config, ConfigError
 from core.link.protocol import weights_checksum
 from core.weights import weights_to_bytes
 from learner.deployments import RESULTS, member_version
-from learner.serve import STATUS_EVERY_S, Server
+from learner.serve import RETURNS_EVERY_S, STATUS_EVERY_S, Server
 
 COLLECT, TRAIN = "collect", "train"
 POLL_S = 0.02
@@ -108,7 +108,7 @@ class DeploymentServer(Server):
         self.between = 0  # steps stored while training
         self._started = time.time()  # this deployment's start (or this process's, when it resumed training)
         self._base = 0  # steps stored before this process's link received any
-        self._next_status = 0.0
+        self._next_status = self._next_returns = 0.0
         self._lock = threading.Lock()
         self.link.on_steps = self._on_steps
 
@@ -172,7 +172,9 @@ class DeploymentServer(Server):
         """What every pass does: the link's health, the step count, returns, metrics, checkpoints, status."""
         self.link.check()
         self.counters.received = self._base + self.link.received
-        self._collect_returns()
+        if time.monotonic() >= self._next_returns:
+            self._next_returns = time.monotonic() + RETURNS_EVERY_S
+            self._collect_returns()
         self._maybe_log()
         self._maybe_checkpoint()
         now = time.monotonic()
@@ -190,7 +192,9 @@ class DeploymentServer(Server):
         """One deployment's collection: wait for the robots, send each its explorer, count until the budget."""
         xcfg, agent, d = self.cfg.explore, self.agent, self.standing.deployment
         assert agent is not None
-        while not self._stop and sum(r.connected for r in list(self.link.robots.values())) < self.min_robots:
+        if (connected := self._connected()) < self.min_robots:
+            self._say(f"deployment {d + 1}: waiting for {self.min_robots} robots ({connected} connected)")
+        while not self._stop and self._connected() < self.min_robots:
             self._tick(deadline)
             time.sleep(POLL_S)
         if self._stop:
@@ -211,6 +215,9 @@ class DeploymentServer(Server):
             if done:
                 break
             time.sleep(POLL_S)
+
+    def _connected(self) -> int:
+        return sum(r.connected for r in list(self.link.robots.values()))
 
     def _start(self, d: int) -> None:
         """The deployment's blobs, and a member for every robot connected now (in the order they joined)."""

@@ -118,6 +118,23 @@ CASES: dict[str, Case] = {
                             Target("eval/return", -200.0, 30_000, ">= -200 within 30k env steps, every seed"),
                             note="PlaNet, official model and loss, action repeat 2; CEM cut for CPUs: 100 "
                             "candidates, top 10, 5 iterations (official 1000, 100, 10), horizon 12"),
+    # Issue 26 s1: Dreamer v1 and DreamerV2 as recipes of the same learner, at their own dimensions (the
+    # config file names size1m, so they are set back here), batches and train ratios (v1: 100 updates of
+    # 50 x 50 per 1000 steps; v2: one update of 16 x 50 per 5 steps).
+    "pendulum_v1": Case("gym_pendulum.yaml", 20_000,
+                        Target("eval/return", -200.0, 20_000, ">= -200 within 20k env steps, every seed"),
+                        sets=("dreamer.recipe=v1", "dreamer.deter=200", "dreamer.hidden=200", "dreamer.stoch=30",
+                              "dreamer.units=400", "train.batch_size=50", "train.batch_length=50",
+                              "train.train_ratio=250"),
+                        note="Dreamer v1: Gaussian RSSM 30/200, ELU 400, free nats 3 after averaging, Adam 6e-4 / "
+                        "8e-5, tanh-normal actor by dynamics backprop, noise 0.3"),
+    "pendulum_v2": Case("gym_pendulum.yaml", 20_000,
+                        Target("eval/return", -200.0, 20_000, ">= -200 within 20k env steps, every seed"),
+                        sets=("dreamer.recipe=v2", "dreamer.deter=200", "dreamer.hidden=200", "dreamer.stoch=32",
+                              "dreamer.classes=32", "dreamer.units=400", "train.batch_size=16",
+                              "train.batch_length=50", "train.train_ratio=160"),
+                        note="DreamerV2 (dmc domain): 32 x 32 categoricals, KL balance 0.8, free nats 1, dynamics "
+                        "backprop, entropy 1e-4, slow critic copied every 100 updates"),
 }
 
 

@@ -1,8 +1,10 @@
 """Config blocks of the learning side: the Dreamer agent, the replay store and the training loop.
 
-Every value of the DreamerV3 recipe is a field. `dreamer.recipe` (2024 or 2023) and `dreamer.size`
-fill every field the file leaves out, before validation, so a resolved config always shows the
-concrete values a run used, and any single value can still be overridden.
+Every value of the DreamerV3 recipe is a field. `dreamer.recipe` and `dreamer.size` fill every field
+the file leaves out, before validation, so a resolved config always shows the concrete values a run
+used, and any single value can still be overridden. The recipes are DreamerV3's two versions (2024,
+2023) and its ancestors Dreamer v1 (2020) and DreamerV2 (2021): one implementation, named variants
+(docs/lineage.md). v1 and v2 bring their own dimensions unless the file names a `size`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,21 @@ RECIPES: dict[str, dict[str, Any]] = {
         "replay_context": True,
         "init_fan": "in",
         "imag_cont": "prob",
+        "gru_norm": "rms",
+        "latent": "categorical",
+        "act": "silu",
+        "free_nats_placement": "step",
+        "actor_dist": "bounded",
+        "actor_baseline": True,
+        "return_norm": True,
+        "slow_critic_every": 1,
+        "slow_critic_rate": 0.02,
+        "slow_critic_reg": 1.0,
+        "unimix": 0.01,
+        "free_nats": 1.0,
+        "mlp_layers": 3, "head_layers": 1, "ac_layers": 3, "horizon": 333, "entropy": 3e-4, "cont_scale": 1.0,
+        "model_lr": 1e-4, "model_eps": 1e-8, "model_clip": 1000.0, "ac_lr": 3e-5, "critic_lr": None,
+        "ac_eps": 1e-5, "ac_clip": 100.0, "act_noise": 0.0,
     },
     "2023": {
         "norm": "layer",
@@ -65,7 +82,73 @@ RECIPES: dict[str, dict[str, Any]] = {
         "replay_context": False,
         "init_fan": "avg",
         "imag_cont": "mode",
+        "gru_norm": "layer",
+        "latent": "categorical",
+        "act": "silu",
+        "free_nats_placement": "step",
+        "actor_dist": "bounded",
+        "actor_baseline": True,
+        "return_norm": True,
+        "slow_critic_every": 1,
+        "slow_critic_rate": 0.02,
+        "slow_critic_reg": 1.0,
+        "unimix": 0.01,
+        "free_nats": 1.0,
+        "mlp_layers": 3, "head_layers": 1, "ac_layers": 3, "horizon": 333, "entropy": 3e-4, "cont_scale": 1.0,
+        "model_lr": 1e-4, "model_eps": 1e-8, "model_clip": 1000.0, "ac_lr": 3e-5, "critic_lr": None,
+        "ac_eps": 1e-5, "ac_clip": 100.0, "act_noise": 0.0,
     },
+    # Dreamer v1 (danijar/dreamer): Gaussian latents, ELU MLPs without norms, KL with free nats after
+    # averaging, per-part Adam, a tanh-normal actor trained by backprop through the dynamics on the
+    # lambda-returns themselves (no baseline, no return normalisation), no slow critic, noise 0.3.
+    "v1": {
+        "norm": "none", "gru_norm": "none", "act": "elu", "gru_blocks": 1, "gru_input_layers": False,
+        "encoder": "stride", "cnn_mults": [1, 2, 4, 8], "bins": "symlog", "init_fan": "avg",
+        "latent": "gaussian", "unimix": 0.0,
+        "kl_dyn": 0.5, "kl_rep": 0.5,  # together the plain KL(post || prior), gradients to both sides
+        "free_nats": 3.0, "free_nats_placement": "mean",
+        "retnorm_debias": False, "return_norm": False,
+        "critic_bootstrap": "fast", "slow_critic_every": 1, "slow_critic_rate": 1.0, "slow_critic_reg": 0.0,
+        "actor_grad_continuous": "dynamics", "actor_dist": "tanh_normal", "actor_baseline": False,
+        "policy_out_scale": 1.0, "repval_scale": 0.0, "optimizer": "adam", "replay_context": False,
+        "imag_cont": "mode",
+        "mlp_layers": 2, "head_layers": 2, "ac_layers": 4,  # reward 2 x 400, actor 4 x 400 (value: 3 officially)
+        "horizon": 100, "entropy": 0.0, "cont_scale": 10.0,  # gamma 0.99
+        "model_lr": 6e-4, "model_eps": 1e-7, "model_clip": 100.0, "ac_lr": 8e-5, "critic_lr": None,
+        "ac_eps": 1e-7, "ac_clip": 100.0, "act_noise": 0.3,  # TF's Adam epsilon
+    },
+    # DreamerV2 (danijar/dreamerv2): 32 x 32 categoricals (straight-through), KL balancing 0.8, ELU MLPs
+    # without norms but a LayerNorm GRU, REINFORCE (discrete) / dynamics (continuous), a slow critic
+    # copied every 100 updates that bootstraps the returns and is the REINFORCE baseline, Adam per part.
+    # Values that differ by domain come from DOMAINS (`dreamer.domain`).
+    "v2": {
+        "norm": "none", "gru_norm": "layer", "act": "elu", "gru_blocks": 1, "gru_input_layers": False,
+        "encoder": "stride", "cnn_mults": [1, 2, 4, 8], "bins": "symlog", "init_fan": "avg",
+        "latent": "categorical", "unimix": 0.0,
+        "kl_dyn": 0.8, "kl_rep": 0.2, "free_nats_placement": "mean",
+        "retnorm_debias": False, "return_norm": False,
+        "critic_bootstrap": "slow", "slow_critic_every": 100, "slow_critic_rate": 1.0, "slow_critic_reg": 0.0,
+        "actor_grad_continuous": "dynamics", "actor_dist": "bounded", "actor_baseline": True,
+        "policy_out_scale": 1.0, "repval_scale": 0.0, "optimizer": "adam", "replay_context": False,
+        "imag_cont": "mode",
+        "mlp_layers": 4, "head_layers": 4, "ac_layers": 4, "horizon": 100, "entropy": 1e-4, "cont_scale": 1.0,
+        "free_nats": 1.0, "model_lr": 3e-4, "model_eps": 1e-5, "model_clip": 100.0, "ac_lr": 8e-5,
+        "critic_lr": 8e-5, "ac_eps": 1e-5, "ac_clip": 100.0, "act_noise": 0.0,
+    },
+}
+
+# Dimensions of v1 and v2 (their papers' DMC models), used unless the file names a `size`.
+RECIPE_DIMS: dict[str, dict[str, int]] = {
+    "v1": {"deter": 200, "hidden": 200, "stoch": 30, "classes": 2, "units": 400, "cnn_depth": 32},
+    "v2": {"deter": 200, "hidden": 200, "stoch": 32, "classes": 32, "units": 400, "cnn_depth": 48},
+}
+
+# DreamerV2's per-domain values (`dreamer.domain`; configs.yaml dmc_vision/dmc_proprio and atari). The
+# 0.8/0.2 balance is kept under atari's KL scale 0.1.
+DOMAINS: dict[str, dict[str, Any]] = {
+    "dmc": {},
+    "atari": {"free_nats": 0.0, "entropy": 1e-3, "horizon": 1000, "model_lr": 2e-4, "ac_lr": 4e-5,
+              "critic_lr": 1e-4, "kl_dyn": 0.08, "kl_rep": 0.02, "cont_scale": 5.0, "deter": 600, "hidden": 600},
 }
 
 # Optimiser settings for a step budget. The official values (lr 4e-5, 1000 warm-up updates) were
@@ -73,17 +156,26 @@ RECIPES: dict[str, dict[str, Any]] = {
 # with them (bench/actor_updates.py measures it; bench/README.md has the curves). `small` is ours.
 # The 2023 recipe's Adam rates learn at these budgets as they are, so its `small` changes nothing.
 BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
-    "faithful": {"2024": {}, "2023": {}},
-    "small": {"2024": {"lr": 3e-4, "warmup": 100}, "2023": {}},
+    "faithful": {"2024": {}, "2023": {}, "v1": {}, "v2": {}},
+    "small": {"2024": {"lr": 3e-4, "warmup": 100}, "2023": {}, "v1": {}, "v2": {}},
 }
 
 SizeName = Literal["tiny", "size1m", "size12m", "size25m", "size50m", "size100m", "size200m"]
 
 
 class DreamerConfig(Block):
-    """DreamerV3. Fields left out of a file come from `recipe` and `size`."""
+    """Dreamer (v1, V2, V3). Fields left out of a file come from `recipe` and `size` (and v2's `domain`)."""
 
-    recipe: Literal["2024", "2023"] = Field("2024", description="which published recipe fills unset fields")
+    recipe: Literal["2024", "2023", "v1", "v2"] = Field(
+        "2024", description="which published recipe fills unset fields: 2024 / 2023 = DreamerV3's two versions; "
+        "v1 = Dreamer (2020), v2 = DreamerV2 (2021), with their own dimensions unless `size` is set. v1 and v2 were "
+        "published with batch 50 x 50 and 16 x 50: set train.batch_size / batch_length (docs/lineage.md)"
+    )
+    domain: Literal["dmc", "atari"] = Field(
+        "dmc", description="v2 only: the per-domain values of DreamerV2 (dmc: free nats 1, entropy 1e-4, gamma "
+        "0.99, Adam 3e-4 / 8e-5 / 8e-5; atari: free nats 0, entropy 1e-3, gamma 0.999, Adam 2e-4 / 4e-5 / 1e-4, "
+        "KL scale 0.1, continuation scale 5, deter 600)"
+    )
     size: SizeName = Field("size1m", description="model size preset that fills unset dimensions")
     budget: Literal["faithful", "small"] = Field(
         "faithful", description="optimiser preset: faithful = the official values (for ~1M-step runs); small = "
@@ -92,15 +184,26 @@ class DreamerConfig(Block):
     # --- dimensions (from `size`)
     deter: int = Field(ge=8, description="recurrent (deterministic) state size")
     hidden: int = Field(ge=8, description="hidden units inside the sequence model")
-    stoch: int = Field(32, ge=1, description="number of categorical latents")
+    stoch: int = Field(32, ge=1, description="number of latents: categoricals, or Gaussian dimensions")
     classes: int = Field(ge=2, description="classes per categorical latent")
     cnn_depth: int = Field(ge=1, description="CNN base channels (layer i has depth x cnn_mults[i] channels)")
     units: int = Field(ge=8, description="units of the MLPs (encoder, decoder, heads)")
-    mlp_layers: int = Field(3, ge=1, description="layers of the vector encoder/decoder MLPs")
-    head_layers: int = Field(1, ge=1, description="hidden layers of the reward and continuation heads")
-    ac_layers: int = Field(3, ge=1, description="hidden layers of the actor and critic")
+    mlp_layers: int = Field(ge=1, description="layers of the vector encoder/decoder MLPs")
+    head_layers: int = Field(ge=1, description="hidden layers of the reward and continuation heads")
+    ac_layers: int = Field(ge=1, description="hidden layers of the actor and critic")
     # --- architecture (from `recipe`)
-    norm: Literal["rms", "layer"] = Field(description="normalisation layer (always computed in float32)")
+    norm: Literal["rms", "layer", "none"] = Field(
+        description="normalisation layer after each Linear/Conv (always computed in float32); none = no norm (v1, v2)"
+    )
+    gru_norm: Literal["rms", "layer", "none"] = Field(
+        description="normalisation inside the sequence model's GRU (v2: a LayerNorm GRU under norm-free MLPs)"
+    )
+    act: Literal["silu", "elu"] = Field(description="activation of the MLPs and the RSSM's layers (the CNNs keep SiLU)")
+    latent: Literal["categorical", "gaussian"] = Field(
+        description="RSSM latents: categorical = `stoch` one-hot categoricals of `classes`, straight-through "
+        "gradients (v2, v3); gaussian = `stoch` Gaussians, std softplus + min_std, reparameterised (v1, PlaNet)"
+    )
+    min_std: float = Field(0.1, gt=0, description="latent: gaussian: floor of the latents' standard deviation")
     gru_blocks: int = Field(ge=1, description="blocks of the block-diagonal GRU (1 = a plain GRU)")
     gru_input_layers: bool = Field(description="deter, stoch and action each pass Linear+Norm+SiLU before the GRU")
     dynamics: Literal["rssm", "transformer"] = Field(
@@ -125,8 +228,13 @@ class DreamerConfig(Block):
     image_keys: str = Field("image", description="regex: observation keys encoded by the CNN (full match)")
     vector_keys: str = Field(".*", description="regex: other observation keys encoded by the symlog MLP (full match)")
     # --- distributions and losses
-    unimix: float = Field(0.01, ge=0, lt=1, description="uniform mixture in latent and discrete-action categoricals")
-    free_nats: float = Field(1.0, ge=0, description="free bits on the KL summed over latents, per (batch, time), nats")
+    unimix: float = Field(ge=0, lt=1, description="uniform mixture in latent and discrete-action categoricals")
+    free_nats: float = Field(ge=0, description="free nats on the KL summed over latents (where: free_nats_placement)")
+    free_nats_placement: Literal["step", "mean"] = Field(
+        description="where the free nats apply: step = to each (batch, time) KL (DreamerV3 2023/2024; PlaNet "
+        "applies them so too); mean = once, to the KL averaged over batch and time (Dreamer v1; DreamerV2's "
+        "free_avg). Either way no gradient flows while the KL is below them"
+    )
     kl_dyn: float = Field(ge=0, description="scale of KL(sg(post) || prior)")
     kl_rep: float = Field(ge=0, description="scale of KL(post || sg(prior))")
     bins: Literal["symexp", "symlog"] = Field(
@@ -136,17 +244,33 @@ class DreamerConfig(Block):
     bin_limit: float = Field(20.0, gt=0, description="bins span symlog space [-limit, limit]")
     dec_scale: float = Field(1.0, ge=0, description="decoder loss scale")
     reward_scale: float = Field(1.0, ge=0, description="reward loss scale")
-    cont_scale: float = Field(1.0, ge=0, description="continuation loss scale")
+    cont_scale: float = Field(ge=0, description="continuation loss scale")
     actor_scale: float = Field(1.0, ge=0, description="actor loss scale")
     critic_scale: float = Field(1.0, ge=0, description="critic loss scale")
     repval_scale: float = Field(ge=0, description="critic loss on replay sequences (reaches the world model); 0 = off")
     # --- behaviour
-    horizon: int = Field(333, ge=2, description="discount horizon; gamma = 1 - 1/horizon")
+    horizon: int = Field(ge=2, description="discount horizon; gamma = 1 - 1/horizon (100: gamma 0.99)")
     lam: float = Field(0.95, ge=0, le=1, description="lambda of the lambda-returns")
     imag_horizon: int = Field(15, ge=1, description="imagination steps")
-    entropy: float = Field(3e-4, ge=0, description="actor entropy bonus")
-    actor_grad_continuous: Literal["reinforce", "dynamics"] = Field(
-        description="actor gradient for continuous actions: REINFORCE (2024) or backprop through the dynamics (2023)"
+    entropy: float = Field(ge=0, description="actor entropy bonus")
+    actor_grad_continuous: Literal["reinforce", "dynamics", "both"] = Field(
+        description="actor gradient for continuous actions: REINFORCE (2024) or backprop through the dynamics "
+        "(2023, v1, v2); both = actor_grad_mix x dynamics + (1 - actor_grad_mix) x REINFORCE (DreamerV2's 'both'). "
+        "Discrete actions always use REINFORCE"
+    )
+    actor_grad_mix: float = Field(0.1, ge=0, le=1, description="actor_grad_continuous: both: the dynamics share")
+    actor_dist: Literal["bounded", "tanh_normal"] = Field(
+        description="continuous action distribution: bounded = mean tanh(m), std 0.1..1 by a sigmoid, samples "
+        "unsquashed (v2, v3); tanh_normal = tanh of a Normal with mean 5 tanh(m / 5), std softplus(s + "
+        "softplus^-1(5)) + 1e-4 (v1)"
+    )
+    actor_baseline: bool = Field(
+        description="subtract the critic's value of s_t from the return in the actor's objective (v1: no, the "
+        "lambda-returns themselves are maximised)"
+    )
+    act_noise: float = Field(
+        ge=0, le=2, description="std of the Gaussian noise added to continuous actions while collecting (act mode "
+        "'sample'; v1: 0.3); for discrete actions the chance of a random action. None when evaluating"
     )
     policy_out_scale: float = Field(gt=0, description="init scale of the actor's output layer")
     imag_cont: Literal["prob", "mode"] = Field(
@@ -154,14 +278,18 @@ class DreamerConfig(Block):
         "with no gradient (2023: with dynamics backprop a probability lets the actor learn to 'end' imagined "
         "episodes of a negative-reward task)"
     )
+    return_norm: bool = Field(description="divide advantages by the return scale below (v3); v1 and v2 do not")
     retnorm_rate: float = Field(0.01, gt=0, le=1, description="EMA rate of the return percentile range")
     retnorm_limit: float = Field(1.0, gt=0, description="floor of the return scale")
     retnorm_low: float = Field(5.0, ge=0, lt=100, description="low percentile of lambda-returns")
     retnorm_high: float = Field(95.0, gt=0, le=100, description="high percentile of lambda-returns")
     retnorm_debias: bool = Field(description="bias-correct the return-range EMA")
-    slow_critic_rate: float = Field(0.02, gt=0, le=1, description="EMA rate of the slow critic per update")
-    slow_critic_reg: float = Field(1.0, ge=0, description="weight of the slow-critic regulariser")
-    critic_bootstrap: Literal["fast", "slow"] = Field(description="critic that bootstraps the lambda-returns")
+    slow_critic_rate: float = Field(gt=0, le=1, description="EMA rate of the slow critic per update (1 = a copy)")
+    slow_critic_every: int = Field(ge=1, description="updates between slow-critic updates (v2: a copy every 100)")
+    slow_critic_reg: float = Field(ge=0, description="weight of the slow-critic regulariser")
+    critic_bootstrap: Literal["fast", "slow"] = Field(
+        description="critic that bootstraps the lambda-returns and is the actor's baseline (v2: slow)"
+    )
     replay_context: bool = Field(
         description="start replayed sequences from stored posterior latents, refreshed after updates"
     )
@@ -182,12 +310,13 @@ class DreamerConfig(Block):
     beta2: float = Field(0.999, ge=0, lt=1, description="LaProp RMS decay")
     eps: float = Field(1e-20, gt=0, description="LaProp epsilon")
     warmup: int = Field(1000, ge=0, description="linear learning-rate warm-up, updates")
-    model_lr: float = Field(1e-4, gt=0, description="Adam (2023): world model learning rate")
-    model_eps: float = Field(1e-8, gt=0, description="Adam (2023): world model epsilon")
-    model_clip: float = Field(1000.0, gt=0, description="Adam (2023): world model gradient-norm clip")
-    ac_lr: float = Field(3e-5, gt=0, description="Adam (2023): actor and critic learning rate")
-    ac_eps: float = Field(1e-5, gt=0, description="Adam (2023): actor and critic epsilon")
-    ac_clip: float = Field(100.0, gt=0, description="Adam (2023): actor and critic gradient-norm clip")
+    model_lr: float = Field(gt=0, description="Adam (2023, v1, v2): world model learning rate")
+    model_eps: float = Field(gt=0, description="Adam: world model epsilon")
+    model_clip: float = Field(gt=0, description="Adam: world model gradient-norm clip")
+    ac_lr: float = Field(gt=0, description="Adam: actor learning rate, and the critic's unless critic_lr is set")
+    critic_lr: float | None = Field(gt=0, description="Adam: critic learning rate; null = ac_lr")
+    ac_eps: float = Field(gt=0, description="Adam: actor and critic epsilon")
+    ac_clip: float = Field(gt=0, description="Adam: actor and critic gradient-norm clip")
     # --- compute
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
@@ -224,11 +353,17 @@ class DreamerConfig(Block):
         # An unknown (or non-string) name fills from the default, so that the field's own error is
         # the only one reported, not a missing key for every value the preset would have supplied.
         recipe, size = data.get("recipe", "2024"), data.get("size", "size1m")
-        filled = dict(RECIPES[recipe] if isinstance(recipe, str) and recipe in RECIPES else RECIPES["2024"])
+        known = recipe if isinstance(recipe, str) and recipe in RECIPES else "2024"
+        filled = dict(RECIPES[known])
         filled.update(SIZES[size] if isinstance(size, str) and size in SIZES else SIZES["size1m"])
+        if known in RECIPE_DIMS and "size" not in data:  # v1 / v2: their own dimensions
+            filled.update(RECIPE_DIMS[known])
+        domain = data.get("domain", "dmc")
+        if known == "v2" and isinstance(domain, str) and domain in DOMAINS:
+            filled.update(DOMAINS[domain])
         budget = data.get("budget", "faithful")
         if isinstance(budget, str) and budget in BUDGETS:
-            filled.update(BUDGETS[budget][recipe if isinstance(recipe, str) and recipe in RECIPES else "2024"])
+            filled.update(BUDGETS[budget][known])
         filled.update(data)
         return filled
 
@@ -243,6 +378,8 @@ class DreamerConfig(Block):
         if self.dynamics == "transformer" and self.compile in ("cell", "full"):
             raise FieldError("compile", "auto or off with dynamics: transformer (its update has no recurrent step to "
                              "compile)", self.compile)
+        if self.dynamics == "transformer" and self.latent != "categorical":
+            raise FieldError("latent", "categorical with dynamics: transformer", self.latent)
         if self.dynamics == "transformer" and self.explore != "none":
             raise FieldError("explore", "none with dynamics: transformer (exploration steps the RSSM)", self.explore)
         return self

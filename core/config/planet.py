@@ -33,7 +33,11 @@ class PlanetConfig(Block):
     image_keys: str = Field("image", description="regex: observation keys encoded by the CNN (full match)")
     vector_keys: str = Field(".*", description="regex: other observation keys encoded by the symlog MLP (full match)")
     # --- the loss
-    free_nats: float = Field(3.0, ge=0, description="free nats on the KL summed over latents, per (batch, time)")
+    free_nats: float = Field(3.0, ge=0, description="free nats on the KL summed over latents")
+    free_nats_placement: Literal["step", "mean"] = Field(
+        "step", description="where the free nats apply: step = to each (batch, time) KL, as PlaNet does; mean = "
+        "once, to the KL averaged over batch and time, as Dreamer v1 does (dreamer.free_nats_placement)"
+    )
     kl_scale: float = Field(1.0, ge=0, description="scale of KL(posterior || prior)")
     reward_scale: float = Field(10.0, ge=0, description="reward loss scale (Gaussian log-likelihood, unit variance)")
     dec_scale: float = Field(1.0, ge=0, description="observation loss scale (Gaussian log-likelihood, unit variance)")

@@ -178,7 +178,7 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
 @pytest.mark.parametrize("key,value,expected", [
     ("size", "size7m", "'size1m'"),
     ("size", "[1]", "found [1]"),
-    ("recipe", "2022", "'2024' or '2023'"),
+    ("recipe", "2022", "'2024', '2023', 'v1' or 'v2'"),
     ("recipe", "{a: 1}", "found {'a': 1}"),
     ("budget", "tiny", "'faithful' or 'small'"),
     ("budget", "[1]", "found [1]"),

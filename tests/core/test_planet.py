@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from core.agents import load_policy, read_policy
+from core.agents.dreamer.gaussian import gaussian_kl
 from core.agents.planet.cem import plan, refit
 from core.agents.planet.net import PlanetNet
 from core.agents.planet.policy import Policy, policy_weights
-from core.agents.planet.rssm import gaussian_kl
 from core.agents.spaces import ActSpace
 from core.config.planet import PlanetConfig
 from core.interface import flag_specs

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.agents.dreamer.dists import BoundedNormal, OneHotDist
+from core.agents.dreamer.dists import BoundedNormal, OneHotDist, TanhNormal
 from core.agents.dreamer.layers import MLP, scaled_linear
 from core.agents.dreamer.onehot import OneHotCols
 from core.agents.spaces import ActSpace
@@ -17,11 +17,12 @@ class Actor(nn.Module):
     def __init__(self, cfg: DreamerConfig, feat_dim: int, act: ActSpace, onehot: OneHotCols | None = None) -> None:
         super().__init__()
         self.act, self.unimix = act, cfg.unimix
-        self.net = MLP(feat_dim, cfg.ac_layers, cfg.units, cfg.norm, onehot)
+        self.continuous = TanhNormal if cfg.actor_dist == "tanh_normal" else BoundedNormal
+        self.net = MLP(feat_dim, cfg.ac_layers, cfg.units, cfg.norm, onehot, cfg.act)
         out = act.dim if act.discrete else 2 * act.dim
         self.out = scaled_linear(cfg.units, out, cfg.policy_out_scale)
 
-    def forward(self, feat: Tensor) -> OneHotDist | BoundedNormal:
+    def forward(self, feat: Tensor) -> OneHotDist | BoundedNormal | TanhNormal:
         return self.dist(self.params(feat))
 
     def params(self, feat: Tensor) -> Tensor:
@@ -35,7 +36,7 @@ class Actor(nn.Module):
         layer = self.net[0][0]
         return F.linear(deter, layer.weight[:, : deter.shape[-1]], layer.bias)
 
-    def from_part(self, deter_part: Tensor, stoch: Tensor) -> OneHotDist | BoundedNormal:
+    def from_part(self, deter_part: Tensor, stoch: Tensor) -> OneHotDist | BoundedNormal | TanhNormal:
         """The distribution from `deter_part(deter)` and the flat stoch: `forward(feat)` up to
         float rounding (the first layer's sum is split in two)."""
         linear, norm, act = self.net[0]
@@ -50,6 +51,6 @@ class Actor(nn.Module):
         dist = OneHotDist if self.act.discrete else BoundedNormal
         return dist.noise((n, self.out.out_features), device)
 
-    def dist(self, out: Tensor) -> OneHotDist | BoundedNormal:
+    def dist(self, out: Tensor) -> OneHotDist | BoundedNormal | TanhNormal:
         """The action distribution of raw outputs `params(feat)` (any leading shape)."""
-        return OneHotDist(out, self.unimix) if self.act.discrete else BoundedNormal(out)
+        return OneHotDist(out, self.unimix) if self.act.discrete else self.continuous(out)

@@ -37,7 +37,7 @@ class Encoder(nn.Module):
             self.cnn = ConvEncoder(c, cnn_channels(cfg.cnn_depth, cfg.cnn_mults), cfg.encoder, cfg.norm, (h, w))
             self.out_dim += self.cnn.out_dim
         if keys.vectors:
-            self.mlp = MLP(sum(self.dims.values()), cfg.mlp_layers, cfg.units, cfg.norm)
+            self.mlp = MLP(sum(self.dims.values()), cfg.mlp_layers, cfg.units, cfg.norm, act=cfg.act)
             self.out_dim += cfg.units
 
     def forward(self, obs: dict[str, Tensor]) -> Tensor:
@@ -66,7 +66,7 @@ class Decoder(nn.Module):
             chans = cnn_channels(cfg.cnn_depth, cfg.cnn_mults)
             self.cnn = ConvDecoder(feat_dim, c, chans, cfg.encoder, cfg.norm, (h, w), onehot, cfg.deter, cfg.units)
         if keys.vectors:
-            self.mlp = MLP(feat_dim, cfg.mlp_layers, cfg.units, cfg.norm, onehot)
+            self.mlp = MLP(feat_dim, cfg.mlp_layers, cfg.units, cfg.norm, onehot, cfg.act)
             self.vec_out = nn.Linear(cfg.units, sum(self.dims.values()))
 
     def forward(self, feat: Tensor) -> dict[str, Tensor]:

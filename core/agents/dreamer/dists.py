@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -154,6 +156,42 @@ class BoundedNormal:
 
     def entropy(self) -> Tensor:
         return (0.5 + 0.5 * torch.log(torch.tensor(2 * torch.pi)) + torch.log(self.std)).sum(-1)
+
+
+class TanhNormal:
+    """Dreamer v1's continuous actions: tanh of a Normal with mean 5 tanh(m / 5) and std
+    softplus(s + softplus^-1(5)) + 1e-4 (starts wide: std ~5 before the squash), reparameterised."""
+
+    MEAN_SCALE, INIT_STD, MIN_STD = 5.0, 5.0, 1e-4
+    RAW_INIT_STD = math.log(math.expm1(INIT_STD))
+    noise = BoundedNormal.noise  # one unit normal per action dimension, as BoundedNormal draws
+
+    def __init__(self, out: Tensor) -> None:
+        mean, std = out.float().chunk(2, -1)
+        self.loc = self.MEAN_SCALE * torch.tanh(mean / self.MEAN_SCALE)
+        self.scale = F.softplus(std + self.RAW_INIT_STD) + self.MIN_STD
+
+    def rsample(self, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        if noise is None:
+            noise = torch.randn(self.loc.shape, generator=generator, device=self.loc.device)
+        return torch.tanh(self.loc + self.scale * noise)
+
+    def mode(self) -> Tensor:
+        """tanh of the Normal's mean: a deterministic stand-in for v1's mode (the most likely of 100 samples)."""
+        return torch.tanh(self.loc)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        x = x.float().clamp(-1 + 1e-6, 1 - 1e-6)
+        u = torch.atanh(x)
+        z = (u - self.loc) / self.scale
+        normal = -0.5 * z.square() - torch.log(self.scale) - 0.5 * math.log(2 * math.pi)
+        return (normal - torch.log1p(-x.square())).sum(-1)  # minus the log |d tanh / du|
+
+    def entropy(self) -> Tensor:
+        """The Normal's entropy plus E[log(1 - tanh(u)^2)] taken at the mean (v1 estimated it from samples;
+        its entropy weight is 0, so this is a metric)."""
+        squash = torch.log1p(-torch.tanh(self.loc).square() + 1e-6)
+        return (0.5 + 0.5 * math.log(2 * math.pi) + torch.log(self.scale) + squash).sum(-1)
 
 
 class OneHotDist:

@@ -13,15 +13,18 @@ from core.agents.dreamer.onehot import OneHotCols, OneHotLinear, onehot_linear
 
 
 class Norm(nn.Module):
-    """RMSNorm (2024) or LayerNorm (2023) over the last axis, computed in float32."""
+    """RMSNorm (2024) or LayerNorm (2023) over the last axis, computed in float32; kind "none" (Dreamer
+    v1, DreamerV2's MLPs) passes its input through and has no parameters."""
 
     def __init__(self, dim: int, kind: str, eps: float = 1e-4) -> None:
         super().__init__()
         self.kind, self.eps = kind, eps
-        self.scale = nn.Parameter(torch.ones(dim))
+        self.scale = nn.Parameter(torch.ones(dim)) if kind != "none" else None
         self.shift = nn.Parameter(torch.zeros(dim)) if kind == "layer" else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "none":
+            return x
         if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
             return self._norm(x)  # the plain float32 path (acting on a robot CPU): no extra overhead
         dtype = x.dtype
@@ -81,6 +84,8 @@ class ChannelNorm(Norm):
     """The same norm over the channel axis of an NCHW image tensor."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "none":
+            return x
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
@@ -95,22 +100,27 @@ def norm_keeps_bias(norm: str) -> bool:
     LayerNorm (2023) re-centres and adds a learned shift, so a bias before it is redundant. RMSNorm
     (2024) has no shift: without a bias the layer's output is rescaled to unit RMS whatever its
     input's size, so it sees only the input's direction (an action of 0.2 and of 1.0 look alike).
+    Without a norm (v1, v2) the bias is the layer's only offset.
     """
-    return norm == "rms"
+    return norm != "layer"
+
+
+ACTIVATIONS = {"silu": nn.SiLU, "elu": nn.ELU}  # DreamerV3: SiLU; Dreamer v1 and V2: ELU
 
 
 class Dense(nn.Sequential):
-    """Linear -> Norm -> SiLU: the unit every MLP of DreamerV3 is made of."""
+    """Linear -> Norm -> activation (SiLU unless `act`): the unit every MLP of Dreamer is made of."""
 
-    def __init__(self, inp: int, out: int, norm: str, onehot: OneHotCols | None = None) -> None:
-        super().__init__(linear(inp, out, onehot, bias=norm_keeps_bias(norm)), Norm(out, norm), nn.SiLU())
+    def __init__(self, inp: int, out: int, norm: str, onehot: OneHotCols | None = None, act: str = "silu") -> None:
+        super().__init__(linear(inp, out, onehot, bias=norm_keeps_bias(norm)), Norm(out, norm), ACTIVATIONS[act]())
 
 
 class MLP(nn.Sequential):
     """`layers` Dense units; `onehot` marks latent-sample columns of the input (first layer)."""
 
-    def __init__(self, inp: int, layers: int, units: int, norm: str, onehot: OneHotCols | None = None) -> None:
-        super().__init__(*[Dense(inp if i == 0 else units, units, norm, onehot if i == 0 else None)
+    def __init__(self, inp: int, layers: int, units: int, norm: str, onehot: OneHotCols | None = None,
+                 act: str = "silu") -> None:
+        super().__init__(*[Dense(inp if i == 0 else units, units, norm, onehot if i == 0 else None, act)
                            for i in range(layers)])
         self.out_dim = units if layers else inp
 

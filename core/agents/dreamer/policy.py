@@ -62,7 +62,7 @@ class PolicyNet(nn.Module):
         self.keys = ObsKeys.select(space, cfg.image_keys, cfg.vector_keys)
         self.encoder = Encoder(cfg, space, self.keys)
         self.rssm = make_dynamics(cfg, act.dim, self.encoder.out_dim)
-        self.actor = Actor(cfg, self.rssm.feat_cols.hi, act)
+        self.actor = Actor(cfg, self.rssm.deter + self.rssm.stoch_dim, act)
 
 
 class Policy:
@@ -174,11 +174,14 @@ class Policy:
         return Prepared(deter, self.rssm.post_deter_part(deter), self.actor.deter_part(deter))
 
     @torch.inference_mode()
-    def act(self, obs: Mapping[str, Any], mode: str = "sample", noise: float = 0.0,
+    def act(self, obs: Mapping[str, Any], mode: str = "sample", noise: float | None = None,
             batched: bool = False) -> Any:
-        """One control step. mode: sample (training) or mode (evaluation); noise: exploration."""
+        """One control step. mode: sample (training) or mode (evaluation); noise: exploration, by default
+        `dreamer.act_noise` when sampling (v1: 0.3) and none in mode 'mode'."""
         if mode not in ("sample", "mode"):
             raise ValueError(f"mode must be 'sample' or 'mode', not {mode!r}")
+        if noise is None:
+            noise = self.cfg.act_noise if mode == "sample" else 0.0
         if not batched:
             obs = {k: np.asarray(v)[None] for k, v in obs.items()}
         batch = len(np.asarray(obs["is_first"]))

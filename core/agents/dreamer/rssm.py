@@ -3,6 +3,7 @@
 State = {"deter": (B, D), "stoch": (B, S, K) one-hot samples, "logp": (B, S, K) unimixed
 log-probabilities}. `is_first` resets both the state and the previous action to zero before the
 step that uses them (forgetting the action is as important as forgetting the latent).
+Gaussian latents (Dreamer v1, PlaNet) are the subclass in `gaussian.py`; `dreamer.latent` picks.
 """
 
 from __future__ import annotations
@@ -13,12 +14,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.agents.dreamer.dists import categorical_kl, onehot_noise, sample_onehot, unimix_logits
+from core.agents.dreamer.dists import categorical_entropy, categorical_kl, onehot_noise, sample_onehot, unimix_logits
 from core.agents.dreamer.layers import BlockLinear, Dense, Norm
 from core.agents.dreamer.onehot import OneHotCols
 from core.config.agent import DreamerConfig
 
 State = dict[str, Tensor]
+
+
+def free_nats(kl: Tensor, free: float, placement: str) -> Tensor:
+    """The KL loss with free nats, no gradient while the KL is below them; `kl` per position (B, T).
+
+    step: each position's KL is floored (DreamerV3, PlaNet). mean: the floor applies once, to the KL
+    averaged over all positions (Dreamer v1, DreamerV2's free_avg): below it every position reads
+    `free`, a constant, so the mean is max(mean KL, free) and the shape stays (B, T).
+    """
+    if placement == "step":
+        return torch.clamp(kl, min=free)
+    below = kl.detach().float().mean() < free
+    return torch.where(below, torch.full_like(kl, free), kl)
 
 
 class RSSM(nn.Module):
@@ -30,27 +44,29 @@ class RSSM(nn.Module):
         d, h, g = cfg.deter, cfg.hidden, cfg.gru_blocks
         self.deter, self.stoch, self.classes, self.blocks = d, cfg.stoch, cfg.classes, g
         self.stoch_dim, params = self.latent_widths()
+        self.feat_dim = d + self.stoch_dim  # width of feat() = [deter, flat stoch]
         self.act_dim = act_dim
         # feat() = [deter, flat stoch]: where layers fed by it find the one-hot latent samples
         self.feat_cols = OneHotCols(d, d + self.stoch_dim, cfg.classes) if self.ONEHOT else None
         stoch_cols = OneHotCols(0, self.stoch_dim, cfg.classes) if self.ONEHOT else None
         if cfg.gru_input_layers:  # 2024: each input through its own Linear+Norm+SiLU
-            self.in_deter = Dense(d, h, cfg.norm)
-            self.in_stoch = Dense(self.stoch_dim, h, cfg.norm, stoch_cols)
-            self.in_action = Dense(act_dim, h, cfg.norm)
+            self.in_deter = Dense(d, h, cfg.norm, act=cfg.act)
+            self.in_stoch = Dense(self.stoch_dim, h, cfg.norm, stoch_cols, cfg.act)
+            self.in_action = Dense(act_dim, h, cfg.norm, act=cfg.act)
             self.core_hidden = BlockLinear(3 * h + d // g, d // g, g)
-            self.core_norm = Norm(d, cfg.norm)  # over all of deter, one deter-wide scale (not per block)
+            self.core_norm = Norm(d, cfg.gru_norm)  # over all of deter, one deter-wide scale (not per block)
             self.gates = BlockLinear(d // g, 3 * d // g, g)
             self.gates_norm = None
             img_layers = 2
         else:  # 2023: one input layer, then a LayerNorm GRU
-            self.in_joint = Dense(self.stoch_dim + act_dim, h, cfg.norm, stoch_cols)
+            self.in_joint = Dense(self.stoch_dim + act_dim, h, cfg.norm, stoch_cols, cfg.act)
             self.gates = BlockLinear(h + d // g, 3 * d // g, g)
-            self.gates_norm = Norm(3 * d, cfg.norm)
+            self.gates_norm = Norm(3 * d, cfg.gru_norm)  # v1: none (a plain GRU); 2023, v2: LayerNorm
             img_layers = 1
-        self.prior_net = nn.Sequential(*[Dense(d if i == 0 else h, h, cfg.norm) for i in range(img_layers)])
+        self.prior_net = nn.Sequential(*[Dense(d if i == 0 else h, h, cfg.norm, act=cfg.act)
+                                         for i in range(img_layers)])
         self.prior_out = nn.Linear(h, params)
-        self.post_net = Dense(d + embed_dim, h, cfg.norm)
+        self.post_net = Dense(d + embed_dim, h, cfg.norm, act=cfg.act)
         self.post_out = nn.Linear(h, params)
 
     def latent_widths(self) -> tuple[int, int]:
@@ -105,15 +121,24 @@ class RSSM(nn.Module):
         """The prior's log-probabilities given the deterministic state (any leading axes)."""
         return self._logp(self.prior_out(self.prior_net(deter)))
 
+    def prior(self, deter: Tensor) -> State:
+        """The prior's distribution (no sample) given the deterministic state (any leading axes)."""
+        return {"deter": deter, "logp": self.prior_logp(deter)}
+
+    def sample_noise(self, shape: torch.Size | tuple[int, ...], device: torch.device | None = None) -> Tensor:
+        """The random numbers sampling latents of `shape` (a state's "stoch") draws: one uniform per categorical."""
+        return onehot_noise(shape, device)
+
     def observed_deter(self, state: State, prev_action: Tensor, is_first: Tensor) -> Tensor:
         """The GRU step of an observed step; `is_first` resets state and previous action first."""
         keep = (1.0 - is_first.float())[:, None]
-        return self._gru(state["deter"] * keep, state["stoch"] * keep[..., None], prev_action * keep)
+        stoch = state["stoch"] * keep.reshape(-1, *[1] * (state["stoch"].ndim - 1))
+        return self._gru(state["deter"] * keep, stoch, prev_action * keep)
 
     def obs_step(self, state: State, prev_action: Tensor, embed: Tensor, is_first: Tensor) -> tuple[State, State]:
-        """Posterior and prior (its log-probabilities, for the KL; no sample) of one observed step."""
+        """Posterior and prior (its distribution, for the KL; no sample) of one observed step."""
         post = self._post_step(state, prev_action, self.post_embed_part(embed), is_first)
-        return post, {"deter": post["deter"], "logp": self.prior_logp(post["deter"])}
+        return post, self.prior(post["deter"])
 
     def _post_step(self, state: State, prev_action: Tensor, embed_part: Tensor, is_first: Tensor) -> State:
         """The posterior of one observed step, given its embedding half `post_embed_part(embed)`."""
@@ -148,11 +173,20 @@ class RSSM(nn.Module):
 
     def post_cell(self, deter: Tensor, stoch: Tensor, prev_action: Tensor, embed_part: Tensor, is_first: Tensor,
                   noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One observed step on plain tensors, its sample's uniforms given: (deter, stoch, logp) of the
-        posterior. What observe() loops over; the trainer may pass a torch.compile'd twin of it."""
+        """One observed step on plain tensors, its sample's random numbers given: (deter, stoch, dist) of
+        the posterior, dist its parameters as one tensor (`dist_params`). What observe() loops over; the
+        trainer may pass a torch.compile'd twin of it."""
         deter = self.observed_deter({"deter": deter, "stoch": stoch}, prev_action, is_first)
         post = self.post_from_parts(deter, self.post_deter_part(deter), embed_part, noise)
-        return post["deter"], post["stoch"], post["logp"]
+        return post["deter"], post["stoch"], self.dist_params(post)
+
+    def dist_params(self, state: State) -> Tensor:
+        """A state's distribution as one tensor: the log-probabilities."""
+        return state["logp"]
+
+    def with_dist(self, state: State, params: Tensor) -> State:
+        """`state` with the distribution `dist_params` returned put back under its keys."""
+        return {**state, "logp": params}
 
     # --- sequences
     def observe(self, embed: Tensor, prev_action: Tensor, is_first: Tensor, state: State,
@@ -170,13 +204,14 @@ class RSSM(nn.Module):
         cell = cell or self.post_cell
         embed_parts = self.post_embed_part(embed).unbind(1)
         actions, firsts = prev_action.unbind(1), is_first.unbind(1)
-        noise = onehot_noise((len(embed_parts), *state["stoch"].shape), embed.device).unbind(0)
+        noise = self.sample_noise((len(embed_parts), *state["stoch"].shape), embed.device).unbind(0)
         deter, stoch, posts = state["deter"], state["stoch"], []
         for t in range(len(embed_parts)):
-            deter, stoch, logp = cell(deter, stoch, actions[t], embed_parts[t], firsts[t], noise[t])
-            posts.append((deter, stoch, logp))
-        post = {k: torch.stack(v, 1) for k, v in zip(("deter", "stoch", "logp"), zip(*posts))}
-        return post, {"deter": post["deter"], "logp": self.prior_logp(post["deter"])}
+            deter, stoch, dist = cell(deter, stoch, actions[t], embed_parts[t], firsts[t], noise[t])
+            posts.append((deter, stoch, dist))
+        deters, stochs, dists = (torch.stack(v, 1) for v in zip(*posts))
+        post = self.with_dist({"deter": deters, "stoch": stochs}, dists)
+        return post, self.prior(post["deter"])
 
     def imagine(self, state: State, policy: Callable[[State], Tensor], horizon: int) -> tuple[State, Tensor]:
         """Roll the prior forward under `policy`; returns states s_0..s_H (H+1, N, ...) and the
@@ -191,9 +226,24 @@ class RSSM(nn.Module):
         return {k: torch.stack([s[k] for s in states]) for k in keys}, torch.stack(actions)
 
     # --- losses
+    def kl(self, post: State, prior: State) -> Tensor:
+        """KL(posterior || prior) summed over the latents, per leading position."""
+        return categorical_kl(post["logp"], prior["logp"]).sum(-1)
+
+    def entropy(self, state: State) -> Tensor:
+        """The entropy of a state's latent distribution, averaged over the latents."""
+        return categorical_entropy(state["logp"]).mean(-1)
+
     def kl_losses(self, post: State, prior: State) -> tuple[Tensor, Tensor]:
-        """(dyn, rep) losses per (B, T): KL summed over latents, then free bits (no gradient below the floor)."""
-        dyn = categorical_kl(post["logp"].detach(), prior["logp"]).sum(-1)
-        rep = categorical_kl(post["logp"], prior["logp"].detach()).sum(-1)
-        free = self.cfg.free_nats
-        return torch.clamp(dyn, min=free), torch.clamp(rep, min=free)
+        """(dyn, rep) losses per (B, T): KL summed over latents, then free nats (`free_nats`; no gradient
+        below the floor). dyn = KL(sg(post) || prior) trains the prior, rep = KL(post || sg(prior)) the
+        posterior; kl_dyn = kl_rep = 0.5 is the plain KL (v1), 0.8 / 0.2 DreamerV2's balancing."""
+        dyn = self.kl(self._detach(post), prior)
+        rep = self.kl(post, self._detach(prior))
+        cfg = self.cfg
+        return free_nats(dyn, cfg.free_nats, cfg.free_nats_placement), free_nats(rep, cfg.free_nats,
+                                                                                   cfg.free_nats_placement)
+
+    @staticmethod
+    def _detach(state: State) -> State:
+        return {k: v.detach() for k, v in state.items()}

@@ -66,6 +66,8 @@ class TransformerDynamics(nn.Module):
     _logp = RSSM._logp
     prior_logp = RSSM.prior_logp
     kl_losses = RSSM.kl_losses
+    kl = RSSM.kl  # what kl_losses reads (free nats placed as dreamer.free_nats_placement says)
+    _detach = staticmethod(RSSM._detach)
 
     # --- state
     def initial(self, batch: int, device: torch.device) -> State:
@@ -203,4 +205,8 @@ class TransformerDynamics(nn.Module):
 
 def make_dynamics(cfg: DreamerConfig, act_dim: int, embed_dim: int) -> RSSM | TransformerDynamics:
     """The world model's sequence model that `dreamer.dynamics` names."""
+    if cfg.latent == "gaussian":  # Dreamer v1's latents (the config refuses them with the transformer)
+        from core.agents.dreamer.gaussian import GaussianRSSM
+
+        return GaussianRSSM(cfg, act_dim, embed_dim)
     return (TransformerDynamics if cfg.dynamics == "transformer" else RSSM)(cfg, act_dim, embed_dim)

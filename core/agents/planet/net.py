@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from core.agents.dreamer.codec import Encoder
+from core.agents.dreamer.gaussian import GaussianRSSM, State
 from core.agents.dreamer.layers import MLP
 from core.agents.dreamer.preprocess import ObsKeys
-from core.agents.planet.rssm import GaussianRSSM, State
 from core.agents.spaces import ActSpace, ObsSpace
 from core.config.agent import DreamerConfig
 from core.config.planet import PlanetConfig
@@ -27,7 +27,8 @@ def blocks_config(cfg: PlanetConfig) -> DreamerConfig:
     return DreamerConfig(recipe="2023", size="tiny", deter=cfg.deter, hidden=cfg.hidden, stoch=cfg.stoch,
                          units=cfg.units, mlp_layers=cfg.mlp_layers, head_layers=cfg.head_layers,
                          cnn_depth=cfg.cnn_depth, cnn_mults=list(cfg.cnn_mults), image_keys=cfg.image_keys,
-                         vector_keys=cfg.vector_keys, free_nats=cfg.free_nats, gru_blocks=1)
+                         vector_keys=cfg.vector_keys, free_nats=cfg.free_nats, gru_blocks=1,
+                         latent="gaussian", min_std=cfg.min_std, free_nats_placement=cfg.free_nats_placement)
 
 
 def continuous_problem(act: ActSpace) -> str | None:
@@ -61,7 +62,7 @@ class PlanetNet(nn.Module):
         self.space, self.act_space = StepLayout.of(space), act
         self.keys = ObsKeys.select(space, cfg.image_keys, cfg.vector_keys)
         self.encoder = Encoder(self.blocks, space, self.keys)
-        self.rssm = GaussianRSSM(self.blocks, act.dim, self.encoder.out_dim, cfg.min_std)
+        self.rssm = GaussianRSSM(self.blocks, act.dim, self.encoder.out_dim)
         self.feat_dim = cfg.deter + cfg.stoch
         self.reward = RewardHead(self.blocks, self.feat_dim)
 

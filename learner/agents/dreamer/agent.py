@@ -199,7 +199,7 @@ class Dreamer:
         norms = self.optimizer.step()
         if isinstance(norms, dict):
             metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
-        self.behavior.update_slow()
+        self.behavior.update_slow(self.updates)
         self.updates += 1
         context = {"deter": post["deter"].detach().float(), "stoch": post["stoch"].detach().float(),
                    "action": data["action"]}

@@ -19,7 +19,7 @@ class Critic(nn.Module):
     def __init__(self, cfg: DreamerConfig, feat_dim: int, onehot: OneHotCols | None = None) -> None:
         super().__init__()
         self.kind = cfg.bins
-        self.net = MLP(feat_dim, cfg.ac_layers, cfg.units, cfg.norm, onehot)
+        self.net = MLP(feat_dim, cfg.ac_layers, cfg.units, cfg.norm, onehot, cfg.act)
         self.out = zero_linear(cfg.units, cfg.num_bins)
         self.register_buffer("bins", make_bins(cfg.bins, cfg.num_bins, cfg.bin_limit), persistent=False)
 
@@ -79,12 +79,16 @@ class Behavior(nn.Module):
         self.retnorm = ReturnNorm(cfg)
 
     @torch.no_grad()
-    def update_slow(self) -> None:
+    def update_slow(self, updates: int = 0) -> None:
+        """Move the slow critic towards the critic, on every `slow_critic_every`-th update (`updates`: the
+        updates done before this one; v2 copies it at 0, 100, 200 ...)."""
+        if updates % self.cfg.slow_critic_every:
+            return
         for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters()):
             slow.lerp_(fast, self.cfg.slow_critic_rate)
 
     def uses_dynamics_grad(self) -> bool:
-        return not self.act_space.discrete and self.cfg.actor_grad_continuous == "dynamics"
+        return not self.act_space.discrete and self.cfg.actor_grad_continuous in ("dynamics", "both")
 
     def loss(
         self, feat: Tensor, action: Tensor, reward: Tensor, cont: Tensor,
@@ -118,13 +122,21 @@ class Behavior(nn.Module):
             boot = self.slow_critic(feat if self.uses_dynamics_grad() else sg_feat).mean()
         ret = lambda_return(reward, disc, boot, cfg.lam)
         self.retnorm.update(ret)
-        scale = self.retnorm.scale()
+        scale = self.retnorm.scale() if cfg.return_norm else torch.ones((), device=ret.device)
         if policy is None:
             policy = self.actor(sg_feat[:-1])
-        adv = (ret - fast[:-1]) / scale  # the baseline v(s_t) on the imagined trajectory
+        # The baseline v(s_t) on the imagined trajectory, from the critic that bootstraps (v2: the slow
+        # one); v1 maximises the returns themselves.
+        adv = (ret - boot[:-1]) / scale if cfg.actor_baseline else ret / scale
         # Dynamics backprop: the gradient flows back through the imagined trajectory; REINFORCE: the
-        # advantage is a constant weight on the log-probability.
-        actor_loss = -adv if self.uses_dynamics_grad() else -policy.log_prob(action.detach()) * adv.detach()
+        # advantage is a constant weight on the log-probability; both: DreamerV2's mix of the two.
+        reinforce = -policy.log_prob(action.detach()) * adv.detach()
+        if not self.uses_dynamics_grad():
+            actor_loss = reinforce
+        elif cfg.actor_grad_continuous == "both":
+            actor_loss = cfg.actor_grad_mix * -adv + (1.0 - cfg.actor_grad_mix) * reinforce
+        else:
+            actor_loss = -adv
         entropy = policy.entropy()
         actor_loss = (weight[:-1] * (actor_loss - cfg.entropy * entropy)).mean()
         dist = TwoHot(critic.logits[:-1], critic.bins, critic.kind)

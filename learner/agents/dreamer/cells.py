@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from core.agents.dreamer.actor import Actor
-from core.agents.dreamer.dists import onehot_noise
 from core.agents.dreamer.rssm import RSSM, State
 from core.config.agent import DreamerConfig
 
@@ -108,7 +107,7 @@ class Cells:
         for _ in range(horizon):
             # The eager order: the action's noise, then the prior sample's.
             act_noise = self.actor.noise(n, device)
-            stoch_noise = onehot_noise(stoch.shape, device)
+            stoch_noise = self.rssm.sample_noise(stoch.shape, device)  # uniforms, or normals (Gaussian)
             out, action, deter, stoch = self.imag(deter, stoch, act_noise, stoch_noise)
             deters.append(deter)
             stochs.append(stoch)

@@ -92,5 +92,5 @@ def make_optimizer(cfg: DreamerConfig, world_model: nn.Module, actor: nn.Module,
     return PartsAdam({
         "world_model": (list(world_model.parameters()), cfg.model_lr, cfg.model_eps, cfg.model_clip),
         "actor": (list(actor.parameters()), cfg.ac_lr, cfg.ac_eps, cfg.ac_clip),
-        "critic": (list(critic.parameters()), cfg.ac_lr, cfg.ac_eps, cfg.ac_clip),
+        "critic": (list(critic.parameters()), cfg.critic_lr or cfg.ac_lr, cfg.ac_eps, cfg.ac_clip),
     })

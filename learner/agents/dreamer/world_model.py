@@ -24,12 +24,12 @@ class WorldModel(nn.Module):
         self.cfg, self.keys, self.act = cfg, keys, act
         self.encoder = Encoder(cfg, space, keys)
         self.rssm = make_dynamics(cfg, act.dim, self.encoder.out_dim)  # the RSSM, or the transformer
-        cols = self.rssm.feat_cols  # feat = [deter, stoch]: its one-hot columns end it
-        self.feat_dim = cols.hi
+        cols = self.rssm.feat_cols  # feat = [deter, stoch]: its one-hot columns end it (None: Gaussian latents)
+        self.feat_dim = self.rssm.deter + self.rssm.stoch_dim
         self.decoder = Decoder(cfg, space, keys, self.feat_dim, cols)
-        self.reward_net = MLP(self.feat_dim, cfg.head_layers, cfg.units, cfg.norm, cols)
+        self.reward_net = MLP(self.feat_dim, cfg.head_layers, cfg.units, cfg.norm, cols, cfg.act)
         self.reward_out = zero_linear(cfg.units, cfg.num_bins)
-        self.cont_net = MLP(self.feat_dim, cfg.head_layers, cfg.units, cfg.norm, cols)
+        self.cont_net = MLP(self.feat_dim, cfg.head_layers, cfg.units, cfg.norm, cols, cfg.act)
         self.cont_out = nn.Linear(cfg.units, 1)
         self.register_buffer("bins", make_bins(cfg.bins, cfg.num_bins, cfg.bin_limit), persistent=False)
         init_params_(self, cfg.init_fan)
@@ -80,9 +80,12 @@ class WorldModel(nn.Module):
         total = (cfg.dec_scale * dec + cfg.reward_scale * rew + cfg.cont_scale * cont
                  + cfg.kl_dyn * dyn + cfg.kl_rep * rep)
         with torch.no_grad():
-            kl = categorical_kl(post["logp"], prior["logp"]).sum(-1)
+            if "logp" in post:  # categorical latents (the transformer's too)
+                kl = categorical_kl(post["logp"], prior["logp"]).sum(-1)
+                entropy = -(post["logp"].exp() * post["logp"]).sum(-1).mean()
+            else:
+                kl, entropy = self.rssm.kl(post, prior), self.rssm.entropy(post).mean()
             metrics = {"wm/dec": dec.mean(), "wm/reward": rew.mean(), "wm/cont": cont.mean(),
-                       "wm/kl": kl.mean(), "wm/dyn": dyn.mean(), "wm/rep": rep.mean(),
-                       "wm/post_entropy": -(post["logp"].exp() * post["logp"]).sum(-1).mean()}
+                       "wm/kl": kl.mean(), "wm/dyn": dyn.mean(), "wm/rep": rep.mean(), "wm/post_entropy": entropy}
             metrics.update({f"wm/{k}": v.mean() for k, v in losses.items()})
         return total, post, metrics

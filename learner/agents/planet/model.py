@@ -13,9 +13,9 @@ from torch import Tensor
 
 from core.agents.dreamer.codec import Decoder
 from core.agents.dreamer.dists import symlog
+from core.agents.dreamer.gaussian import State
 from core.agents.dreamer.layers import init_params_
 from core.agents.planet.net import PlanetNet
-from core.agents.planet.rssm import State
 from core.agents.spaces import ActSpace, ObsSpace
 from core.config.planet import PlanetConfig
 

@@ -1,20 +1,22 @@
-"""PlaNet's recurrent state-space model: Dreamer's RSSM (`core.agents.dreamer.rssm`) with Gaussian latents.
+"""The RSSM with Gaussian latents: Dreamer v1's (`dreamer.latent: gaussian`) and PlaNet's.
 
 The recurrence (the GRU step, the posterior's first layer split into its deter and embedding halves, the
-open-loop rollout) is Dreamer's, inherited; what differs is the latent: `stoch` Gaussians whose mean and
-standard deviation (softplus + `min_std`) the prior and posterior output, sampled with the
-reparameterisation trick, and the KL between two diagonal Gaussians.
+observe loop, the open-loop rollout) is the RSSM's, inherited; what differs is the latent: `stoch`
+Gaussians whose mean and standard deviation (softplus + `min_std`, 0.1 in both papers) the prior and
+posterior output, sampled with the reparameterisation trick, and the KL between two diagonal Gaussians.
 
 State = {"deter": (B, D), "stoch": (B, S) a sample, "mean", "std": (B, S)}.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.agents.dreamer.rssm import RSSM, State
+from core.agents.dreamer.rssm import RSSM, State, free_nats
 from core.config.agent import DreamerConfig
 
 
@@ -26,9 +28,9 @@ def gaussian_kl(mean_p: Tensor, std_p: Tensor, mean_q: Tensor, std_q: Tensor) ->
 class GaussianRSSM(RSSM):
     ONEHOT = False
 
-    def __init__(self, cfg: DreamerConfig, act_dim: int, embed_dim: int, min_std: float) -> None:
+    def __init__(self, cfg: DreamerConfig, act_dim: int, embed_dim: int) -> None:
         super().__init__(cfg, act_dim, embed_dim)
-        self.min_std = min_std
+        self.min_std = cfg.min_std
 
     def latent_widths(self) -> tuple[int, int]:
         """A sample of `stoch` values; its distribution is a mean and a standard deviation per value."""
@@ -41,6 +43,10 @@ class GaussianRSSM(RSSM):
     @staticmethod
     def feat(state: State) -> Tensor:
         return torch.cat([state["deter"], state["stoch"].to(state["deter"].dtype)], -1)
+
+    def sample_noise(self, shape: torch.Size | tuple[int, ...], device: torch.device | None = None) -> Tensor:
+        """The standard normals a sample of latents of `shape` draws."""
+        return torch.randn(tuple(shape), device=device)
 
     # --- distributions
     def _dist(self, params: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,6 +63,13 @@ class GaussianRSSM(RSSM):
         mean, std = self._dist(self.prior_out(self.prior_net(deter)))
         return {"deter": deter, "mean": mean, "std": std}
 
+    def dist_params(self, state: State) -> Tensor:
+        return torch.cat([state["mean"], state["std"]], -1)
+
+    def with_dist(self, state: State, params: Tensor) -> State:
+        mean, std = params.chunk(2, -1)
+        return {**state, "mean": mean, "std": std}
+
     # --- one step
     def img_step(self, state: State, action: Tensor, noise: Tensor | None = None) -> State:
         """Prior: the next state predicted from the state and action alone, sampled (`noise`: its standard
@@ -65,37 +78,20 @@ class GaussianRSSM(RSSM):
         prior = self.prior(deter)
         return self._sample(deter, prior["mean"], prior["std"], noise)
 
-    def observed_deter(self, state: State, prev_action: Tensor, is_first: Tensor) -> Tensor:
-        """The GRU step of an observed step; `is_first` resets state and previous action first."""
-        keep = (1.0 - is_first.float())[:, None]
-        return self._gru(state["deter"] * keep, state["stoch"] * keep, prev_action * keep)
-
     def post_from_parts(self, deter: Tensor, deter_part: Tensor, embed_part: Tensor,
                         noise: Tensor | None = None) -> State:
         _, norm, act = self.post_net
         return self._sample(deter, *self._dist(self.post_out(act(norm(deter_part + embed_part)))), noise)
-
-    def obs_step(self, state: State, prev_action: Tensor, embed: Tensor, is_first: Tensor) -> tuple[State, State]:
-        post = self._post_step(state, prev_action, self.post_embed_part(embed), is_first)
-        return post, self.prior(post["deter"])
-
-    # --- sequences
-    def observe(self, embed: Tensor, prev_action: Tensor, is_first: Tensor, state: State) -> tuple[State, State]:
-        """Roll the posterior over (B, T) inputs; stacked (B, T, ...) posteriors and their priors."""
-        embed_parts = self.post_embed_part(embed).unbind(1)
-        actions, firsts = prev_action.unbind(1), is_first.unbind(1)
-        posts = []
-        for t in range(len(embed_parts)):
-            state = self._post_step(state, actions[t], embed_parts[t], firsts[t])
-            posts.append(state)
-        post = {k: torch.stack([s[k] for s in posts], 1) for k in posts[0]}
-        return post, self.prior(post["deter"])
 
     # --- losses
     def kl(self, post: State, prior: State) -> Tensor:
         """KL(posterior || prior) summed over the latents, per leading position."""
         return gaussian_kl(post["mean"], post["std"], prior["mean"], prior["std"]).sum(-1)
 
+    def entropy(self, state: State) -> Tensor:
+        """The entropy of a state's Gaussians, averaged over the latents."""
+        return (0.5 * math.log(2 * math.pi * math.e) + torch.log(state["std"])).mean(-1)
+
     def kl_loss(self, post: State, prior: State) -> Tensor:
-        """The KL with free nats: no gradient while it is below `free_nats` (per leading position)."""
-        return torch.clamp(self.kl(post, prior), min=self.cfg.free_nats)
+        """PlaNet's one KL term (gradients to both sides) with free nats (`dreamer.free_nats_placement`)."""
+        return free_nats(self.kl(post, prior), self.cfg.free_nats, self.cfg.free_nats_placement)

@@ -13,6 +13,7 @@ Exit status: 0 stopped by a limit or Ctrl-C; 2 a config, flag or start-up error 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -67,7 +68,14 @@ def _run(args: argparse.Namespace) -> int:
     except (BackendError, RobotError) as exc:  # e.g. a servo missing or in alarm at start: torque is off
         print(f"reverie-robot: {exc}", file=sys.stderr)
         return 2
-    with robot:
+    with robot, contextlib.ExitStack() as teleop:
+        controller, source = None, f"robot {cfg.name}"
+        if args.leader:
+            try:
+                controller, source = _leader(args, cfg, robot, teleop)
+            except (ConfigError, RobotError) as exc:  # the follower closes (torque off) on the way out of `with`
+                print(f"reverie-robot: {exc}", file=sys.stderr)
+                return 2
         spec, act = step_spec(robot)
         if problem := _chunk_problem(cfg, spec, robot_id):  # before the link starts and anything moves
             print(f"reverie-robot: link.max_message_mb: expected {problem}, found {link_cfg.max_message_mb}",
@@ -77,10 +85,11 @@ def _run(args: argparse.Namespace) -> int:
         hello = {"spec": spec.to_wire(), "task": task, "hz": float(cfg.control.hz), "discrete": act.discrete,
                  # what the arrays mean (names, units, bounds), kept by the learner's replay: core/describe.py
                  "describe": describe_specs(robot.observation_spec, robot.action_spec, hz=cfg.control.hz, task=task,
-                                            success=success_rule(cfg.task, cfg), source=f"robot {cfg.name}")}
+                                            success=success_rule(cfg.task, cfg), source=source)}
         link = make_link(link_cfg, address, robot_id, spool_dir, hello)
         try:
-            loop = ControlLoop(cfg, robot, link, seed=cfg.seed, initial=initial, ledger=args.ledger)
+            loop = ControlLoop(cfg, robot, link, seed=cfg.seed, initial=initial, ledger=args.ledger,
+                               controller=controller)
         except ValueError as exc:  # initial weights of another task: nothing has moved yet
             if initial is None:
                 raise
@@ -106,6 +115,19 @@ def _run(args: argparse.Namespace) -> int:
                "spool_pending": status.spool_count, "weights_rejected": status.weights_rejected}
     print(json.dumps(summary))
     return _exit_code(loop.stop_reason, status.refused)
+
+
+def _leader(args: argparse.Namespace, cfg: Any, robot: Any, stack: contextlib.ExitStack) -> tuple[Any, str]:
+    """The leader arm of `--leader` opened (closed by `stack`) and the follower's controller reading it."""
+    from core.interface import RobotError
+    from robot.servo.robot import ServoRobot
+    from robot.teleop import LeaderArm, LeaderControl
+
+    if not isinstance(robot, ServoRobot):
+        raise RobotError(f"--leader: the follower must be a servo robot; {cfg.name} is a {cfg.backend} robot")
+    leader_cfg = load_config(args.leader, args.leader_set)
+    leader = stack.enter_context(LeaderArm(leader_cfg, robot.names))
+    return LeaderControl(leader, robot), f"leader arm demonstrations ({leader_cfg.name} leading {cfg.name})"
 
 
 def _exit_code(stopped: str, refused: str) -> int:
@@ -158,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--duration", type=flags.seconds, help="stop after this many seconds")
     run.add_argument("--steps", type=flags.count, help="stop after this many control steps")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--leader", metavar="CONFIG", help="teleoperate: the follower (this servo robot) copies the "
+                     "leader arm of this config (its own bus, torque off), e.g. hardware_configs/so101_leader.yaml")
+    run.add_argument("--leader-set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key of the leader's config (e.g. motors.port=...)")
     run.add_argument("--verbose", action="store_true", help="log link events")
     run.add_argument("--ledger", type=Path, help="append a line per sent chunk: step times and content hashes "
                      "(to check later that the learner stored every step exactly once)")

@@ -18,6 +18,7 @@ import threading
 import time
 from array import array
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,8 +263,12 @@ def pin_cpus(cpus: list[int] | None) -> bool:
 
 class ControlLoop:
     def __init__(self, cfg: Config, robot: Robot, link: Link, seed: int = 0,
-                 initial: Policy | None = None, ledger: Path | None = None) -> None:
+                 initial: Policy | None = None, ledger: Path | None = None,
+                 controller: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None) -> None:
+        """`controller`: acts in place of any policy (model-form actions; a leader arm, robot/teleop.py): the
+        steps record its actions as policy version 0, and weights the learner sends are not used."""
         self.cfg, self.robot, self.link = cfg, robot, link
+        self.controller = controller
         self.spec, self.act_space = step_spec(robot)
         action = robot.action_spec
         self.low = np.asarray(action.low, np.float32) if isinstance(action, ArraySpec) else None
@@ -383,6 +388,8 @@ class ControlLoop:
                         state, link.spool_count)
 
     def _swap_policy(self) -> None:
+        if self.controller is not None:
+            return
         new = self.loader.take()
         if new is None:
             return
@@ -393,6 +400,8 @@ class ControlLoop:
         log.info("acting with weights v%d", new.version)
 
     def _act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        if self.controller is not None:
+            return np.asarray(self.controller(obs), np.float32)
         if self.policy is None:
             return self.act_space.random(self.rng)
         self.policy.act(obs, mode="sample")

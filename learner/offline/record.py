@@ -1,4 +1,4 @@
-"""`reverie-replay record --config CFG --controller scripted|keyboard --episodes N --out DIR`: demonstrations
+"""`reverie-replay record --config CFG --source scripted|keyboard|leader --episodes N --out DIR`: demonstrations
 recorded into a replay directory, which `train`/`serve --prefill-from DIR` start learning with.
 
 The steps are what `reverie-learner train` records for the same config (the same env adapter,
@@ -9,15 +9,25 @@ step layout gets the new stream beside what it holds (chunk files are written at
 Controllers: `scripted` is the simulated task's own solver (`sim/tasks.py`; it sees the simulator's
 state); `keyboard` reads keys from the terminal at the control rate: for action dimension i the keys
 `qwerty`[i] push it to +1 and `asdfgh`[i] to -1 for one step (hold a key: the terminal repeats it),
-digits pick a discrete action, `n` ends the episode (cut), `x` stops recording. A leader arm on a second
-servo bus is not supported yet."""
+digits pick a discrete action, `n` ends the episode (cut), `x` stops recording.
+
+`leader` records a real (or emulated) servo robot copying a leader arm on a second bus (`--leader
+LEADER_CONFIG`). Reading the leader and driving the follower is robot code (robot/teleop.py: the follower's
+commands pass its safety layer), and the learner never imports the robot's code: so this starts
+`reverie-robot run --leader ...` as a child process streaming to a link server of its own on loopback, which
+stores the steps here (under `demo-leader`), exactly as `serve` would store a robot's, and stops the robot
+(SIGINT: torque off) once `--episodes` episodes have arrived."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import select
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import termios
 import time
 import tty
@@ -33,12 +43,26 @@ from core.interface import DiscreteSpec
 from learner.offline.common import say
 
 UP, DOWN = "qwerty", "asdfgh"
+SOURCES = ("scripted", "keyboard", "leader")
+
+
+class RecordError(Exception):
+    """A recording that could not be made, with the reason."""
+
+ROBOT_STOP_S = 60.0  # a robot asked to stop (SIGINT) walks its last chunk out and turns torque off within this
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("record", help="record demonstrations (scripted controller or keyboard) into a replay dir")
-    p.add_argument("--config", required=True, help="a simulated task's config from hardware_configs/")
-    p.add_argument("--controller", choices=("scripted", "keyboard"), default="scripted")
+    p = sub.add_parser("record", help="record demonstrations (scripted controller, keyboard, leader arm) into a "
+                                      "replay dir")
+    p.add_argument("--config", required=True, help="a simulated task's config from hardware_configs/ (for --source "
+                                                   "leader: the follower servo robot's)")
+    p.add_argument("--source", "--controller", dest="source", choices=SOURCES, default="scripted",
+                   help="what acts: the simulated task's scripted solver (default), the keyboard, or a leader arm")
+    p.add_argument("--leader", metavar="CONFIG", help="--source leader: the leader arm's config "
+                                                     "(e.g. hardware_configs/so101_leader.yaml)")
+    p.add_argument("--leader-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the leader's config (e.g. motors.port=...)")
     p.add_argument("--episodes", type=int, default=10, help="episodes to record (default 10)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the replay directory (created or added to)")
     p.add_argument("--stream", help="stream name (default demo-<controller>)")
@@ -109,22 +133,27 @@ def record(args: argparse.Namespace) -> dict[str, Any]:
     from sim.tasks import make_policy
 
     cfg = load_config(args.config, args.set)
-    if cfg.backend != "sim":
-        raise ConfigError([f"record drives a simulated task; {cfg.name} is a {cfg.backend} robot (record a real "
-                           "robot's demonstrations with reverie-robot run against reverie-learner serve)"], "--config")
     if args.episodes < 1:
         raise ConfigError([f"--episodes {args.episodes}: expected >= 1"], "arguments")
+    if args.source == "leader":
+        return record_leader(args, cfg)
+    if args.leader:
+        raise ConfigError(["--leader is for --source leader"], "arguments")
+    if cfg.backend != "sim":
+        raise ConfigError([f"--source {args.source} drives a simulated task; {cfg.name} is a {cfg.backend} robot "
+                           "(a servo robot records with --source leader, or with reverie-robot run against "
+                           "reverie-learner serve)"], "--config")
     env = Env(cfg, seed=cfg.seed + 2_000_000 if args.seed is None else args.seed)
     robot = env.env.unwrapped.robot
-    keyboard = Keyboard(robot.action_spec, sys.stdin.fileno()) if args.controller == "keyboard" else None
+    keyboard = Keyboard(robot.action_spec, sys.stdin.fileno()) if args.source == "keyboard" else None
     controller: Callable[[dict], Any] = keyboard or make_policy("scripted", robot)
-    stream = args.stream or f"demo-{args.controller}"
+    stream = args.stream or f"demo-{args.source}"
     period = 1.0 / cfg.control.hz
     returns: list[float] = []
     steps = 0
     replay = Replay.from_config(args.out, cfg.replay, seed=cfg.seed)
     try:
-        replay.describe(stream, {**env.describe(cfg), "source": f"{args.controller} demonstrations, {env.id}"})
+        replay.describe(stream, {**env.describe(cfg), "source": f"{args.source} demonstrations, {env.id}"})
         with raw_terminal(sys.stdin.fileno()) if keyboard else _nothing():
             if keyboard:
                 say(f"keyboard: keys {UP} push action dimensions 1.. up, {DOWN} down, digits pick a discrete "
@@ -159,10 +188,80 @@ def _nothing():
     yield
 
 
+def record_leader(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+    """`--source leader`: the robot process teleoperated by the leader arm, its steps stored here (see the
+    module docstring)."""
+    from learner.link.server import LinkServer, LinkServerError
+    from learner.replay import Replay
+
+    if cfg.backend != "servo":
+        raise ConfigError([f"--source leader: the follower must be a servo robot; {cfg.name} is a {cfg.backend} "
+                           "robot"], "--config")
+    if not args.leader:
+        raise ConfigError(["--source leader needs --leader CONFIG (the leader arm's config, e.g. "
+                           "hardware_configs/so101_leader.yaml)"], "arguments")
+    load_config(args.leader, args.leader_set)  # a bad leader config is said here, before anything starts
+    stream = args.stream or "demo-leader"
+    replay = Replay.from_config(args.out, cfg.replay, seed=cfg.seed)
+    work = Path(tempfile.mkdtemp(prefix=".record-leader-", dir=Path(args.out).resolve().parent))
+    before = replay.stats()["streams"].get(stream, {"episodes": 0, "steps": 0})
+    try:
+        try:
+            server = LinkServer(cfg.link, replay, work, address="tcp://127.0.0.1:*")
+        except LinkServerError as exc:
+            raise ConfigError([str(exc)], "link") from None
+        server.start()
+        try:
+            code = _drive_robot(args, server, replay, stream, before["episodes"], work)
+            server.check()
+        finally:
+            server.close()
+        stats = replay.stats()["streams"].get(stream, {"episodes": 0, "steps": 0, "returns": []})
+    finally:
+        replay.close()
+        shutil.rmtree(work, ignore_errors=True)
+    if code not in (0, None):
+        raise RecordError(f"--source leader: the robot process (reverie-robot run --leader) exited with status "
+                          f"{code}: its message is above")
+    returns = list(stats.get("returns", []))[before["episodes"]:]
+    return {"directory": str(args.out), "stream": stream, "episodes": stats["episodes"] - before["episodes"],
+            "steps": stats["steps"] - before["steps"], "returns": returns}
+
+
+def _drive_robot(args: argparse.Namespace, server: Any, replay: Any, stream: str, before: int,
+                 work: Path) -> int | None:
+    """Run the teleoperated robot process until `args.episodes` new episodes of `stream` are stored (or it
+    exits by itself); its exit status."""
+    cmd = [sys.executable, "-m", "robot.cli", "run", "--config", str(args.config), "--learner", server.endpoint,
+           "--robot-id", stream, "--spool", str(work / "spool"), "--leader", str(args.leader),
+           *[w for s in args.set for w in ("--set", s)], *[w for s in args.leader_set for w in ("--leader-set", s)]]
+    say(f"recording {args.episodes} episode(s) from the leader arm ({args.leader}) into {args.out}; Ctrl-C stops")
+    proc = subprocess.Popen(cmd)  # the robot's own terminal: its e-stop key and operator prompts work
+    try:
+        while proc.poll() is None:
+            stored = replay.stats()["streams"].get(stream, {}).get("episodes", 0)
+            if stored - before >= args.episodes:
+                break
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        say("interrupted: stopping the robot")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # the robot stops safely: torque off, its last steps sent
+            try:
+                proc.wait(ROBOT_STOP_S)
+            except subprocess.TimeoutExpired:
+                say(f"the robot process did not stop within {ROBOT_STOP_S:.0f} s: killing it (cut servo power if "
+                    "it holds torque)")
+                proc.kill()
+                proc.wait()
+    return proc.returncode
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         summary = record(args)
-    except ConfigError as exc:
+    except (ConfigError, RecordError) as exc:
         say(str(exc))
         return 2
     mean = f", mean return {np.mean(summary['returns']):.3f}" if summary["returns"] else ""

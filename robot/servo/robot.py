@@ -400,6 +400,11 @@ class ServoRobot(Robot):
         self._interrupted = True
         self._torque_off_best_effort()
 
+    @property
+    def goal(self) -> np.ndarray:
+        """The goals last sent (after the safety filter), calibrated radians: what a delta action moves from."""
+        return self._goal.copy()
+
     # --- Robot interface ------------------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
         self._check_fault()

@@ -77,15 +77,15 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"reverie-robot: {exc}", file=sys.stderr)
                 return 2
         spec, act = step_spec(robot)
-        if problem := _chunk_problem(cfg, spec, robot_id):  # before the link starts and anything moves
-            print(f"reverie-robot: link.max_message_mb: expected {problem}, found {link_cfg.max_message_mb}",
-                  file=sys.stderr)
-            return 2
         task = cfg.task or cfg.name
         hello = {"spec": spec.to_wire(), "task": task, "hz": float(cfg.control.hz), "discrete": act.discrete,
                  # what the arrays mean (names, units, bounds), kept by the learner's replay: core/describe.py
                  "describe": describe_specs(robot.observation_spec, robot.action_spec, hz=cfg.control.hz, task=task,
                                             success=success_rule(cfg.task, cfg), source=source)}
+        if problem := _message_problem(cfg, spec, robot_id, hello):  # before the link starts and anything moves
+            print(f"reverie-robot: link.max_message_mb: expected {problem}, found {link_cfg.max_message_mb}",
+                  file=sys.stderr)
+            return 2
         link = make_link(link_cfg, address, robot_id, spool_dir, hello)
         try:
             loop = ControlLoop(cfg, robot, link, seed=cfg.seed, initial=initial, ledger=args.ledger,
@@ -146,13 +146,17 @@ def _exit_code(stopped: str, refused: str) -> int:
     return 0
 
 
-def _chunk_problem(cfg: Any, spec: StepLayout, robot_id: str) -> str | None:
-    """Why link.max_message_mb cannot carry one chunk of this robot's step layout, else None."""
-    from robot.link.base import chunk_message_bytes
+def _message_problem(cfg: Any, spec: StepLayout, robot_id: str, hello: dict) -> str | None:
+    """Why link.max_message_mb cannot carry this robot's largest message, else None: one chunk of its step
+    layout, or its hello (which carries the layout and the description of every array, and can be the larger
+    one for a robot with many named joints and no camera)."""
+    from robot.link.base import chunk_message_bytes, hello_message_bytes
 
     steps = chunk_steps(cfg.link.chunk_seconds, cfg.control.hz)
-    need = chunk_message_bytes(spec, steps, robot_id)
-    return message_room_problem(cfg.link.max_message_mb, need, f"one chunk of this robot: {steps} steps, {need} bytes")
+    chunk = chunk_message_bytes(spec, steps, robot_id)
+    greeting = hello_message_bytes(hello, robot_id)
+    return message_room_problem(cfg.link.max_message_mb, max(chunk, greeting),
+                                f"one chunk of this robot: {steps} steps, {chunk} bytes; its hello: {greeting} bytes")
 
 
 def default_spool(robot_id: str) -> Path:

@@ -48,6 +48,12 @@ def chunk_message_bytes(spec: StepLayout, steps: int, robot_id: str) -> int:
     return memoryview(frames[0]).nbytes + 4 * len(one) + steps * sum(a.nbytes for a in one.values())
 
 
+def hello_message_bytes(meta: dict, robot_id: str) -> int:
+    """Wire size of this robot's hello message (its meta: the step layout and the arrays' description)."""
+    frames = encode(Message("hello", robot_id, uuid.uuid4().hex, 0, meta=meta))
+    return sum(memoryview(frame).nbytes for frame in frames)
+
+
 class LinkBase:
     """The part of `Link` both variants implement alike; each adds start, close, submit and status.
 

@@ -9,7 +9,9 @@ building it, so a small blob declaring a huge network costs milliseconds, not se
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+import re
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -17,7 +19,7 @@ from core.agents.spaces import ActSpace, ObsSpace
 from core.layout import DTYPES, StepLayout
 
 if TYPE_CHECKING:
-    from torch import Tensor
+    from torch import Tensor, nn
 
 FORMAT = "reverie-policy-1"
 DEFAULT_ALGORITHM = "dreamer"  # the algorithm of a blob that names none
@@ -104,3 +106,31 @@ def from_file(path: str | Path, build: Callable[[bytes], T]) -> T:
         return build(blob)
     except (CheckpointError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"policy file {path}: {exc}") from exc
+
+
+def check_declared_network(build: Callable[[], nn.Module], tensors: Mapping[str, Tensor], *, name: str, declared: str,
+                           max_params: int, prefix: str = "", also: Collection[str] = ()) -> None:
+    """Build the network a blob declares on the meta device (no memory, no initialisation) and check that it has
+    at most `max_params` parameters and exactly the blob's tensors (each name `prefix` + its state-dict key, and
+    any of `also` beside them). ValueError says what differs; `name` is the algorithm's config block and
+    `declared` its settings that size the network, both quoted in the message."""
+    import torch  # only when a blob is checked
+
+    try:
+        with torch.device("meta"):
+            net = build()
+    except (RuntimeError, ValueError, TypeError, OverflowError, re.error) as exc:
+        raise ValueError(f"the network the blob declares cannot be built: {exc}") from None
+    shapes = {prefix + k: tuple(v.shape) for k, v in net.state_dict().items()}
+    total = sum(math.prod(s) for s in shapes.values())
+    if total > max_params:
+        raise ValueError(f"the blob declares a network of {total:,} parameters ({name}: {declared}), more than a "
+                         f"policy may have ({max_params:,})")
+    for key, shape in shapes.items():
+        if key not in tensors:
+            raise ValueError(f"the network the blob declares has {key} {list(shape)}, which the blob lacks")
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"tensor {key} is {list(tensors[key].shape)} in the blob, but the network its {name} "
+                             f"config declares ({declared}) has {list(shape)}")
+    if extra := sorted(set(tensors) - set(shapes) - set(also)):
+        raise ValueError(f"the blob holds tensors its declared network does not have: {extra[:3]}")

@@ -386,7 +386,7 @@ def _declaring(model: DreamerModel, version: int, **dreamer: int) -> bytes:
     ({"units": 1 << 20}, r"dreamer\.units: 1048576 is more than a policy blob may declare \(65536\)"),
     ({"cnn_depth": 1 << 16}, r"declares a network of [\d,]+ parameters .* more than a policy may have \(500,000,000\)"),
     ({"units": 64}, r"tensor encoder\.\S+ is \[32, 3\] in the blob, but the network its dreamer config declares "
-                    r"\(deter 64, units 64, hidden 32\) has \[64, 3\]"),
+                    r"\(size \S+, deter 64, units 64, hidden 32\) has \[64, 3\]"),
 ])
 def test_a_blob_declaring_another_network_than_its_tensors_is_refused_naming_why(declared: dict, why: str) -> None:
     """Such blobs used to be built first (gigabytes, seconds, or an allocation failure) and only then found not to

@@ -8,8 +8,6 @@ The trainer acts through the same class, sharing its live modules (`Policy.from_
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from core.agents.blob import PolicyBlob, blob_meta, from_file
+from core.agents.blob import check_declared_network as check_blob_network
 from core.agents.dreamer.actor import Actor
 from core.agents.dreamer.codec import Encoder
 from core.agents.dreamer.preprocess import ObsKeys, preprocess
@@ -251,28 +250,9 @@ def declared_problem(cfg: DreamerConfig, space: Mapping[str, Any], act: ActSpace
 
 
 def check_declared_network(cfg: DreamerConfig, space: ObsSpace, act: ActSpace, tensors: Mapping[str, Tensor]) -> None:
-    """Build the declared network on the meta device (no memory, no initialisation) and check that it has at
-    most MAX_PARAMS parameters and exactly the blob's tensor names and shapes. ValueError says what differs."""
-    try:
-        with torch.device("meta"):
-            net = PolicyNet(cfg, space, act)
-    except (RuntimeError, ValueError, TypeError, OverflowError, re.error) as exc:
-        raise ValueError(f"the network the blob declares cannot be built: {exc}") from None
-    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    total = sum(math.prod(s) for s in shapes.values())
-    if total > MAX_PARAMS:
-        raise ValueError(f"the blob declares a network of {total:,} parameters (dreamer.size {cfg.size}, deter "
-                         f"{cfg.deter}, units {cfg.units}), more than a policy may have ({MAX_PARAMS:,})")
-    for key, shape in shapes.items():
-        if key not in tensors:
-            raise ValueError(f"the network the blob declares has {key} {list(shape)}, which the blob lacks")
-        if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"tensor {key} is {list(tensors[key].shape)} in the blob, but the network its "
-                             f"dreamer config declares (deter {cfg.deter}, units {cfg.units}, hidden "
-                             f"{cfg.hidden}) has {list(shape)}")
-    extra = sorted(set(tensors) - set(shapes))
-    if extra:
-        raise ValueError(f"the blob holds tensors its declared network does not have: {extra[:3]}")
+    """The shared blob check (`core.agents.blob.check_declared_network`) on the network a dreamer config declares."""
+    check_blob_network(lambda: PolicyNet(cfg, space, act), tensors, name="dreamer", max_params=MAX_PARAMS,
+                                declared=f"size {cfg.size}, deter {cfg.deter}, units {cfg.units}, hidden {cfg.hidden}")
 
 
 def export_policy(model: nn.Module, version: int) -> bytes:

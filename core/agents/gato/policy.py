@@ -11,7 +11,6 @@ restricted to the ids an action of this body may take, and the step joins the ep
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from core.agents.blob import PolicyBlob, blob_meta
+from core.agents.blob import check_declared_network as check_blob_network
 from core.agents.gato.model import GatoNet, Packed, Segment, pack
 from core.agents.gato.tokens import Body
 from core.agents.spaces import ActSpace, ObsSpace
@@ -172,22 +172,9 @@ def prompt_segment(body: Body, prompt: Mapping[str, np.ndarray] | None, budget: 
 def check_declared_network(cfg: GatoConfig, body: Body, tensors: Mapping[str, Tensor]) -> None:
     """Build the declared network on the meta device and check its size, that the blob's `net.*` tensors are
     exactly its tensors and that the prompt (if any) is whole steps of this body (ValueError naming what)."""
-    with torch.device("meta"):
-        net = GatoNet(cfg)
-    shapes = {NET + k: tuple(v.shape) for k, v in net.state_dict().items()}
-    total = sum(math.prod(s) for s in shapes.values())
-    if total > MAX_PARAMS:
-        raise ValueError(f"the blob declares a network of {total:,} parameters (gato.layers {cfg.layers}, width "
-                         f"{cfg.width}, context {cfg.context}), more than a policy may have ({MAX_PARAMS:,})")
-    for key, shape in shapes.items():
-        if key not in tensors:
-            raise ValueError(f"the network the blob declares has {key} {list(shape)}, which the blob lacks")
-        if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"tensor {key} is {list(tensors[key].shape)} in the blob, but the network its gato "
-                             f"config declares (layers {cfg.layers}, width {cfg.width}) has {list(shape)}")
     prompt_shapes = {PROMPT + e.key: e.shape for e in body.entries} | {PROMPT + ACTION_KEY: (body.act.dim,)}
-    if extra := sorted(set(tensors) - set(shapes) - set(prompt_shapes)):
-        raise ValueError(f"the blob holds tensors its declared network and prompt do not have: {extra[:3]}")
+    check_blob_network(lambda: GatoNet(cfg), tensors, name="gato", max_params=MAX_PARAMS, prefix=NET,
+                       also=prompt_shapes, declared=f"layers {cfg.layers}, width {cfg.width}, context {cfg.context}")
     present = [k for k in prompt_shapes if k in tensors]
     if not present:
         return

@@ -11,8 +11,6 @@ forward pass: the robot measures act() before using a policy (`robot.runner.act_
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from core.agents.blob import PolicyBlob, blob_meta
+from core.agents.blob import check_declared_network as check_blob_network
 from core.agents.dreamer.preprocess import preprocess
 from core.agents.planet.cem import plan
 from core.agents.planet.net import ALGORITHM, PlanetNet, continuous_problem
@@ -172,28 +171,9 @@ def declared_problem(cfg: PlanetConfig) -> str | None:
 
 
 def check_declared_network(cfg: PlanetConfig, space: ObsSpace, act: ActSpace, tensors: Mapping[str, Tensor]) -> None:
-    """Build the declared network on the meta device (no memory) and check that it has at most MAX_PARAMS
-    parameters and exactly the blob's tensor names and shapes. ValueError says what differs."""
-    try:
-        with torch.device("meta"):
-            net = PlanetNet(cfg, space, act)
-    except (RuntimeError, ValueError, TypeError, OverflowError, re.error) as exc:
-        raise ValueError(f"the network the blob declares cannot be built: {exc}") from None
-    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    total = sum(math.prod(s) for s in shapes.values())
-    if total > MAX_PARAMS:
-        raise ValueError(f"the blob declares a network of {total:,} parameters (planet.deter {cfg.deter}, "
-                         f"units {cfg.units}), more than a policy may have ({MAX_PARAMS:,})")
-    for key, shape in shapes.items():
-        if key not in tensors:
-            raise ValueError(f"the network the blob declares has {key} {list(shape)}, which the blob lacks")
-        if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"tensor {key} is {list(tensors[key].shape)} in the blob, but the network its planet "
-                             f"config declares (deter {cfg.deter}, stoch {cfg.stoch}, units {cfg.units}) has "
-                             f"{list(shape)}")
-    extra = sorted(set(tensors) - set(shapes))
-    if extra:
-        raise ValueError(f"the blob holds tensors its declared network does not have: {extra[:3]}")
+    """The shared blob check (`core.agents.blob.check_declared_network`) on the network a planet config declares."""
+    check_blob_network(lambda: PlanetNet(cfg, space, act), tensors, name="planet", max_params=MAX_PARAMS,
+                                declared=f"deter {cfg.deter}, stoch {cfg.stoch}, units {cfg.units}")
 
 
 def policy_weights(net: nn.Module, version: int) -> tuple[dict[str, Tensor], dict]:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from core.agents.blob import PolicyBlob, blob_meta
+from core.agents.blob import check_declared_network as check_blob_network
 from core.agents.spaces import ActSpace, ObsSpace
 from core.agents.world_models import controller
 from core.agents.world_models.memory import Memory, State
@@ -184,23 +185,10 @@ def image_problem(cfg: WorldModelsConfig, space: ObsSpace) -> str | None:
 
 
 def check_declared_network(cfg: WorldModelsConfig, act: ActSpace, tensors: Mapping[str, Tensor]) -> None:
-    """Build the declared network on the meta device and check its size and that the blob's tensors are
-    exactly its tensors (ValueError naming what differs)."""
-    with torch.device("meta"):
-        net = PolicyNet(cfg, act)
-    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    total = sum(math.prod(s) for s in shapes.values())
-    if total > MAX_PARAMS:
-        raise ValueError(f"the blob declares a network of {total:,} parameters (world_models.z {cfg.z}, lstm "
-                         f"{cfg.lstm}, vae_depth {cfg.vae_depth}), more than a policy may have ({MAX_PARAMS:,})")
-    for key, shape in shapes.items():
-        if key not in tensors:
-            raise ValueError(f"the network the blob declares has {key} {list(shape)}, which the blob lacks")
-        if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"tensor {key} is {list(tensors[key].shape)} in the blob, but the network its "
-                             f"world_models config declares (z {cfg.z}, lstm {cfg.lstm}) has {list(shape)}")
-    if extra := sorted(set(tensors) - set(shapes)):
-        raise ValueError(f"the blob holds tensors its declared network does not have: {extra[:3]}")
+    """The shared blob check (`core.agents.blob.check_declared_network`) on the network a world_models config
+    declares."""
+    check_blob_network(lambda: PolicyNet(cfg, act), tensors, name="world_models", max_params=MAX_PARAMS,
+                                declared=f"z {cfg.z}, lstm {cfg.lstm}, vae_depth {cfg.vae_depth}")
 
 
 def policy_weights(net: nn.Module, cfg: WorldModelsConfig, space: ObsSpace, act: ActSpace,

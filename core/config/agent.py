@@ -28,6 +28,24 @@ SIZES: dict[str, dict[str, int]] = {
     "size200m": {"deter": 8192, "hidden": 1024, "classes": 64, "cnn_depth": 64, "units": 1024},
 }
 
+# What DreamerV3's two versions share (the latents, heads, critic and optimiser settings).
+_V3_SHARED: dict[str, Any] = {
+    "latent": "categorical",
+    "act": "silu",
+    "free_nats_placement": "step",
+    "actor_dist": "bounded",
+    "actor_baseline": True,
+    "return_norm": True,
+    "slow_critic_every": 1,
+    "slow_critic_rate": 0.02,
+    "slow_critic_reg": 1.0,
+    "unimix": 0.01,
+    "free_nats": 1.0,
+    "mlp_layers": 3, "head_layers": 1, "ac_layers": 3, "horizon": 333, "entropy": 3e-4, "cont_scale": 1.0,
+    "model_lr": 1e-4, "model_eps": 1e-8, "model_clip": 1000.0, "ac_lr": 3e-5, "critic_lr": None,
+    "ac_eps": 1e-5, "ac_clip": 100.0, "act_noise": 0.0,
+}
+
 # The two published recipes; see ../shared/reference/dreamer_recipe.md for where each value comes from.
 RECIPES: dict[str, dict[str, Any]] = {
     "2024": {
@@ -49,20 +67,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "init_fan": "in",
         "imag_cont": "prob",
         "gru_norm": "rms",
-        "latent": "categorical",
-        "act": "silu",
-        "free_nats_placement": "step",
-        "actor_dist": "bounded",
-        "actor_baseline": True,
-        "return_norm": True,
-        "slow_critic_every": 1,
-        "slow_critic_rate": 0.02,
-        "slow_critic_reg": 1.0,
-        "unimix": 0.01,
-        "free_nats": 1.0,
-        "mlp_layers": 3, "head_layers": 1, "ac_layers": 3, "horizon": 333, "entropy": 3e-4, "cont_scale": 1.0,
-        "model_lr": 1e-4, "model_eps": 1e-8, "model_clip": 1000.0, "ac_lr": 3e-5, "critic_lr": None,
-        "ac_eps": 1e-5, "ac_clip": 100.0, "act_noise": 0.0,
+        **_V3_SHARED,
     },
     "2023": {
         "norm": "layer",
@@ -83,20 +88,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "init_fan": "avg",
         "imag_cont": "mode",
         "gru_norm": "layer",
-        "latent": "categorical",
-        "act": "silu",
-        "free_nats_placement": "step",
-        "actor_dist": "bounded",
-        "actor_baseline": True,
-        "return_norm": True,
-        "slow_critic_every": 1,
-        "slow_critic_rate": 0.02,
-        "slow_critic_reg": 1.0,
-        "unimix": 0.01,
-        "free_nats": 1.0,
-        "mlp_layers": 3, "head_layers": 1, "ac_layers": 3, "horizon": 333, "entropy": 3e-4, "cont_scale": 1.0,
-        "model_lr": 1e-4, "model_eps": 1e-8, "model_clip": 1000.0, "ac_lr": 3e-5, "critic_lr": None,
-        "ac_eps": 1e-5, "ac_clip": 100.0, "act_noise": 0.0,
+        **_V3_SHARED,
     },
     # Dreamer v1 (danijar/dreamer): Gaussian latents, ELU MLPs without norms, KL with free nats after
     # averaging, per-part Adam, a tanh-normal actor trained by backprop through the dynamics on the

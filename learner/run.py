@@ -25,6 +25,7 @@ from core.weights import save_weights
 from learner.checkpoint import load_latest_checkpoint, save_checkpoint
 from learner.compute import configure_compute
 from learner.metrics import Mean, MetricsLogger
+from learner.openloop import write_openloop
 from learner.plots import plot_learning_curve
 from learner.replay import Replay
 from learner.replay.context import CONTEXT_PART, restore_context
@@ -197,6 +198,18 @@ class Run:
     def _row(self) -> dict[str, float]:
         """What this run adds to a metrics row."""
         return {}
+
+    def _openloop_video(self) -> Path | None:
+        """The world model's open-loop prediction on replayed sequences (truth / prediction / error) as
+        LOGDIR/videos/openloop_<step>.mp4, for the metrics writer's `media` to hand to TensorBoard and rerun;
+        None where the agent predicts no image or replay holds no whole sequence yet. It draws the model's
+        noise under a forked torch generator: a video must not shift the run's randomness."""
+        assert self.agent is not None
+        if not self.agent.image_keys or not self._replay_ready():
+            return None
+        with torch.random.fork_rng(devices=[]):
+            return write_openloop(self.agent, self.replay, self.logdir / "videos" / f"openloop_{self.step:09d}.mp4",
+                                  fps=self.cfg.control.hz)
 
     def _plot(self, keys: Sequence[str], baseline: dict[str, float] | None = None,
               against_updates: bool = True) -> None:

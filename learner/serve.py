@@ -4,10 +4,11 @@ The link server thread (learner/link/server.py) stores what robots send; this lo
 configured ratio of replayed steps per received step (`train.train_ratio`; negative = as fast as
 it can), publishes policy weights every `link.weights_every_updates` updates or
 `link.weights_every_s` seconds, logs metrics and a learning curve from the robots' episodes,
-prints a per-robot status table and checkpoints. Robots are never waited on: when training is
-ahead of the data it sleeps, and when it is behind the robots simply keep going. What it shares
-with `reverie-learner train` (checkpoints, the update, metrics rows, curves, the summary) is
-learner/run.py; here are the link server, weights publishing and the robots' status.
+prints a per-robot status table and checkpoints, each with a video of the world model's open-loop
+prediction. Robots are never waited on: when training is ahead of the data it sleeps, and when it
+is behind the robots simply keep going. What it shares with `reverie-learner train` (checkpoints,
+the update, metrics rows, curves, the summary) is learner/run.py; here are the link server,
+weights publishing and the robots' status.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ STATUS_EVERY_S = 10.0
 RETURNS_EVERY_S = 1.0  # how often the loop takes the robots' finished episodes from the replay
 STATUS_ROBOTS = 20  # robots the status table lists (the most recently heard); the others are only counted
 MAX_MODEL_PARAMS = 2**31  # a layout needing a bigger agent is refused: almost surely a wrong dimension
+INTERRUPTED = "interrupted"  # the stop reason of SIGINT and SIGTERM
 
 
 @dataclasses.dataclass
@@ -82,6 +84,9 @@ class Server(Run):
         except BaseException:
             self.replay.close()
             raise
+        # The steps of earlier runs, counted before the link thread stores any: the received total is this plus
+        # `link.received` (taken later, a chunk stored but not yet counted by the link was counted twice).
+        self.stored_at_open = self.replay.stats()["totals"]["steps"]
         self.logger = MetricsLogger(self.logdir)
         if self.logger.rerun is not None:  # --rerun: the robots' camera images too, as their chunks arrive
             self.replay.on_steps_added = RobotCameras(self.logger.rerun)
@@ -94,6 +99,7 @@ class Server(Run):
         self.all_returns: list[float] = []  # every reported episode's return, over restarts (checkpointed)
         self.published = (0, time.monotonic())  # (version, when)
         self._refused_version = -1  # weights of this many updates were non-finite: not sent
+        self._predicted_at = -1  # the step of the last open-loop prediction video
         self._stop = False
         self._stop_reason = ""
 
@@ -110,6 +116,18 @@ class Server(Run):
 
     def _checkpoint_meta(self) -> dict[str, Any]:
         return {"returns": self.all_returns}
+
+    def save(self) -> Path | None:
+        """A checkpoint and, with it, the world model's open-loop prediction handed to TensorBoard and rerun
+        (serve has no evaluation rounds to make one): once per step, after the first update, and not while a
+        signal is stopping the run (be quick)."""
+        path = super().save()
+        if (path is not None and self.agent is not None and self.agent.updates and self.step != self._predicted_at
+                and self._stop_reason != INTERRUPTED):
+            self._predicted_at = self.step
+            if self._openloop_video() is not None:
+                self.logger.media(self.step)
+        return path
 
     def _build(self, spec: RunSpec) -> None:
         space, act = spaces_of(spec)
@@ -136,7 +154,7 @@ class Server(Run):
         deadline = None if duration is None else start + duration
         self.link.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stop("interrupted"))
+            signal.signal(sig, lambda *_: self.stop(INTERRUPTED))
         spec = self._wait_for_spec(deadline)
         if spec is not None:
             self._build(spec)
@@ -147,7 +165,7 @@ class Server(Run):
         cfg = self.cfg.train
         batch_steps = cfg.batch_size * cfg.batch_length
         # What the replay holds is the truth (a checkpoint may be older than the last stored chunk).
-        base = self.replay.stats()["totals"]["steps"] - self.link.received
+        base = self.stored_at_open
         bar = tqdm(unit="step", disable=not self.progress, dynamic_ncols=True, desc=self._bar_text(base),
                    mininterval=1.0)
         next_status = time.monotonic() + STATUS_EVERY_S

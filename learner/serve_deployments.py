@@ -157,7 +157,7 @@ class DeploymentServer(Server):
     # --- the loop
     def _loop(self, deadline: float | None) -> None:
         xcfg = self.cfg.explore
-        self._base = self.replay.stats()["totals"]["steps"] - self.link.received
+        self._base = self.stored_at_open
         self._next_status = time.monotonic() + STATUS_EVERY_S
         while not self._stop and self.standing.deployment < xcfg.deployments:
             if self.standing.phase == TRAIN:

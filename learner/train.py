@@ -33,7 +33,6 @@ from core.video import side_by_side, write_video
 from learner.agents import make_agent
 from learner.envs import Env
 from learner.metrics import MetricsLogger
-from learner.openloop import write_openloop
 from learner.replay import Replay
 from learner.replay.validation import nonfinite_keys
 from learner.run import Run, RunCounters, mean_or_none, updates_earned
@@ -309,9 +308,8 @@ class Trainer(Run):
         video = video and not self.stopped
         if frames and video:
             write_video(videos / f"eval_{c.env_steps:09d}.mp4", np.stack(frames), fps=self.cfg.control.hz)
-        if video and self.agent.image_keys and len(self.replay) >= self.cfg.train.batch_length:
-            write_openloop(self.agent, self.replay, videos / f"openloop_{c.env_steps:09d}.mp4",
-                           fps=self.cfg.control.hz)
+        if video:
+            self._openloop_video()
         row = {**self._eval_row(results), "updates": self.agent.updates}
         self.logger.log(c.env_steps, row)
         random = mean_or_none(self.random_returns)

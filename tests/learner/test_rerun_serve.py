@@ -1,9 +1,12 @@
 """`reverie-learner serve --rerun`: the robots' camera images reach rerun as their chunks arrive (a real link
 server on loopback ZeroMQ, a robot speaking the protocol, the real replay), rate-limited by the robots' own
-clock; checked by reading the .rrd back with rerun's own reader."""
+clock, and the world model's open-loop predictions with each checkpoint (a real serve loop training a tiny
+agent); checked by reading the .rrd back with rerun's own reader, and TensorBoard's event files."""
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ from link_helpers import SPEC, RawRobot, wait_for
 
 rr = pytest.importorskip("rerun", reason="rerun-sdk (the offline extra: pip install -e '.[offline]') is missing")
 from rerun.chunk import RrdReader  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from core.config import load_config  # noqa: E402
 from learner.serve import Server  # noqa: E402
@@ -97,3 +101,62 @@ def test_serve_without_rerun_hooks_nothing(tmp_path: Path, monkeypatch: pytest.M
         server.link.close()
         server.replay.close()
         server.logger.close()
+
+
+def test_serve_rerun_logs_the_world_models_openloop_prediction_with_each_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 28 s3: serve logged scalars and camera images but no world-model prediction. A robot sends four
+    10-step episodes; the serve loop trains on them and checkpoints at 40 received steps, with an open-loop
+    truth / prediction / error video that reaches rerun and TensorBoard at that step."""
+    out = tmp_path / "live.rrd"
+    monkeypatch.setenv(RERUN_ENV, str(out))
+    logdir = tmp_path / "run"
+    cfg = load_config(CONFIG, ["dreamer.size=tiny", "dreamer.threads=1", "link.heartbeat_s=0.1",
+                               "train.batch_size=2", "train.batch_length=8", "train.prefill=20",
+                               "train.train_ratio=4", "train.checkpoint_every=40", "train.log_every=1000"])
+    server = Server(cfg, logdir, bind="tcp://127.0.0.1:*", progress=False)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failure: list[BaseException] = []
+
+    def robot() -> None:
+        try:
+            wait_for(lambda: bool(server.link.endpoint), "the link listening")
+            with RawRobot(server.link.endpoint, "arm-1") as peer:
+                welcome = peer.hello(spec=SERVE_SPEC, task="arm_reach", hz=HZ)
+                assert welcome.kind == "welcome", welcome.meta
+                peer.steps(welcome.meta["next_seq"], _chunk(np.arange(40), T0))
+                wait_for(lambda: any((logdir / "videos").glob("openloop_*.mp4")), "the open-loop video")
+        except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
+            failure.append(exc)
+        finally:
+            server.stop("test done")
+
+    thread = threading.Thread(target=robot)
+    thread.start()
+    try:
+        summary = server.run(duration=300)  # stopped by the robot thread long before
+    finally:
+        thread.join()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert not failure, failure
+    assert summary["updates"] >= 1
+    # One video at the checkpoint of 40 received steps; the final checkpoint at the same step makes no other.
+    assert [p.name for p in (logdir / "videos").iterdir()] == [f"openloop_{40:09d}.mp4"]
+    steps, frames = [], []
+    for chunk in RrdReader(out).stream().to_chunks():
+        if chunk.entity_path == "/videos/openloop":
+            batch = chunk.to_record_batch()
+            steps += batch.column("step").to_pylist()
+            frames += batch.column("Image:buffer").to_pylist()
+    assert set(steps) == {40}
+    # 40 frames (the replay's 40 steps; at most openloop.LENGTH), each truth / prediction / error rows of the
+    # 16 x 16 camera by 4 sequences side by side.
+    grid = np.array([np.asarray(f, np.uint8).reshape(3 * 16, 4 * 16, 3) for f in frames])
+    assert grid.shape == (40, 48, 64, 3)
+    # The truth row is the robot's camera in order (each image holds its step number, through MP4's losses).
+    truth = np.median(grid[:, 2:16, :, 0].reshape(40, -1), axis=1)
+    assert np.abs(truth - np.arange(40)).max() <= 4, truth
+    tb = EventAccumulator(str(logdir / "tb"), size_guidance={"images": 0}).Reload()
+    (image,) = tb.Images("videos/openloop")
+    assert image.step == 40 and image.encoded_image_string[:6] == b"GIF89a"

@@ -265,7 +265,8 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path: Path, caplog: py
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     policy = (tmp_path / "policy.safetensors").read_bytes()
     with torch.no_grad():  # the fault: a parameter gone bad by whatever route
-        next(iter(trainer.agent.model.parameters())).view(-1)[0] = math.inf
+        first = next(iter(trainer.agent.model.parameters()))  # may be channels-last: index, do not view
+        first[(0,) * first.dim()] = math.inf
     trainer.counters.env_steps += 1
     with caplog.at_level(logging.ERROR):
         assert trainer.save() is None

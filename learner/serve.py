@@ -193,7 +193,9 @@ class Server(Run):
                 self.stop(f"train.steps ({cfg.steps}) received")
             if not trained:
                 time.sleep(0.02)
-            bar.set_postfix(updates=self.agent.updates if self.agent else 0, robots=len(self.link.robots))
+            # refresh=False: the bar redraws at most every mininterval (a redraw per 20 ms pass flooded logs)
+            bar.set_postfix(updates=self.agent.updates if self.agent else 0, robots=len(self.link.robots),
+                            refresh=False)
         self.counters.received = base + self.link.received  # steps stored during the last pass count too
         bar.close()
 

@@ -211,7 +211,7 @@ def verdict(results: dict[str, dict[str, Any]]) -> tuple[str, float | None]:
     if share is not None:
         text += f"; {share:.0%} of the way from the random policy's return to the scripted controller's"
     if word != "learned":
-        text += " (a longer run learns more: make demo DEMO_SECONDS=600)"
+        text += " (it needs a longer run: make demo DEMO_SECONDS=1800, which resumes from this one)"
     return text, share
 
 

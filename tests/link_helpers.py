@@ -4,6 +4,8 @@ hand-driven robot socket, and waiting for something."""
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -127,3 +129,32 @@ class RawRobot:
             if msg is not None:
                 got.append(msg)
         return got
+
+
+def serve_with_robot(server: Any, robot: Callable[[Any], None], duration: float = 120) -> dict:
+    """Run `serve`'s loop (`server.run`) in this thread while `robot(server)` plays a robot in another one, then
+    stop the server; the summary. The robot's failure is raised here, and the signal handlers `run` installs are
+    put back (pytest's own Ctrl-C stays)."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failure: list[BaseException] = []
+
+    def play() -> None:
+        try:
+            wait_for(lambda: bool(server.link.endpoint), "the link listening")
+            robot(server)
+        except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
+            failure.append(exc)
+        finally:
+            server.stop("test done")
+
+    thread = threading.Thread(target=play)
+    thread.start()
+    try:
+        summary = server.run(duration=duration)  # stopped by the robot thread long before
+    finally:
+        thread.join()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if failure:
+        raise failure[0]
+    return summary

@@ -5,13 +5,11 @@ agent); checked by reading the .rrd back with rerun's own reader, and TensorBoar
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from link_helpers import SPEC, RawRobot, wait_for
+from link_helpers import SPEC, RawRobot, serve_with_robot, wait_for
 
 rr = pytest.importorskip("rerun", reason="rerun-sdk (the offline extra: pip install -e '.[offline]') is missing")
 from rerun.chunk import RrdReader  # noqa: E402
@@ -115,31 +113,15 @@ def test_serve_rerun_logs_the_world_models_openloop_prediction_with_each_checkpo
                                "train.batch_size=2", "train.batch_length=8", "train.prefill=20",
                                "train.train_ratio=4", "train.checkpoint_every=40", "train.log_every=1000"])
     server = Server(cfg, logdir, bind="tcp://127.0.0.1:*", progress=False)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    failure: list[BaseException] = []
 
-    def robot() -> None:
-        try:
-            wait_for(lambda: bool(server.link.endpoint), "the link listening")
-            with RawRobot(server.link.endpoint, "arm-1") as peer:
-                welcome = peer.hello(spec=SERVE_SPEC, task="arm_reach", hz=HZ)
-                assert welcome.kind == "welcome", welcome.meta
-                peer.steps(welcome.meta["next_seq"], _chunk(np.arange(40), T0))
-                wait_for(lambda: any((logdir / "videos").glob("openloop_*.mp4")), "the open-loop video")
-        except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
-            failure.append(exc)
-        finally:
-            server.stop("test done")
+    def robot(server: Server) -> None:
+        with RawRobot(server.link.endpoint, "arm-1") as peer:
+            welcome = peer.hello(spec=SERVE_SPEC, task="arm_reach", hz=HZ)
+            assert welcome.kind == "welcome", welcome.meta
+            peer.steps(welcome.meta["next_seq"], _chunk(np.arange(40), T0))
+            wait_for(lambda: any((logdir / "videos").glob("openloop_*.mp4")), "the open-loop video")
 
-    thread = threading.Thread(target=robot)
-    thread.start()
-    try:
-        summary = server.run(duration=300)  # stopped by the robot thread long before
-    finally:
-        thread.join()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    assert not failure, failure
+    summary = serve_with_robot(server, robot, duration=300)
     assert summary["updates"] >= 1
     # One video at the checkpoint of 40 received steps; the final checkpoint at the same step makes no other.
     assert [p.name for p in (logdir / "videos").iterdir()] == [f"openloop_{40:09d}.mp4"]

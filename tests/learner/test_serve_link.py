@@ -6,15 +6,13 @@ that finish after it started (issue 23 item 3)."""
 from __future__ import annotations
 
 import json
-import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-from link_helpers import SPEC, RawRobot, wait_for
+from link_helpers import SPEC, RawRobot, serve_with_robot, wait_for
 
 from core.config import load_config
 from learner.cli import main as learner_main
@@ -79,30 +77,14 @@ def test_a_saved_layout_that_cannot_be_trained_is_a_one_line_error(
 def test_heartbeat_bytes_do_not_stop_the_summary_being_written(tmp_path: Path) -> None:
     """Item 10: msgpack bin values in a heartbeat made summary.json unwritable at shutdown (exit 1)."""
     server = make_server(tmp_path / "run")
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    failure: list[BaseException] = []
 
-    def robot() -> None:
-        try:
-            wait_for(lambda: bool(server.link.endpoint), "the link listening")
-            with RawRobot(server.link.endpoint, "hb-1") as peer:
-                assert peer.hello(spec=GOOD_SPEC).kind == "welcome"
-                peer.say("heartbeat", meta={"version": b"\x00\x01", "spool_count": b"\xff" * 3, "steps": 5})
-                wait_for(lambda: "hb-1" in server.link.robots and server.link.robots["hb-1"].stats, "the heartbeat")
-        except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
-            failure.append(exc)
-        finally:
-            server.stop("test done")
+    def robot(server: Server) -> None:
+        with RawRobot(server.link.endpoint, "hb-1") as peer:
+            assert peer.hello(spec=GOOD_SPEC).kind == "welcome"
+            peer.say("heartbeat", meta={"version": b"\x00\x01", "spool_count": b"\xff" * 3, "steps": 5})
+            wait_for(lambda: "hb-1" in server.link.robots and server.link.robots["hb-1"].stats, "the heartbeat")
 
-    thread = threading.Thread(target=robot)
-    thread.start()
-    try:
-        summary = server.run(duration=120)  # stopped by the robot thread long before
-    finally:
-        thread.join()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    assert not failure, failure
+    summary = serve_with_robot(server, robot)
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert written == json.loads(json.dumps(summary)) and written["stopped"] == "test done"
     (row,) = written["robots"]
@@ -138,38 +120,22 @@ def _serve_episodes(logdir: Path, returns: list[float]) -> dict:
     # No update is needed here: the prefill is never reached.
     cfg = load_config(PROPRIO, ["train.prefill=100000", "link.heartbeat_s=0.1"])
     server = Server(cfg, logdir, bind="tcp://127.0.0.1:*", progress=False)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    failure: list[BaseException] = []
 
-    def robot() -> None:
-        try:
-            wait_for(lambda: bool(server.link.endpoint), "the link listening")
-            with RawRobot(server.link.endpoint, "arm-1") as peer:
-                welcome = peer.hello(spec=ARM_SPEC, task="arm_reach", hz=10.0)
-                assert welcome.kind == "welcome", welcome.meta
-                before = server.replay.stats()["totals"]["episodes"]
-                rows = np.arange(10 * len(returns)) % 10
-                peer.steps(welcome.meta["next_seq"], {
-                    "joint_pos": np.zeros((rows.size, 3), np.float32), "action": np.zeros((rows.size, 2), np.float32),
-                    "reward": np.repeat(np.float32(returns) / 10, 10), "is_first": rows == 0, "is_last": rows == 9,
-                    "is_terminal": np.zeros(rows.size, bool), "policy_version": np.zeros(rows.size, np.int64),
-                    "time": np.arange(rows.size, dtype=np.float64)})
-                wait_for(lambda: server.replay.stats()["totals"]["episodes"] == before + len(returns),
-                         "the episodes stored")
-        except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
-            failure.append(exc)
-        finally:
-            server.stop("test done")
+    def robot(server: Server) -> None:
+        with RawRobot(server.link.endpoint, "arm-1") as peer:
+            welcome = peer.hello(spec=ARM_SPEC, task="arm_reach", hz=10.0)
+            assert welcome.kind == "welcome", welcome.meta
+            before = server.replay.stats()["totals"]["episodes"]
+            rows = np.arange(10 * len(returns)) % 10
+            peer.steps(welcome.meta["next_seq"], {
+                "joint_pos": np.zeros((rows.size, 3), np.float32), "action": np.zeros((rows.size, 2), np.float32),
+                "reward": np.repeat(np.float32(returns) / 10, 10), "is_first": rows == 0, "is_last": rows == 9,
+                "is_terminal": np.zeros(rows.size, bool), "policy_version": np.zeros(rows.size, np.int64),
+                "time": np.arange(rows.size, dtype=np.float64)})
+            wait_for(lambda: server.replay.stats()["totals"]["episodes"] == before + len(returns),
+                     "the episodes stored")
 
-    thread = threading.Thread(target=robot)
-    thread.start()
-    try:
-        summary = server.run(duration=120)  # stopped by the robot thread long before
-    finally:
-        thread.join()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    assert not failure, failure
+    summary = serve_with_robot(server, robot)
     return summary
 
 

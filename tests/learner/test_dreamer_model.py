@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import dreamer_helpers
 import numpy as np
 import pytest
 import torch
@@ -38,27 +39,11 @@ def make_act(discrete: bool) -> ActSpace:
 
 
 def make_batch(space: dict, act: ActSpace, b: int = 2, t: int = 6, seed: int = 0) -> dict:
-    """A replay-like batch (B, T, ...) with an episode end and a new start inside the first row."""
-    rng = np.random.default_rng(seed)
-    batch: dict[str, np.ndarray] = {}
-    for key, (shape, dtype) in space.items():
-        if key in FLAG_SPACE:
-            continue
-        if dtype == "uint8":
-            batch[key] = rng.integers(0, 256, (b, t, *shape), dtype=np.uint8)
-        else:
-            batch[key] = rng.normal(size=(b, t, *shape)).astype(np.float32)
-    batch["reward"] = rng.normal(size=(b, t)).astype(np.float32)
-    batch["is_first"] = np.zeros((b, t), bool)
-    batch["is_last"] = np.zeros((b, t), bool)
-    batch["is_terminal"] = np.zeros((b, t), bool)
-    batch["is_first"][:, 0] = True
+    """A replay-like batch (B, T, ...) with an episode end and a new start inside the first row (the same random
+    arrays as `dreamer_helpers.make_batch`: the flags draw nothing)."""
+    batch = dreamer_helpers.make_batch(space, act, b, t, seed)
     batch["is_last"][0, t // 2] = batch["is_terminal"][0, t // 2] = True
     batch["is_first"][0, t // 2 + 1] = True
-    if act.discrete:
-        batch["action"] = np.eye(act.dim, dtype=np.float32)[rng.integers(0, act.dim, (b, t))]
-    else:
-        batch["action"] = rng.uniform(-1, 1, (b, t, act.dim)).astype(np.float32)
     return batch
 
 

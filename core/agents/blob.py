@@ -134,3 +134,20 @@ def check_declared_network(build: Callable[[], nn.Module], tensors: Mapping[str,
                              f"config declares ({declared}) has {list(shape)}")
     if extra := sorted(set(tensors) - set(shapes) - set(also)):
         raise ValueError(f"the blob holds tensors its declared network does not have: {extra[:3]}")
+
+
+def declared_bounds_problem(cfg: Any, name: str, limits: Mapping[str, int], max_layers: int, max_mult: int,
+                            max_pattern: int) -> str | None:
+    """Why the sizes a blob's `name` config declares are over the bounds (naming the field), else None. Cheap:
+    numbers and pattern lengths only, nothing built. The widths in `limits`, then `cnn_mults`, then the
+    observation-key patterns."""
+    for field, limit in limits.items():
+        if getattr(cfg, field) > limit:
+            return f"{name}.{field}: {getattr(cfg, field)} is more than a policy blob may declare ({limit})"
+    if len(cfg.cnn_mults) > max_layers or max(cfg.cnn_mults) > max_mult:
+        return (f"{name}.cnn_mults: {str(cfg.cnn_mults)[:80]} is more than a policy blob may declare "
+                f"(at most {max_layers} layers of at most x{max_mult})")
+    for field in ("image_keys", "vector_keys"):
+        if len(getattr(cfg, field)) > max_pattern:
+            return f"{name}.{field}: a pattern of {len(getattr(cfg, field))} characters (at most {max_pattern})"
+    return None

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from core.agents.blob import PolicyBlob, blob_meta, from_file
+from core.agents.blob import PolicyBlob, blob_meta, declared_bounds_problem, from_file
 from core.agents.blob import check_declared_network as check_blob_network
 from core.agents.dreamer.actor import Actor
 from core.agents.dreamer.codec import Encoder
@@ -235,15 +235,8 @@ def declared_problem(cfg: DreamerConfig, space: Mapping[str, Any], act: ActSpace
     limits = {"deter": MAX_WIDTH, "hidden": MAX_WIDTH, "units": MAX_WIDTH, "stoch": MAX_WIDTH,
               "classes": MAX_WIDTH, "cnn_depth": MAX_WIDTH, "mlp_layers": MAX_LAYERS, "ac_layers": MAX_LAYERS,
               "head_layers": MAX_LAYERS, "gru_blocks": MAX_BLOCKS}
-    for name, limit in limits.items():
-        if getattr(cfg, name) > limit:
-            return f"dreamer.{name}: {getattr(cfg, name)} is more than a policy blob may declare ({limit})"
-    if len(cfg.cnn_mults) > MAX_LAYERS or max(cfg.cnn_mults) > MAX_MULT:
-        return (f"dreamer.cnn_mults: {str(cfg.cnn_mults)[:80]} is more than a policy blob may declare "
-                f"(at most {MAX_LAYERS} layers of at most x{MAX_MULT})")
-    for name in ("image_keys", "vector_keys"):
-        if len(getattr(cfg, name)) > MAX_PATTERN:
-            return f"dreamer.{name}: a pattern of {len(getattr(cfg, name))} characters (at most {MAX_PATTERN})"
+    if problem := declared_bounds_problem(cfg, "dreamer", limits, MAX_LAYERS, MAX_MULT, MAX_PATTERN):
+        return problem
     if cfg.stoch * cfg.classes > MAX_WIDTH:
         return f"dreamer.stoch x dreamer.classes: {cfg.stoch * cfg.classes} latent units (at most {MAX_WIDTH})"
     return None

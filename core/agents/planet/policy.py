@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from core.agents.blob import PolicyBlob, blob_meta
+from core.agents.blob import PolicyBlob, blob_meta, declared_bounds_problem
 from core.agents.blob import check_declared_network as check_blob_network
 from core.agents.dreamer.preprocess import preprocess
 from core.agents.planet.cem import plan
@@ -158,15 +158,8 @@ def declared_problem(cfg: PlanetConfig) -> str | None:
     """Why the network a blob declares is over the bounds (naming the planet field), else None."""
     limits = {"deter": MAX_WIDTH, "hidden": MAX_WIDTH, "stoch": MAX_WIDTH, "units": MAX_WIDTH,
               "cnn_depth": MAX_WIDTH, "head_layers": MAX_LAYERS, "mlp_layers": MAX_LAYERS}
-    for name, limit in limits.items():
-        if getattr(cfg, name) > limit:
-            return f"planet.{name}: {getattr(cfg, name)} is more than a policy blob may declare ({limit})"
-    if len(cfg.cnn_mults) > MAX_LAYERS or max(cfg.cnn_mults) > MAX_MULT:
-        return (f"planet.cnn_mults: {str(cfg.cnn_mults)[:80]} is more than a policy blob may declare "
-                f"(at most {MAX_LAYERS} layers of at most x{MAX_MULT})")
-    for name in ("image_keys", "vector_keys"):
-        if len(getattr(cfg, name)) > MAX_PATTERN:
-            return f"planet.{name}: a pattern of {len(getattr(cfg, name))} characters (at most {MAX_PATTERN})"
+    if problem := declared_bounds_problem(cfg, "planet", limits, MAX_LAYERS, MAX_MULT, MAX_PATTERN):
+        return problem
     return None
 
 

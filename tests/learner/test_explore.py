@@ -244,3 +244,31 @@ def test_adaptation_trains_reward_head_and_task_policy_only() -> None:
     wrong = Adapter(agent, reward_fn=lambda b: np.zeros(3))
     with pytest.raises(ValueError, match=r"reward function returned shape \[3\], expected \[2, 6\]"):
         wrong.step(batch)
+
+
+def _equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_explorer_and_adaptation_keep_the_slow_critic_schedule() -> None:
+    """`slow_critic_every` (v2: a copy every 100 updates) holds for the explorer's slow critic and for the task's
+    trained by `adapt`, as for the task's in `Dreamer.train`: copied at updates 0, 3, 6 ... only, not at each."""
+    from learner.agents.dreamer.adapt import Adapter
+
+    torch.manual_seed(0)
+    agent = Dreamer(make_cfg("v2", explore="plan2explore", slow_critic_every=3), SPACE, ACT,
+                    explore=ExploreConfig(ensemble=3))
+    explorer = agent.exploration.net.behaviors[0]
+    batch = make_batch(SPACE, ACT, 2, 6)
+    copied = []
+    for _ in range(4):
+        agent.train(batch)
+        copied.append(_equal(explorer.slow_critic, explorer.critic))
+    assert agent.updates == 4 and copied == [True, False, False, True]
+    task = agent.behavior
+    adapter = Adapter(agent)
+    copied = []
+    for _ in range(3):  # the schedule goes on from the agent's 4 updates: the next copy is at 6
+        adapter.step(batch)
+        copied.append(_equal(task.slow_critic, task.critic))
+    assert copied == [False, False, True]

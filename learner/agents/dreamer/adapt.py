@@ -93,7 +93,9 @@ class Adapter:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        agent.behavior.update_slow()
+        # The slow critic's schedule (`slow_critic_every`; v2: a copy every 100) goes on from the
+        # agent's count, as the exported policy's version does.
+        agent.behavior.update_slow(agent.updates + self.updates)
         self.updates += 1
         return metrics
 

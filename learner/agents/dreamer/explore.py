@@ -130,7 +130,8 @@ class ExplorerNet(nn.Module):
 
 class JointOptimizer:
     """The task's optimiser and exploration's, stepped as one: `Dreamer.train` zeroes, steps and
-    checkpoints it as it does the task's alone. After a step the explorers' slow critics follow."""
+    checkpoints it as it does the task's alone. After a step the explorers' slow critics follow, on the
+    task's schedule (`slow_critic_every`)."""
 
     def __init__(self, parts: Mapping[str, Any], after_step: Any) -> None:
         self.parts, self.after_step = dict(parts), after_step
@@ -217,8 +218,10 @@ class Exploration:
         return not self.xcfg.reward_free
 
     def _after_step(self) -> None:
+        # The task's schedule: `Dreamer.train` steps the optimiser, then counts the update, so
+        # `dreamer.updates` here is the updates before this one, as the task's `update_slow` gets it.
         for beh in self.net.behaviors:
-            beh.update_slow()
+            beh.update_slow(self.dreamer.updates)
 
     # --- the update
     def update(self, data: dict[str, Tensor], start: State) -> tuple[Tensor, State, dict[str, Tensor]]:

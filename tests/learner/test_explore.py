@@ -51,6 +51,29 @@ def test_disagreement_is_zero_when_the_members_agree_and_positive_otherwise() ->
     assert torch.allclose(ens.disagreement(x), preds.std(0, correction=0).mean(-1))
 
 
+def test_ensemble_is_its_members_run_one_by_one() -> None:
+    """The batched products (the first layer as one product for all members) give what each member's own MLP
+    gives, and the same gradients; the disagreement is the population std (torch.std) averaged over dims."""
+    torch.manual_seed(0)
+    ens = Ensemble(members=4, inp=9, out=5, layers=3, units=16)
+    x = torch.randn(2, 7, 9)  # leading axes are kept
+
+    def member(k: int, inp: torch.Tensor) -> torch.Tensor:
+        h = inp
+        for i, (w, b) in enumerate(zip(ens.weights, ens.biases)):
+            h = h @ w[k] + b[k, 0]
+            h = torch.nn.functional.elu(h) if i < len(ens.weights) - 1 else h
+        return h
+
+    batched = ens(x)
+    looped = torch.stack([member(k, x) for k in range(4)])
+    assert batched.shape == (4, 2, 7, 5) and torch.allclose(batched, looped, atol=1e-6)
+    got = torch.autograd.grad(batched.square().sum(), list(ens.parameters()))
+    want = torch.autograd.grad(looped.square().sum(), list(ens.parameters()))
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    assert torch.allclose(ens.disagreement(x), looped.std(0, correction=0).mean(-1), atol=1e-6)
+
+
 def test_ensemble_learns_where_it_has_data_and_stays_uncertain_elsewhere() -> None:
     """Disagreement is the signal: after fitting a function on a region, the members agree there far more
     than far away from it."""

@@ -41,12 +41,14 @@ class ThreadProbe(Robot):
         self.observation_spec = {"proprio": ArraySpec((3,), np.float32), **flag_specs()}
         self.action_spec = ArraySpec((2,), np.float32, -1.0, 1.0)
         self.sent: list[tuple[float, frozenset[int]]] = []
+        self.reset_at = float("nan")  # monotonic time of the last reset (the loop starts its grid after it)
 
     def _obs(self, first: bool) -> dict[str, np.ndarray]:
         return {"proprio": np.zeros(3, np.float32), "reward": np.float32(0.0), "is_first": np.bool_(first),
                 "is_last": np.bool_(False), "is_terminal": np.bool_(False)}
 
     def reset(self, seed: int | None = None) -> dict[str, np.ndarray]:
+        self.reset_at = time.monotonic()
         return self._obs(True)
 
     def send(self, action: np.ndarray | int) -> None:
@@ -140,9 +142,10 @@ def test_loop_runs_on_its_configured_cpu_at_its_rate_and_spools_while_no_learner
     assert stats.steps == steps and len(robot.sent) == steps
     assert {cpus for _, cpus in robot.sent} == {frozenset({cpu})}
     times = np.array([t for t, _ in robot.sent])
-    # Ticks sit on a grid from the start, never bursting to catch up: step k comes no earlier than
-    # k periods after step 0 (less the time step 0 took to act and send, well under half a period).
-    assert np.all(times[1:] - times[0] >= (np.arange(1, steps) - 0.5) / hz)
+    # Ticks sit on a grid from the start, never bursting to catch up: step k comes no earlier than k periods
+    # after the loop started, which is after the reset. (Not measured from step 0's send: a busy machine can
+    # delay that one by more than a period, and the grid does not move with it.)
+    assert np.all(times - robot.reset_at >= np.arange(steps) / hz)
     assert link.status().spool_count == steps // round(0.2 * hz)  # every chunk on disk, none sent
     assert os.sched_getaffinity(0) == mine
 
@@ -172,11 +175,14 @@ def test_status_line_and_run_summary(tmp_path: Path, caplog) -> None:
                for line in lines)
     steps = [int(line.split(": ")[1].split(" steps")[0]) for line in lines]
     assert steps == sorted(steps) and 0 < steps[0] < 50
-    # The summary covers every step; the live window only the last RECENT_STEPS.
     assert len(stats.period_errors) == stats.steps == 50
+    # The summary covers every step; the live window only the last RECENT_STEPS. Checked on stats of known
+    # errors: the loop's own measured ones depend on the machine's load (a tick two periods late reads 100 %+).
+    known = runner.LoopStats()
     for e in range(10 + runner.RECENT_STEPS):
-        stats.add_period_error(1.0 if e < 10 else 0.0)
-    assert stats.recent_period_error(1.0) == 0.0 and stats.period_error(1.0) == 1.0
+        known.add_period_error(1.0 if e < 10 else 0.0)
+    assert known.recent_period_error(1.0) == 0.0 and known.period_error(1.0) == 1.0
+    assert len(known.period_errors) == 10 + runner.RECENT_STEPS and len(known.recent_errors) == runner.RECENT_STEPS
 
 
 class Episodic(ThreadProbe):

@@ -16,6 +16,7 @@ a 24-D vector on the 2-core reference machine; the target is at least 2x faster.
     python bench/learner_throughput.py --port-defaults --obs pixels vector --no-compile
     python bench/learner_throughput.py --preset size1m --deter 1024 --units 128 --json
     python bench/learner_throughput.py --quick  # smoke run: one size1m case, about a minute
+    python bench/learner_throughput.py --preset size12m --act-only --act-path lean plain --act-repeats 3  # act() A/B
 
 Timings are only valid on an otherwise idle machine: see `others_cpu_share` and `--wait-idle`.
 """
@@ -185,6 +186,8 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     out["params_m"] = {"world_model": round(sum(p.numel() for p in agent.wm.parameters()) / 1e6, 2),
                        "actor": round(sum(p.numel() for p in agent.behavior.actor.parameters()) / 1e6, 2),
                        "critic": round(sum(p.numel() for p in agent.behavior.critic.parameters()) / 1e6, 2)}
+    if opts.get("act_only"):  # act() alone: the exported policy of the untrained model, no updates timed
+        return {**out, **_act_latency(agent, case["obs"], opts, export_policy)}
     batch = _batch(rng, case["obs"], opts["batch"], opts["length"], opts["image"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -321,16 +324,36 @@ def _act_latency(agent, obs: str, opts: dict[str, Any], export) -> dict[str, Any
     """
     import tempfile
 
+    paths = opts.get("act_paths") or ["lean"]
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         blob = Path(tmp) / "policy.safetensors"
         blob.write_bytes(export(agent.model, agent.updates))
-        spec = {"blob": str(blob), "obs": obs, "image": opts["image"], "calls": opts["act_calls"]}
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_act", json.dumps(spec)],
-                              capture_output=True, text=True, cwd=ROOT, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"act_error": f"act worker exited with {proc.returncode}: {proc.stderr.strip()[-300:]}"}
-    return json.loads(lines[-1])
+        # Several runs alternate the paths (lean, plain, lean, ...) so that an A/B sees the same host load.
+        for _ in range(max(1, opts.get("act_repeats", 1))):
+            for path in paths:
+                spec = {"blob": str(blob), "obs": obs, "image": opts["image"], "calls": opts["act_calls"],
+                        "path": path}
+                proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_act", json.dumps(spec)],
+                                      capture_output=True, text=True, cwd=ROOT, timeout=600)
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+                if proc.returncode != 0 or not lines:
+                    return {"act_error": f"act worker exited with {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+                runs.append(json.loads(lines[-1]))
+    return runs[0] if len(runs) == 1 else {**runs[0], "act_runs": runs, "act_summary": _act_summary(runs)}
+
+
+def _act_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per act path: the median over its runs of each act() figure, and the range of its p99s."""
+    out: dict[str, Any] = {}
+    for path in dict.fromkeys(r["act_path"] for r in runs):
+        mine = [r for r in runs if r["act_path"] == path]
+        keys = [k for k in mine[0] if k.endswith(("_p50", "_p99")) or k == "others_cpu_share"]
+        out[path] = {k: round(statistics.median(r[k] for r in mine if r.get(k) is not None), 3) for k in keys
+                     if any(r.get(k) is not None for r in mine)}
+        out[path]["runs"] = len(mine)
+        out[path]["act_ms_p99_range"] = [min(r["act_ms_p99"] for r in mine), max(r["act_ms_p99"] for r in mine)]
+    return out
 
 
 def act_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -338,7 +361,10 @@ def act_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     prepare() (the recurrent update and the deter halves of the next step's first layers) runs
     between calls, off the observation-to-command path (act_ms); prepare_ms is its cost and
-    act_alone_ms an act() with no prepare() before it, doing that work itself.
+    act_alone_ms an act() with no prepare() before it, doing that work itself. act_cpu_ms is act()'s
+    CPU time (the thread's): what act() costs, less sensitive than wall time to other processes
+    taking the core (others_cpu_share: their share of the machine meanwhile). spec["path"]: "lean"
+    (what a robot runs, `core.agents.dreamer.act_path`) or "plain" (the modules, for an A/B).
     """
     import numpy as np
     import torch
@@ -347,29 +373,36 @@ def act_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     policy = Policy.from_weights(Path(spec["blob"]).read_bytes(), "cpu")
+    path = spec.get("path", "lean")
+    policy.lean = policy.lean and path == "lean"
     rng = np.random.default_rng(0)
     pool = [_observation(rng, spec["obs"], spec["image"], first=False) for _ in range(16)]
     policy.act(_observation(rng, spec["obs"], spec["image"], first=True))
     for i in range(10):
         policy.act(pool[i % len(pool)])
         policy.prepare()
-    act, prep, alone = [], [], []
+    act, cpu, prep, alone = [], [], [], []
+    ticks, load = _cpu_ticks(), os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for i in range(spec["calls"]):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         policy.act(pool[i % len(pool)])
-        mid = time.perf_counter()
+        mid, cpu_mid = time.perf_counter(), time.thread_time()
         policy.prepare()
         act.append(mid - start)
+        cpu.append(cpu_mid - cpu_start)
         prep.append(time.perf_counter() - mid)
+    share = _others_busy(ticks, _cpu_ticks())
     for i in range(spec["calls"]):
         start = time.perf_counter()
         policy.act(pool[i % len(pool)])
         alone.append(time.perf_counter() - start)
-    out: dict[str, Any] = {"act_calls": len(act), "act_threads": 1, "act_process": "fresh, policy blob only"}
+    out: dict[str, Any] = {"act_calls": len(act), "act_threads": 1, "act_process": "fresh, policy blob only",
+                           "act_path": "lean" if policy.lean else "plain",
+                           "others_cpu_share": None if share is None else round(share, 3), "load_avg_1m": load}
     if hasattr(policy, "cache_bytes"):  # a transformer world model: the KV cache it keeps (context - 1 steps)
         out |= {"dynamics": policy.cfg.dynamics, "transformer": policy.cfg.transformer.model_dump(),
                 "kv_cache_kb": round(policy.cache_bytes() / 1024, 1)}
-    for name, lat in (("act", act), ("prepare", prep), ("act_alone", alone)):
+    for name, lat in (("act", act), ("act_cpu", cpu), ("prepare", prep), ("act_alone", alone)):
         ms = np.asarray(lat) * 1e3
         out |= {f"{name}_ms_p50": round(float(np.percentile(ms, 50)), 3),
                 f"{name}_ms_p99": round(float(np.percentile(ms, 99)), 3)}
@@ -532,6 +565,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, nargs="+", default=[0],
                         help="torch threads for the update (several: one case each); 0 = torch default")
     parser.add_argument("--act-calls", type=int, default=300, help="act() calls timed per case; 0 = skip")
+    parser.add_argument("--act-only", action="store_true",
+                        help="time only act() (the untrained model's exported policy): no updates")
+    parser.add_argument("--act-path", nargs="+", choices=("lean", "plain"), default=["lean"], dest="act_paths",
+                        help="act() path(s) to time: lean (what a robot runs) and/or plain (the modules, an A/B)")
+    parser.add_argument("--act-repeats", type=int, default=1,
+                        help="fresh act() processes per path, alternating the paths (interleaved A/B)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="torch.profiler one extra update per case and report its top N ops")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
@@ -550,7 +589,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = parser.parse_args(argv)
         args.preset = args.preset or ["size1m"]
     if args.compile is None:
-        args.compile = "auto"
+        args.compile = "off" if args.act_only else "auto"  # act() alone: one case per preset and observation
     return args
 
 
@@ -581,7 +620,8 @@ def main(argv: list[str] | None = None) -> None:
             notes.append(f"compiled cases skipped: {why}")
             args.compile = "off"
     opts = {k: getattr(args, k) for k in ("batch", "length", "image", "device", "warmup", "iters",
-                                          "act_calls", "profile", "compile_timeout", "wait_idle", "keep_heap")}
+                                          "act_calls", "profile", "compile_timeout", "wait_idle", "keep_heap",
+                                          "act_only", "act_paths", "act_repeats")}
     rows = []
     for case in build_cases(args):
         label = (f"{case['name']} {case['obs']} recipe={case['recipe']} compile={case['compile']} "
@@ -595,7 +635,8 @@ def main(argv: list[str] | None = None) -> None:
             result = run_isolated(case, opts, args.timeout)
             log(f"  done in {time.perf_counter() - start:.0f} s"
                 + (f": {result['sec_per_update_mean']:.3f} s/update" if "sec_per_update_mean" in result
-                   else f": {result.get('error')}"))
+                   else f": act p50 {result['act_ms_p50']} / p99 {result['act_ms_p99']} ms" if "act_ms_p50" in result
+                   else f": {result.get('error') or result.get('act_error')}"))
         rows.append(summarise(case, result))
     device = str(torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                               else ("cpu" if args.device == "auto" else args.device)))
@@ -606,7 +647,9 @@ def main(argv: list[str] | None = None) -> None:
                     "cuda": torch.cuda.get_device_name() if device == "cuda" else None},
         "settings": {"batch": args.batch, "length": args.length, "image": args.image, "act_dim": ACT_DIM,
                      "vector_dim": VECTOR_DIM, "keep_heap": args.keep_heap, "warmup": args.warmup, "iters": args.iters,
-                     "act_calls": args.act_calls, "compile": args.compile, "compile_timeout_s": args.compile_timeout},
+                     "act_calls": args.act_calls, "act_only": args.act_only, "act_paths": args.act_paths,
+                     "act_repeats": args.act_repeats, "compile": args.compile,
+                     "compile_timeout_s": args.compile_timeout},
         "cases": rows,
         "targets": [{"case": f"{r['name']} {r['obs']} compile={r['compile']} threads={r['threads']}", **r["port"]}
                     for r in rows if "port" in r],

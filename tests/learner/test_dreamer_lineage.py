@@ -245,6 +245,7 @@ def test_acting_normalises_inputs_as_training_does(recipe):
     batch = make_batch(SPACE, CONT, 1, 2)
     batch["pos"] *= 100.0  # large readings: a missing symlog or scaling shows
     policy = Policy.from_weights(export_policy(a.model, 1))
+    policy.lean = False  # the modules' inputs; its lean path acts the same (tests/core/test_dreamer_act_path.py)
     seen = {}
     policy.encoder.register_forward_hook(lambda _m, args, out: seen.update(inp=args[0], out=out))
     obs = {"image": batch["image"][0, 0], "pos": batch["pos"][0, 0], "is_first": True, "reward": 0.0,

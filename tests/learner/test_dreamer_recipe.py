@@ -651,7 +651,9 @@ def test_acting_and_training_see_identical_encoder_inputs():
             handle.remove()
         return seen["inputs"], seen["embed"].reshape(-1)
 
-    for policy in (Policy.from_model(agent.model), Policy.from_weights(export_policy(agent.model, 1))):
+    blob_policy = Policy.from_weights(export_policy(agent.model, 1))
+    blob_policy.lean = False  # the modules' inputs; its lean path acts the same (tests/core/test_dreamer_act_path.py)
+    for policy in (Policy.from_model(agent.model), blob_policy):
         inputs, embed = acting_inputs(policy)
         for key in ("image", "pos", "speed"):
             torch.testing.assert_close(inputs[key][0, 0], data[key][0, 0], rtol=0, atol=0)

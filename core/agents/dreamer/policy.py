@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from core.agents.blob import PolicyBlob, blob_meta, declared_bounds_problem, from_file
 from core.agents.blob import check_declared_network as check_blob_network
+from core.agents.dreamer.act_path import LeanPath
 from core.agents.dreamer.actor import Actor
 from core.agents.dreamer.codec import Encoder
 from core.agents.dreamer.preprocess import ObsKeys, preprocess
@@ -83,6 +84,10 @@ class Policy:
         self.state: dict[str, Tensor] | None = None
         self.last_action: np.ndarray | None = None
         self._prepared: Prepared | None = None  # the next step's deter and its layer parts, from prepare()
+        # act()'s lean path (`act_path`), for a policy whose weights are a snapshot (from a blob): built per batch
+        # size on first use. None: the plain modules act (the trainer's live policy, CUDA, other latents).
+        self.lean: bool = False
+        self._lean: LeanPath | None = None
 
     # --- construction
     @classmethod
@@ -112,7 +117,9 @@ class Policy:
         net.to(device).eval()
         # Images arrive as NHWC memory; channels-last conv weights avoid layout reorders per call.
         net.encoder.to(memory_format=torch.channels_last)
-        return cls._for(cfg)(cfg, space, act, net, torch.device(device), blob.version)
+        policy = cls._for(cfg)(cfg, space, act, net, torch.device(device), blob.version)
+        policy.lean = LeanPath.supports(net.encoder, net.rssm, policy.device) is None
+        return policy
 
     @classmethod
     def _for(cls, cfg: DreamerConfig) -> type[Policy]:
@@ -186,20 +193,36 @@ class Policy:
         batch = len(np.asarray(obs["is_first"]))
         if self.state is None or self.state["deter"].shape[0] != batch:
             self.reset(batch)
-        data = preprocess(obs, self.keys, self.device)
-        embed = self.encoder({k: v[:, None] for k, v in data.items()})[:, 0]
-        is_first = data["is_first"].reshape(batch)
+        lean = self._lean_path(batch)
+        if lean is None:
+            data = preprocess(obs, self.keys, self.device)
+            embed = self.encoder({k: v[:, None] for k, v in data.items()})[:, 0]
+            is_first = data["is_first"].reshape(batch)
+        else:
+            is_first = torch.as_tensor(np.asarray(obs["is_first"]), dtype=torch.float32).reshape(batch)
         prepared, self._prepared = self._prepared, None
         if prepared is None or bool(is_first.any()):  # an episode start resets the state first
             prepared = self._observed(is_first)
-        post = self.rssm.post_from_parts(prepared.deter, prepared.post, self.rssm.post_embed_part(embed))
-        dist = self.actor.from_part(prepared.actor, post["stoch"].flatten(1))
+        if lean is None:
+            stoch = self.rssm.post_from_parts(prepared.deter, prepared.post, self.rssm.post_embed_part(embed))["stoch"]
+            dist = self.actor.from_part(prepared.actor, stoch.flatten(1))
+        else:  # the same arithmetic in fewer kernels
+            stoch, index = lean.stoch(obs, prepared.post)
+            dist = lean.action_dist(prepared.actor, index)
         action = dist.rsample() if mode == "sample" else dist.mode()
         action = self._explore(action.float(), noise)
-        self.state = {"deter": post["deter"], "stoch": post["stoch"], "action": action, **(prepared.memory or {})}
+        self.state = {"deter": prepared.deter, "stoch": stoch, "action": action, **(prepared.memory or {})}
         self.last_action = action.cpu().numpy()
         env = self._to_env(self.last_action)
         return env if batched else env[0]
+
+    def _lean_path(self, batch: int) -> LeanPath | None:
+        """The lean path for `batch` rows, built on first use (it prepacks weights for that input shape)."""
+        if not self.lean:
+            return None
+        if self._lean is None or self._lean.batch != batch:
+            self._lean = LeanPath(self.encoder, self.rssm, self.actor, self.space, batch)
+        return self._lean
 
     def _explore(self, action: Tensor, noise: float) -> Tensor:
         if noise <= 0:

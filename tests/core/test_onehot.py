@@ -43,7 +43,9 @@ def pair(layout: str, bias: bool) -> tuple[OneHotLinear, torch.nn.Linear]:
 
 @pytest.fixture
 def gathers(monkeypatch) -> list:
-    """Records each run of the gathered path (the real function runs)."""
+    """Records each run of the gathered path (the real function runs). The tests' latents have 4-5
+    classes, below MIN_CLASSES, where the layers multiply; here they gather, so that path is tested."""
+    monkeypatch.setattr(onehot, "MIN_CLASSES", 1)
     calls: list = []
     forward = onehot._OneHotLinear.forward
 
@@ -110,6 +112,21 @@ def test_inputs_that_are_not_one_hot_take_the_dense_path(case, gathers):
     fast, ref = pair("feat", True)
     torch.testing.assert_close(fast(x), ref(x))
     assert not gathers
+
+
+@pytest.mark.parametrize("classes, gathered", [(4, False), (8, False), (16, True), (32, True)])
+def test_latents_of_few_classes_multiply(classes, gathered, monkeypatch, gathers):
+    """Gathering pays only where few of the latent columns are hot: size1m's 4 classes (a quarter of
+    the columns hot) and 8 multiply, size12m's 16 and more gather. Same result either way."""
+    monkeypatch.setattr(onehot, "MIN_CLASSES", 16)  # the real threshold (the fixture lowers it)
+    cols = OneHotCols(7, 7 + 3 * classes, classes)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(80, 7, generator=g),
+                   F.one_hot(torch.randint(0, classes, (80, 3), generator=g), classes).float().flatten(1)], -1)
+    torch.manual_seed(0)
+    layer = OneHotLinear(x.shape[1], 9, cols)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert bool(gathers) == gathered
 
 
 def test_one_hot_index_points_at_the_hot_columns_and_a_dummy_for_zero_groups():

@@ -671,10 +671,13 @@ def test_rms_norm_hand_written_backward_matches_the_formula():
 
 @pytest.mark.parametrize("recipe", ["2024", "2023"])
 @pytest.mark.parametrize("rows", [6, 80])  # below and above onehot.MIN_ROWS: multiplied or gathered
-def test_heads_in_one_product_equal_the_separate_heads(recipe, rows):
+def test_heads_in_one_product_equal_the_separate_heads(recipe, rows, monkeypatch):
     """`WorldModel.heads` runs the reward and continuation heads' first layers as one product; its
     outputs and every gradient (to the input and to each head's weights) are those of the two heads
     run one after the other."""
+    import core.agents.dreamer.onehot as onehot
+
+    monkeypatch.setattr(onehot, "MIN_CLASSES", 1)  # the tiny model's 4 classes gather too
     torch.manual_seed(0)
     agent = Dreamer(make_cfg(recipe), SPACES["vector"], make_act(False))
     wm = agent.wm
@@ -710,12 +713,14 @@ def test_heads_in_one_product_equal_the_separate_heads(recipe, rows):
 
 
 
-def test_mlps_with_unlike_first_layers_give_what_each_gives_alone():
+def test_mlps_with_unlike_first_layers_give_what_each_gives_alone(monkeypatch):
     """`mlps_on` on MLPs that differ in their first layer (plain or one-hot, other one-hot columns,
     a bias, no layers at all) gives each MLP's own output."""
+    import core.agents.dreamer.onehot as onehot
     from core.agents.dreamer.layers import MLP, Norm, mlps_on
     from core.agents.dreamer.onehot import OneHotCols
 
+    monkeypatch.setattr(onehot, "MIN_CLASSES", 1)  # 4 classes gather too
     torch.manual_seed(0)
     rows = 80  # above onehot.MIN_ROWS: one-hot layers gather
     hot = torch.nn.functional.one_hot(torch.randint(0, 4, (rows, 2)), 4).float().flatten(1)

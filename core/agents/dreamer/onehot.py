@@ -11,7 +11,8 @@ the straight-through estimator needs it at every class, not only the sampled one
 The result equals `F.linear` up to float rounding, for any input: an input with any group that is
 not one-hot-or-zero takes the dense path whole. The gather is used only where it pays: float32 on
 CPU outside autocast (bf16 and CUDA multiply faster than they gather), in eager mode (not while
-torch.compile traces), and for batches of at least `MIN_ROWS` rows.
+torch.compile traces), for batches of at least `MIN_ROWS` rows and for latents of at least
+`MIN_CLASSES` classes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MIN_ROWS = 64  # below it (acting, small tests) the checks cost more than the multiply
+# Below it the latent columns are too dense for gathering to pay: with size1m's 4 classes a quarter of
+# them are hot, and the gather plus its check took 1.4-2x the multiply's time (8 classes: 1.1-1.4x;
+# 16, size12m: 0.95x; 32: 0.65x; one CPU thread, 16k rows, forward and weight gradient).
+MIN_CLASSES = 16
 CHUNK = 1024  # rows per block of the weight-gradient scatter: keeps the gradient block in cache
 
 
@@ -107,7 +112,7 @@ def onehot_linear(x: Tensor, weight: Tensor, bias: Tensor | None, cols: OneHotCo
     """F.linear(x, weight, bias) for an `x` whose columns `cols` may hold one-hot groups: gathered
     where that pays and every group is one-hot or zero, multiplied otherwise."""
     flat = x.reshape(-1, x.shape[-1])
-    if not _gathers(flat, weight):
+    if not _gathers(flat, weight, cols):
         return F.linear(x, weight, bias)
     idx = onehot_index(flat, cols)
     if idx is None:
@@ -118,8 +123,8 @@ def onehot_linear(x: Tensor, weight: Tensor, bias: Tensor | None, cols: OneHotCo
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _gathers(flat: Tensor, weight: Tensor) -> bool:
+def _gathers(flat: Tensor, weight: Tensor, cols: OneHotCols) -> bool:
     # Not while torch.compile traces: the data-dependent check would break its graph apart.
     return (flat.device.type == "cpu" and flat.dtype == torch.float32 and weight.dtype == torch.float32
-            and flat.shape[0] >= MIN_ROWS and not torch.is_autocast_enabled("cpu")
+            and flat.shape[0] >= MIN_ROWS and cols.classes >= MIN_CLASSES and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling())

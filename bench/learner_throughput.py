@@ -181,7 +181,8 @@ def run_case(case: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
                                     "actor_grad": cfg.actor_grad_continuous, "repval": cfg.repval_scale > 0,
                                     "cnn_channels": [cfg.cnn_depth * m for m in cfg.cnn_mults]},
                            "autocast": str(autocast_dtype(cfg.precision, device) or "off"),
-                           "device": str(device), "threads": torch.get_num_threads(), "keep_heap": cfg.keep_heap}
+                           "device": str(device), "threads": torch.get_num_threads(), "keep_heap": cfg.keep_heap,
+                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "runtime default")}
     agent = Dreamer(cfg, _spaces(case["obs"], opts["image"]), ActSpace(ACT_DIM, False), device)
     out["params_m"] = {"world_model": round(sum(p.numel() for p in agent.wm.parameters()) / 1e6, 2),
                        "actor": round(sum(p.numel() for p in agent.behavior.actor.parameters()) / 1e6, 2),
@@ -459,9 +460,15 @@ def build_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run_isolated(case: dict[str, Any], opts: dict[str, Any], timeout: float | None) -> dict[str, Any]:
     """Run one case in a fresh interpreter; its last stdout line is the result."""
+    from learner.compute import openmp_env
+
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps({"case": case, "opts": opts})]
+    # OpenMP's passive wait policy, as reverie-learner sets it before torch loads (unless the user chose
+    # one): with libgomp's default spinning, 2 threads on this loaded 2-core host burnt 9.7 CPU-s per
+    # size1m update instead of ~0.8, which measured the spinning, not the update.
+    env = {**os.environ, **openmp_env()}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

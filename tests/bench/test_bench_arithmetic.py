@@ -63,3 +63,21 @@ def test_port_target_reports_the_rate_it_needs(bench) -> None:
 def test_matmul_peak_is_a_positive_rate(bench) -> None:
     peak = bench._matmul_peak_gflops(torch.device("cpu"), torch.float32, n=256, reps=2)
     assert 0 < peak < 1e5
+
+
+@pytest.mark.parametrize("chosen, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_worker_waits_as_the_learner_does(bench, monkeypatch, chosen, expected) -> None:
+    """Each case's worker process gets the passive OpenMP wait policy reverie-learner sets (unless the
+    user chose one): with the runtime's spinning default the benchmark measured the spinning (2 threads
+    on a busy 2-core host: 9.7 CPU-s per size1m update instead of ~0.8). A real worker, a tiny case."""
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+        monkeypatch.delenv(name, raising=False)
+    if chosen:
+        monkeypatch.setenv("OMP_WAIT_POLICY", chosen)
+    case = {"name": "tiny", "preset": "tiny", "recipe": "2024", "obs": "vector", "threads": 1, "compile": "off",
+            "precision": "auto", "overrides": {}, "target": None}
+    opts = {"batch": 2, "length": 8, "image": 16, "device": "cpu", "warmup": 0, "iters": 1, "act_calls": 0,
+            "profile": 0, "compile_timeout": 0, "wait_idle": 0.0, "keep_heap": True}
+    result = bench.run_isolated(case, opts, timeout=300)
+    assert "error" not in result, result.get("error")
+    assert result["omp_wait_policy"] == expected

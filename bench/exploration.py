@@ -69,6 +69,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "explore.ensemble=3", "train.log_every=500", "train.checkpoint_every=100000"],
               "deployments": 2, "population": 2, "deployment_steps": 1000, "deployment_updates": 3},
 }
+
+
 # --- what the collected data shows
 def coverage_cells(obs: np.ndarray) -> set[tuple[int, int]]:
     """The grid cells (position x velocity) that observations (N, 2) fall in."""

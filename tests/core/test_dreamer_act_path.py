@@ -142,3 +142,20 @@ def test_the_plain_path_acts_where_the_lean_one_does_not_apply() -> None:
     assert not live.lean and net_cfg.dynamics == "rssm"
     live.act(_observations(1)[0])
     assert live._lean is None
+
+
+@pytest.mark.parametrize("keys", [("image",), ("joints", "gripper")], ids=["image-only", "vectors-only"])
+def test_lean_act_equals_the_plain_modules_with_one_kind_of_input(keys: tuple[str, ...]) -> None:
+    space = StepLayout({k: v for k, v in SPACE.items() if k in keys or k in FLAG_SPACE})
+    lean, plain = _pair(_blob("2024", ActSpace(3, False), space))
+    obs = [{k: v for k, v in o.items() if k in space} for o in _observations(5, firsts=(0, 3))]
+    _assert_same(_rollout(lean, obs, "sample", True), _rollout(plain, obs, "sample", True))
+
+
+def test_an_encoder_layer_without_a_lean_form_leaves_acting_to_the_modules() -> None:
+    lean, plain = _pair(_blob("2024", ActSpace(3, False)))
+    for policy in (lean, plain):
+        policy.encoder.cnn.net.append(torch.nn.Identity())  # a layer the lean path does not know
+    obs = _observations(3)
+    _assert_same(_rollout(lean, obs, "sample", True), _rollout(plain, obs, "sample", True))
+    assert not lean.lean and lean._lean is None

@@ -84,8 +84,9 @@ class Policy:
         self.state: dict[str, Tensor] | None = None
         self.last_action: np.ndarray | None = None
         self._prepared: Prepared | None = None  # the next step's deter and its layer parts, from prepare()
-        # act()'s lean path (`act_path`), for a policy whose weights are a snapshot (from a blob): built per batch
-        # size on first use. None: the plain modules act (the trainer's live policy, CUDA, other latents).
+        # Whether act() runs the lean path (`act_path`: the same arithmetic in fewer kernels, with prepacked
+        # copies of the weights): set for a policy built from a blob on CPU with categorical latents, whose
+        # weights are a snapshot. The trainer's live policy, CUDA and other dynamics act through the modules.
         self.lean: bool = False
         self._lean: LeanPath | None = None
 
@@ -197,12 +198,10 @@ class Policy:
         if lean is None:
             data = preprocess(obs, self.keys, self.device)
             embed = self.encoder({k: v[:, None] for k, v in data.items()})[:, 0]
-            is_first = data["is_first"].reshape(batch)
-        else:
-            is_first = torch.as_tensor(np.asarray(obs["is_first"]), dtype=torch.float32).reshape(batch)
+        firsts = np.asarray(obs["is_first"]).reshape(batch)
         prepared, self._prepared = self._prepared, None
-        if prepared is None or bool(is_first.any()):  # an episode start resets the state first
-            prepared = self._observed(is_first)
+        if prepared is None or firsts.any():  # an episode start resets the state first
+            prepared = self._observed(torch.as_tensor(firsts, dtype=torch.float32, device=self.device))
         if lean is None:
             stoch = self.rssm.post_from_parts(prepared.deter, prepared.post, self.rssm.post_embed_part(embed))["stoch"]
             dist = self.actor.from_part(prepared.actor, stoch.flatten(1))
@@ -221,7 +220,10 @@ class Policy:
         if not self.lean:
             return None
         if self._lean is None or self._lean.batch != batch:
-            self._lean = LeanPath(self.encoder, self.rssm, self.actor, self.space, batch)
+            try:
+                self._lean = LeanPath(self.encoder, self.rssm, self.actor, self.space, batch)
+            except TypeError:  # a layer the lean path has no form for: the modules act, as they always could
+                self.lean, self._lean = False, None
         return self._lean
 
     def _explore(self, action: Tensor, noise: float) -> Tensor:

@@ -41,9 +41,17 @@ def _run(logdir: Path, *extra: str) -> dict:
     return Trainer(cfg, logdir, progress=False).run()
 
 
-def test_run_leaves_config_metrics_videos_curve_checkpoint(tmp_path: Path) -> None:
-    summary = _run(tmp_path, "train.steps=60", "train.eval_every=30", "train.eval_episodes=1",
-                   "train.checkpoint_every=30")
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One 60-step run with evaluations and checkpoints, (its logdir, its summary): what several tests read
+    (evaluation uses its own environment, so the training steps and updates are those of a run without)."""
+    logdir = tmp_path_factory.mktemp("short_run")
+    return logdir, _run(logdir, "train.steps=60", "train.eval_every=30", "train.eval_episodes=1",
+                        "train.checkpoint_every=30")
+
+
+def test_run_leaves_config_metrics_videos_curve_checkpoint(short_run: tuple[Path, dict]) -> None:
+    tmp_path, summary = short_run
     assert summary["env_steps"] == 60
     assert (tmp_path / "config.yaml").is_file()
     rows = read_metrics(tmp_path / "metrics.jsonl")
@@ -60,9 +68,9 @@ def test_run_leaves_config_metrics_videos_curve_checkpoint(tmp_path: Path) -> No
     assert json.loads((tmp_path / "summary.json").read_text())["updates"] == summary["updates"]
 
 
-def test_train_ratio_counts_policy_steps(tmp_path: Path) -> None:
+def test_train_ratio_counts_policy_steps(short_run: tuple[Path, dict]) -> None:
     # ratio 8 with 2x8 batches: one update per 2 policy steps once prefill (20 steps) is done
-    summary = _run(tmp_path, "train.steps=60", "train.eval_every=0")
+    summary = short_run[1]
     assert summary["updates"] == pytest.approx((60 - 20) * 8 / 16 + 0.5, abs=1)
 
 
@@ -397,9 +405,8 @@ def test_acting_writes_its_posterior_latents_into_replay(tmp_path: Path) -> None
         np.testing.assert_array_equal(stored, seen[-1][key].numpy().reshape(stored.shape))
 
 
-def test_episode_reward_per_step_is_logged(tmp_path: Path) -> None:
-    _run(tmp_path, "train.steps=30", "train.eval_every=0")
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+def test_episode_reward_per_step_is_logged(short_run: tuple[Path, dict]) -> None:
+    rows = read_metrics(short_run[0] / "metrics.jsonl")
     per_step = [r["train/reward_per_step"] for r in rows if "train/reward_per_step" in r]
     returns = [r["train/return"] for r in rows if "train/reward_per_step" in r]
     assert per_step and all(abs(p * 10 - r) < 1e-6 for p, r in zip(per_step, returns))  # 10-step episodes

@@ -16,7 +16,7 @@ return (expected < 90). cascade, per seed: B deployments of N explorers (learner
 (CASCADE), alpha 0 (a population of Plan2Explore explorers) and random actions: the coverage of the collected
 data after each deployment (the share of a 20 x 20 grid over position x velocity visited), then zero-shot
 returns on goals chosen after collection (the flag; the far left x <= -1.1) with `adapt --reward`. `--task
-fourrooms` runs the cascade case on MiniGrid's FourRooms (bench/fourrooms.py): coverage of the rooms' cells, goals
+fourrooms` runs the cascade case on MiniGrid's FourRooms (learner/fourrooms.py): coverage of the rooms' cells, goals
 the far corner and the top-right corner.
 
 Resumable: each stage writes runs/exploration-<preset>/<case>/seed<N>/<stage>.json when done and is skipped when
@@ -40,8 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import fourrooms  # noqa: E402
 from bench.learner_throughput import _cpu_ticks, _others_busy  # noqa: E402
+from learner import fourrooms  # noqa: E402
 from learner.compute import prepare_openmp  # noqa: E402
 
 ENV = "gymnasium:MountainCarContinuous-v0"
@@ -120,7 +120,7 @@ def mc_coverage(obs: np.ndarray) -> float:
 TASKS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "mountaincar": (ENV, mc_coverage, ("bench.exploration:goal_flag", "bench.exploration:goal_left")),
     "fourrooms": ("gymnasium:" + fourrooms.GYM_ID, fourrooms.room_coverage,
-                  ("bench.fourrooms:goal_far", "bench.fourrooms:goal_top_right")),
+                  ("learner.fourrooms:goal_far", "learner.fourrooms:goal_top_right")),
 }
 
 

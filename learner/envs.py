@@ -61,7 +61,7 @@ class Env:
             kwargs["render_mode"] = "rgb_array"
         try:
             self.env = gym.make(self.id, **kwargs)
-        except gym.error.Error as exc:
+        except (gym.error.Error, ImportError) as exc:  # ImportError: the module of a "module:id" is not there
             raise EnvError(f"cannot make Gymnasium env {self.id!r}: {exc}") from None
         self.seed = seed
         self.episodes = 0

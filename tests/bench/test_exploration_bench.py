@@ -1,5 +1,5 @@
-"""bench/exploration.py's task table and bench/fourrooms.py: MiniGrid's FourRooms as the learner sees it (real
-minigrid, stepped through learner.envs.Env), its coverage and goals, and the cost mode on the quick preset."""
+"""bench/exploration.py's task table (FourRooms named by its installed module, learner/fourrooms.py, whose own tests
+are tests/learner/test_fourrooms.py) and the cost mode on the quick preset."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch):
-    """bench/exploration.py as a module, with the repository root importable (gym ids name `bench.fourrooms`)."""
+    """bench/exploration.py as a module, with the repository root importable (it imports `bench.*`)."""
     monkeypatch.syspath_prepend(str(ROOT))
     spec = importlib.util.spec_from_file_location("exploration_bench", ROOT / "bench" / "exploration.py")
     module = importlib.util.module_from_spec(spec)
@@ -24,47 +23,12 @@ def bench(monkeypatch: pytest.MonkeyPatch):
     return module
 
 
-def test_fourrooms_steps_as_a_box_env_from_its_corner(bench) -> None:
-    from core.config import config_from_dict
-    from learner.envs import Env
-
-    fourrooms = bench.fourrooms
-    env_id = bench.TASKS["fourrooms"][0]
-    cfg = config_from_dict({"name": "fr", "backend": "gym", "gym_id": env_id.split(":", 1)[1], "seed": 0}, "test")
-    env = Env(cfg, seed=3)
-    try:
-        assert env.obs_space["vector"] == ((55,), "float32")
-        assert env.act_space.discrete and env.act_space.dim == 3
-        obs = env.reset()
-        assert fourrooms.cells(obs["vector"]).tolist() == [list(fourrooms.START)]
-        assert obs["vector"][2:6].sum() == 1.0  # the direction, one-hot
-        rng = np.random.default_rng(0)
-        seen, steps = [obs["vector"]], 0
-        while not obs["is_last"]:
-            obs = env.step(env.random_action(rng))
-            seen.append(obs["vector"])
-            steps += 1
-        assert steps == 100  # MiniGrid's episode; a random walk from the corner does not reach the far goal
-        seen = np.stack(seen)
-        assert 0 < fourrooms.room_coverage(seen) < 0.5
-        assert len({tuple(c) for c in fourrooms.cells(seen).tolist()}) > 1  # it moved
-    finally:
-        env.close()
-
-
-def test_fourrooms_coverage_and_goals_count_cells(bench) -> None:
-    fourrooms = bench.fourrooms
-
-    def at(*xy: tuple[int, int]) -> np.ndarray:
-        v = np.zeros((len(xy), 55), np.float32)
-        v[:, :2] = np.asarray(xy, np.float32) / (fourrooms.SIZE - 1)
-        return v
-
-    # a wall line (x = 9) and a repeated cell count nothing / once; 256 cells in the rooms
-    assert fourrooms.room_coverage(at((1, 1), (1, 1), (9, 4), (17, 17))) == 2 / 256
-    batch = {"vector": at((17, 17), (1, 1), (17, 1), (17, 17)).reshape(2, 2, 55)}
-    assert fourrooms.goal_far(batch).tolist() == [[1.0, 0.0], [0.0, 1.0]]
-    assert fourrooms.goal_top_right(batch).tolist() == [[0.0, 0.0], [1.0, 0.0]]
+def test_fourrooms_task_names_the_installed_module(bench) -> None:
+    # the env and the goals resolve outside the repository (learner/fourrooms.py; its own tests: tests/learner/)
+    env, coverage, goals = bench.TASKS["fourrooms"]
+    assert env == "gymnasium:learner.fourrooms:ReverieFourRooms-v0"
+    assert goals == ("learner.fourrooms:goal_far", "learner.fourrooms:goal_top_right")
+    assert coverage is bench.fourrooms.room_coverage
 
 
 def test_cost_mode_projects_each_case_from_measured_updates(bench) -> None:

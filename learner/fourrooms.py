@@ -1,7 +1,10 @@
-"""MiniGrid's FourRooms (the `minigrid` package) as an env the learner trains on: CASCADE's sparse navigation task
-(issue 26; `bench/exploration.py cascade --task fourrooms`).
+"""MiniGrid's FourRooms (the `minigrid` package, in the `learner` extra) as an env the learner trains on: CASCADE's
+sparse navigation task (issue 26; `bench/exploration.py cascade --task fourrooms`). It lives in the package, not in
+bench/, so that a run's config naming it resolves wherever Reverie is installed (`train`, `adapt`, `replay record`).
 
-    gym.make("bench.fourrooms:ReverieFourRooms-v0")    # Gymnasium imports this module, which registers the id
+    gym.make("learner.fourrooms:ReverieFourRooms-v0")    # Gymnasium imports this module, which registers the id
+    reverie-learner train --env gymnasium:learner.fourrooms:ReverieFourRooms-v0 --logdir runs/fr --set ...
+    reverie-learner adapt --from runs/fr --logdir runs/fr-far --reward learner.fourrooms:goal_far
 
 MiniGrid's own observation holds a Discrete direction and a mission string, which the learner does not take (it
 trains on Box observations). Here the observation is one vector (55,): the agent's cell (x, y) / 18, its direction
@@ -11,6 +14,9 @@ where it is, as a robot knows its pose; coverage is counted on the cell. Actions
 green goal, 100 steps). The agent starts in the top-left room's corner, START, and the goal is the far corner,
 GOAL (MiniGrid draws both per episode by default: random starts would give a random policy most of the coverage);
 the four doorways and the start direction are drawn per episode from the reset seed.
+
+Importing this module needs only Gymnasium; `minigrid` is imported when the env is made, and its absence is a
+DependencyNotInstalled naming the extra (`learner.envs.Env` reports it as an EnvError).
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ import numpy as np
 from gymnasium import spaces
 
 ENV_ID = "ReverieFourRooms-v0"
-GYM_ID = f"bench.fourrooms:{ENV_ID}"  # what a config's gym_id names (the module registers it when imported)
+GYM_ID = f"learner.fourrooms:{ENV_ID}"  # what a config's gym_id names (the module registers it when imported)
 SIZE = 19  # the grid, outer walls included; the inner walls are the lines x = 9 and y = 9
 WALL = 9
 ROOM_CELLS = 4 * 8 * 8  # the cells inside the four rooms (doorways on the inner walls not counted)
 ACTIONS = 3  # MiniGrid's left, right, forward
 START, GOAL = (1, 1), (SIZE - 2, SIZE - 2)
+MISSING = ("FourRooms needs the `minigrid` package of Reverie's `learner` extra: pip install 'reverie[learner]' "
+           "(from a checkout: pip install -e '.[learner]')")
 
 
 class FourRooms(gym.Env):
@@ -39,9 +47,7 @@ class FourRooms(gym.Env):
         try:
             from minigrid.envs import FourRoomsEnv
         except ImportError:
-            raise gym.error.DependencyNotInstalled(
-                "FourRooms needs the `minigrid` package: pip install -e '.[learner]' (or pip install minigrid)"
-            ) from None
+            raise gym.error.DependencyNotInstalled(MISSING) from None
         self.grid_env = FourRoomsEnv(agent_pos=START, goal_pos=GOAL, render_mode=render_mode)
         self.render_mode = render_mode
         self.observation_space = spaces.Box(0.0, 1.0, (2 + 4 + 49,), np.float32)
@@ -91,7 +97,7 @@ def at_cell(vector: np.ndarray, x: int, y: int) -> np.ndarray:
 
 
 def goal_far(batch: Any) -> np.ndarray:
-    """A goal chosen after collection (`adapt --reward bench.fourrooms:goal_far`): 1 per step at the far corner."""
+    """A goal chosen after collection (`adapt --reward learner.fourrooms:goal_far`): 1 per step at the far corner."""
     return at_cell(batch["vector"], *GOAL)
 
 

@@ -13,6 +13,7 @@ import math
 
 from core.config.link import robot_id_problem
 from core.config.schema import MAX_SEED
+from core.config.sensors import MAX_DEAD_AFTER_S
 
 MIN_PIXELS, MAX_PIXELS = 8, 2048
 
@@ -29,6 +30,17 @@ def seconds(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise _refuse("a finite number of seconds > 0", text)
+    return value
+
+
+def camera_dead_after(text: str) -> float:
+    """A camera's dead time, in the range of `sensors.camera.dead_after_s`."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_DEAD_AFTER_S):
+        raise _refuse(f"a number of seconds > 0 and <= {MAX_DEAD_AFTER_S:g}", text)
     return value
 
 

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from core.config.base import Block
+from core.config.base import Block, FieldError
 
 Crop = Annotated[list[int], Field(min_length=4, max_length=4)]
 Distortion = Annotated[list[float], Field(min_length=5, max_length=5)]
+
+# The camera watchdog (`sensors.camera.dead_after_s`, and `reverie-robot camera --dead-after-s`): 2 s without a
+# frame means a webcam is gone; a camera drawn in software on a busy machine (`reverie-sim emulate`) can need
+# more. A watchdog that waits over a minute watches nothing.
+DEAD_AFTER_S, MAX_DEAD_AFTER_S = 2.0, 60.0
 
 
 class IntrinsicsConfig(Block):
@@ -35,12 +40,25 @@ class CameraDeviceConfig(Block):
     fps: float = Field(30.0, gt=0, le=240, description="capture rate, frames/s (read back and checked)")
     pixel_format: str | None = Field("MJPG", description="V4L2 fourcc to ask for (MJPG, YUYV); null: the default")
     crop: Crop | None = Field(None, description="[x, y, w, h] of the capture kept before resizing to the model size")
-    max_age_ms: float = Field(150.0, gt=0, description="a frame older than this is stale: the robot stops, ms")
-    dead_after_s: float = Field(2.0, gt=0, description="no frame for this long: the camera is dead, s")
+    max_age_ms: float = Field(
+        150.0, gt=0, description="a frame older than this is stale: the robot stops, ms (below dead_after_s)"
+    )
+    dead_after_s: float = Field(
+        DEAD_AFTER_S, gt=0, le=MAX_DEAD_AFTER_S, description="no frame for this long (the first one included): "
+        "the camera is dead, s; raise it for a camera drawn in software on a busy machine, not for a webcam"
+    )
     fov_deg: float | None = Field(
         None, gt=1, lt=170, description="vertical field of view, deg: approximate intrinsics when none are given"
     )
     intrinsics: IntrinsicsConfig | None = Field(None, description="calibrated intrinsics (preferred over fov_deg)")
+
+    @model_validator(mode="after")
+    def _stale_before_dead(self) -> CameraDeviceConfig:
+        # The reader calls a camera dead first: a stale limit at or past the dead time would never apply.
+        if self.max_age_ms >= 1000 * self.dead_after_s:
+            raise FieldError("max_age_ms", f"a value below dead_after_s ({1000 * self.dead_after_s:g} ms): a frame "
+                             "that old means a dead camera, not a stale one", self.max_age_ms)
+        return self
 
 
 class ImuConfig(Block):

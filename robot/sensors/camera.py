@@ -35,6 +35,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from core.config.sensors import DEAD_AFTER_S
 from core.interface import RobotError
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ class Camera:
         out_size: tuple[int, int] = (64, 64),
         crop: tuple[int, int, int, int] | None = None,
         max_age_s: float = 0.2,
-        dead_after_s: float = 2.0,
+        dead_after_s: float = DEAD_AFTER_S,
         loop: bool = False,
         keep_full: bool = False,
     ) -> None:

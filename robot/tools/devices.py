@@ -3,7 +3,7 @@
     reverie-robot latency --port /dev/serial/by-id/usb-FTDI_...-if00-port0 --set-ms 1
     reverie-robot cameras
     reverie-robot camera --device /dev/v4l/by-id/usb-...-video-index0 --width 640 --height 480 --fps 30 \\
-        --pixel-format MJPG --frames 60 --snapshot camera.png
+        --pixel-format MJPG --frames 60 --snapshot camera.png [--dead-after-s 2]
     reverie-robot imu --port /dev/serial/by-id/usb-...
 
 Each checks one device a new robot needs and says what to do when it is wrong. Exit status: 0 fine,
@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.config import flags
+from core.config.sensors import DEAD_AFTER_S
 from core.interface import RobotError
 from robot.cli_errors import run_guarded
 from robot.servo import usb_latency
@@ -57,6 +59,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     camera.add_argument("--pixel-format", help="fourcc to ask for, e.g. MJPG or YUYV")
     camera.add_argument("--frames", type=positive, default=30, help="frames to read (default 30)")
     camera.add_argument("--snapshot", type=Path, help="write the last frame, full resolution, to this PNG")
+    camera.add_argument("--dead-after-s", type=flags.camera_dead_after, default=DEAD_AFTER_S, metavar="S",
+                        help=f"no frame for S seconds: the camera is dead, exit 2 (default {DEAD_AFTER_S:g}, as "
+                        "sensors.camera.dead_after_s); a camera drawn in software on a busy machine can need more")
     camera.add_argument("--json", action="store_true", help="print one JSON object")
     camera.set_defaults(device_command=camera_command)
 
@@ -192,7 +197,7 @@ def camera_command(args: argparse.Namespace) -> int:
     from robot.sensors.camera import Camera
 
     camera = Camera(args.device, args.width, args.height, fps=args.fps, pixel_format=args.pixel_format,
-                    out_size=(args.width, args.height), keep_full=True, loop=True)
+                    out_size=(args.width, args.height), dead_after_s=args.dead_after_s, keep_full=True, loop=True)
     frames, ages = [], []
     with camera:
         last = -1

@@ -95,6 +95,21 @@ def test_cross_field_check_points_at_the_key(tmp_path: Path) -> None:
     assert "arm_reach.target_low: expected every element <=" in msg
 
 
+@pytest.mark.parametrize("camera,expected", [
+    ("max_age_ms: 3000", "sensors.camera.max_age_ms: expected a value below dead_after_s (2000 ms)"),
+    ("max_age_ms: 3000, dead_after_s: 3", "sensors.camera.max_age_ms: expected a value below dead_after_s (3000 ms)"),
+    ("dead_after_s: 61", "sensors.camera.dead_after_s: expected a value less than or equal to 60"),
+    ("dead_after_s: 0", "sensors.camera.dead_after_s: expected a value greater than 0"),
+])
+def test_a_camera_is_stale_before_it_is_dead(tmp_path: Path, camera: str, expected: str) -> None:
+    # The reader calls a camera dead first: a stale limit at or past the dead time never applied.
+    head = "name: r\ntask: arm_reach\nsensors: {camera: {device: /dev/video0, "
+    msg = _error(_write(tmp_path, head + camera + "}}\n"))
+    assert expected in msg, msg
+    cfg = load_config(_write(tmp_path, head + "max_age_ms: 3000, dead_after_s: 30}}\n"))
+    assert cfg.sensors.camera is not None and cfg.sensors.camera.dead_after_s == 30
+
+
 def test_physics_rate_must_be_a_multiple_of_control_rate(tmp_path: Path) -> None:
     msg = _error(_write(tmp_path, "name: r\ntask: arm_reach\ncontrol: {hz: 7}\nsim: {physics_hz: 240}\n"))
     assert "sim.physics_hz: expected a whole multiple" in msg

@@ -101,7 +101,8 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> str:
 class MjpegServer:
     """multipart/x-mixed-replace JPEG frames over HTTP, as IP cameras (and the emulator) serve them."""
 
-    def __init__(self, width: int, height: int, fps: float) -> None:
+    def __init__(self, width: int, height: int, fps: float, stall_after: int | None = None) -> None:
+        """`stall_after`: send that many frames, then none, holding the connection open (a camera that hangs)."""
         self.stop = threading.Event()
         frames = [cv2.imencode(".jpg", draw(i, width, height))[1].tobytes() for i in range(30)]
         stop = self.stop
@@ -114,6 +115,9 @@ class MjpegServer:
                 i = 0
                 with contextlib.suppress(OSError):
                     while not stop.is_set():
+                        if stall_after is not None and i >= stall_after:
+                            stop.wait()
+                            break
                         jpeg = frames[i % len(frames)]
                         self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
                                          + str(len(jpeg)).encode() + b"\r\n\r\n" + jpeg + b"\r\n")
@@ -310,6 +314,26 @@ def test_camera_reads_an_mjpeg_stream(tmp_path: Path, capsys: pytest.CaptureFixt
         assert_bands(png, 160, 120)
         assert main(["camera", "--device", server.url, "--width", "320", "--height", "240", "--frames", "1"]) == 2
         assert "asked 320x240" in capsys.readouterr().err
+
+
+def test_a_camera_that_stops_is_dead_after_the_dead_time_given(capsys: pytest.CaptureFixture[str]) -> None:
+    # A camera drawn in software on a busy machine needs a longer dead time than a webcam (the bring-up guide's
+    # test runs the emulated one with --dead-after-s); a camera that stops is still caught, after that time.
+    with MjpegServer(160, 120, 30.0, stall_after=3) as server:
+        code = main(["camera", "--device", server.url, "--width", "160", "--height", "120", "--frames", "30",
+                     "--dead-after-s", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"stream {server.url} is dead: no frame for" in err and "(dead_after_s=0.5)" in err, err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "61", "two"])
+def test_a_dead_time_out_of_the_configs_range_is_refused(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["camera", "--device", "/dev/video0", "--width", "640", "--height", "480", "--dead-after-s", value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --dead-after-s: expected a number of seconds > 0 and <= 60, found {value!r}" in err, err
 
 
 # ----- imu ----------------------------------------------------------------------------------------

@@ -117,6 +117,48 @@ def test_compiled_cells_update_as_the_eager_update(recipe, discrete, rows):
         torch.testing.assert_close(fast_params[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_several_agents_in_one_process_all_run_compiled_cells(caplog):
+    """Three agents of different shapes in one process (A/B runs, tests, adapt beside training) each
+    keep their compiled steps: dynamo's cache is per code object, which every agent's cell shares,
+    and its recompile limit used to cap all of their variants together, so a later agent's steps
+    fell back to eager. Here the limit is 4, room for two agents' steps (two variants each), so
+    that three agents show what five did at the default 8; each still updates as eager does."""
+    agents = []
+    with torch._dynamo.config.patch(recompile_limit=4), caplog.at_level(logging.WARNING):
+        for dim in (1, 2, 3):
+            act = ActSpace(dim, False)
+            batch = make_batch(VECTOR_SPACE, act, 4, 8)
+            fast = _agent("2024", act, "cell", seed=dim)
+            agents.append((fast, _two_updates(fast, batch), _two_updates(_agent("2024", act, "off", seed=dim), batch)))
+    assert not [r.message for r in caplog.records if "recompile_limit" in r.getMessage()
+                or r.name == "learner.agents.dreamer.cells"]
+    for fast, (fast_metrics, fast_params), (eager_metrics, eager_params) in agents:
+        assert not fast.cells.post.eager and not fast.cells.imag.eager
+        for key, value in eager_metrics.items():
+            torch.testing.assert_close(fast_metrics[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        for key, value in eager_params.items():
+            torch.testing.assert_close(fast_params[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_step_past_the_recompile_limit_says_so(caplog):
+    """A step that needs more compiled variants than dynamo allows (here one, and two shapes) warns
+    once, naming dreamer.compile and the limit, and runs eagerly: never a silent fallback."""
+
+    def double(x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (x * 2,)
+
+    step = compile_step(double)
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING,
+                                                                        logger="learner.agents.dreamer.cells"):
+        for n in (2, 3, 3):
+            assert torch.equal(step(torch.ones(n))[0], torch.full((n,), 2.0))
+    assert step.eager
+    warned = [r.message for r in caplog.records if r.name == "learner.agents.dreamer.cells"]
+    assert len(warned) == 1 and "dreamer.compile" in warned[0] and "recompile_limit" in warned[0], warned
+
+
 def test_compile_setting_resolves():
     """auto compiles the cells for a float32 CPU update above the tiny size (where a C++ compiler
     exists), else stays eager; the old boolean setting reads as full / off."""

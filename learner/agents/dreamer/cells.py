@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch._dynamo.exc import FailOnRecompileLimitHit
 
 from core.agents.dreamer.actor import Actor
 from core.agents.dreamer.rssm import RSSM, State
@@ -42,28 +43,47 @@ def compile_cache_dir() -> Path:
     return Path(chosen)
 
 
-def compile_step(fn: Callable) -> Callable:
+class CompiledStep:
     """torch.compile for one recurrent step: static shapes, one graph (a break would be a bug).
 
-    If compiling fails (no working C++ toolchain, an inductor bug), the step says so once and runs
-    eagerly: the same arithmetic, only slower. An error of the eager step itself still surfaces.
+    Each step compiled here keeps its own cache of compiled variants (`isolate_recompiles`): dynamo
+    caches per code object, which every agent's and explorer's cell shares, and allows 8 variants (default
+    `torch._dynamo.config.recompile_limit`) to all of them together; a step takes two (the first
+    step's inputs differ from the later ones') per shape, so a process holding agents of several
+    shapes (A/B benchmarks, tests, adapt) ran out and the next agent's step fell back to eager.
+
+    If compiling fails (no working C++ toolchain, an inductor bug, the recompile limit hit all the
+    same), the step says so once and runs eagerly: the same arithmetic, only slower. An error of
+    the eager step itself still surfaces.
     """
-    compile_cache_dir()
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
-    current = [compiled]
 
-    def step(*args: Tensor) -> tuple[Tensor, ...]:
-        if current[0] is fn:
-            return fn(*args)
+    def __init__(self, fn: Callable) -> None:
+        compile_cache_dir()
+        self.fn = fn
+        self._compiled = torch.compile(fn, fullgraph=True, dynamic=False, isolate_recompiles=True)
+        self.eager = False  # set when compiling failed: the step then runs `fn` as it is
+
+    def __call__(self, *args: Tensor) -> tuple[Tensor, ...]:
+        if self.eager:
+            return self.fn(*args)
         try:
-            return compiled(*args)
+            return self._compiled(*args)
         except Exception as exc:  # noqa: BLE001 - any compile failure: fall back to the eager step
-            log.warning("dreamer.compile: compiling %s failed (%s: %s); running it eagerly", fn.__name__,
-                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-            current[0] = fn
-            return fn(*args)
+            self.eager = True
+            name = getattr(self.fn, "__name__", "step")
+            if isinstance(exc, FailOnRecompileLimitHit):  # fullgraph makes the limit this error
+                log.warning("dreamer.compile: %s needed more than torch._dynamo.config.recompile_limit (%s) "
+                            "compiled variants; running it eagerly (slower)", name,
+                            torch._dynamo.config.recompile_limit)
+            else:
+                log.warning("dreamer.compile: compiling %s failed (%s: %s); running it eagerly", name,
+                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            return self.fn(*args)
 
-    return step
+
+def compile_step(fn: Callable) -> CompiledStep:
+    """`fn` compiled as one step (`CompiledStep`), falling back to eager with a warning."""
+    return CompiledStep(fn)
 
 
 class Cells:

@@ -111,6 +111,12 @@ def test_compiled_cells_update_as_the_eager_update(recipe, discrete, rows):
     fast_metrics, fast_params = _two_updates(fast, batch)
     assert fast.skipped == 0
     assert eager_metrics.keys() == fast_metrics.keys()
+    _assert_same_updates((fast_metrics, fast_params), (eager_metrics, eager_params))
+
+
+def _assert_same_updates(fast: tuple[dict, dict], eager: tuple[dict, dict]) -> None:
+    """Two updates' losses and parameters agree to the compiled-vs-eager float tolerance."""
+    (fast_metrics, fast_params), (eager_metrics, eager_params) = fast, eager
     for key, value in eager_metrics.items():
         torch.testing.assert_close(fast_metrics[key], value, rtol=1e-4, atol=1e-5, msg=key)
     for key, value in eager_params.items():
@@ -133,12 +139,9 @@ def test_several_agents_in_one_process_all_run_compiled_cells(caplog):
             agents.append((fast, _two_updates(fast, batch), _two_updates(_agent("2024", act, "off", seed=dim), batch)))
     assert not [r.message for r in caplog.records if "recompile_limit" in r.getMessage()
                 or r.name == "learner.agents.dreamer.cells"]
-    for fast, (fast_metrics, fast_params), (eager_metrics, eager_params) in agents:
+    for fast, fast_updates, eager_updates in agents:
         assert not fast.cells.post.eager and not fast.cells.imag.eager
-        for key, value in eager_metrics.items():
-            torch.testing.assert_close(fast_metrics[key], value, rtol=1e-4, atol=1e-5, msg=key)
-        for key, value in eager_params.items():
-            torch.testing.assert_close(fast_params[key], value, rtol=1e-4, atol=1e-6, msg=key)
+        _assert_same_updates(fast_updates, eager_updates)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

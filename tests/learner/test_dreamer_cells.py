@@ -14,7 +14,6 @@ import pytest
 import torch
 from dreamer_helpers import FLAG_SPACE, make_batch, make_cfg, randomise_biases
 
-from core.agents.dreamer.layers import BlockLinear
 from core.agents.spaces import ActSpace
 from core.config.agent import DreamerConfig
 from learner.agents.dreamer.agent import Dreamer, frozen
@@ -94,18 +93,16 @@ def _two_updates(agent: Dreamer, batch: dict) -> tuple[dict[str, torch.Tensor], 
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports warn
-@pytest.mark.parametrize("recipe, discrete, rows", [
-    ("2024", False, 4),
-    # 64 imagination starts: the GRU's block product runs split (BlockLinear.shared_and_blocks)
-    ("2024", False, 8),
-    pytest.param("2023", True, 4, marks=pytest.mark.slow),  # dynamics backprop, one-hot actions
+@pytest.mark.parametrize("recipe, discrete", [
+    ("2024", False),
+    pytest.param("2023", True, marks=pytest.mark.slow),  # dynamics backprop, one-hot actions
 ])
-def test_compiled_cells_update_as_the_eager_update(recipe, discrete, rows):
+def test_compiled_cells_update_as_the_eager_update(recipe, discrete):
     """dreamer.compile=cell: two updates from the same weights, seed and batch give the eager
     update's losses and parameters to float tolerance (the steps compute the same arithmetic,
     fused; a compiled step that sampled with its own random numbers would fail here)."""
     act = ActSpace(2, discrete)
-    batch = make_batch(VECTOR_SPACE, act, rows, 8)
+    batch = make_batch(VECTOR_SPACE, act, 4, 8)
     eager_metrics, eager_params = _two_updates(_agent(recipe, act, "off"), batch)
     fast = _agent(recipe, act, "cell")
     fast_metrics, fast_params = _two_updates(fast, batch)
@@ -229,26 +226,3 @@ def test_channels_last_update_as_the_contiguous_update():
         torch.testing.assert_close(fast_metrics[key], value, rtol=1e-4, atol=1e-5, msg=key)
     for key, value in ref_params.items():
         torch.testing.assert_close(fast_params[key], value, rtol=1e-4, atol=1e-6, msg=key)
-
-
-@pytest.mark.parametrize("blocks", [8, 1])
-@pytest.mark.parametrize("rows", [BlockLinear.SMALL_BATCH - 1, BlockLinear.SMALL_BATCH, 1024])
-def test_block_product_split_as_the_whole_input(blocks, rows):
-    """The GRU gives every block the same inputs beside its own slice of deter. shared_and_blocks
-    multiplies the shared columns once as one dense product (large batches) instead of building
-    `blocks` copies of them: the block product of the concatenated input, values and gradients
-    (input, weight, bias) to float rounding, on both sides of the small-batch switch."""
-    torch.manual_seed(0)
-    layer = BlockLinear(48 + 16, 24, blocks)
-    with torch.no_grad():
-        layer.bias.normal_()
-    shared = torch.randn(rows, 48, requires_grad=True)
-    own = torch.randn(rows, blocks, 16, requires_grad=True)
-    whole = layer(torch.cat([shared[:, None].expand(rows, blocks, 48), own], -1))
-    split = layer.shared_and_blocks(shared, own)
-    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(whole)
-    inputs = (shared, own, layer.weight, layer.bias)
-    for got, want, name in zip(torch.autograd.grad(split, inputs, grad), torch.autograd.grad(whole, inputs, grad),
-                               ("shared", "own", "weight", "bias")):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, msg=name)

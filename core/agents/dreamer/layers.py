@@ -171,24 +171,6 @@ class BlockLinear(nn.Module):
             return torch.baddbmm(self.bias[:, :, None], self.weight, x.permute(1, 2, 0)).permute(2, 0, 1)
         return torch.baddbmm(self.bias[:, None], x.transpose(0, 1), self.weight.transpose(1, 2)).transpose(0, 1)
 
-    def shared_and_blocks(self, shared: Tensor, per_block: Tensor) -> Tensor:
-        """self(cat([shared given to every block, per_block], -1)): (batch, s), (batch, blocks, p) ->
-        (batch, blocks, out), the same up to float rounding.
-
-        Why: the GRU feeds every block the same s inputs beside its own slice of deter. Built as one
-        input, that is `blocks` copies of them (imagination, size1m: a (1024, 8, 256) tensor written and
-        read per step). Split, the shared columns of all blocks are one dense product and only the
-        per-block columns a block product: size1m's 15 imagined steps, forward + backward, 6 % less CPU
-        time. Small batches (acting, observed steps) keep the one block product, faster there.
-        """
-        b, s = shared.shape
-        if b < self.SMALL_BATCH:
-            return self(torch.cat([shared[:, None].expand(b, self.blocks, s), per_block], -1))
-        weight = self.weight
-        common = torch.addmm(self.bias.reshape(-1), shared, weight[:, :, :s].reshape(-1, s).t())
-        own = torch.bmm(per_block.transpose(0, 1), weight[:, :, s:].transpose(1, 2)).transpose(0, 1)
-        return own + common.reshape(b, self.blocks, -1)
-
 
 # --- initialisation
 TRUNC_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]

@@ -96,13 +96,13 @@ class RSSM(nn.Module):
         action = action / torch.clamp(action.abs(), min=1.0).detach()  # actions beyond [-1, 1] are squashed
         if self.cfg.gru_input_layers:
             x = torch.cat([self.in_deter(deter), self.in_stoch(stoch), self.in_action(action)], -1)
-            x = self.core_hidden.shared_and_blocks(x, deter.reshape(b, g, -1))  # each block: [x, its deter]
-            x = F.silu(self.core_norm(x.reshape(b, -1))).reshape(b, g, -1)
+            x = torch.cat([x[:, None].expand(b, g, x.shape[-1]), deter.reshape(b, g, -1)], -1)
+            x = F.silu(self.core_norm(self.core_hidden(x).reshape(b, -1))).reshape(b, g, -1)
             parts = self.gates(x)
         else:
             x = self.in_joint(torch.cat([stoch, action], -1))
-            parts = self.gates_norm(self.gates.shared_and_blocks(x, deter.reshape(b, g, -1)).reshape(b, -1))
-            parts = parts.reshape(b, g, -1)
+            x = torch.cat([x[:, None].expand(b, g, x.shape[-1]), deter.reshape(b, g, -1)], -1)
+            parts = self.gates_norm(self.gates(x).reshape(b, -1)).reshape(b, g, -1)
         reset, cand, update = parts.chunk(3, -1)
         reset = torch.sigmoid(reset)
         cand = torch.tanh(reset * cand)
